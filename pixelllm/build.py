@@ -1,0 +1,87 @@
+"""One builder for every model: `build_pixelllm(preset name | config JSON | model dir | PixelLLMConfig, ...)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoints import load_eva_checkpoint, load_sam_checkpoint, load_t5
+from .config import CONFIG_DIR, PixelLLMConfig, list_presets, load_config
+from .modeling.pixelllm import PixelLLM
+from .tokenizer import Tokenizer
+
+__all__ = ["build_pixelllm", "list_presets", "default_tokenizer"]
+
+
+def default_tokenizer(cfg: PixelLLMConfig) -> Tokenizer | None:
+    """The tokenizer shipped with a preset (`configs/tokenizers/<name>.json`), if any."""
+    path = CONFIG_DIR / "tokenizers" / f"{cfg.name}.json"
+    return Tokenizer.from_file(path) if path.is_file() else None
+
+
+def build_pixelllm(
+    name_or_config: str | Path | PixelLLMConfig,
+    sam_checkpoint: str | Path | None = None,
+    eva_checkpoint: str | Path | None = None,
+    t5_path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> PixelLLM:
+    """Build a PixelLLM, optionally from official checkpoint files.
+
+    Args:
+        name_or_config: a preset (`pixelllm-t5xl`, `pixelllm-base`, `pixelllm-tiny`), a config JSON path,
+            a model directory, or a `PixelLLMConfig`.
+        sam_checkpoint: SAM `.pth` (e.g. `sam_vit_h_4b8939.pth`) for the image encoder A, prompt encoder
+            and mask decoder.
+        eva_checkpoint: timm EVA02 weights (`.safetensors`, `.pth` or `.bin`).
+        t5_path: a Hugging Face Flan-T5 directory (config, weights, tokenizer.json).
+        device: where to build. `"meta"` builds the full shape without allocating memory (no checkpoints).
+        tokenizer: overrides the tokenizer (default: the T5 directory's, else the preset's own).
+    """
+    cfg = load_config(name_or_config)
+    if device is not None and torch.device(device).type == "meta":
+        if sam_checkpoint or eva_checkpoint or t5_path:
+            raise ValueError("checkpoints cannot be loaded on the meta device; build on 'cpu' or 'cuda'")
+        with torch.device("meta"):
+            model = PixelLLM(cfg, tokenizer or default_tokenizer(cfg), load_frozen_block=False)
+        model.sources = {}
+        return model
+    t5 = None
+    if t5_path is not None:
+        t5, t5_tokenizer = load_t5(t5_path)
+        tokenizer = tokenizer or t5_tokenizer
+        cfg.language_model.t5 = {**cfg.language_model.t5, **_t5_shape(t5)}
+    model = PixelLLM(cfg, tokenizer or default_tokenizer(cfg), t5=t5)
+    if sam_checkpoint is not None:
+        load_sam_checkpoint(model, sam_checkpoint)
+    if eva_checkpoint is not None:
+        load_eva_checkpoint(model, eva_checkpoint)
+    model.sources = {
+        k: str(Path(v).resolve())
+        for k, v in (
+            ("sam_checkpoint", sam_checkpoint),
+            ("eva_checkpoint", eva_checkpoint),
+            ("t5_path", t5_path),
+        )
+        if v is not None
+    }
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _t5_shape(t5) -> dict:
+    """The architecture fields of a loaded T5's config, so our saved config rebuilds the same shape."""
+    c = t5.config
+    return {
+        "vocab_size": c.vocab_size,
+        "d_model": c.d_model,
+        "d_kv": c.d_kv,
+        "d_ff": c.d_ff,
+        "num_layers": c.num_layers,
+        "num_decoder_layers": c.num_decoder_layers,
+        "num_heads": c.num_heads,
+        "feed_forward_proj": c.feed_forward_proj,
+        "tie_word_embeddings": c.tie_word_embeddings,
+    }

@@ -1,0 +1,248 @@
+"""Loading official checkpoints (SAM `.pth`, timm EVA02, Hugging Face T5) and our own save format.
+
+Official loaders are small functions from a foreign state dict to our modules (like timm's
+`checkpoint_filter_fn`): they resample position embeddings to our input size and report the first
+mismatched keys and shapes with the file name. Pickle-based files are read with `weights_only=True`.
+
+Our format (`save_pretrained`): `config.json` + `model.safetensors` + `tokenizer.json`. When the model
+was built from official checkpoints, `config.json` records their paths and `model.safetensors` holds only
+the weights those files do not provide (trainable or new parameters); `from_pretrained` loads the
+official files first, then ours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
+from torch import nn
+from transformers import T5ForConditionalGeneration
+
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, SOURCES_FILE = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "checkpoints.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not match the model."""
+
+
+# ------------------------------------------------------------------------- reading files
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a `.safetensors` file or a torch pickle read with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(
+            f"{path} could not be loaded as a weights-only torch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). It may be truncated, not a checkpoint, or need "
+            "pickled code, which we refuse to run."
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`module.load_state_dict(state)`, strict, with an error naming `source` and the first mismatches."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches, first: {shapes[:3]}")
+    if missing:
+        problems.append(f"{len(missing)} missing keys, first: {missing[:5]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys, first: {unexpected[:5]}")
+    if problems:
+        raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------- SAM
+def sam_checkpoint_filter(
+    state: dict[str, torch.Tensor], image_encoder: nn.Module
+) -> dict[str, torch.Tensor]:
+    """SAM image-encoder weights resampled to our input size.
+
+    `pos_embed` (1, H, W, C) is resized bicubically to our patch grid; the relative position tables
+    `rel_pos_h/w` (2L-1, C) of the global-attention blocks are resized linearly (as SAM's own
+    `get_rel_pos` does at run time) to the grid's 2L-1.
+    """
+    own = image_encoder.state_dict()
+    out = {}
+    for k, v in state.items():
+        target = own.get(k)
+        if target is not None and v.shape != target.shape:
+            if k == "pos_embed":
+                v = (
+                    F.interpolate(
+                        v.permute(0, 3, 1, 2).float(),
+                        size=target.shape[1:3],
+                        mode="bicubic",
+                        align_corners=False,
+                    )
+                    .permute(0, 2, 3, 1)
+                    .to(v.dtype)
+                )
+            elif k.endswith(("rel_pos_h", "rel_pos_w")) and v.shape[1] == target.shape[1]:
+                v = (
+                    F.interpolate(v.T[None].float(), size=target.shape[0], mode="linear")
+                    .reshape(target.shape[1], target.shape[0])
+                    .T.to(v.dtype)
+                )
+        out[k] = v
+    return out
+
+
+def load_sam_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load an official SAM checkpoint (`sam_vit_h_4b8939.pth`: keys `image_encoder.*`, `prompt_encoder.*`,
+    `mask_decoder.*`) into `model.image_encoder.sam`, `model.prompt_encoder.sam` and `model.mask_head.decoder`."""
+    state = read_state_dict(path)
+    parts = {
+        "image_encoder": model.image_encoder.sam,
+        "prompt_encoder": model.prompt_encoder.sam,
+        "mask_decoder": model.mask_head.decoder,
+    }
+    unknown = sorted({k.split(".")[0] for k in state} - set(parts))
+    if unknown:
+        raise CheckpointError(f"{path} is not a SAM checkpoint: unexpected top-level keys {unknown[:5]}")
+    for prefix, module in parts.items():
+        sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if prefix == "image_encoder":
+            sub = sam_checkpoint_filter(sub, module)
+        load_into(module, sub, f"{path} [{prefix}.*]")
+    log.info("loaded SAM checkpoint %s", path)
+
+
+# ------------------------------------------------------------------------- EVA02 (timm)
+def load_eva_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load timm EVA02 weights (state dict `.pth`/`.bin` or `.safetensors`) into `model.image_encoder.eva`,
+    resampling position embeddings with timm's own `checkpoint_filter_fn`; classifier head keys are dropped."""
+    eva = model.image_encoder.eva
+    state = eva_checkpoint_filter_fn(read_state_dict(path), eva)
+    state = {
+        k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in eva.state_dict()
+    }
+    load_into(eva, state, str(path))
+    log.info("loaded EVA02 checkpoint %s", path)
+
+
+# ------------------------------------------------------------------------- T5 (transformers)
+def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
+    """A Hugging Face Flan-T5 directory (`config.json`, weights, `tokenizer.json`) -> model and tokenizer."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a Hugging Face model directory: config.json is missing")
+    if not (path / TOKENIZER_FILE).is_file():
+        raise CheckpointError(
+            f"{path} has no tokenizer.json; save the fast tokenizer there first, e.g. "
+            "transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
+        )
+    try:
+        t5 = T5ForConditionalGeneration.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"could not load T5 weights from {path}: {str(e).splitlines()[0]}") from None
+    log.info("loaded T5 from %s", path)
+    return t5, Tokenizer.from_file(path / TOKENIZER_FILE)
+
+
+# ------------------------------------------------------------------------- our format
+def official_prefixes(model: nn.Module, sources: dict[str, str]) -> list[str]:
+    """State-dict prefixes whose weights come from official files and stay frozen, so are not saved."""
+    cfg = model.cfg
+    prefixes = []
+    if sources.get("sam_checkpoint"):
+        if not cfg.sam.trainable:
+            prefixes += ["image_encoder.sam.", "prompt_encoder.sam."]
+        if not cfg.mask_decoder.trainable:
+            prefixes.append("mask_head.decoder.")
+    if sources.get("eva_checkpoint") and not cfg.eva.trainable:
+        prefixes.append("image_encoder.eva.")
+    if sources.get("t5_path") and cfg.language_model.mode != "full":
+        prefixes.append("language_model.t5.")
+    if cfg.frozen_block is not None:
+        prefixes.append("frozen_block.layer.")
+    return prefixes
+
+
+def _saved_state(model: nn.Module, sources: dict[str, str]) -> dict[str, torch.Tensor]:
+    skip = official_prefixes(model, sources)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        if any(k.startswith(p) for p in skip) and k not in trainable:
+            continue
+        if v.data_ptr() in seen:  # tied weights (T5's shared embeddings) are stored once
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sources = getattr(model, "sources", {}) or {}
+    model.cfg.save(directory / CONFIG_FILE)
+    if sources:
+        (directory / SOURCES_FILE).write_text(json.dumps(sources, indent=2) + "\n")
+    save_file(_saved_state(model, sources), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        model.tokenizer.save(directory)
+    log.info("saved %s to %s", model.name, directory)
+
+
+def from_pretrained(directory: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    from .build import build_pixelllm
+
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is not a PixelLLM model directory: {name} is missing")
+    sources = (
+        json.loads((directory / SOURCES_FILE).read_text()) if (directory / SOURCES_FILE).is_file() else {}
+    )
+    tokenizer = (
+        Tokenizer.from_file(directory / TOKENIZER_FILE) if (directory / TOKENIZER_FILE).is_file() else None
+    )
+    model = build_pixelllm(directory / CONFIG_FILE, tokenizer=tokenizer, **sources)
+    state = read_state_dict(directory / WEIGHTS_FILE)
+    expected = _saved_state(model, sources)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    return model.to(device) if device is not None else model

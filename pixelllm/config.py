@@ -1,0 +1,185 @@
+"""Model configuration: one dataclass tree, read from and written to JSON presets (`pixelllm/configs/*.json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class SamEncoderConfig:
+    """SAM `ImageEncoderViT` (encoder A) and the SAM prompt encoder / mask decoder widths."""
+
+    embed_dim: int = 1280
+    depth: int = 32
+    num_heads: int = 16
+    patch_size: int = 16
+    window_size: int = 14
+    global_attn_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    out_chans: int = 256
+    trainable: bool = False
+
+
+@dataclass
+class EvaEncoderConfig:
+    """A timm EVA02 model (encoder B), made by `timm.create_model(model_name, **overrides)`."""
+
+    model_name: str = "eva02_large_patch14_448"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    trainable: bool = True
+
+
+@dataclass
+class FrozenBlockConfig:
+    """Optional frozen LM layer in the visual path (seed paper). `checkpoint` is a HF model directory."""
+
+    checkpoint: str | None = None
+    layer: int = -1
+
+
+@dataclass
+class ExtractorConfig:
+    """Prompt feature extractor: learnable queries + prompt tokens through SAM's TwoWayTransformer."""
+
+    num_queries: int = 32
+    width: int = 512
+    depth: int = 6
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    query_dim: int = 1024
+
+
+@dataclass
+class MaskDecoderConfig:
+    """SAM `MaskDecoder` (on SAM's own features, prompted by a box)."""
+
+    depth: int = 2
+    mlp_dim: int = 2048
+    num_heads: int = 8
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    trainable: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
+
+
+@dataclass
+class LanguageModelConfig:
+    """`T5ForConditionalGeneration`; `t5` holds `T5Config` keyword arguments."""
+
+    t5: dict[str, Any] = field(default_factory=dict)
+    mode: Literal["lora", "full", "frozen"] = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_text_tokens: int = 128
+    max_prompt_tokens: int = 8
+
+
+@dataclass
+class PointHeadConfig:
+    hidden_dim: int = 512
+    depth: int = 4
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.1
+    point_weight: float = 0.1
+    mask_weight: float = 1.0
+
+
+@dataclass
+class PixelLLMConfig:
+    name: str = "pixelllm"
+    image_size: int = 384
+    sam: SamEncoderConfig = field(default_factory=SamEncoderConfig)
+    eva: EvaEncoderConfig = field(default_factory=EvaEncoderConfig)
+    frozen_block: FrozenBlockConfig | None = None
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    language_model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    point_head: PointHeadConfig = field(default_factory=PointHeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    caption_prompt: str = "A long image caption: "
+    region_prompt: str = "an object of "
+    localize_prompt: str = "where is "
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PixelLLMConfig:
+        return _from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> PixelLLMConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model config not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls.__name__, name))
+        kwargs[name] = _from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[str, str], type] = {
+    ("PixelLLMConfig", "sam"): SamEncoderConfig,
+    ("PixelLLMConfig", "eva"): EvaEncoderConfig,
+    ("PixelLLMConfig", "frozen_block"): FrozenBlockConfig,
+    ("PixelLLMConfig", "extractor"): ExtractorConfig,
+    ("PixelLLMConfig", "mask_decoder"): MaskDecoderConfig,
+    ("PixelLLMConfig", "language_model"): LanguageModelConfig,
+    ("PixelLLMConfig", "point_head"): PointHeadConfig,
+    ("PixelLLMConfig", "loss"): LossConfig,
+    ("LanguageModelConfig", "lora"): LoraConfig,
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str | Path | PixelLLMConfig) -> PixelLLMConfig:
+    """A preset name (`pixelllm-tiny`), a JSON file, a model directory holding `config.json`, or a config."""
+    if isinstance(name_or_path, PixelLLMConfig):
+        return name_or_path
+    path = Path(name_or_path)
+    if path.is_dir():
+        return PixelLLMConfig.from_json(path / "config.json")
+    if path.suffix == ".json":
+        return PixelLLMConfig.from_json(path)
+    preset = CONFIG_DIR / f"{name_or_path}.json"
+    if preset.is_file():
+        return PixelLLMConfig.from_json(preset)
+    raise ValueError(
+        f"unknown model {str(name_or_path)!r}: not a preset ({', '.join(list_presets())}), "
+        "a config JSON file or a model directory"
+    )

@@ -1,0 +1,91 @@
+"""Dual image encoder: SAM ViT (encoder A, frozen in the paper) and EVA02 (encoder B, trainable).
+
+SAM's neck output is resized (bicubic) to EVA's patch grid and the two maps are concatenated on
+channels, as in PixelLLM: for the paper preset at 384 px, 27x27x(256 + 1024).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import timm
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT
+from torch import nn
+
+from ..config import EvaEncoderConfig, SamEncoderConfig
+
+SAM_PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+SAM_PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+EVA_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+EVA_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_sam_image_encoder(cfg: SamEncoderConfig, image_size: int) -> ImageEncoderViT:
+    """SAM's `ImageEncoderViT` with the arguments `segment_anything.build_sam` uses, at `image_size`."""
+    return ImageEncoderViT(
+        depth=cfg.depth,
+        embed_dim=cfg.embed_dim,
+        img_size=image_size,
+        mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_heads=cfg.num_heads,
+        patch_size=cfg.patch_size,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=tuple(cfg.global_attn_indexes),
+        window_size=cfg.window_size,
+        out_chans=cfg.out_chans,
+    )
+
+
+def build_eva_encoder(cfg: EvaEncoderConfig, image_size: int) -> nn.Module:
+    """A timm EVA02 trunk without classifier head, at `image_size`."""
+    kwargs = {"img_size": image_size, **cfg.overrides, "num_classes": 0}
+    if "ref_feat_shape" in kwargs:
+        kwargs["ref_feat_shape"] = tuple(kwargs["ref_feat_shape"])
+    return timm.create_model(cfg.model_name, pretrained=False, **kwargs)
+
+
+class ImageEncoder(nn.Module):
+    """Images (B, 3, S, S) in [0, 1] -> fused features (B, C_sam + C_eva, h, w) and SAM features (B, C_sam, h', w')."""
+
+    def __init__(self, sam_cfg: SamEncoderConfig, eva_cfg: EvaEncoderConfig, image_size: int):
+        super().__init__()
+        self.image_size = image_size
+        self.sam = build_sam_image_encoder(sam_cfg, image_size)
+        self.eva = build_eva_encoder(eva_cfg, image_size)
+        self.sam_grid = image_size // sam_cfg.patch_size
+        self.eva_grid = tuple(self.eva.patch_embed.grid_size)
+        self.grid = (max(self.sam_grid, self.eva_grid[0]), max(self.sam_grid, self.eva_grid[1]))
+        self.out_dim = sam_cfg.out_chans + self.eva.embed_dim
+        for name, mean, std in (
+            ("sam", SAM_PIXEL_MEAN, SAM_PIXEL_STD),
+            ("eva", EVA_PIXEL_MEAN, EVA_PIXEL_STD),
+        ):
+            self.register_buffer(f"{name}_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"{name}_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> SAM neck features (B, C_sam, S/p, S/p)."""
+        return self.sam((images - self.sam_mean) / self.sam_std)
+
+    def encode_eva(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> EVA patch features (B, C_eva, h, w), prefix tokens dropped."""
+        tokens = self.eva.forward_features((images - self.eva_mean) / self.eva_std)
+        tokens = tokens[:, self.eva.num_prefix_tokens :]
+        b, _, c = tokens.shape
+        return tokens.transpose(1, 2).reshape(b, c, *self.eva_grid)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sam_feats = self.encode_sam(images)
+        eva_feats = self.encode_eva(images)
+        fused = torch.cat([_resize(sam_feats, self.grid), _resize(eva_feats, self.grid)], dim=1)
+        return fused, sam_feats
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)

@@ -1,0 +1,95 @@
+"""Language model: Hugging Face `T5ForConditionalGeneration`, optionally LoRA-adapted with `peft`.
+
+Visual tokens are concatenated before the embedded text prompt as the encoder's input embeddings.
+"""
+
+from __future__ import annotations
+
+import peft
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.cache_utils import Cache
+
+from ..config import LanguageModelConfig
+
+
+def inject_lora(t5: T5ForConditionalGeneration, cfg: LanguageModelConfig) -> None:
+    """Freeze `t5` and add LoRA adapters (in place) to the modules named in `cfg.lora.target_modules`."""
+    t5.requires_grad_(False)
+    lora = peft.LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias="none",
+    )
+    peft.inject_adapter_in_model(lora, t5)
+
+
+class LanguageModel(nn.Module):
+    """T5 with visual-token inputs. Hidden states are (B, T, D) with D = `d_model`."""
+
+    def __init__(self, cfg: LanguageModelConfig, t5: T5ForConditionalGeneration | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.t5 = t5 if t5 is not None else T5ForConditionalGeneration(T5Config(**cfg.t5))
+        self.t5.config.use_cache = True
+        if cfg.mode == "lora":
+            inject_lora(self.t5, cfg)
+        elif cfg.mode == "frozen":
+            self.t5.requires_grad_(False)
+        elif cfg.mode != "full":
+            raise ValueError(f"language_model.mode must be 'lora', 'full' or 'frozen', got {cfg.mode!r}")
+
+    @property
+    def dim(self) -> int:
+        return self.t5.config.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.t5.config.vocab_size
+
+    def encode(
+        self, visual_tokens: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual tokens (B, Q, D) + prompt ids (B, P) -> encoder states (B, Q+P, D) and their mask (B, Q+P)."""
+        text = self.t5.get_input_embeddings()(prompt_ids)
+        embeds = torch.cat([visual_tokens.to(text.dtype), text], dim=1)
+        visual_mask = torch.ones(visual_tokens.shape[:2], dtype=prompt_mask.dtype, device=prompt_mask.device)
+        mask = torch.cat([visual_mask, prompt_mask], dim=1)
+        states = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return states, mask
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        encoder_states: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """Decoder input ids (B, T) -> final decoder states (B, T, D) and the updated KV cache."""
+        out = self.t5.decoder(
+            input_ids=input_ids,
+            encoder_hidden_states=encoder_states,
+            encoder_attention_mask=encoder_mask,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder states (B, T, D) -> vocabulary logits (B, T, V), as `T5ForConditionalGeneration` does."""
+        if getattr(self.t5.config, "scale_decoder_outputs", False):
+            hidden = hidden * (self.t5.model_dim**-0.5)
+        return self.t5.lm_head(hidden)
+
+    def set_lora_merged(self, merged: bool) -> None:
+        """Fold LoRA weights into the base weights (faster inference) or take them back out."""
+        for module in self.t5.modules():
+            if isinstance(module, LoraLayer):
+                if merged and not module.merged:
+                    module.merge()
+                elif not merged and module.merged:
+                    module.unmerge()

@@ -1,0 +1,324 @@
+"""PixelLLM: the whole model. Images + optional box/point + text prompt -> tokens, each with a location."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import T5ForConditionalGeneration
+
+from ..config import PixelLLMConfig
+from ..tokenizer import EOS_ID, PAD_ID, Tokenizer
+from .feature_extractor import PromptFeatureExtractor
+from .frozen_block import FrozenLMBlock
+from .generation import Generated, beam_search, greedy, iter_greedy
+from .image_encoder import ImageEncoder
+from .language_model import LanguageModel
+from .mask_head import MaskHead, upsample_masks
+from .point_head import PointHead
+from .prompt_encoder import LocationPromptEncoder
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ImageFeatures:
+    """Encoder outputs for a batch: fused features (B, C, h, w) and SAM features (B, C_sam, h', w')."""
+
+    fused: torch.Tensor
+    sam: torch.Tensor
+
+    def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageFeatures:
+        return ImageFeatures(self.fused[index], self.sam[index])
+
+    @staticmethod
+    def cat(items: list[ImageFeatures]) -> ImageFeatures:
+        return ImageFeatures(torch.cat([f.fused for f in items]), torch.cat([f.sam for f in items]))
+
+    @property
+    def nbytes(self) -> int:
+        return self.fused.numel() * self.fused.element_size() + self.sam.numel() * self.sam.element_size()
+
+
+@dataclass
+class Prompts:
+    """Per-sample prompts of a batch. Boxes (B, 4) and points (B, 2) are in model-input pixels."""
+
+    texts: list[str]
+    boxes: torch.Tensor | None = None
+    box_mask: torch.Tensor | None = None
+    points: torch.Tensor | None = None
+    point_mask: torch.Tensor | None = None
+
+
+class PixelLLM(nn.Module):
+    def __init__(
+        self,
+        cfg: PixelLLMConfig,
+        tokenizer: Tokenizer | None = None,
+        t5: T5ForConditionalGeneration | None = None,
+        load_frozen_block: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.sources: dict[str, str] = {}
+        self.image_encoder = ImageEncoder(cfg.sam, cfg.eva, cfg.image_size)
+        fused_dim = self.image_encoder.out_dim
+        self.frozen_block = (
+            FrozenLMBlock(cfg.frozen_block, fused_dim, load_weights=load_frozen_block)
+            if cfg.frozen_block is not None
+            else None
+        )
+        self.prompt_encoder = LocationPromptEncoder(
+            cfg.sam.out_chans, self.image_encoder.sam_grid, cfg.image_size
+        )
+        self.language_model = LanguageModel(cfg.language_model, t5)
+        lm_dim = self.language_model.dim
+        self.extractor = PromptFeatureExtractor(cfg.extractor, fused_dim, cfg.sam.out_chans, lm_dim)
+        self.point_head = PointHead(cfg.point_head, lm_dim)
+        self.mask_head = MaskHead(cfg.mask_decoder, cfg.sam.out_chans)
+        self.image_encoder.sam.requires_grad_(cfg.sam.trainable)
+        self.prompt_encoder.sam.requires_grad_(cfg.sam.trainable)
+        self.image_encoder.eva.requires_grad_(cfg.eva.trainable)
+        self.mask_head.requires_grad_(cfg.mask_decoder.trainable)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.extractor.queries.dtype
+
+    # ----------------------------------------------------------------- encoders
+    def encode_images(self, images: torch.Tensor) -> ImageFeatures:
+        """Images (B, 3, S, S) in [0, 1] (see `pixelllm.transforms`) -> `ImageFeatures`."""
+        fused, sam = self.image_encoder(images.to(self.dtype))
+        if self.frozen_block is not None:
+            b, c, h, w = fused.shape
+            tokens = self.frozen_block(fused.flatten(2).transpose(1, 2))
+            fused = tokens.transpose(1, 2).reshape(b, c, h, w)
+        return ImageFeatures(fused, sam)
+
+    def tokenize_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt texts -> ids (B, P) and mask (B, P), truncated to `max_prompt_tokens` (EOS kept)."""
+        tok = self._require_tokenizer()
+        limit = self.cfg.language_model.max_prompt_tokens
+        seqs = [tok.encode(t, add_eos=False)[: limit - 1] + [EOS_ID] for t in texts]
+        return _pad(seqs, PAD_ID, self.device)
+
+    def encode_prompts(self, features: ImageFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> T5 encoder states (B, Q+P, D) and mask (B, Q+P)."""
+        b = features.fused.shape[0]
+        location = self.prompt_encoder(
+            boxes=_opt(prompts.boxes, self.dtype),
+            box_mask=prompts.box_mask,
+            points=_opt(prompts.points, self.dtype),
+            point_mask=prompts.point_mask,
+            batch_size=b,
+        )
+        visual = self.extractor(features.fused, location)
+        ids, mask = self.tokenize_prompts(prompts.texts)
+        return self.language_model.encode(visual, ids, mask)
+
+    # ----------------------------------------------------------------- training
+    def forward(self, batch: dict[str, torch.Tensor | list[str]]) -> dict[str, torch.Tensor]:
+        """Losses for a training batch (see `pixelllm.data.collate`).
+
+        Keys: images (B, 3, S, S); prompts (list of B str); boxes (B, 4), box_mask (B,), points (B, 2),
+        point_mask (B,) in model-input pixels; labels (B, T) with IGNORE_INDEX padding; target_corners
+        (B, T, 2, 2) in [0, 1]; located (B, T) bool; optional mask_boxes (B, 4), mask_targets (B, S, S),
+        mask_valid (B,).
+        """
+        lc = self.cfg.loss
+        features = self.encode_images(batch["images"])
+        prompts = Prompts(
+            texts=batch["prompts"],
+            boxes=batch.get("boxes"),
+            box_mask=batch.get("box_mask"),
+            points=batch.get("points"),
+            point_mask=batch.get("point_mask"),
+        )
+        enc, enc_mask = self.encode_prompts(features, prompts)
+        labels = batch["labels"]
+        dec_in = _shift_right(labels)
+        hidden, _ = self.language_model.decode(dec_in, enc, enc_mask)
+        logits = self.language_model.logits(hidden)
+        ce = F.cross_entropy(
+            logits.float().flatten(0, 1),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=lc.label_smoothing,
+        )
+        corners, confidence = self.point_head(hidden)
+        located = batch["located"] & (labels != IGNORE_INDEX)
+        target = batch["target_corners"].to(corners.dtype)
+        if located.any():
+            point_l1 = (corners[located] - target[located]).abs().float().mean() * self.cfg.image_size
+        else:
+            point_l1 = corners.sum() * 0.0
+        valid = labels != IGNORE_INDEX
+        conf_bce = F.binary_cross_entropy_with_logits(confidence[valid].float(), located[valid].float())
+        loss = ce + lc.point_weight * point_l1 + lc.point_weight * conf_bce
+        out = {"ce": ce, "point_l1": point_l1, "confidence_bce": conf_bce}
+        mask_valid = batch.get("mask_valid")
+        if mask_valid is not None and bool(mask_valid.any()) and self.cfg.mask_decoder.trainable:
+            logits_m = self.predict_masks(
+                features[mask_valid], batch["mask_boxes"][mask_valid].to(self.dtype)
+            )
+            out["mask"] = _mask_loss(logits_m.float(), batch["mask_targets"][mask_valid].float())
+            loss = loss + lc.mask_weight * out["mask"]
+        out["loss"] = loss
+        return out
+
+    # ----------------------------------------------------------------- inference
+    def _decode_fns(self, enc: torch.Tensor, enc_mask: torch.Tensor, with_points: bool):
+        def step(last, cache):
+            hidden, cache = self.language_model.decode(last, enc, enc_mask, cache=cache)
+            return hidden[:, -1], cache
+
+        def heads(hidden):
+            logits = self.language_model.logits(hidden)
+            logits[..., PAD_ID] = float("-inf")  # PAD is the decoder start, never an output
+            if not with_points:
+                return logits, None, None
+            corners, confidence = self.point_head(hidden)
+            return logits, corners.clamp(0, 1), torch.sigmoid(confidence.float())
+
+        return step, heads
+
+    @torch.no_grad()
+    def generate(
+        self,
+        features: ImageFeatures,
+        prompts: Prompts,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        with_points: bool = True,
+    ) -> list[Generated]:
+        """Caption a batch. Returns per sample: ids (T,), corners (T, 2, 2) in [0, 1], confidence (T,) in [0, 1]."""
+        max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
+        enc, enc_mask = self.encode_prompts(features, prompts)
+        b = enc.shape[0]
+        if num_beams > 1:
+            enc = enc.repeat_interleave(num_beams, dim=0)
+            enc_mask = enc_mask.repeat_interleave(num_beams, dim=0)
+            step, heads = self._decode_fns(enc, enc_mask, with_points)
+            return beam_search(step, heads, b, num_beams, max_new_tokens, enc.device)
+        step, heads = self._decode_fns(enc, enc_mask, with_points)
+        return greedy(step, heads, b, max_new_tokens, enc.device)
+
+    @torch.no_grad()
+    def generate_stream(
+        self, features: ImageFeatures, prompts: Prompts, max_new_tokens: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Greedy decoding that yields each step's ids (B,), corners (B, 2, 2) and confidence (B,)."""
+        max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
+        enc, enc_mask = self.encode_prompts(features, prompts)
+        step, heads = self._decode_fns(enc, enc_mask, with_points=True)
+        for ids, corners, confidence, _ in iter_greedy(step, heads, enc.shape[0], max_new_tokens, enc.device):
+            yield ids, corners, confidence
+
+    @torch.no_grad()
+    def localize(self, features: ImageFeatures, prompts: Prompts, texts: list[str]) -> list[Generated]:
+        """Referring localization by teacher forcing `texts` through the decoder.
+
+        Returns per sample the text's ids (T,) + EOS, corners (T+1, 2, 2) and confidence (T+1,); the corners
+        at EOS (the state that has read the whole expression) are the object's box. `score` is the mean
+        log-likelihood of the text.
+        """
+        tok = self._require_tokenizer()
+        limit = self.cfg.language_model.max_text_tokens
+        seqs = [tok.encode(t, add_eos=False)[: limit - 1] + [EOS_ID] for t in texts]
+        labels, _ = _pad(seqs, IGNORE_INDEX, self.device)
+        enc, enc_mask = self.encode_prompts(features, prompts)
+        dec_in = _shift_right(labels)
+        hidden, _ = self.language_model.decode(dec_in, enc, enc_mask)
+        logp = torch.log_softmax(self.language_model.logits(hidden).float(), dim=-1)
+        corners, confidence = self.point_head(hidden)
+        corners, confidence = corners.clamp(0, 1), torch.sigmoid(confidence.float())
+        out = []
+        for b, seq in enumerate(seqs):
+            n = len(seq)
+            ids = torch.tensor(seq, device=self.device)
+            token_logp = logp[b, torch.arange(n, device=self.device), ids]
+            out.append(
+                Generated(
+                    ids=ids,
+                    corners=corners[b, :n],
+                    confidence=confidence[b, :n],
+                    score=float(token_logp.mean()),
+                )
+            )
+        return out
+
+    @torch.no_grad()
+    def masks(self, features: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
+        """Mask logits (B, S, S) of the model input for boxes (B, 4) in model-input pixels."""
+        return self.predict_masks(features, boxes.to(self.dtype))
+
+    def predict_masks(self, features: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
+        low = self.mask_head(features.sam, boxes, self.prompt_encoder)
+        return upsample_masks(low, self.cfg.image_size)
+
+    def set_lora_merged(self, merged: bool) -> None:
+        self.language_model.set_lora_merged(merged)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError(
+                f"model {self.name!r} has no tokenizer: build it with t5_path=<Hugging Face T5 directory with "
+                "tokenizer.json> or load it with PixelLLM.from_pretrained(dir)"
+            )
+        return self.tokenizer
+
+    # ----------------------------------------------------------------- persistence
+    def save_pretrained(self, directory) -> None:
+        from ..checkpoints import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str | torch.device | None = None) -> PixelLLM:
+        from ..checkpoints import from_pretrained
+
+        return from_pretrained(directory, device=device)
+
+
+def _opt(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def _pad(seqs: list[list[int]], value: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists -> ids (B, T) and mask (B, T)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _shift_right(labels: torch.Tensor) -> torch.Tensor:
+    """Decoder inputs from labels (B, T): PAD (the decoder start) then labels[:, :-1]; ignored -> PAD."""
+    dec = torch.full_like(labels, PAD_ID)
+    dec[:, 1:] = labels[:, :-1]
+    return dec.masked_fill(dec == IGNORE_INDEX, PAD_ID)
+
+
+def _mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy + dice on mask logits and targets (B, S, S)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    prob = torch.sigmoid(logits).flatten(1)
+    t = targets.flatten(1)
+    dice = 1 - (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
+    return bce + dice.mean()

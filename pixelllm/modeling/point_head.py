@@ -1,0 +1,31 @@
+"""Point head: an MLP parallel to the vocabulary head, on every decoder hidden state.
+
+Per token it predicts two points, the word box's corners (x0, y0) and (x1, y1) in [0, 1] of the model
+input (the word's point is their mean), and a confidence logit that the token has a location.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import PointHeadConfig
+
+
+class PointHead(nn.Module):
+    """Decoder states (B, T, D) -> corners (B, T, 2, 2) in [0, 1] and confidence logits (B, T)."""
+
+    def __init__(self, cfg: PointHeadConfig, in_dim: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.LayerNorm(in_dim, eps=1e-6)]
+        dim = in_dim
+        for _ in range(cfg.depth - 1):
+            layers += [nn.Linear(dim, cfg.hidden_dim), nn.GELU()]
+            dim = cfg.hidden_dim
+        layers.append(nn.Linear(dim, 5))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.mlp(hidden)
+        corners = ((out[..., :4] + 1) / 2).unflatten(-1, (2, 2))
+        return corners, out[..., 4]

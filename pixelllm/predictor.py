@@ -1,0 +1,288 @@
+"""Predictor: embed an image once, then caption it, caption regions of it, and localize texts in it.
+
+All coordinates in and out are absolute pixels of the input image (x right, y down, origin top-left;
+boxes are x0, y0, x1, y1). Word `start`/`end` are character offsets into the returned text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .modeling.generation import Generated
+from .modeling.pixelllm import ImageFeatures, PixelLLM, Prompts
+from .tokenizer import EOS_ID, PAD_ID, words_with_tokens
+from .transforms import ImageTransform, preprocess
+
+Box = tuple[float, float, float, float]
+Point = tuple[float, float]
+
+
+@dataclass
+class Word:
+    text: str
+    start: int
+    end: int
+    point: Point
+    box: Box
+    score: float
+
+
+@dataclass
+class Caption:
+    text: str
+    words: list[Word]
+    score: float = 0.0
+
+
+@dataclass
+class Localization:
+    text: str
+    box: Box
+    score: float
+    words: list[Word]
+    mask: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class ImageEmbedding:
+    """One image's encoder outputs (batch of 1) and its resize, reusable for many prompts."""
+
+    features: ImageFeatures
+    transform: ImageTransform
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.transform.height, self.transform.width
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.nbytes
+
+
+class Predictor:
+    """Answers many prompts on one image from a single image embedding (like `SamPredictor`)."""
+
+    def __init__(self, model: PixelLLM):
+        self.model = model.eval()
+        self.embedding: ImageEmbedding | None = None
+
+    # ------------------------------------------------------------------ embeddings
+    @torch.no_grad()
+    def embed_batch(self, images: Sequence[Image.Image | np.ndarray]) -> list[ImageEmbedding]:
+        """Encode images (PIL or HxWx3 uint8) in one batched encoder pass."""
+        tensors, transforms = zip(*(preprocess(im, self.model.cfg.image_size) for im in images))
+        features = self.model.encode_images(torch.stack(tensors).to(self.model.device))
+        return [ImageEmbedding(features[i : i + 1], t) for i, t in enumerate(transforms)]
+
+    def embed(self, image: Image.Image | np.ndarray) -> ImageEmbedding:
+        return self.embed_batch([image])[0]
+
+    def set_image(self, image: Image.Image | np.ndarray) -> None:
+        """Encode `image` and keep its embedding for the calls that follow."""
+        self.embedding = self.embed(image)
+
+    def reset_image(self) -> None:
+        self.embedding = None
+
+    def _current(self) -> ImageEmbedding:
+        if self.embedding is None:
+            raise RuntimeError("no image set: call predictor.set_image(image) first")
+        return self.embedding
+
+    # ------------------------------------------------------------------ captions
+    def caption(
+        self,
+        box: Box | None = None,
+        point: Point | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+    ) -> Caption:
+        """Caption the image, or the region given by `box` or `point`, with a location for every word."""
+        return self.caption_embeddings([self._current()], [box], [point], max_new_tokens, num_beams)[0]
+
+    def caption_batch(
+        self, regions: Sequence[Box | Point | None], max_new_tokens: int | None = None, num_beams: int = 1
+    ) -> list[Caption]:
+        """Caption many regions of the current image in one batched pass: each a box, a point, or None."""
+        boxes = [tuple(r) if r is not None and len(r) == 4 else None for r in regions]
+        points = [tuple(r) if r is not None and len(r) == 2 else None for r in regions]
+        emb = self._current()
+        return self.caption_embeddings([emb] * len(regions), boxes, points, max_new_tokens, num_beams)
+
+    @torch.no_grad()
+    def caption_embeddings(
+        self,
+        embeddings: Sequence[ImageEmbedding],
+        boxes: Sequence[Box | None] | None = None,
+        points: Sequence[Point | None] | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+    ) -> list[Caption]:
+        """Caption many (image embedding, optional box or point) pairs in one batched forward pass."""
+        prompts = self._location_prompts(embeddings, boxes, points)
+        features = ImageFeatures.cat([e.features for e in embeddings])
+        outputs = self.model.generate(features, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        return [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
+
+    def caption_stream(
+        self, box: Box | None = None, point: Point | None = None, max_new_tokens: int | None = None
+    ) -> Iterator[Word]:
+        """Greedy caption of the current image (or a region), yielding each word as soon as it is complete.
+
+        The words equal those of `caption(..., num_beams=1)`.
+        """
+        emb = self._current()
+        prompts = self._location_prompts([emb], [box], [point])
+        ids: list[int] = []
+        corners: list[torch.Tensor] = []
+        confidence: list[torch.Tensor] = []
+        emitted = 0
+        for step_ids, step_corners, step_conf in self.model.generate_stream(
+            emb.features, prompts, max_new_tokens
+        ):
+            token = int(step_ids[0])
+            if token in (EOS_ID, PAD_ID):
+                break
+            ids.append(token)
+            corners.append(step_corners[0])
+            confidence.append(step_conf[0])
+            words = self._words(ids, torch.stack(corners), torch.stack(confidence), emb.transform)[0]
+            # the last word may still grow; every word before it is final
+            for word in words[emitted : len(words) - 1]:
+                yield word
+            emitted = max(emitted, len(words) - 1)
+        if ids:
+            words = self._words(ids, torch.stack(corners), torch.stack(confidence), emb.transform)[0]
+            yield from words[emitted:]
+
+    # ------------------------------------------------------------------ localization
+    def localize(self, text: str, mask: bool = False) -> Localization:
+        """Find what `text` refers to: its box (and mask), and a location for each of its words."""
+        return self.localize_embeddings([self._current()], [text], mask)[0]
+
+    def localize_batch(self, texts: Sequence[str], mask: bool = False) -> list[Localization]:
+        emb = self._current()
+        return self.localize_embeddings([emb] * len(texts), texts, mask)
+
+    @torch.no_grad()
+    def localize_embeddings(
+        self, embeddings: Sequence[ImageEmbedding], texts: Sequence[str], mask: bool = False
+    ) -> list[Localization]:
+        """Localize texts[i] in embeddings[i], all in one batched forward pass."""
+        for i, text in enumerate(texts):
+            if not text or not text.strip():
+                raise ValueError(f"texts[{i}] is empty")
+        cfg = self.model.cfg
+        prompts = Prompts(texts=[cfg.localize_prompt + t for t in texts])
+        features = ImageFeatures.cat([e.features for e in embeddings])
+        outputs = self.model.localize(features, prompts, list(texts))
+        results = []
+        for g, text, emb in zip(outputs, texts, embeddings):
+            tok_ids, offsets = self.model.tokenizer.encode_with_offsets(text)
+            n = min(len(tok_ids), len(g.ids) - 1)
+            words = _group_words(text, offsets[:n], g.corners[:n], g.confidence[:n], emb.transform)
+            box = _box(g.corners[-1].cpu().numpy().reshape(4), emb.transform)
+            results.append(Localization(text=text, box=box, score=float(np.exp(g.score)), words=words))
+        if mask:
+            model_boxes = torch.from_numpy(
+                np.stack([emb.transform.to_model(np.array(r.box)) for r, emb in zip(results, embeddings)])
+            ).to(self.model.device)
+            logits = self.model.masks(features, model_boxes)
+            for r, emb, m in zip(results, embeddings, logits):
+                r.mask = emb.transform.mask_from_model(m)
+        return results
+
+    # ------------------------------------------------------------------ helpers
+    def _location_prompts(
+        self,
+        embeddings: Sequence[ImageEmbedding],
+        boxes: Sequence[Box | None] | None,
+        points: Sequence[Point | None] | None,
+    ) -> Prompts:
+        n = len(embeddings)
+        boxes = list(boxes) if boxes is not None else [None] * n
+        points = list(points) if points is not None else [None] * n
+        if len(boxes) != n or len(points) != n:
+            raise ValueError(f"got {n} images but {len(boxes)} boxes and {len(points)} points")
+        cfg = self.model.cfg
+        box_arr = np.zeros((n, 4), dtype=np.float32)
+        point_arr = np.zeros((n, 2), dtype=np.float32)
+        texts = []
+        for i, (emb, box, point) in enumerate(zip(embeddings, boxes, points)):
+            if box is not None and point is not None:
+                raise ValueError(f"prompt {i}: give a box or a point, not both")
+            h, w = emb.original_size
+            if box is not None:
+                _check_box(box, w, h)
+                box_arr[i] = emb.transform.to_model(np.array(box))
+            if point is not None:
+                _check_point(point, w, h)
+                point_arr[i] = emb.transform.to_model(np.array(point))
+            texts.append(cfg.caption_prompt if box is None and point is None else cfg.region_prompt)
+        device = self.model.device
+        return Prompts(
+            texts=texts,
+            boxes=torch.from_numpy(box_arr).to(device),
+            box_mask=torch.tensor([b is not None for b in boxes], device=device),
+            points=torch.from_numpy(point_arr).to(device),
+            point_mask=torch.tensor([p is not None for p in points], device=device),
+        )
+
+    def _caption(self, g: Generated, transform: ImageTransform) -> Caption:
+        ids = [int(i) for i in g.ids if int(i) not in (EOS_ID, PAD_ID)]
+        n = len(ids)
+        words, text = self._words(ids, g.corners[:n], g.confidence[:n], transform)
+        return Caption(text=text, words=words, score=float(np.exp(g.score)))
+
+    def _words(
+        self, ids: list[int], corners: torch.Tensor, confidence: torch.Tensor, transform: ImageTransform
+    ) -> tuple[list[Word], str]:
+        text, spans = self.model.tokenizer.decode_with_spans(ids)
+        return _group_words(text, spans, corners, confidence, transform), text
+
+
+def _group_words(
+    text: str,
+    spans: list[tuple[int, int]],
+    corners: torch.Tensor,
+    confidence: torch.Tensor,
+    transform: ImageTransform,
+) -> list[Word]:
+    """Words of `text` with the mean box of their tokens' corners (T, 2, 2) and mean confidence (T,)."""
+    corners_np = corners.float().cpu().numpy().reshape(-1, 4)
+    conf_np = confidence.float().cpu().numpy()
+    words = []
+    for start, end, members in words_with_tokens(text, spans):
+        box = _box(corners_np[members].mean(axis=0), transform)
+        point = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        words.append(Word(text[start:end], start, end, point, box, float(conf_np[members].mean())))
+    return words
+
+
+def _box(corners: np.ndarray, transform: ImageTransform) -> Box:
+    """Normalized corners (4,) in any order -> (x0, y0, x1, y1) image pixels with x0 <= x1, y0 <= y1."""
+    x0, y0, x1, y1 = transform.from_normalized(corners).tolist()
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def _check_box(box: Sequence[float], width: int, height: int) -> None:
+    if len(box) != 4 or not all(np.isfinite(box)):
+        raise ValueError(f"box must be 4 finite numbers x0, y0, x1, y1, got {box}")
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(
+            f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}"
+        )
+
+
+def _check_point(point: Sequence[float], width: int, height: int) -> None:
+    if len(point) != 2 or not all(np.isfinite(point)):
+        raise ValueError(f"point must be 2 finite numbers x, y, got {point}")
+    x, y = point
+    if not (0 <= x <= width and 0 <= y <= height):
+        raise ValueError(f"point {tuple(point)} must lie in the image (0..{width}, 0..{height})")

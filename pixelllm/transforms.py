@@ -1,0 +1,71 @@
+"""Image preprocessing and coordinate mapping between input-image pixels and the model's square input.
+
+An image of H x W is resized so its longer side is S (the model's `image_size`), keeping the aspect
+ratio, and padded at the right/bottom to S x S (as SAM does). So a point (x, y) in image pixels is
+(x * s, y * s) in model-input pixels with s = S / max(H, W), and a normalized model output u in [0, 1]
+is u * max(H, W) in image pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """The resize of one image: original (height, width) and the model input side S."""
+
+    height: int
+    width: int
+    image_size: int
+
+    @property
+    def scale(self) -> float:
+        return self.image_size / max(self.height, self.width)
+
+    def to_model(self, xy: np.ndarray) -> np.ndarray:
+        """Image pixels (..., 2k) -> model-input pixels."""
+        return np.asarray(xy, dtype=np.float32) * self.scale
+
+    def from_normalized(self, uv: np.ndarray) -> np.ndarray:
+        """Model outputs in [0, 1] of the square input (..., 2k) -> image pixels, clipped to the image."""
+        xy = np.asarray(uv, dtype=np.float64) * max(self.height, self.width)
+        xy[..., 0::2] = xy[..., 0::2].clip(0, self.width)
+        xy[..., 1::2] = xy[..., 1::2].clip(0, self.height)
+        return xy
+
+    def mask_from_model(self, mask_logits: torch.Tensor) -> np.ndarray:
+        """Mask logits (S, S) of the model input -> boolean mask (H, W) of the image."""
+        h, w = round(self.height * self.scale), round(self.width * self.scale)
+        crop = mask_logits[None, None, :h, :w].float()
+        full = F.interpolate(crop, size=(self.height, self.width), mode="bilinear", align_corners=False)
+        return (full[0, 0] > 0).cpu().numpy()
+
+
+def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A PIL image or an (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB array."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {array.shape}")
+    return array
+
+
+def preprocess(image: Image.Image | np.ndarray, image_size: int) -> tuple[torch.Tensor, ImageTransform]:
+    """Image -> model input (3, S, S) in [0, 1] (resized longest side, zero-padded) and its transform."""
+    array = to_rgb_array(image)
+    h, w = array.shape[:2]
+    transform = ImageTransform(h, w, image_size)
+    nh, nw = max(1, round(h * transform.scale)), max(1, round(w * transform.scale))
+    resized = np.asarray(Image.fromarray(array).resize((nw, nh), Image.BILINEAR), dtype=np.float32) / 255.0
+    out = torch.zeros(3, image_size, image_size)
+    out[:, :nh, :nw] = torch.from_numpy(resized).permute(2, 0, 1)
+    return out, transform
