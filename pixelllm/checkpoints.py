@@ -86,9 +86,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) ->
 
 
 # ------------------------------------------------------------------------- SAM
-def sam_checkpoint_filter(
-    state: dict[str, torch.Tensor], image_encoder: nn.Module
-) -> dict[str, torch.Tensor]:
+def sam_checkpoint_filter(state: dict[str, torch.Tensor], image_encoder: nn.Module) -> dict[str, torch.Tensor]:
     """SAM image-encoder weights resampled to our input size.
 
     `pos_embed` (1, H, W, C) is resized bicubically to our patch grid; the relative position tables
@@ -147,9 +145,7 @@ def load_eva_checkpoint(model: nn.Module, path: str | Path) -> None:
     resampling position embeddings with timm's own `checkpoint_filter_fn`; classifier head keys are dropped."""
     eva = model.image_encoder.eva
     state = eva_checkpoint_filter_fn(read_state_dict(path), eva)
-    state = {
-        k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in eva.state_dict()
-    }
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in eva.state_dict()}
     load_into(eva, state, str(path))
     log.info("loaded EVA02 checkpoint %s", path)
 
@@ -226,12 +222,8 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = N
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory} is not a PixelLLM model directory: {name} is missing")
-    sources = (
-        json.loads((directory / SOURCES_FILE).read_text()) if (directory / SOURCES_FILE).is_file() else {}
-    )
-    tokenizer = (
-        Tokenizer.from_file(directory / TOKENIZER_FILE) if (directory / TOKENIZER_FILE).is_file() else None
-    )
+    sources = json.loads((directory / SOURCES_FILE).read_text()) if (directory / SOURCES_FILE).is_file() else {}
+    tokenizer = Tokenizer.from_file(directory / TOKENIZER_FILE) if (directory / TOKENIZER_FILE).is_file() else None
     model = build_pixelllm(directory / CONFIG_FILE, tokenizer=tokenizer, **sources)
     state = read_state_dict(directory / WEIGHTS_FILE)
     expected = _saved_state(model, sources)

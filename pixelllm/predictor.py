@@ -142,9 +142,7 @@ class Predictor:
         corners: list[torch.Tensor] = []
         confidence: list[torch.Tensor] = []
         emitted = 0
-        for step_ids, step_corners, step_conf in self.model.generate_stream(
-            emb.features, prompts, max_new_tokens
-        ):
+        for step_ids, step_corners, step_conf in self.model.generate_stream(emb.features, prompts, max_new_tokens):
             token = int(step_ids[0])
             if token in (EOS_ID, PAD_ID):
                 break
@@ -153,8 +151,7 @@ class Predictor:
             confidence.append(step_conf[0])
             words = self._words(ids, torch.stack(corners), torch.stack(confidence), emb.transform)[0]
             # the last word may still grow; every word before it is final
-            for word in words[emitted : len(words) - 1]:
-                yield word
+            yield from words[emitted : len(words) - 1]
             emitted = max(emitted, len(words) - 1)
         if ids:
             words = self._words(ids, torch.stack(corners), torch.stack(confidence), emb.transform)[0]
@@ -275,9 +272,7 @@ def _check_box(box: Sequence[float], width: int, height: int) -> None:
         raise ValueError(f"box must be 4 finite numbers x0, y0, x1, y1, got {box}")
     x0, y0, x1, y1 = box
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(
-            f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}"
-        )
+        raise ValueError(f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
 
 
 def _check_point(point: Sequence[float], width: int, height: int) -> None:

@@ -34,9 +34,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer file not found: {path} (expected a `tokenizers` tokenizer.json)"
-            )
+            raise FileNotFoundError(f"tokenizer file not found: {path} (expected a `tokenizers` tokenizer.json)")
         return cls(HFTokenizer.from_file(str(path)))
 
     @classmethod
@@ -46,9 +44,7 @@ class Tokenizer:
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 

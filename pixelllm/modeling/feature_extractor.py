@@ -19,9 +19,7 @@ class PromptFeatureExtractor(nn.Module):
 
     def __init__(self, cfg: ExtractorConfig, in_dim: int, prompt_dim: int, lm_dim: int):
         super().__init__()
-        self.input_proj = nn.Sequential(
-            nn.Conv2d(in_dim, cfg.width, kernel_size=1), nn.GroupNorm(1, cfg.width)
-        )
+        self.input_proj = nn.Sequential(nn.Conv2d(in_dim, cfg.width, kernel_size=1), nn.GroupNorm(1, cfg.width))
         self.prompt_proj = nn.Linear(prompt_dim, cfg.width)
         self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.width) * 0.02)
         self.pe = PositionEmbeddingRandom(cfg.width // 2)

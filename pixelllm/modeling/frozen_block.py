@@ -37,9 +37,7 @@ def _build_layer(cfg: FrozenBlockConfig, load_weights: bool) -> tuple[nn.Module,
         for layer in layers:
             layer.self_attn.is_causal = False
     else:
-        raise ValueError(
-            f"frozen_block supports T5 and LLaMA checkpoints, got model_type {config.model_type!r}"
-        )
+        raise ValueError(f"frozen_block supports T5 and LLaMA checkpoints, got model_type {config.model_type!r}")
     layer = layers[cfg.layer]
     if load_weights:
         log.info("frozen block: %s layer %d of %s (width %d)", kind, cfg.layer, path, dim)

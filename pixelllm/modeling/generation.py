@@ -158,9 +158,7 @@ def beam_search(
         seqs = torch.cat([seqs[index], tokens[:, None]], dim=1)
         if corners is not None:
             step_corners = corners[index][:, None]
-            hist_corners = (
-                step_corners if hist_corners is None else torch.cat([hist_corners[index], step_corners], 1)
-            )
+            hist_corners = step_corners if hist_corners is None else torch.cat([hist_corners[index], step_corners], 1)
             step_conf = confidence[index][:, None]
             hist_conf = step_conf if hist_conf is None else torch.cat([hist_conf[index], step_conf], 1)
         beam_scores = torch.tensor(new_scores, device=device).view(batch_size, k)

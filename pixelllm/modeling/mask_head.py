@@ -47,6 +47,6 @@ class MaskHead(nn.Module):
 
 def upsample_masks(mask_logits: torch.Tensor, image_size: int) -> torch.Tensor:
     """Low-res logits (B, h, w) -> logits (B, S, S) of the model input."""
-    return F.interpolate(
-        mask_logits[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False
-    )[:, 0]
+    return F.interpolate(mask_logits[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)[
+        :, 0
+    ]

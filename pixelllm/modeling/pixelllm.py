@@ -73,9 +73,7 @@ class PixelLLM(nn.Module):
             if cfg.frozen_block is not None
             else None
         )
-        self.prompt_encoder = LocationPromptEncoder(
-            cfg.sam.out_chans, self.image_encoder.sam_grid, cfg.image_size
-        )
+        self.prompt_encoder = LocationPromptEncoder(cfg.sam.out_chans, self.image_encoder.sam_grid, cfg.image_size)
         self.language_model = LanguageModel(cfg.language_model, t5)
         lm_dim = self.language_model.dim
         self.extractor = PromptFeatureExtractor(cfg.extractor, fused_dim, cfg.sam.out_chans, lm_dim)
@@ -171,9 +169,7 @@ class PixelLLM(nn.Module):
         out = {"ce": ce, "point_l1": point_l1, "confidence_bce": conf_bce}
         mask_valid = batch.get("mask_valid")
         if mask_valid is not None and bool(mask_valid.any()) and self.cfg.mask_decoder.trainable:
-            logits_m = self.predict_masks(
-                features[mask_valid], batch["mask_boxes"][mask_valid].to(self.dtype)
-            )
+            logits_m = self.predict_masks(features[mask_valid], batch["mask_boxes"][mask_valid].to(self.dtype))
             out["mask"] = _mask_loss(logits_m.float(), batch["mask_targets"][mask_valid].float())
             loss = loss + lc.mask_weight * out["mask"]
         out["loss"] = loss

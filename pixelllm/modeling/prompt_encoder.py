@@ -50,11 +50,7 @@ class LocationPromptEncoder(nn.Module):
                 sparse, _ = self.sam(points=None, boxes=boxes[mask], masks=None)
                 out[mask] = sparse.to(out.dtype)
         if points is not None:
-            mask = (
-                point_mask
-                if point_mask is not None
-                else torch.ones(b, dtype=torch.bool, device=points.device)
-            )
+            mask = point_mask if point_mask is not None else torch.ones(b, dtype=torch.bool, device=points.device)
             if mask.any():
                 coords = points[mask].unsqueeze(1)
                 labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
