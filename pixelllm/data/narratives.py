@@ -1,0 +1,176 @@
+"""Localized Narratives: per-word locations from mouse traces, and per-token training targets.
+
+Records follow the official JSONL format (one record per line)::
+
+    {"dataset_id", "image_id", "annotator_id", "caption",
+     "timed_caption": [{"utterance", "start_time", "end_time"}, ...],
+     "traces": [[{"x", "y", "t"}, ...], ...], "voice_recording"}
+
+x, y are normalized image coordinates (x right, y down, [0, 1]; raw points slightly outside are clipped),
+t is seconds. A word's location comes from the trace during its utterance: the trace is linearly
+interpolated at `samples_per_word` instants spread uniformly over [start_time, end_time] (clamped to the
+trace's time range); the mean of those samples is the word's point and their min/max its box. All
+coordinates here stay normalized to [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pixelllm.tokenizer import EOS_ID, Tokenizer
+
+REQUIRED_FIELDS = ("image_id", "caption", "timed_caption", "traces")
+
+
+@dataclass
+class LocatedWord:
+    """An utterance matched to `caption[start:end]`, with its location (None when it has no trace)."""
+
+    start: int
+    end: int
+    text: str
+    point: tuple[float, float] | None
+    box: tuple[float, float, float, float] | None
+
+
+@dataclass
+class TokenTargets:
+    """Decoder targets for one caption: T = number of caption tokens + 1 (EOS last).
+
+    ids: T token ids. boxes: (T, 4) float32 word-box corners (x0, y0, x1, y1), normalized [0, 1].
+    points: (T, 2) float32 word points (x, y), normalized. located: (T,) bool, False where the token has
+    no location (its boxes/points rows are zero); EOS is never located.
+    """
+
+    ids: list[int]
+    boxes: np.ndarray
+    points: np.ndarray
+    located: np.ndarray
+
+
+def read_narratives(path: str | Path) -> Iterator[dict]:
+    """Yield the records of a Localized Narratives JSONL file, skipping blank lines.
+
+    Raises ValueError naming the file and line for invalid JSON or a record missing a required field.
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in REQUIRED_FIELDS if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: record is missing field(s) {', '.join(missing)}")
+            yield record
+
+
+def _flat_trace(traces: list[list[dict]]) -> np.ndarray:
+    """All trace segments as one (N, 3) array of (t, x, y), sorted by t, x and y clipped to [0, 1]."""
+    points = [(p["t"], p["x"], p["y"]) for segment in traces for p in segment]
+    if not points:
+        return np.zeros((0, 3))
+    trace = np.asarray(points, dtype=np.float64)
+    trace = trace[np.argsort(trace[:, 0], kind="stable")]
+    trace[:, 1:] = np.clip(trace[:, 1:], 0.0, 1.0)
+    return trace
+
+
+def _sample_trace(trace: np.ndarray, start: float, end: float, n: int) -> np.ndarray | None:
+    """(n, 2) trace positions at n instants uniform over [start, end] ∩ the trace's time range, or None."""
+    if len(trace) == 0 or end < trace[0, 0] or start > trace[-1, 0]:
+        return None
+    times = np.linspace(max(start, trace[0, 0]), min(end, trace[-1, 0]), n)
+    return np.stack([np.interp(times, trace[:, 0], trace[:, 1]), np.interp(times, trace[:, 0], trace[:, 2])], 1)
+
+
+def _normalized(text: str) -> tuple[str, list[int], set[int], set[int]]:
+    """Lowercased letters/digits of `text`, the text index of each, and the run starts/ends among them.
+
+    A run is a maximal stretch of letters/digits in `text`; matches must start and end on run borders so
+    that "a" never matches inside "large".
+    """
+    chars, index, starts, ends = [], [], set(), set()
+    prev = -2
+    for i, c in enumerate(text):
+        if not c.isalnum():
+            continue
+        if i != prev + 1:
+            starts.add(len(chars))
+            ends.add(len(chars))
+        for lc in c.lower():
+            chars.append(lc)
+            index.append(i)
+        prev = i
+    ends.add(len(chars))
+    return "".join(chars), index, starts, ends
+
+
+def _find_span(needle: str, hay: str, starts: set[int], ends: set[int], pos: int) -> int:
+    """Index in `hay` of the first occurrence of `needle` at or after `pos` on run borders, or -1."""
+    while (i := hay.find(needle, pos)) >= 0:
+        if i in starts and i + len(needle) in ends:
+            return i
+        pos = i + 1
+    return -1
+
+
+def word_locations(record: dict, samples_per_word: int = 16) -> list[LocatedWord]:
+    """Locate each utterance of `record` in its caption and give it a point and box from the trace.
+
+    Utterances are matched in caption order (case-insensitive, ignoring punctuation and spacing, on word
+    borders); an utterance not found after the previous match is skipped. A found utterance whose interval
+    lies outside the trace's time range (or with an empty trace) gets point=None, box=None.
+    """
+    caption = record["caption"]
+    hay, index, starts, ends = _normalized(caption)
+    trace = _flat_trace(record["traces"])
+    words, pos = [], 0
+    for utt in record["timed_caption"]:
+        needle = _normalized(utt["utterance"])[0]
+        i = _find_span(needle, hay, starts, ends, pos) if needle else -1
+        if i < 0:
+            continue
+        pos = i + len(needle)
+        start, end = index[i], index[pos - 1] + 1
+        samples = _sample_trace(trace, float(utt["start_time"]), float(utt["end_time"]), samples_per_word)
+        point = box = None
+        if samples is not None:
+            point = (float(samples[:, 0].mean()), float(samples[:, 1].mean()))
+            (x0, y0), (x1, y1) = samples.min(0), samples.max(0)
+            box = (float(x0), float(y0), float(x1), float(y1))
+        words.append(LocatedWord(start, end, caption[start:end], point, box))
+    return words
+
+
+def token_targets(text: str, words: list[LocatedWord], tokenizer: Tokenizer) -> TokenTargets:
+    """Tokenize `text` (+ EOS) and give each token the location of the first located word it overlaps.
+
+    Overlap is by character span, with the token's span stripped of whitespace first, so whitespace-only
+    tokens (a lone SentencePiece "▁") and punctuation outside every word stay unlocated.
+    """
+    ids, spans = tokenizer.encode_with_offsets(text)
+    located_words = [w for w in words if w.box is not None]
+    n = len(ids) + 1
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    points = np.zeros((n, 2), dtype=np.float32)
+    located = np.zeros(n, dtype=bool)
+    for k, (s, e) in enumerate(spans):
+        piece = text[s:e]
+        if not piece.strip():
+            continue
+        s, e = s + len(piece) - len(piece.lstrip()), e - (len(piece) - len(piece.rstrip()))
+        word = next((w for w in located_words if s < w.end and e > w.start), None)
+        if word is not None:
+            boxes[k], points[k], located[k] = word.box, word.point, True
+    return TokenTargets(ids=list(ids) + [EOS_ID], boxes=boxes, points=points, located=located)

@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import pytest
+
+from pixelllm.data.narratives import read_narratives, token_targets, word_locations
+from pixelllm.tokenizer import EOS_ID, Tokenizer, words_with_tokens
+
+
+def make_record(caption, utterances, traces):
+    """An LN record; utterances are (text, start_time, end_time), traces lists of (x, y, t) segments."""
+    return {
+        "dataset_id": "test",
+        "image_id": "img",
+        "annotator_id": 0,
+        "caption": caption,
+        "timed_caption": [{"utterance": u, "start_time": s, "end_time": e} for u, s, e in utterances],
+        "traces": [[{"x": x, "y": y, "t": t} for x, y, t in segment] for segment in traces],
+        "voice_recording": "",
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["a red circle on the left and a blue square.", "the dog runs, the cat sleeps."] * 20
+    return Tokenizer.train(texts, vocab_size=40)
+
+
+def test_interpolates_between_two_raw_points():
+    # the interval [0.25, 0.75] holds no raw point: samples come from the line between t=0 and t=1
+    rec = make_record("dog", [("dog", 0.25, 0.75)], [[(0.0, 0.0, 0.0), (1.0, 0.5, 1.0)]])
+    (word,) = word_locations(rec)
+    assert word.point == pytest.approx((0.5, 0.25))
+    assert word.box == pytest.approx((0.25, 0.125, 0.75, 0.375))
+
+
+def test_mean_is_time_integrated():
+    # the trace waits at x=0 for 0.9 s then moves to x=1 in 0.1 s: the point is near 0, not at the middle
+    rec = make_record("dog", [("dog", 0.0, 1.0)], [[(0.0, 0.5, 0.0), (0.0, 0.5, 0.9), (1.0, 0.5, 1.0)]])
+    (word,) = word_locations(rec, samples_per_word=101)
+    assert word.point[0] == pytest.approx(0.05, abs=0.01)  # the mean of raw points would be 1/3
+    assert word.box == pytest.approx((0.0, 0.5, 1.0, 0.5))
+
+
+def test_points_outside_unit_square_are_clipped():
+    rec = make_record("dog", [("dog", 0.0, 1.0)], [[(-0.2, 1.3, 0.0), (1.4, -0.1, 1.0)]])
+    (word,) = word_locations(rec)
+    assert word.box == pytest.approx((0.0, 0.0, 1.0, 1.0))
+    assert all(0.0 <= v <= 1.0 for v in word.point)
+
+
+def test_utterance_without_trace_is_unlocated():
+    trace = [[(0.1, 0.1, 0.0), (0.2, 0.2, 1.0)]]
+    rec = make_record("big dog", [("big", 0.5, 2.0), ("dog", 5.0, 6.0)], trace)
+    big, dog = word_locations(rec)
+    assert big.box == pytest.approx((0.15, 0.15, 0.2, 0.2))  # clamped to the trace's end at t=1
+    assert dog.point is None and dog.box is None
+    (empty,) = word_locations(make_record("dog", [("dog", 0.0, 1.0)], []))
+    assert empty.point is None and empty.box is None
+
+
+def test_multiple_segments_are_merged_in_time():
+    # segments given out of time order; the gap between them (t 1..2) is interpolated
+    traces = [[(0.8, 0.8, 2.0), (0.9, 0.9, 3.0)], [(0.0, 0.0, 0.0), (0.2, 0.2, 1.0)]]
+    rec = make_record("a b c", [("a", 0.0, 1.0), ("b", 1.0, 2.0), ("c", 2.0, 3.0)], traces)
+    a, b, c = word_locations(rec)
+    assert a.box == pytest.approx((0.0, 0.0, 0.2, 0.2))
+    assert b.box == pytest.approx((0.2, 0.2, 0.8, 0.8))
+    assert c.box == pytest.approx((0.8, 0.8, 0.9, 0.9))
+
+
+def test_utterances_matched_in_caption_order():
+    caption = "The large cat, and... a DOG!"
+    utts = [("the", 0, 1), ("large", 1, 2), ("zebra", 2, 3), ("cat", 3, 4), ("and", 4, 5), ("a", 5, 6), ("dog", 6, 7)]
+    words = word_locations(make_record(caption, utts, [[(0.5, 0.5, 0.0), (0.5, 0.5, 7.0)]]))
+    assert [w.text for w in words] == ["The", "large", "cat", "and", "a", "DOG"]  # zebra skipped
+    assert [caption[w.start : w.end] for w in words] == [w.text for w in words]
+    assert words[4].start == caption.index(" a ") + 1  # not the "a" inside "large"
+    hyphen = word_locations(make_record("an ice-cream cone", [("ice cream", 0, 1)], [[(0.5, 0.5, 0.0)]]))
+    assert [w.text for w in hyphen] == ["ice-cream"]
+
+
+def test_token_targets(tokenizer):
+    caption = "a red circle, the dog."
+    utts = [("a", 0, 1), ("red", 1, 2), ("circle", 2, 3), ("the", 3, 4), ("dog", 10, 11)]
+    trace = [[(0.1, 0.1, 0.0), (0.2, 0.2, 1.0), (0.3, 0.3, 2.0), (0.4, 0.4, 3.0), (0.5, 0.5, 4.0)]]
+    words = word_locations(make_record(caption, utts, trace))
+    targets = token_targets(caption, words, tokenizer)
+    ids, spans = tokenizer.encode_with_offsets(caption)
+    assert targets.ids == ids + [EOS_ID]
+    n = len(ids) + 1
+    assert targets.boxes.shape == (n, 4) and targets.boxes.dtype == np.float32
+    assert targets.points.shape == (n, 2) and targets.located.shape == (n,)
+    assert not targets.located[-1]
+    assert not targets.boxes[~targets.located].any()
+
+    by_text = {w.text: w for w in words}
+    split_words = 0
+    for start, end, members in words_with_tokens(caption, spans):
+        word = by_text[caption[start:end]]
+        split_words += len(members) > 1
+        for k in members:
+            if word.box is None:  # "dog" has no trace in its interval
+                assert not targets.located[k]
+            else:
+                assert targets.located[k]
+                np.testing.assert_allclose(targets.boxes[k], word.box, rtol=1e-6)
+                np.testing.assert_allclose(targets.points[k], word.point, rtol=1e-6)
+    assert split_words > 0, "the test tokenizer should split some word into several tokens"
+    for k, (s, e) in enumerate(spans):
+        if not caption[s:e].strip(" ,."):  # punctuation and lone-space tokens
+            assert not targets.located[k]
+
+
+def test_read_narratives(tmp_path):
+    rec = make_record("dog", [("dog", 0.0, 1.0)], [[(0.5, 0.5, 0.0)]])
+    path = tmp_path / "ln.jsonl"
+    path.write_text(json.dumps(rec) + "\n\n" + json.dumps(rec) + "\n")
+    assert list(read_narratives(path)) == [rec, rec]
+
+    path.write_text(json.dumps(rec) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"ln\.jsonl:2: invalid JSON"):
+        list(read_narratives(path))
+    path.write_text(json.dumps({k: v for k, v in rec.items() if k != "traces"}) + "\n")
+    with pytest.raises(ValueError, match=r"ln\.jsonl:1: .*traces"):
+        list(read_narratives(path))

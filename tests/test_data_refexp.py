@@ -1,0 +1,101 @@
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from pixelllm.data.refexp import load_refexp, load_refs, ref_mask
+from pixelllm.data.rle import encode_mask
+
+
+@pytest.fixture
+def refer_root(tmp_path):
+    """A two-image, three-ref dataset in the refer layout (refs(unc).p + instances.json)."""
+    rle_mask = np.zeros((30, 40), dtype=bool)
+    rle_mask[5:15, 10:30] = True
+    instances = {
+        "images": [
+            {"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 40, "height": 30},
+            {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "width": 50, "height": 20},
+        ],
+        "annotations": [
+            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 10], "segmentation": encode_mask(rle_mask)},
+            {
+                "id": 12,
+                "image_id": 1,
+                "category_id": 2,
+                "bbox": [0, 0, 5, 5],
+                "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]],
+            },
+            {
+                "id": 21,
+                "image_id": 2,
+                "category_id": 1,
+                "bbox": [2, 3, 4, 5],
+                "segmentation": [[2, 3, 6, 3, 6, 8, 2, 8]],
+            },
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}],
+    }
+
+    def ref(ref_id, ann_id, image_id, split, sents):
+        sentences = [
+            {"sent": s, "raw": s.capitalize(), "tokens": s.split(), "sent_id": 100 * ref_id + i}
+            for i, s in enumerate(sents)
+        ]
+        file_name = f"COCO_train2014_{image_id:012d}_{ann_id}.jpg"
+        cat = 2 if ann_id == 12 else 1
+        return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split, "sentences": sentences,
+                "sent_ids": [s["sent_id"] for s in sentences], "category_id": cat, "file_name": file_name}  # fmt: skip
+
+    refs = [
+        ref(1, 11, 1, "val", ["man on the left", "guy in red"]),
+        ref(2, 12, 1, "testA", ["small dog"]),
+        ref(3, 21, 2, "val", ["person"]),
+    ]
+    (tmp_path / "refcoco").mkdir()
+    with open(tmp_path / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    (tmp_path / "refcoco" / "instances.json").write_text(json.dumps(instances))
+    return tmp_path, rle_mask
+
+
+def test_load_refexp(refer_root):
+    root, rle_mask = refer_root
+    examples = load_refexp(root, "refcoco", "unc", "val")
+    assert [e.sentence for e in examples] == ["man on the left", "guy in red", "person"]
+    first, _, third = examples
+    assert first.box == (10.0, 5.0, 30.0, 15.0)
+    assert first.image_path == root / "images/mscoco/images/train2014/COCO_train2014_000000000001.jpg"
+    assert (first.image_id, first.ref_id, first.ann_id, first.sent_id, first.category_id) == (1, 1, 11, 100, 1)
+    np.testing.assert_array_equal(ref_mask(first), rle_mask)
+
+    mask = ref_mask(third)
+    assert mask.shape == (20, 50)
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (2, 3, 6, 8)
+
+    (dog,) = load_refexp(root, split="testA", image_dir=root / "coco")
+    assert dog.sentence == "small dog" and dog.box == (0.0, 0.0, 5.0, 5.0)
+    assert dog.image_path == root / "coco" / "COCO_train2014_000000000001.jpg"
+
+
+def test_load_refexp_errors(refer_root):
+    root, _ = refer_root
+    with pytest.raises(ValueError, match="available: testA, val"):
+        load_refexp(root, split="testB")
+    with pytest.raises(FileNotFoundError, match=r"refs\(google\)\.p"):
+        load_refexp(root, split_by="google")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo should not run",))
+
+
+def test_refs_pickle_refuses_code(tmp_path):
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "evil": _Payload()}]))
+    with pytest.raises(pickle.UnpicklingError, match="only plain builtins"):
+        load_refs(path)
