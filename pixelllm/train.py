@@ -1,0 +1,266 @@
+"""Training: `pixelllm train CONFIG.json` (single process) or `torchrun --nproc_per_node N -m pixelllm.train CONFIG`.
+
+Read top to bottom: configuration, data, model, optimizer, the loop. The batch of step s is a pure function
+of (seed, s), and checkpoints hold model, optimizer and RNG state, so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .build import build_pixelllm
+from .config import _from_dict
+from .data.narratives import read_narratives, token_targets, word_locations
+from .data.synthetic import generate_scene, scene_seed
+from .data.tasks import TASKS, PreparedScene, collate, make_sample, prepare_scene
+from .tokenizer import Tokenizer
+from .transforms import preprocess
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class SourceConfig:
+    """A data source. `synthetic`: scenes from our generator. `narratives`: a Localized-Narratives JSONL
+    (`path`) with images `<image_root>/<image_id>.jpg` (COCO captions: the same schema with empty traces)."""
+
+    kind: str = "synthetic"
+    weight: float = 1.0
+    seed: int = 0
+    num_scenes: int = 1000
+    path: str | None = None
+    image_root: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: str = "pixelllm-tiny"
+    sam_checkpoint: str | None = None
+    eva_checkpoint: str | None = None
+    t5_path: str | None = None
+    out_dir: str = "runs/tiny"
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    tasks: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    batch_size: int = 32
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    point_weight: float | None = None
+    log_every: int = 10
+    ckpt_every: int = 100
+    seed: int = 0
+    threads: int | None = None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        data = json.loads(Path(path).read_text())
+        data["sources"] = [_from_dict(SourceConfig, s) for s in data.get("sources", [{}])]
+        return _from_dict(cls, data)
+
+
+# ----------------------------------------------------------------------------- data
+def _prepare_synthetic(args: tuple[int, int, int, str]) -> PreparedScene:
+    seed, index, image_size, tokenizer_json = args
+    return prepare_scene(generate_scene(scene_seed(seed, index)), image_size, Tokenizer.from_file(tokenizer_json))
+
+
+class SceneSource:
+    """Prepared scenes of one source, by index."""
+
+    def __init__(self, cfg: SourceConfig, image_size: int, tokenizer: Tokenizer, tokenizer_file: Path):
+        self.cfg, self.image_size, self.tokenizer = cfg, image_size, tokenizer
+        if cfg.kind == "synthetic":
+            jobs = [(cfg.seed, i, image_size, str(tokenizer_file)) for i in range(cfg.num_scenes)]
+            # spawn, not fork: forking after torch has started its thread pools can deadlock
+            with multiprocessing.get_context("spawn").Pool(min(2, os.cpu_count() or 1)) as pool:
+                it = pool.imap(_prepare_synthetic, jobs, chunksize=16)
+                self.scenes = list(tqdm(it, total=len(jobs), desc="preparing scenes", unit="scene"))
+        elif cfg.kind == "narratives":
+            if not cfg.path or not cfg.image_root:
+                raise ValueError("a 'narratives' source needs 'path' (JSONL) and 'image_root' (image folder)")
+            self.records = list(read_narratives(cfg.path))
+        else:
+            raise ValueError(f"unknown source kind {cfg.kind!r}: expected 'synthetic' or 'narratives'")
+
+    def __len__(self) -> int:
+        return len(self.scenes) if self.cfg.kind == "synthetic" else len(self.records)
+
+    def __getitem__(self, i: int) -> PreparedScene:
+        if self.cfg.kind == "synthetic":
+            return self.scenes[i]
+        record = self.records[i]
+        path = Path(self.cfg.image_root) / f"{record['image_id']}.jpg"
+        image = np.asarray(Image.open(path).convert("RGB"))
+        h, w = image.shape[:2]
+        tensor, _ = preprocess(image, self.image_size)
+        targets = token_targets(record["caption"], word_locations(record), self.tokenizer)
+        to_square = np.array([w, h, w, h], dtype=np.float32) / max(h, w)
+        return PreparedScene(
+            image=(tensor * 255).round().to(torch.uint8),
+            caption_ids=targets.ids,
+            caption_boxes=targets.boxes * to_square,
+            caption_located=targets.located,
+            objects=[],
+        )
+
+
+def batch_for_step(step: int, cfg: TrainConfig, sources: list[SceneSource], model_cfg, tokenizer, rank=0, world=1):
+    """The samples of `step` that belong to `rank`: a pure function of (cfg.seed, step)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
+    task_names = list(cfg.tasks)
+    task_p = np.array([cfg.tasks[t] for t in task_names], dtype=np.float64)
+    samples = []
+    for j in range(cfg.batch_size):
+        src = sources[rng.choice(len(sources), p=weights / weights.sum())]
+        scene_index = int(rng.integers(len(src)))
+        task = task_names[rng.choice(len(task_names), p=task_p / task_p.sum())]
+        sample_rng = np.random.default_rng([cfg.seed, step, j])
+        if j % world == rank:
+            samples.append(make_sample(src[scene_index], task, sample_rng, model_cfg, tokenizer))
+    return collate(samples, model_cfg.language_model.max_text_tokens)
+
+
+# ----------------------------------------------------------------------------- schedule and checkpoints
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to 0 at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig) -> Path:
+    """Train per `cfg`; returns the directory of the final model (`<out_dir>/final`)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    model = build_pixelllm(cfg.model, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path).to(device)
+    if cfg.point_weight is not None:
+        model.cfg.loss.point_weight = cfg.point_weight
+    model.train()
+    tokenizer = model.tokenizer
+    tokenizer_file = out / "tokenizer.json"
+    if rank == 0:
+        tokenizer.save(out)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    if distributed:
+        dist.barrier()
+    sources = [SceneSource(s, model.cfg.image_size, tokenizer, tokenizer_file) for s in cfg.sources]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt = out / "checkpoint.pt"
+    start = load_checkpoint(ckpt, model, optimizer) if ckpt.is_file() else 0
+    if start:
+        log.info("resumed from %s at step %d", ckpt, start)
+    net = DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
+    autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+
+    log_file = (out / "log.jsonl").open("a") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0)
+    t_last, samples_since = time.time(), 0
+    for step in range(start, cfg.steps):
+        batch = batch_for_step(step, cfg, sources, model.cfg, tokenizer, rank, world)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            losses = net(batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        samples_since += cfg.batch_size
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            elapsed = time.time() - t_last
+            record = {k: round(float(v.detach()), 4) for k, v in losses.items()}
+            record.update(step=done, lr=lr_at(step, cfg), grad_norm=round(float(grad_norm), 3),
+                          samples_per_s=round(samples_since / elapsed, 2), time=time.time())
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.set_postfix(loss=record["loss"], sps=record["samples_per_s"])
+            t_last, samples_since = time.time(), 0
+        bar.update(1)
+        if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            save_checkpoint(ckpt, model, optimizer, done)
+    bar.close()
+    final = out / "final"
+    if rank == 0:
+        model.eval()
+        model.save_pretrained(final)
+        log_file.close()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", help="training config JSON (see pixelllm/configs/train/)")
+    parser.add_argument("--steps", type=int, help="override the number of steps")
+    parser.add_argument("--out-dir", help="override the output directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig.from_json(args.config)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.out_dir:
+        cfg.out_dir = args.out_dir
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
