@@ -11,7 +11,7 @@ from .config import CONFIG_DIR, PixelLLMConfig, list_presets, load_config
 from .modeling.pixelllm import PixelLLM
 from .tokenizer import Tokenizer
 
-__all__ = ["build_pixelllm", "list_presets", "default_tokenizer"]
+__all__ = ["build_pixelllm", "load_model", "list_presets", "default_tokenizer"]
 
 
 def default_tokenizer(cfg: PixelLLMConfig) -> Tokenizer | None:
@@ -85,3 +85,12 @@ def _t5_shape(t5) -> dict:
         "feed_forward_proj": c.feed_forward_proj,
         "tie_word_embeddings": c.tie_word_embeddings,
     }
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device | None = None, **checkpoints) -> PixelLLM:
+    """A saved model directory (`PixelLLM.from_pretrained`) or anything `build_pixelllm` takes."""
+    from .checkpoints import WEIGHTS_FILE, from_pretrained
+
+    if (Path(name_or_path) / WEIGHTS_FILE).is_file():
+        return from_pretrained(name_or_path, device=device)
+    return build_pixelllm(name_or_path, device=device, **checkpoints)

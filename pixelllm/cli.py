@@ -1,0 +1,199 @@
+"""The `pixelllm` command line: caption, localize, serve, train, eval and data synthesis.
+
+Coordinates are absolute pixels of the input image (x right, y down): --box x0,y0,x1,y1 and --point x,y.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = os.environ.get("PIXELLLM_MODEL", str(Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny"))
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"--{name} must be {n} comma-separated numbers, got {text!r}") from None
+    if len(values) != n:
+        raise CLIError(f"--{name} must be {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _load_image(path: str):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise CLIError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"cannot read image {path}: {e}") from None
+
+
+def _predictor(args):
+    from .build import load_model
+    from .predictor import Predictor
+
+    try:
+        model = load_model(args.model, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    return Predictor(model)
+
+
+def _print_result(result, as_json: bool) -> None:
+    data = dataclasses.asdict(result)
+    if "mask" in data:
+        mask = data.pop("mask")
+        if mask is not None:
+            data["mask_area"] = int(mask.sum())
+    if as_json:
+        print(json.dumps(data))
+        return
+    headline = data.get("text", "")
+    if "box" in data:
+        headline += "  box=(" + ", ".join(f"{v:.1f}" for v in data["box"]) + f")  score={data['score']:.2f}"
+    print(headline)
+    for w in data["words"]:
+        box = ", ".join(f"{v:.1f}" for v in w["box"])
+        print(
+            f"  {w['text']:<14} point=({w['point'][0]:.1f}, {w['point'][1]:.1f})  box=({box})  score={w['score']:.2f}"
+        )
+
+
+def cmd_caption(args) -> None:
+    box = _floats(args.box, 4, "box") if args.box else None
+    point = _floats(args.point, 2, "point") if args.point else None
+    image = _load_image(args.image)
+    p = _predictor(args)
+    p.set_image(image)
+    try:
+        result = p.caption(box=box, point=point, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    _print_result(result, args.json)
+
+
+def cmd_localize(args) -> None:
+    image = _load_image(args.image)
+    p = _predictor(args)
+    p.set_image(image)
+    try:
+        result = p.localize(args.text, mask=args.mask)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    _print_result(result, args.json)
+
+
+def cmd_serve(args) -> None:
+    from server.app import run
+
+    run(host=args.host, port=args.port)
+
+
+def cmd_train(args) -> None:
+    from .train import main as train_main
+
+    argv = [args.config] + (["--steps", str(args.steps)] if args.steps else [])
+    argv += ["--out-dir", args.out_dir] if args.out_dir else []
+    train_main(argv)
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import run_eval
+
+    result = run_eval(args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_data_synth(args) -> None:
+    from .data.synthetic import write_dataset
+
+    out = write_dataset(args.out, args.n, args.seed, renderer=args.renderer)
+    print(f"wrote {args.n} scenes to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelllm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    p = sub.add_parser("caption", help="caption an image (or a region) with a location for every word")
+    p.add_argument("image")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--box", help="region to caption: x0,y0,x1,y1 in image pixels")
+    group.add_argument("--point", help="point on the region to caption: x,y in image pixels")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--num-beams", type=int, default=1)
+    model_args(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("localize", help="find what a text refers to: box, per-word points, optional mask")
+    p.add_argument("image")
+    p.add_argument("text")
+    p.add_argument("--mask", action="store_true", help="also predict a segmentation mask")
+    model_args(p)
+    p.set_defaults(func=cmd_localize)
+
+    p = sub.add_parser("serve", help="run the REST service (settings from PIXELLLM_* environment variables)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="train from a config JSON (see pixelllm/configs/train/)")
+    p.add_argument("config")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out-dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on held-out scenes and write JSON metrics")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default=None)
+    p.add_argument("--data", help="a folder written by `pixelllm data synth` (default: generate scenes)")
+    p.add_argument("--num-scenes", type=int, default=500)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--renderer", choices=["independent", "synthetic"], default="independent")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("synth", help="write synthetic grounded narratives (LN JSONL + images + annotations)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--n", type=int, default=1000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--renderer", choices=["synthetic", "independent"], default="synthetic")
+    q.set_defaults(func=cmd_data_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except CLIError as e:
+        print(f"pixelllm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

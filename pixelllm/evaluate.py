@@ -1,0 +1,221 @@
+"""Evaluation on held-out scenes: `pixelllm eval --model DIR [--data DIR | --num-scenes N --seed S]`.
+
+Metrics (written as JSON):
+- referring: Acc@0.5 and mean IoU of the localized box; mask IoU of the predicted mask;
+- region captions: share whose color and shape words are right (prompted with the object's box, and with
+  a point inside the object);
+- caption word points: share of objects whose shape word in the generated caption has its point inside
+  the object's box (objects matched to caption phrases by color and shape);
+- point L1 (Localized-Narratives style): teacher-forcing the reference caption, mean L1 between each
+  located token's predicted point and its trace point, in pixels of the original image;
+- caption scores (BLEU-4, ROUGE-L, CIDEr, and METEOR when Java runs) via pycocoevalcap, if installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .data.narratives import read_narratives, token_targets, word_locations
+from .data.rle import decode_segmentation
+from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
+from .predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _inside(point, box) -> bool:
+    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+
+def _color_shape(text: str) -> tuple[str | None, str | None]:
+    words = re.findall(r"[a-z]+", text.lower())
+    color = next((w for w in words if w in COLORS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    return color, shape
+
+
+def load_scenes(data_dir: str | Path) -> Iterator[Scene]:
+    """Scenes from a folder written by `pixelllm data synth` (annotations.jsonl, narratives.jsonl, images/)."""
+    data_dir = Path(data_dir)
+    narratives = {r["image_id"]: r for r in read_narratives(data_dir / "narratives.jsonl")}
+    with (data_dir / "annotations.jsonl").open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            ann = json.loads(line)
+            image = np.asarray(Image.open(data_dir / "images" / ann["file_name"]).convert("RGB"))
+            objects = [
+                SceneObject(
+                    shape=o["shape"],
+                    color=o["color"],
+                    size=o["size"],
+                    position=o["position"],
+                    box=tuple(o["box"]),
+                    mask=decode_segmentation(o["mask"], ann["height"], ann["width"]),
+                    referring=o["referring"],
+                )
+                for o in ann["objects"]
+            ]
+            yield Scene(image, objects, ann["caption"], narratives[ann["image_id"]], ann.get("seed", 0))
+
+
+def generated_scenes(n: int, seed: int, renderer: str) -> Iterator[Scene]:
+    if renderer == "independent":
+        from .data.independent import render_independent_scene as render
+    else:
+        from .data.synthetic import generate_scene as render
+    for i in range(n):
+        yield render(scene_seed(seed, i))
+
+
+def _trace_point_l1(predictor: Predictor, emb, scene: Scene) -> tuple[float, int]:
+    """Sum of L1 (image px) between predicted and trace points over located caption tokens, and their count."""
+    model, tok = predictor.model, predictor.model.tokenizer
+    targets = token_targets(scene.caption, word_locations(scene.narrative), tok)
+    if not targets.located.any():
+        return 0.0, 0
+    prompts = predictor._location_prompts([emb], [None], [None])
+    out = model.localize(emb.features, prompts, [scene.caption])[0]
+    h, w = scene.image.shape[:2]
+    side = max(h, w)
+    pred = out.corners.float().cpu().numpy().reshape(-1, 2, 2).mean(axis=1) * side  # (T, 2) image px
+    n = min(len(pred), len(targets.ids))
+    loc = targets.located[:n]
+    target = targets.points[:n] * np.array([w, h])
+    return float(np.abs(pred[:n][loc] - target[loc]).sum(axis=1).sum() / 2), int(loc.sum())
+
+
+def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = None) -> dict:
+    stats = {k: [] for k in ("ref_iou", "ref_hit", "mask_iou", "region_box", "region_point", "word_point")}
+    l1_sum, l1_count = 0.0, 0
+    references, candidates = {}, {}
+    start = time.time()
+    for i, scene in enumerate(tqdm(scenes, total=total, desc="eval", unit="scene")):
+        emb = predictor.embed(scene.image)
+        objs = scene.objects
+        # referring localization + segmentation
+        locs = predictor.localize_embeddings([emb] * len(objs), [o.referring for o in objs], mask=True)
+        for o, loc in zip(objs, locs):
+            iou = box_iou(loc.box, o.box)
+            stats["ref_iou"].append(iou)
+            stats["ref_hit"].append(iou >= 0.5)
+            stats["mask_iou"].append(mask_iou(loc.mask, o.mask))
+        # region captions from the box and from a point inside the object
+        points = []
+        for o in objs:
+            ys, xs = np.nonzero(o.mask)
+            k = len(xs) // 2
+            points.append((float(xs[k]) + 0.5, float(ys[k]) + 0.5))
+        n = len(objs)
+        caps = predictor.caption_embeddings(
+            [emb] * (2 * n + 1), boxes=[o.box for o in objs] + [None] * (n + 1), points=[None] * n + points + [None]
+        )
+        for o, cap in zip(objs, caps[:n]):
+            stats["region_box"].append(_color_shape(cap.text) == (o.color, o.shape))
+        for o, cap in zip(objs, caps[n : 2 * n]):
+            stats["region_point"].append(_color_shape(cap.text) == (o.color, o.shape))
+        caption = caps[-1]
+        candidates[i], references[i] = [caption.text], [scene.caption]
+        # caption word points: match each object to a phrase "... <color> <shape>" in the caption
+        used = set()
+        for o in objs:
+            hit = False
+            for j, word in enumerate(caption.words):
+                if j in used or word.text != o.shape or j == 0 or caption.words[j - 1].text != o.color:
+                    continue
+                used.add(j)
+                hit = _inside(word.point, o.box)
+                break
+            stats["word_point"].append(hit)
+        s, c = _trace_point_l1(predictor, emb, scene)
+        l1_sum, l1_count = l1_sum + s, l1_count + c
+    result = {
+        "num_scenes": len(candidates),
+        "num_objects": len(stats["ref_hit"]),
+        "referring_acc@0.5": float(np.mean(stats["ref_hit"])),
+        "referring_mean_iou": float(np.mean(stats["ref_iou"])),
+        "mask_iou": float(np.mean(stats["mask_iou"])),
+        "region_caption_acc_box": float(np.mean(stats["region_box"])),
+        "region_caption_acc_point": float(np.mean(stats["region_point"])),
+        "caption_word_point_acc": float(np.mean(stats["word_point"])),
+        "point_l1_px": l1_sum / max(l1_count, 1),
+        "caption_exact_match": float(np.mean([candidates[k][0] == references[k][0] for k in candidates])),
+        "seconds": round(time.time() - start, 1),
+    }
+    result.update(caption_scores(references, candidates))
+    return result
+
+
+def caption_scores(references: dict, candidates: dict) -> dict:
+    """BLEU-4, ROUGE-L, CIDEr (and METEOR where Java runs) from pycocoevalcap, when it is installed."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError:
+        log.warning("pycocoevalcap is not installed: caption scores skipped (pip install 'pixelllm[eval]')")
+        return {}
+    scores = {
+        "bleu4": Bleu(4).compute_score(references, candidates, verbose=0)[0][3],
+        "rouge_l": Rouge().compute_score(references, candidates)[0],
+        "cider": Cider().compute_score(references, candidates)[0],
+    }
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scores["meteor"] = Meteor().compute_score(references, candidates)[0]
+    except Exception as e:  # METEOR runs a Java subprocess; report its absence instead of failing the eval
+        log.warning("METEOR skipped: %s", e)
+    return {k: float(v) for k, v in scores.items()}
+
+
+def run_eval(
+    model_dir: str,
+    out: str | None,
+    data: str | None,
+    num_scenes: int,
+    seed: int,
+    renderer: str,
+    device: str | None = None,
+) -> dict:
+    from .build import load_model
+
+    model = load_model(model_dir, device=device)
+    predictor = Predictor(model)
+    torch.set_grad_enabled(False)
+    if data:
+        scenes, total = load_scenes(data), len((Path(data) / "annotations.jsonl").read_text().splitlines())
+    else:
+        scenes, total = generated_scenes(num_scenes, seed, renderer), num_scenes
+    result = evaluate(predictor, scenes, total)
+    result.update(model=str(model_dir), data=data or f"{renderer} renderer, seed {seed}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+__all__ = ["evaluate", "run_eval", "box_iou", "mask_iou", "region_caption"]
