@@ -10,10 +10,10 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass, field
-import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -226,8 +226,13 @@ def train(cfg: TrainConfig) -> Path:
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             elapsed = time.time() - t_last
             record = {k: round(float(v.detach()), 4) for k, v in losses.items()}
-            record.update(step=done, lr=lr_at(step, cfg), grad_norm=round(float(grad_norm), 3),
-                          samples_per_s=round(samples_since / elapsed, 2), time=time.time())
+            record.update(
+                step=done,
+                lr=lr_at(step, cfg),
+                grad_norm=round(float(grad_norm), 3),
+                samples_per_s=round(samples_since / elapsed, 2),
+                time=time.time(),
+            )
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             bar.set_postfix(loss=record["loss"], sps=record["samples_per_s"])
