@@ -1,0 +1,66 @@
+"""The app factory `create_app(settings)` and `run(host, port, settings)` for `pixelllm serve`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from .errors import install_error_handlers
+from .metrics import Metrics
+from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .openapi import install_openapi
+from .routes import router
+from .schemas import CaptionJSON, LocalizeJSON, RegionsJSON
+from .service import Engine
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Grounded captions: every word of a caption comes with a point and a box in the image.
+Send images as multipart files or as base64 in JSON. Coordinates are pixels of the image as uploaded
+(after its EXIF orientation), x right, y down; `*_norm` fields divide by width and height."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own model, batcher, cache and metrics; the model loads in the background."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    engine = Engine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="PixelLLM", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    app.include_router(router)
+    install_error_handlers(app)
+    install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    paths = {route.path for route in router.routes} | {app.docs_url, app.redoc_url, app.openapi_url}
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
+    return app
+
+
+def run(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; on shutdown, requests in flight are answered first."""
+    from pixelllm.config import load_config
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings or Settings()
+    settings = settings.model_copy(update={"model": settings.resolved_model()})
+    load_config(settings.model)  # fail now, not in the background, on a model that does not exist
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        log_level="info",
+    )

@@ -1,0 +1,93 @@
+"""Read a request body, multipart or JSON, into (image bytes, validated parameters)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from .errors import ApiError, from_validation, invalid
+
+P = TypeVar("P", bound=BaseModel)
+
+MAX_FIELD_BYTES = 64 << 10
+LIST_FIELDS = {"text", "boxes", "points", "texts"}
+COORDS = {"box": 4, "boxes": 4, "point": 2, "points": 2}
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, params_model: type[P], json_model: type[P], max_fields: int) -> tuple[bytes, P]:
+    """The image bytes and the parameters; `json_model` is `params_model` plus a base64 `image`."""
+    kind = media_type(request)
+    if kind == "application/json":
+        try:
+            body = json_model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise from_validation(exc) from exc
+        return decode_base64(body.image), body
+    if kind == "multipart/form-data":
+        return await _read_form(request, params_model, max_fields)
+    raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
+
+
+def decode_base64(text: str) -> bytes:
+    """Bytes from base64, with or without a `data:image/...;base64,` prefix and line breaks."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise invalid("image", "not valid base64") from exc
+
+
+async def _read_form(request: Request, params_model: type[P], max_fields: int) -> tuple[bytes, P]:
+    try:
+        form = await request.form(max_files=4, max_fields=max_fields, max_part_size=MAX_FIELD_BYTES)
+    except Exception as exc:  # noqa: BLE001 - malformed multipart surfaces as several exception types
+        raise ApiError(422, "invalid_body", f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
+    fields: dict[str, Any] = {}
+    image: bytes | None = None
+    for name in dict.fromkeys(form.keys()):
+        values = form.getlist(name)
+        if name == "image":
+            if len(values) != 1:
+                raise invalid("image", "give exactly one image")
+            image = await values[0].read() if isinstance(values[0], UploadFile) else values[0].encode()
+            continue
+        if any(isinstance(v, UploadFile) for v in values):
+            raise invalid(name, "must be a text field, not a file")
+        parsed = [_parse_field(name, v) for v in values]
+        if name in LIST_FIELDS:
+            fields[name] = parsed
+        elif len(parsed) > 1:
+            raise invalid(name, "give one value")
+        else:
+            fields[name] = parsed[0]
+    if image is None:
+        raise invalid("image", "field required")
+    try:
+        return image, params_model.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+
+
+def _parse_field(name: str, value: str) -> Any:
+    """Multipart boxes are 'x0,y0,x1,y1' and points 'x,y'; other fields go to pydantic as strings."""
+    if name not in COORDS:
+        return value
+    keys = ("x0", "y0", "x1", "y1") if COORDS[name] == 4 else ("x", "y")
+    try:
+        numbers = [float(v) for v in value.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != len(keys) or not all(math.isfinite(n) for n in numbers):
+        raise invalid(name, f"expected {len(keys)} comma-separated finite numbers '{','.join(keys)}', got {value!r}")
+    return dict(zip(keys, numbers))

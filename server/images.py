@@ -1,0 +1,78 @@
+"""Decode untrusted image bytes into an RGB `PIL.Image`, refusing what could hurt the service."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ApiError
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+
+def image_key(data: bytes) -> str:
+    """The cache key of an image: a hash of its bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(422, "invalid_image", message)
+
+
+def _too_large(message: str) -> ApiError:
+    return ApiError(413, "image_too_large", message)
+
+
+def check_size(width: int, height: int, max_pixels: int, max_aspect: float) -> None:
+    """Refuse empty, too many pixels (ours or Pillow's MAX_IMAGE_PIXELS, whichever is lower), too thin."""
+    if width < 1 or height < 1:
+        raise _bad(f"image has no pixels ({width}x{height})")
+    budget = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    if width * height > budget:
+        raise _too_large(f"image is {width}x{height} = {width * height} pixels; the limit is {budget}")
+    if max(width, height) / min(width, height) > max_aspect:
+        raise _bad(f"image is {width}x{height}; the longest side may be at most {max_aspect:g}x the shortest")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode: 16/32-bit and float scaled to 8 bits, alpha composited onto white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            top = max(float(arr.max(initial=0)), 1e-12)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image:
+    """An RGB image from PNG/JPEG/WEBP/BMP/GIF bytes (GIF: first frame), EXIF orientation applied.
+
+    Raises `ApiError`: 415 for an unknown format, 413 for too many pixels (checked from the header,
+    before decoding), 422 for empty, corrupt, truncated or degenerate images.
+    """
+    if not data:
+        raise _bad("image is empty")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        check_size(*img.size, max_pixels, max_aspect)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+    except ApiError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ApiError(415, "unsupported_media_type", f"not a {'/'.join(ALLOWED_FORMATS)} image") from exc
+    except Image.DecompressionBombError as exc:
+        raise _too_large(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt input
+        raise _bad(f"could not decode image: {type(exc).__name__}: {exc}") from exc
+    check_size(*rgb.size, max_pixels, max_aspect)
+    return rgb

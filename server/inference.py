@@ -1,0 +1,135 @@
+"""The model side of the service: load it once, and answer a batch of jobs with batched model calls."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .cache import EmbeddingCache
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Everything one request asks about one image: caption prompts and texts to localize."""
+
+    key: str
+    image: Image.Image | None = None
+    embedding: Any = None
+    prompts: list[tuple[tuple[float, float, float, float] | None, tuple[float, float] | None]] = field(
+        default_factory=list
+    )
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    texts: list[str] = field(default_factory=list)
+    mask: bool = False
+
+
+@dataclass
+class JobResult:
+    captions: list[Any]
+    localizations: list[Any]
+    cache_hit: bool
+    timing_ms: dict[str, float]
+
+
+def load_predictor(settings: Settings) -> tuple[Any, str]:
+    """The `Predictor` for the configured model, on the configured device and dtype, and the model's name."""
+    import torch
+
+    from pixelllm import PixelLLM, Predictor, build_pixelllm
+
+    spec = settings.resolved_model()
+    if Path(spec).is_dir():
+        model = PixelLLM.from_pretrained(spec)
+    else:
+        paths = {k: getattr(settings, k) for k in ("sam_checkpoint", "eva_checkpoint", "t5_path")}
+        model = build_pixelllm(spec, **{k: v for k, v in paths.items() if v})
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device=device, dtype=getattr(torch, settings.dtype)).eval()
+    logger.info("loaded model %s from %s on %s (%s)", model.name, spec, device, settings.dtype)
+    return Predictor(model), model.name
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def run_jobs(predictor: Any, cache: EmbeddingCache, jobs: list[Job], delay_s: float = 0.0) -> list[JobResult]:
+    """Answer `jobs` with one encoder pass over the images not in the cache, one caption call per
+    (max_new_tokens, num_beams) and one localization call per mask flag."""
+    batch_start = time.perf_counter()
+    if delay_s:
+        time.sleep(delay_s)
+    results = [JobResult([None] * len(j.prompts), [None] * len(j.texts), True, {}) for j in jobs]
+
+    embeddings: dict[str, Any] = {}
+    to_encode: dict[str, Image.Image] = {}
+    for job in jobs:
+        found = job.embedding if job.embedding is not None else cache.get(job.key)
+        if found is not None:
+            embeddings[job.key] = found
+        elif job.key not in to_encode:
+            to_encode[job.key] = job.image
+    encode_ms = 0.0
+    if to_encode:
+        start = time.perf_counter()
+        for key, emb in zip(to_encode, predictor.embed_batch(list(to_encode.values()))):
+            embeddings[key] = emb
+            cache.put(key, emb)
+        encode_ms = _ms(start)
+    for job, result in zip(jobs, results):
+        result.cache_hit = job.key not in to_encode
+        result.timing_ms["encode"] = 0.0 if result.cache_hit else encode_ms
+
+    caption_groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    for j, job in enumerate(jobs):
+        for p in range(len(job.prompts)):
+            caption_groups[(job.max_new_tokens, job.num_beams)].append((j, p))
+    for (max_new_tokens, num_beams), members in caption_groups.items():
+        start = time.perf_counter()
+        captions = predictor.caption_embeddings(
+            [embeddings[jobs[j].key] for j, _ in members],
+            boxes=[jobs[j].prompts[p][0] for j, p in members],
+            points=[jobs[j].prompts[p][1] for j, p in members],
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+        )
+        _scatter(results, members, captions, "captions", "caption", _ms(start))
+
+    localize_groups: dict[bool, list[tuple[int, int]]] = defaultdict(list)
+    for j, job in enumerate(jobs):
+        for t in range(len(job.texts)):
+            localize_groups[job.mask].append((j, t))
+    for mask, members in localize_groups.items():
+        start = time.perf_counter()
+        locs = predictor.localize_embeddings(
+            [embeddings[jobs[j].key] for j, _ in members], texts=[jobs[j].texts[t] for j, t in members], mask=mask
+        )
+        _scatter(results, members, locs, "localizations", "localize", _ms(start))
+
+    batch_ms = _ms(batch_start)
+    for result in results:
+        result.timing_ms["batch"] = batch_ms
+    return results
+
+
+def _scatter(
+    results: list[JobResult], members: list[tuple[int, int]], outputs: list[Any], attr: str, timing: str, ms: float
+) -> None:
+    """Put the outputs of one batched call back into the jobs they came from."""
+    if len(outputs) != len(members):
+        raise RuntimeError(f"model returned {len(outputs)} outputs for {len(members)} prompts")
+    for (j, i), output in zip(members, outputs):
+        getattr(results[j], attr)[i] = output
+        results[j].timing_ms[timing] = ms

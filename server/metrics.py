@@ -1,0 +1,35 @@
+"""Prometheus metrics, in a registry of their own so every app (and test) counts separately."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """The service's counters, histograms and gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pixelllm_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "pixelllm_request_seconds", "Request latency by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "pixelllm_batch_size", "Requests per model batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.batch_seconds = Histogram(
+            "pixelllm_batch_seconds", "Time of one batched model call", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("pixelllm_queue_depth", "Requests waiting or running in the batcher", registry=r)
+        self.cache_hits = Counter("pixelllm_cache_hits", "Image embedding cache hits", registry=r)
+        self.cache_misses = Counter("pixelllm_cache_misses", "Image embedding cache misses", registry=r)
+        self.cache_bytes = Gauge("pixelllm_cache_bytes", "Bytes held by the embedding cache", registry=r)
+        self.cache_entries = Gauge("pixelllm_cache_entries", "Embeddings held by the cache", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

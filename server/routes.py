@@ -1,0 +1,95 @@
+"""The HTTP endpoints: thin wrappers that read the body and call `service`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import service
+from .bodies import read_body
+from .errors import ApiError
+from .openapi import request_body
+from .schemas import (
+    CaptionJSON,
+    CaptionParams,
+    CaptionResponse,
+    ErrorResponse,
+    Health,
+    LocalizeJSON,
+    LocalizeParams,
+    LocalizeResponse,
+    RegionsJSON,
+    RegionsParams,
+    RegionsResponse,
+)
+from .service import Engine
+
+router = APIRouter()
+
+ERRORS = {
+    413: {"model": ErrorResponse, "description": "Body or image too large"},
+    415: {"model": ErrorResponse, "description": "Not an image we read, or not multipart/JSON"},
+    422: {"model": ErrorResponse, "description": "Invalid field or corrupt image; the message names the field"},
+    429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "Model not loaded yet or shutting down; see Retry-After"},
+    504: {"model": ErrorResponse, "description": "No answer within the request timeout"},
+}
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    engine.require_ready()
+    return engine
+
+
+def _max_fields(engine: Engine) -> int:
+    s = engine.settings
+    return 2 * s.max_regions + s.max_texts + 16
+
+
+@router.post("/v1/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=request_body(CaptionJSON))
+async def caption(request: Request) -> CaptionResponse:
+    """Caption the image, or the region given by `box` or `point`; every word comes with a point and box."""
+    engine = _engine(request)
+    data, params = await read_body(request, CaptionParams, CaptionJSON, _max_fields(engine))
+    return await service.caption(engine, request, data, params)
+
+
+@router.post(
+    "/v1/localize", response_model=LocalizeResponse, responses=ERRORS, openapi_extra=request_body(LocalizeJSON)
+)
+async def localize(request: Request) -> LocalizeResponse:
+    """Find each `text` in the image: a box, a score, per-word points and optionally a mask."""
+    engine = _engine(request)
+    data, params = await read_body(request, LocalizeParams, LocalizeJSON, _max_fields(engine))
+    return await service.localize(engine, request, data, params)
+
+
+@router.post("/v1/regions", response_model=RegionsResponse, responses=ERRORS, openapi_extra=request_body(RegionsJSON))
+async def regions(request: Request) -> RegionsResponse:
+    """Many questions about one image in one call: caption boxes and points, localize texts."""
+    engine = _engine(request)
+    data, params = await read_body(request, RegionsParams, RegionsJSON, _max_fields(engine))
+    return await service.regions(engine, request, data, params)
+
+
+@router.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
+async def healthz(request: Request) -> Health:
+    """Liveness: 200 while the process can serve (loading included), 503 if the model failed to load."""
+    error = request.app.state.engine.load_error
+    if error:
+        raise ApiError(503, "load_failed", error)
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> Health:
+    """Readiness: 200 once the model is loaded, 503 before."""
+    engine = _engine(request)
+    return Health(status="ready", model=engine.model_name)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

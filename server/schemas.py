@@ -1,0 +1,180 @@
+"""Request and response models: they are the OpenAPI schema of the service."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+Coord = Field(ge=0, allow_inf_nan=False)
+
+
+class Box(BaseModel):
+    """A box in absolute pixels: x right, y down, origin top-left."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+class Point(BaseModel):
+    """A point in absolute pixels."""
+
+    x: float
+    y: float
+
+
+class BoxPrompt(Box):
+    """A box prompt: finite, non-negative, x0 < x1 and y0 < y1."""
+
+    x0: float = Coord
+    y0: float = Coord
+    x1: float = Coord
+    y1: float = Coord
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BoxPrompt:
+        if not (self.x0 < self.x1 and self.y0 < self.y1):
+            raise ValueError("box is inverted or empty: need x0 < x1 and y0 < y1")
+        return self
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+
+class PointPrompt(Point):
+    """A point prompt: finite and non-negative."""
+
+    x: float = Coord
+    y: float = Coord
+
+    def as_tuple(self) -> tuple[float, float]:
+        return (self.x, self.y)
+
+
+MaskFormat = Literal["rle", "png", "both"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CaptionParams(_Request):
+    box: BoxPrompt | None = Field(None, description="Caption this region (multipart: 'x0,y0,x1,y1')")
+    point: PointPrompt | None = Field(None, description="Caption the object at this point (multipart: 'x,y')")
+    max_new_tokens: int = Field(32, ge=1, le=128)
+    num_beams: int = Field(1, ge=1, le=8)
+
+    @field_validator("point")
+    @classmethod
+    def _not_both(cls, point: PointPrompt | None, info: ValidationInfo) -> PointPrompt | None:
+        if point is not None and info.data.get("box") is not None:
+            raise ValueError("give a box or a point, not both")
+        return point
+
+
+class LocalizeParams(_Request):
+    text: str | list[str] = Field(description="One text, or many (multipart: repeat the field)")
+    mask: bool = Field(False, description="Also return a segmentation mask")
+    mask_format: MaskFormat = "rle"
+
+    def texts(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+class RegionsParams(_Request):
+    boxes: list[BoxPrompt] = Field(default_factory=list, description="Caption each box (multipart: repeat)")
+    points: list[PointPrompt] = Field(default_factory=list, description="Caption at each point (multipart: repeat)")
+    texts: list[str] = Field(default_factory=list, description="Localize each text (multipart: repeat)")
+    mask: bool = False
+    mask_format: MaskFormat = "rle"
+    max_new_tokens: int = Field(32, ge=1, le=128)
+    num_beams: int = Field(1, ge=1, le=8)
+
+
+IMAGE_DESCRIPTION = "The image, base64 (a data: URL prefix is allowed). PNG, JPEG, WEBP, BMP or GIF."
+
+
+class CaptionJSON(CaptionParams):
+    image: str = Field(description=IMAGE_DESCRIPTION)
+
+
+class LocalizeJSON(LocalizeParams):
+    image: str = Field(description=IMAGE_DESCRIPTION)
+
+
+class RegionsJSON(RegionsParams):
+    image: str = Field(description=IMAGE_DESCRIPTION)
+
+
+class Word(BaseModel):
+    text: str
+    start: int = Field(description="Character offset of the word in the caption")
+    end: int
+    point: Point
+    point_norm: Point
+    box: Box
+    box_norm: Box
+    score: float
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+
+
+class Mask(BaseModel):
+    size: list[int] = Field(description="[height, width]")
+    counts: str | None = Field(None, description="COCO compressed RLE (column-major), as pycocotools writes")
+    png: str | None = Field(None, description="Base64 PNG, mode L, 255 inside the mask")
+
+
+class CaptionResult(BaseModel):
+    caption: str
+    words: list[Word]
+    box: Box | None = Field(None, description="The region prompt, if any")
+    point: Point | None = Field(None, description="The point prompt, if any")
+
+
+class Localization(BaseModel):
+    text: str
+    box: Box
+    box_norm: Box
+    score: float
+    words: list[Word]
+    mask: Mask | None = None
+
+
+class _Response(BaseModel):
+    image: ImageInfo
+    model: str
+    cache_hit: bool = Field(description="The image embedding came from the cache (no encoder pass)")
+    timing_ms: dict[str, float]
+
+
+class CaptionResponse(_Response, CaptionResult):
+    pass
+
+
+class LocalizeResponse(_Response):
+    results: list[Localization]
+
+
+class RegionsResponse(_Response):
+    captions: list[CaptionResult] = Field(description="One per box, then one per point, in request order")
+    localizations: list[Localization] = Field(description="One per text, in request order")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None

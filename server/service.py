@@ -1,0 +1,286 @@
+"""What the endpoints do, as plain functions over an `Engine` (model, batcher, cache, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from functools import partial
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from .batching import BatcherClosed, DynamicBatcher, QueueFull
+from .cache import EmbeddingCache
+from .errors import ApiError, invalid
+from .images import decode_image, image_key
+from .inference import Job, JobResult, load_predictor, run_jobs
+from .masks import encode_mask
+from .metrics import Metrics
+from .schemas import (
+    Box,
+    BoxPrompt,
+    CaptionParams,
+    CaptionResponse,
+    CaptionResult,
+    ImageInfo,
+    Localization,
+    LocalizeParams,
+    LocalizeResponse,
+    MaskFormat,
+    Point,
+    PointPrompt,
+    RegionsParams,
+    RegionsResponse,
+    Word,
+)
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """The loaded model behind a dynamic batcher, the embedding cache, and readiness."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.cache = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
+        self.batcher: DynamicBatcher[Job, JobResult] | None = None
+        self.model_name: str | None = None
+        self.load_error: str | None = None
+        self._loading: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Load the model in the background; until it is loaded the service answers 503."""
+        self._loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            predictor, self.model_name = await asyncio.to_thread(load_predictor, self.settings)
+        except Exception as exc:
+            logger.exception("the model failed to load")
+            self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
+            return
+        s = self.settings
+        batcher = DynamicBatcher(
+            partial(run_jobs, predictor, self.cache, delay_s=s.debug_batch_delay_ms / 1000.0),
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_batch_wait_ms / 1000.0,
+            max_queue=s.max_queue,
+            on_batch=self._on_batch,
+            on_depth=self.metrics.queue_depth.set,
+        )
+        batcher.start()
+        self.batcher = batcher
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.cache_bytes.set(self.cache.nbytes)
+        self.metrics.cache_entries.set(len(self.cache))
+
+    async def stop(self) -> None:
+        """Finish queued work, then stop the batcher."""
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self.batcher is not None:
+            await self.batcher.close(timeout_s=self.settings.request_timeout_s)
+
+    def require_ready(self) -> None:
+        if self.batcher is None:
+            message = self.load_error or "the model is still loading"
+            raise ApiError(503, "not_ready", message, {"Retry-After": "5"})
+
+    async def run(self, request: Request, job: Job) -> JobResult:
+        """`job`'s result from the batcher: 429 if the queue is full, 504 on timeout, 499 if the client left."""
+        self.require_ready()
+        assert self.batcher is not None
+        answer = asyncio.ensure_future(self.batcher.submit(job))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {answer, gone}, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone.cancel()
+            answer.cancel()
+        if answer in done:
+            try:
+                result = answer.result()
+            except QueueFull:
+                raise ApiError(
+                    429, "queue_full", "too many requests in flight; retry later", {"Retry-After": "1"}
+                ) from None
+            except BatcherClosed:
+                raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}) from None
+            (self.metrics.cache_hits if result.cache_hit else self.metrics.cache_misses).inc()
+            return result
+        if gone in done:
+            raise ApiError(499, "client_closed_request", "the client disconnected")
+        raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g} s")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _open_image(engine: Engine, data: bytes) -> tuple[Job, int, int]:
+    """A job for the image: its cached embedding if any, else the decoded image (in a worker thread)."""
+    key = image_key(data)
+    embedding = engine.cache.get(key)
+    if embedding is not None:
+        height, width = embedding.original_size
+        return Job(key=key, embedding=embedding), int(width), int(height)
+    s = engine.settings
+    image = decode_image(data, s.max_image_pixels, s.max_image_aspect)
+    return Job(key=key, image=image), image.width, image.height
+
+
+async def open_image(engine: Engine, data: bytes) -> tuple[Job, int, int, float]:
+    start = time.perf_counter()
+    job, width, height = await run_in_threadpool(_open_image, engine, data)
+    return job, width, height, (time.perf_counter() - start) * 1000.0
+
+
+def check_box(field: str, box: BoxPrompt, width: int, height: int) -> tuple[float, float, float, float]:
+    if box.x1 > width or box.y1 > height:
+        raise invalid(field, f"box ({box.x0:g},{box.y0:g},{box.x1:g},{box.y1:g}) is outside the {width}x{height} image")
+    return box.as_tuple()
+
+
+def check_point(field: str, point: PointPrompt, width: int, height: int) -> tuple[float, float]:
+    if point.x > width or point.y > height:
+        raise invalid(field, f"point ({point.x:g},{point.y:g}) is outside the {width}x{height} image")
+    return point.as_tuple()
+
+
+def check_texts(field: str, texts: list[str], settings: Settings) -> list[str]:
+    if not texts:
+        raise invalid(field, "give at least one text")
+    if len(texts) > settings.max_texts:
+        raise invalid(field, f"at most {settings.max_texts} texts, got {len(texts)}")
+    for i, text in enumerate(texts):
+        name = field if len(texts) == 1 else f"{field}.{i}"
+        if not text.strip():
+            raise invalid(name, "text is empty")
+        if len(text) > settings.max_text_chars:
+            raise invalid(name, f"text is {len(text)} characters; at most {settings.max_text_chars}")
+    return texts
+
+
+def _num(value: Any, low: float = -math.inf, high: float = math.inf) -> float:
+    value = float(value)
+    return min(max(value, low), high) if math.isfinite(value) else 0.0
+
+
+def _box(box: Any, width: int, height: int) -> tuple[Box, Box]:
+    x0, y0, x1, y1 = (_num(v) for v in box)
+    return Box(x0=x0, y0=y0, x1=x1, y1=y1), Box(x0=x0 / width, y0=y0 / height, x1=x1 / width, y1=y1 / height)
+
+
+def _words(words: list[Any], width: int, height: int) -> list[Word]:
+    out = []
+    for w in words:
+        x, y = (_num(v) for v in w.point)
+        box, box_norm = _box(w.box, width, height)
+        point, point_norm = Point(x=x, y=y), Point(x=x / width, y=y / height)
+        out.append(
+            Word(
+                text=w.text,
+                start=w.start,
+                end=w.end,
+                point=point,
+                point_norm=point_norm,
+                box=box,
+                box_norm=box_norm,
+                score=_num(w.score, 0.0, 1.0),
+            )
+        )
+    return out
+
+
+def _caption(caption: Any, box: BoxPrompt | None, point: PointPrompt | None, width: int, height: int) -> CaptionResult:
+    return CaptionResult(caption=caption.text, words=_words(caption.words, width, height), box=box, point=point)
+
+
+def _localization(loc: Any, fmt: MaskFormat | None, width: int, height: int) -> Localization:
+    box, box_norm = _box(loc.box, width, height)
+    mask = encode_mask(loc.mask, fmt) if fmt is not None and loc.mask is not None else None
+    return Localization(
+        text=loc.text,
+        box=box,
+        box_norm=box_norm,
+        score=_num(loc.score, 0.0, 1.0),
+        words=_words(loc.words, width, height),
+        mask=mask,
+    )
+
+
+def _common(
+    engine: Engine, result: JobResult, width: int, height: int, decode_ms: float, run_ms: float, start: float
+) -> dict[str, Any]:
+    timing = {"decode": decode_ms, "queue": max(run_ms - result.timing_ms["batch"], 0.0), **result.timing_ms}
+    timing["total"] = (time.perf_counter() - start) * 1000.0
+    return dict(
+        image=ImageInfo(width=width, height=height),
+        model=engine.model_name,
+        cache_hit=result.cache_hit,
+        timing_ms=timing,
+    )
+
+
+async def _answer(engine: Engine, request: Request, job: Job) -> tuple[JobResult, float]:
+    start = time.perf_counter()
+    result = await engine.run(request, job)
+    return result, (time.perf_counter() - start) * 1000.0
+
+
+async def caption(engine: Engine, request: Request, data: bytes, params: CaptionParams) -> CaptionResponse:
+    start = time.perf_counter()
+    job, width, height, decode_ms = await open_image(engine, data)
+    box = check_box("box", params.box, width, height) if params.box else None
+    point = check_point("point", params.point, width, height) if params.point else None
+    job.prompts, job.max_new_tokens, job.num_beams = [(box, point)], params.max_new_tokens, params.num_beams
+    result, run_ms = await _answer(engine, request, job)
+    body = _caption(result.captions[0], params.box, params.point, width, height)
+    return CaptionResponse(**body.model_dump(), **_common(engine, result, width, height, decode_ms, run_ms, start))
+
+
+async def localize(engine: Engine, request: Request, data: bytes, params: LocalizeParams) -> LocalizeResponse:
+    start = time.perf_counter()
+    texts = check_texts("text", params.texts(), engine.settings)
+    job, width, height, decode_ms = await open_image(engine, data)
+    job.texts, job.mask = texts, params.mask
+    result, run_ms = await _answer(engine, request, job)
+    fmt = params.mask_format if params.mask else None
+    results = await run_in_threadpool(lambda: [_localization(loc, fmt, width, height) for loc in result.localizations])
+    return LocalizeResponse(results=results, **_common(engine, result, width, height, decode_ms, run_ms, start))
+
+
+async def regions(engine: Engine, request: Request, data: bytes, params: RegionsParams) -> RegionsResponse:
+    start = time.perf_counter()
+    s = engine.settings
+    count = len(params.boxes) + len(params.points) + len(params.texts)
+    if count == 0:
+        raise invalid("boxes", "give at least one box, point or text")
+    if count > s.max_regions:
+        given = "+".join(name for name in ("boxes", "points", "texts") if getattr(params, name))
+        raise invalid(given, f"at most {s.max_regions} boxes, points and texts together, got {count}")
+    texts = check_texts("texts", params.texts, s) if params.texts else []
+    job, width, height, decode_ms = await open_image(engine, data)
+    boxes = [check_box(f"boxes.{i}", b, width, height) for i, b in enumerate(params.boxes)]
+    points = [check_point(f"points.{i}", p, width, height) for i, p in enumerate(params.points)]
+    job.prompts = [(b, None) for b in boxes] + [(None, p) for p in points]
+    job.max_new_tokens, job.num_beams, job.texts, job.mask = params.max_new_tokens, params.num_beams, texts, params.mask
+    result, run_ms = await _answer(engine, request, job)
+    prompts = [(b, None) for b in params.boxes] + [(None, p) for p in params.points]
+    captions = [_caption(c, b, p, width, height) for c, (b, p) in zip(result.captions, prompts)]
+    fmt = params.mask_format if params.mask else None
+    locs = await run_in_threadpool(lambda: [_localization(loc, fmt, width, height) for loc in result.localizations])
+    return RegionsResponse(
+        captions=captions, localizations=locs, **_common(engine, result, width, height, decode_ms, run_ms, start)
+    )

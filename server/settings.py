@@ -1,0 +1,55 @@
+"""Service settings, read from `PIXELLLM_*` environment variables."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path("weights/pixelllm-tiny")
+FALLBACK_PRESET = "pixelllm-tiny"
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; each field is `PIXELLLM_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PIXELLLM_", protected_namespaces=())
+
+    model: str | None = Field(
+        None, description="Model directory or preset name; default: weights/pixelllm-tiny, else random tiny"
+    )
+    sam_checkpoint: str | None = None
+    eva_checkpoint: str | None = None
+    t5_path: str | None = None
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_wait_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(64, ge=1, description="Requests waiting or running before 429")
+    cache_entries: int = Field(64, ge=0)
+    cache_bytes: int = Field(1 << 30, ge=0)
+
+    max_body_bytes: int = Field(20 << 20, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Also capped by Pillow's MAX_IMAGE_PIXELS")
+    max_image_aspect: float = Field(100.0, ge=1, description="Longest side / shortest side")
+    max_text_chars: int = Field(256, ge=1)
+    max_texts: int = Field(16, ge=1)
+    max_regions: int = Field(32, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+
+    debug_batch_delay_ms: float = Field(0.0, ge=0, description="Test only: sleep this long in every batch")
+
+    def resolved_model(self) -> str:
+        """The model to load: the setting, else the embedded default weights, else the random tiny preset."""
+        if self.model:
+            return self.model
+        if DEFAULT_WEIGHTS.is_dir():
+            return str(DEFAULT_WEIGHTS)
+        logger.warning("no %s and no PIXELLLM_MODEL: serving %s with RANDOM weights", DEFAULT_WEIGHTS, FALLBACK_PRESET)
+        return FALLBACK_PRESET

@@ -1,0 +1,54 @@
+"""Session fixtures for the service tests: load with `pytest_plugins = ["server_fixtures"]`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from server_helpers import GRACEFUL, MAKE_MODEL, ROOT, start_server
+
+
+@pytest.fixture(scope="session")
+def random_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight pixelllm-tiny saved with `save_pretrained`, so every server loads the same weights."""
+    path = tmp_path_factory.mktemp("model") / "pixelllm-tiny-random"
+    subprocess.run([sys.executable, "-c", MAKE_MODEL, str(path)], cwd=ROOT, check=True, timeout=300)
+    return path
+
+
+MAIN_SETTINGS = dict(
+    max_batch_size=8,
+    max_batch_wait_ms=20,
+    max_body_bytes=2_000_000,
+    max_image_pixels=4_000_000,
+    max_texts=4,
+    max_regions=6,
+    max_text_chars=64,
+    cache_entries=64,
+)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory, random_tiny_dir: Path):
+    """The service with dynamic batching (up to 8, waiting up to 20 ms) and small limits."""
+    proc = start_server(tmp_path_factory, random_tiny_dir, **MAIN_SETTINGS)
+    yield proc
+    assert proc.stop() in GRACEFUL, proc.log()[-4000:]
+    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+
+
+@pytest.fixture(scope="session")
+def service_client(service):
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def unbatched_service(tmp_path_factory: pytest.TempPathFactory, random_tiny_dir: Path):
+    """The same model with no batching and no cache: every request runs alone, encoders included."""
+    proc = start_server(tmp_path_factory, random_tiny_dir, max_batch_size=1, cache_entries=0)
+    yield proc
+    assert proc.stop() in GRACEFUL, proc.log()[-4000:]

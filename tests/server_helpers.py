@@ -1,0 +1,147 @@
+"""Helpers for the service tests: a real uvicorn process, images, error and metric checks.
+
+The fixtures built on these live in `server_fixtures.py` (`pytest_plugins = ["server_fixtures"]`)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a graceful shutdown
+
+# Random weights, but a seed whose captions are not empty, so comparisons are not vacuous.
+MAKE_MODEL = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from pixelllm import Predictor, build_pixelllm
+    image = np.random.RandomState(0).randint(0, 255, (96, 128, 3), dtype=np.uint8)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = build_pixelllm("pixelllm-tiny")
+        predictor = Predictor(model)
+        predictor.set_image(image)
+        if len(predictor.caption(box=(8, 8, 64, 80), max_new_tokens=8).words) >= 2:
+            break
+    model.save_pretrained(sys.argv[1])
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m server` on 127.0.0.1 with `PIXELLLM_*` settings from `env`, its log in `log_path`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PIXELLLM_DEVICE": "cpu", **env}
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.log()[-4000:]}")
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        """SIGTERM, then wait for a graceful exit (kill after 30 s); the exit code (uvicorn re-raises SIGTERM)."""
+        self.terminate()
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
+def start_server(tmp_path_factory: Any, model_dir: Path, **settings: object) -> ServerProcess:
+    env = {"PIXELLLM_MODEL": str(model_dir), **{f"PIXELLLM_{k.upper()}": str(v) for k, v in settings.items()}}
+    server = ServerProcess(env, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        server.wait_ready()
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+def random_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A smooth random image (so JPEG keeps it recognisable)."""
+    rng = np.random.RandomState(seed)
+    small = rng.randint(0, 256, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BILINEAR).convert(mode)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png(width: int = 128, height: int = 96, seed: int = 0) -> bytes:
+    return encode(random_image(width, height, seed))
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, field: str | None = None) -> dict:
+    """The response is the JSON error shape with this status (and code, and a message naming `field`)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert "Traceback" not in body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if field is not None:
+        assert body["error"]["message"].startswith(f"{field}"), body
+    return body["error"]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition (0 if absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0

@@ -1,0 +1,272 @@
+"""Every endpoint and error path of the service, against a real uvicorn process."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from server_helpers import assert_error, metric, png
+
+pytest_plugins = ["server_fixtures"]
+
+IMAGE = png(128, 96, seed=1)
+W, H = 128, 96
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def check_words(words: list[dict], text: str) -> None:
+    for w in words:
+        assert text[w["start"] : w["end"]] == w["text"]
+        assert 0.0 <= w["score"] <= 1.0
+        assert w["point_norm"]["x"] == pytest.approx(w["point"]["x"] / W)
+        assert w["point_norm"]["y"] == pytest.approx(w["point"]["y"] / H)
+        assert w["box_norm"]["x1"] == pytest.approx(w["box"]["x1"] / W)
+        assert w["box_norm"]["y0"] == pytest.approx(w["box"]["y0"] / H)
+        assert w["box"]["x0"] <= w["box"]["x1"] and w["box"]["y0"] <= w["box"]["y1"]
+
+
+def check_common(body: dict, random_tiny_dir) -> None:
+    assert body["image"] == {"width": W, "height": H}
+    assert body["model"] == "pixelllm-tiny"
+    assert {"decode", "queue", "encode", "batch", "total"} <= set(body["timing_ms"])
+
+
+def test_health_and_ready(service_client: httpx.Client) -> None:
+    assert service_client.get("/healthz").json() == {"status": "ok", "model": None}
+    assert service_client.get("/readyz").json() == {"status": "ready", "model": "pixelllm-tiny"}
+
+
+def test_caption_multipart(service_client: httpx.Client, random_tiny_dir) -> None:
+    r = service_client.post("/v1/caption", files={"image": ("a.png", IMAGE, "image/png")}, data={"max_new_tokens": "8"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    check_common(body, random_tiny_dir)
+    assert body["box"] is None and body["point"] is None
+    check_words(body["words"], body["caption"])
+
+
+def test_caption_box_and_point_multipart_and_json(service_client: httpx.Client) -> None:
+    box = {"x0": 8.0, "y0": 8.0, "x1": 64.0, "y1": 80.0}
+    form = service_client.post("/v1/caption", files={"image": IMAGE}, data={"box": "8,8,64,80", "max_new_tokens": "8"})
+    js = service_client.post("/v1/caption", json={"image": b64(IMAGE), "box": box, "max_new_tokens": 8})
+    data_url = service_client.post(
+        "/v1/caption", json={"image": "data:image/png;base64," + b64(IMAGE), "box": box, "max_new_tokens": 8}
+    )
+    for r in (form, js, data_url):
+        assert r.status_code == 200, r.text
+        assert r.json()["box"] == box
+    assert form.json()["caption"] == js.json()["caption"] == data_url.json()["caption"]
+    assert len(form.json()["words"]) >= 1
+    check_words(form.json()["words"], form.json()["caption"])
+    point = service_client.post(
+        "/v1/caption", files={"image": IMAGE}, data={"point": "30.5,40", "num_beams": "2", "max_new_tokens": "6"}
+    )
+    assert point.status_code == 200, point.text
+    assert point.json()["point"] == {"x": 30.5, "y": 40.0}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode on numpy 2
+def test_localize_texts_and_masks(service_client: httpx.Client) -> None:
+    one = service_client.post("/v1/localize", json={"image": b64(IMAGE), "text": "a red circle"})
+    assert one.status_code == 200, one.text
+    (result,) = one.json()["results"]
+    assert result["text"] == "a red circle" and result["mask"] is None
+    check_words(result["words"], result["text"])
+    assert [w["text"] for w in result["words"]] == ["a", "red", "circle"]
+    assert result["box_norm"]["x0"] == pytest.approx(result["box"]["x0"] / W)
+
+    many = service_client.post(
+        "/v1/localize",
+        files={"image": IMAGE},
+        data={"text": ["a red circle", "the sky"], "mask": "true", "mask_format": "both"},
+    )
+    assert many.status_code == 200, many.text
+    results = many.json()["results"]
+    assert [r["text"] for r in results] == ["a red circle", "the sky"]
+    assert results[0]["box"] == pytest.approx(result["box"])
+    for r in results:
+        m = r["mask"]
+        assert m["size"] == [H, W]
+        rle = mask_utils.decode({"size": m["size"], "counts": m["counts"].encode()})
+        png_mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(m["png"])))) > 127
+        assert rle.shape == (H, W) and np.array_equal(rle.astype(bool), png_mask)
+
+
+def test_regions_many_prompts_one_call(service_client: httpx.Client) -> None:
+    boxes = [{"x0": 0, "y0": 0, "x1": 64, "y1": 48}, {"x0": 10, "y0": 20, "x1": 128, "y1": 96}]
+    r = service_client.post(
+        "/v1/regions",
+        json={
+            "image": b64(IMAGE),
+            "boxes": boxes,
+            "points": [{"x": 5, "y": 6}],
+            "texts": ["a dog", "grass"],
+            "max_new_tokens": 6,
+            "mask": True,
+            "mask_format": "png",
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["box"] for c in body["captions"][:2]] == [{k: float(v) for k, v in b.items()} for b in boxes]
+    assert body["captions"][2]["point"] == {"x": 5.0, "y": 6.0} and body["captions"][2]["box"] is None
+    assert [loc["text"] for loc in body["localizations"]] == ["a dog", "grass"]
+    assert all(loc["mask"]["png"] and loc["mask"]["counts"] is None for loc in body["localizations"])
+    form = service_client.post(
+        "/v1/regions",
+        files={"image": IMAGE},
+        data={
+            "boxes": ["0,0,64,48", "10,20,128,96"],
+            "points": "5,6",
+            "texts": ["a dog", "grass"],
+            "max_new_tokens": "6",
+        },
+    )
+    assert form.status_code == 200, form.text
+    assert [c["caption"] for c in form.json()["captions"]] == [c["caption"] for c in body["captions"]]
+    # the same prompt alone gives the same answer as inside the many-prompt call
+    alone = service_client.post(
+        "/v1/caption", files={"image": IMAGE}, data={"box": "10,20,128,96", "max_new_tokens": "6"}
+    )
+    assert alone.json()["caption"] == body["captions"][1]["caption"]
+
+
+def test_cache_hit_skips_encoder(service_client: httpx.Client) -> None:
+    image = png(100, 80, seed=42)
+    before = service_client.get("/metrics").text
+    first = service_client.post("/v1/caption", files={"image": image}, data={"max_new_tokens": "4"}).json()
+    second = service_client.post("/v1/localize", files={"image": image}, data={"text": "a thing"}).json()
+    after = service_client.get("/metrics").text
+    assert first["cache_hit"] is False and first["timing_ms"]["encode"] > 0
+    assert second["cache_hit"] is True and second["timing_ms"]["encode"] == 0
+    assert second["timing_ms"]["decode"] < first["timing_ms"]["decode"] + 1  # no decode on a hit
+    assert metric(after, "pixelllm_cache_hits_total") == metric(before, "pixelllm_cache_hits_total") + 1
+    assert metric(after, "pixelllm_cache_misses_total") == metric(before, "pixelllm_cache_misses_total") + 1
+
+
+def test_metrics(service_client: httpx.Client) -> None:
+    service_client.post("/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": "4"})
+    service_client.post("/v1/caption", files={"image": IMAGE}, data={"box": "1,1,0,0"})
+    service_client.get("/no/such/path")
+    text = service_client.get("/metrics").text
+    assert metric(text, "pixelllm_requests_total", route="/v1/caption", method="POST", status="200") >= 1
+    assert metric(text, "pixelllm_requests_total", route="/v1/caption", method="POST", status="422") >= 1
+    assert metric(text, "pixelllm_requests_total", route="other", method="GET", status="404") >= 1
+    assert metric(text, "pixelllm_request_seconds_count", route="/v1/caption") >= 2
+    assert metric(text, "pixelllm_batch_size_count") >= 1
+    assert "pixelllm_queue_depth 0.0" in text
+    assert metric(text, "pixelllm_cache_entries") >= 1 and metric(text, "pixelllm_cache_bytes") > 0
+
+
+def test_docs_and_openapi(service_client: httpx.Client) -> None:
+    assert "swagger" in service_client.get("/docs").text.lower()
+    schema = service_client.get("/openapi.json").json()
+    assert {"/v1/caption", "/v1/localize", "/v1/regions", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+    body = schema["paths"]["/v1/caption"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+    assert "CaptionJSON" in schema["components"]["schemas"]
+
+
+def test_not_found_and_method_not_allowed(service_client: httpx.Client) -> None:
+    assert_error(service_client.get("/v2/caption"), 404, "not_found")
+    assert_error(service_client.get("/v1/caption"), 405, "method_not_allowed")
+
+
+def test_body_too_large(service_client: httpx.Client, service) -> None:
+    big = b"\0" * 2_100_000
+    assert_error(service_client.post("/v1/caption", files={"image": big}), 413, "payload_too_large")
+    # chunked, no Content-Length: the limit holds while reading
+    chunks = (b"x" * 100_000 for _ in range(30))
+    fresh = httpx.Client(base_url=service.url, timeout=30)
+    assert_error(fresh.post("/v1/caption", content=chunks, headers={"content-type": "application/json"}), 413)
+    fresh.close()
+    assert service_client.get("/healthz").status_code == 200
+
+
+def test_unsupported_media_types(service_client: httpx.Client) -> None:
+    assert_error(service_client.post("/v1/caption", content=b"hello", headers={"content-type": "text/plain"}), 415)
+    assert_error(
+        service_client.post(
+            "/v1/caption", content=b"x=1", headers={"content-type": "application/x-www-form-urlencoded"}
+        ),
+        415,
+    )
+    assert_error(service_client.post("/v1/caption", files={"image": b"just some text"}), 415, "unsupported_media_type")
+
+
+def form(**data: object) -> dict:
+    return {"files": {"image": IMAGE}, "data": data}
+
+
+def js(**fields: object) -> dict:
+    return {"json": {"image": b64(IMAGE), **fields}}
+
+
+BAD = [
+    ("/v1/caption", form(box="10,10,5,50"), "box"),  # inverted
+    ("/v1/caption", form(box="10,10,10,50"), "box"),  # empty
+    ("/v1/caption", form(box="0,0,200,50"), "box"),  # outside the 128x96 image
+    ("/v1/caption", form(box="1,2,3"), "box"),
+    ("/v1/caption", form(box="a,b,c,d"), "box"),
+    ("/v1/caption", form(box="nan,0,5,5"), "box"),
+    ("/v1/caption", form(box="-1,0,5,5"), "box"),
+    ("/v1/caption", js(box={"x0": 0, "y0": 0, "x1": 5}), "box.y1"),
+    ("/v1/caption", js(box=[0, 0, 5, 5]), "box"),
+    ("/v1/caption", form(point="500,5"), "point"),
+    ("/v1/caption", form(point="5"), "point"),
+    ("/v1/caption", js(point={"x": -1, "y": 1}), "point.x"),
+    ("/v1/caption", form(box="0,0,5,5", point="1,1"), "point"),  # not both
+    ("/v1/caption", form(max_new_tokens="0"), "max_new_tokens"),
+    ("/v1/caption", form(max_new_tokens="1000"), "max_new_tokens"),
+    ("/v1/caption", form(max_new_tokens="many"), "max_new_tokens"),
+    ("/v1/caption", js(num_beams=0), "num_beams"),
+    ("/v1/caption", js(num_beams=99), "num_beams"),
+    ("/v1/caption", form(colour="red"), "colour"),
+    ("/v1/caption", form(box=["0,0,5,5", "0,0,6,6"]), "box"),
+    ("/v1/caption", {"json": {"box": {"x0": 0, "y0": 0, "x1": 5, "y1": 5}}}, "image"),
+    ("/v1/caption", {"files": {"box": (None, "0,0,5,5")}}, "image"),
+    ("/v1/caption", {"files": {"image": IMAGE, "box": ("b.txt", b"0,0,5,5")}}, "box"),
+    ("/v1/caption", {"json": {"image": "not base64!"}}, "image"),
+    ("/v1/caption", {"content": b"{not json", "headers": {"content-type": "application/json"}}, "body"),
+    ("/v1/caption", {"json": [1, 2]}, "body"),
+    ("/v1/localize", form(text=""), "text"),
+    ("/v1/localize", form(text="   "), "text"),
+    ("/v1/localize", js(text="x" * 65), "text"),
+    ("/v1/localize", js(text=["ok", ""]), "text.1"),
+    ("/v1/localize", js(text=["a", "b", "c", "d", "e"]), "text"),
+    ("/v1/localize", js(), "text"),
+    ("/v1/localize", js(text=[]), "text"),
+    ("/v1/localize", js(text=3), "text"),
+    ("/v1/localize", js(text="a", mask_format="jpeg"), "mask_format"),
+    ("/v1/localize", form(text="a", mask="maybe"), "mask"),
+    ("/v1/regions", js(), "boxes"),
+    ("/v1/regions", js(texts=["a"] * 7), "texts"),
+    ("/v1/regions", js(boxes=[{"x0": 0, "y0": 0, "x1": 1, "y1": 1}] * 7), "boxes"),
+    (
+        "/v1/regions",
+        js(boxes=[{"x0": 0, "y0": 0, "x1": 1, "y1": 1}, {"x0": 0, "y0": 0, "x1": 999, "y1": 1}]),
+        "boxes.1",
+    ),
+    ("/v1/regions", form(points=["1,1", "1,1000"]), "points.1"),
+    ("/v1/regions", form(texts=["a", ""]), "texts.1"),
+]
+
+
+@pytest.mark.parametrize("path, request_kwargs, field", BAD, ids=[f"{p}-{f}-{i}" for i, (p, _, f) in enumerate(BAD)])
+def test_invalid_fields_are_422_naming_the_field(service_client: httpx.Client, path, request_kwargs, field) -> None:
+    assert_error(service_client.post(path, **request_kwargs), 422, field=field)
+
+
+def test_malformed_multipart_is_422(service_client: httpx.Client) -> None:
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    assert_error(service_client.post("/v1/caption", content=b"--xyz\r\ngarbage", headers=headers), 422)
+    no_boundary = {"content-type": "multipart/form-data"}
+    assert_error(service_client.post("/v1/caption", content=b"abc", headers=no_boundary), 422)

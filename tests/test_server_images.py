@@ -1,0 +1,135 @@
+"""A corpus of malformed and unusual images, generated here, sent to the real service."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_helpers import assert_error, encode, png, random_image
+
+from server.errors import ApiError
+from server.images import decode_image
+
+pytest_plugins = ["server_fixtures"]
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but holds (almost) no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def animated_gif() -> tuple[bytes, bytes]:
+    """A two-frame GIF, and its first frame as PNG."""
+    first = Image.new("RGB", (64, 48), (220, 30, 30))
+    second = random_image(64, 48, seed=5)
+    gif = encode(first, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    return gif, encode(Image.open(io.BytesIO(gif)).convert("RGB"))
+
+
+def exif_rotated_jpeg() -> bytes:
+    """Stored 160x80 with EXIF orientation 6 (rotate 90 degrees clockwise to view): shown 80x160."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(random_image(160, 80, seed=6), "JPEG", exif=exif.tobytes())
+
+
+def sixteen_bit_png() -> bytes:
+    gradient = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    return encode(Image.fromarray(gradient))
+
+
+JPEG = encode(random_image(128, 96, seed=2), "JPEG", quality=90)
+PNG = png(128, 96, seed=2)
+GIF, GIF_FIRST_FRAME = animated_gif()
+
+REFUSED = {
+    "empty": (b"", 422, "invalid_image"),
+    "truncated-jpeg": (JPEG[: len(JPEG) // 2], 422, "invalid_image"),
+    "truncated-png": (PNG[: len(PNG) // 2], 422, "invalid_image"),
+    "png-bad-idat": (PNG[:60] + bytes(64) + PNG[124:], 422, "invalid_image"),
+    "wrong-magic": (b"\x00\x00\x00\x00" + PNG[4:], 415, "unsupported_media_type"),
+    "text": (b"hello, world", 415, "unsupported_media_type"),
+    "tiff-not-allowed": (encode(random_image(32, 32, seed=3), "TIFF"), 415, "unsupported_media_type"),
+    "1x100000": (encode(Image.new("RGB", (1, 100000))), 422, "invalid_image"),
+    "bomb-header": (png_header(100_000, 100_000), 413, "image_too_large"),
+    "over-pixel-budget": (encode(Image.new("RGB", (2500, 2000))), 413, "image_too_large"),
+    "zero-width-header": (png_header(0, 10), 415, "unsupported_media_type"),  # Pillow will not identify it
+}
+
+ACCEPTED = {
+    "cmyk-jpeg": (encode(random_image(64, 48, seed=7, mode="CMYK"), "JPEG"), (64, 48)),
+    "16-bit-png": (sixteen_bit_png(), (64, 48)),
+    "rgba-png": (encode(random_image(64, 48, seed=8, mode="RGBA")), (64, 48)),
+    "palette-transparent-png": (encode(random_image(64, 48, seed=9).convert("P"), transparency=0), (64, 48)),
+    "grayscale-png": (encode(random_image(64, 48, seed=10, mode="L")), (64, 48)),
+    "la-png": (encode(random_image(64, 48, seed=11, mode="LA")), (64, 48)),
+    "animated-gif": (GIF, (64, 48)),
+    "exif-rotated-jpeg": (exif_rotated_jpeg(), (80, 160)),
+    "bmp": (encode(random_image(40, 30, seed=12), "BMP"), (40, 30)),
+    "webp": (encode(random_image(40, 30, seed=13), "WEBP"), (40, 30)),
+    "1x50": (encode(Image.new("RGB", (1, 50), (9, 9, 9))), (1, 50)),
+}
+
+
+def caption(client: httpx.Client, data: bytes, **fields: str) -> httpx.Response:
+    return client.post("/v1/caption", files={"image": ("upload", data)}, data={"max_new_tokens": "3", **fields})
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_images(service_client: httpx.Client, name: str) -> None:
+    data, status, code = REFUSED[name]
+    assert_error(caption(service_client, data), status, code)
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_accepted_images(service_client: httpx.Client, name: str) -> None:
+    data, (width, height) = ACCEPTED[name]
+    r = caption(service_client, data)
+    assert r.status_code == 200, r.text
+    assert r.json()["image"] == {"width": width, "height": height}
+
+
+def test_exif_rotation_applies_to_prompts(service_client: httpx.Client) -> None:
+    """Boxes are in the rotated (viewed) frame: y up to 160 is inside, x beyond 80 is outside."""
+    data = ACCEPTED["exif-rotated-jpeg"][0]
+    assert caption(service_client, data, box="0,100,80,160").status_code == 200
+    assert_error(caption(service_client, data, box="0,0,100,50"), 422, field="box")
+
+
+def test_gif_uses_first_frame(service_client: httpx.Client) -> None:
+    a = caption(service_client, GIF, box="0,0,40,40").json()
+    b = caption(service_client, GIF_FIRST_FRAME, box="0,0,40,40").json()
+    assert a["caption"] == b["caption"]
+
+    def coords(body: dict) -> list[float]:
+        return [v for w in body["words"] for v in w["box"].values()]
+
+    assert coords(a) == pytest.approx(coords(b))
+
+
+def test_decode_converts_modes() -> None:
+    rgb = decode_image(sixteen_bit_png(), 10**6, 100)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((63, 47)) == (255, 255, 255)
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert decode_image(encode(clear), 10**6, 100).getpixel((3, 3)) == (255, 255, 255)  # onto white
+    cmyk = decode_image(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG"), 10**6, 100)
+    assert cmyk.mode == "RGB" and min(cmyk.getpixel((3, 3))) > 240
+    assert decode_image(exif_rotated_jpeg(), 10**6, 100).size == (80, 160)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decode_keeps_pillow_bomb_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ApiError) as err:
+        decode_image(png(40, 30), 10**9, 100)  # 1200 pixels: over Pillow's limit though under ours
+    assert err.value.status == 413

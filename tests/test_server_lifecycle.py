@@ -1,0 +1,125 @@
+"""Readiness, the queue bound (429), timeouts (504), client disconnects and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+from server_helpers import GRACEFUL, assert_error, metric, png, start_server
+from starlette.testclient import TestClient
+
+from server import Settings, create_app, run
+
+pytest_plugins = ["server_fixtures"]
+
+DELAY_S, TIMEOUT_S = 0.6, 1.5
+IMAGE = png(64, 48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def slow_service(tmp_path_factory, random_tiny_dir):
+    """Every batch takes 0.6 s more; one request per batch; 3 in flight at most; 1.5 s timeout."""
+    proc = start_server(
+        tmp_path_factory,
+        random_tiny_dir,
+        debug_batch_delay_ms=DELAY_S * 1000,
+        max_batch_size=1,
+        max_queue=3,
+        request_timeout_s=TIMEOUT_S,
+    )
+    httpx.post(f"{proc.url}/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": "2"}, timeout=30)
+    yield proc
+    assert proc.stop() in GRACEFUL, proc.log()[-4000:]
+
+
+async def post_many(url: str, n: int, timeout: float = 30) -> list[httpx.Response | Exception]:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+        calls = [client.post("/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": "2"}) for _ in range(n)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def test_not_ready_is_503() -> None:
+    """Before the model is loaded (here: never, as the app's lifespan does not run) the service says 503."""
+
+    async def go() -> tuple[httpx.Response, ...]:
+        transport = httpx.ASGITransport(app=create_app(Settings(model="pixelllm-tiny")))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (
+                await client.get("/healthz"),
+                await client.get("/readyz"),
+                await client.post("/v1/caption", files={"image": IMAGE}),
+            )
+
+    health, ready, caption = asyncio.run(go())
+    assert health.status_code == 200
+    for r in (ready, caption):
+        assert_error(r, 503, "not_ready")
+        assert r.headers["retry-after"]
+
+
+def test_model_that_fails_to_load(tmp_path, random_tiny_dir) -> None:
+    """Weights that do not load: not ready, and not live either, so an orchestrator restarts it."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((random_tiny_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with TestClient(create_app(Settings(model=str(broken)))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/healthz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert_error(client.get("/healthz"), 503, "load_failed")
+        assert "failed to load" in assert_error(client.get("/readyz"), 503, "not_ready")["message"]
+
+
+def test_unknown_model_fails_at_start() -> None:
+    with pytest.raises(ValueError, match="no-such-model"):
+        run(settings=Settings(model="no-such-model"))
+
+
+def test_queue_full_is_429_and_slow_is_504(slow_service) -> None:
+    responses = asyncio.run(post_many(slow_service.url, 4))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(429) == 1 and 200 in statuses and 504 in statuses, statuses
+    assert set(statuses) <= {200, 429, 504}
+    for r in responses:
+        if r.status_code == 429:
+            assert_error(r, 429, "queue_full")
+            assert r.headers["retry-after"] == "1"
+        elif r.status_code == 504:
+            assert_error(r, 504, "timeout")
+
+
+def test_client_disconnect_frees_the_slot(slow_service) -> None:
+    before = httpx.get(f"{slow_service.url}/metrics").text
+    gone = asyncio.run(post_many(slow_service.url, 3, timeout=0.25))
+    assert all(isinstance(r, httpx.TimeoutException) for r in gone)
+    time.sleep(0.2)
+    text = httpx.get(f"{slow_service.url}/metrics").text
+    assert metric(text, "pixelllm_queue_depth") == 0  # while the first batch still runs
+    statuses = [r.status_code for r in asyncio.run(post_many(slow_service.url, 3))]
+    assert 429 not in statuses and 200 in statuses, statuses
+    after = httpx.get(f"{slow_service.url}/metrics").text
+    closed = dict(route="/v1/caption", method="POST", status="499")
+    assert metric(after, "pixelllm_requests_total", **closed) - metric(before, "pixelllm_requests_total", **closed) == 3
+
+
+def test_graceful_shutdown_answers_requests_in_flight(slow_service) -> None:
+    """Runs last in this module: SIGTERM while a request runs; it is still answered, then the server exits."""
+    result: dict[str, httpx.Response] = {}
+    url = slow_service.url
+
+    def call() -> None:
+        result["r"] = httpx.post(f"{url}/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": "2"}, timeout=30)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.2)
+    slow_service.terminate()
+    thread.join(timeout=30)
+    assert result["r"].status_code == 200, result["r"].text
+    assert slow_service.proc.wait(timeout=30) in GRACEFUL
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/healthz", timeout=2)
