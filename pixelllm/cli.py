@@ -98,9 +98,9 @@ def cmd_localize(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from server.app import run
+    from server import Settings, run
 
-    run(host=args.host, port=args.port)
+    run(args.host, args.port, Settings())
 
 
 def cmd_train(args) -> None:

@@ -46,6 +46,7 @@ class SourceConfig:
     num_scenes: int = 1000
     path: str | None = None
     image_root: str | None = None
+    prompt: str | None = None  # caption prompt for this source (default: the model's caption_prompt)
 
 
 @dataclass
@@ -90,10 +91,13 @@ class SceneSource:
         self.cfg, self.image_size, self.tokenizer = cfg, image_size, tokenizer
         if cfg.kind == "synthetic":
             jobs = [(cfg.seed, i, image_size, str(tokenizer_file)) for i in range(cfg.num_scenes)]
-            # spawn, not fork: forking after torch has started its thread pools can deadlock
-            with multiprocessing.get_context("spawn").Pool(min(2, os.cpu_count() or 1)) as pool:
-                it = pool.imap(_prepare_synthetic, jobs, chunksize=16)
-                self.scenes = list(tqdm(it, total=len(jobs), desc="preparing scenes", unit="scene"))
+            if len(jobs) <= 64:  # not worth starting worker processes
+                self.scenes = [_prepare_synthetic(job) for job in jobs]
+            else:
+                # spawn, not fork: forking after torch has started its thread pools can deadlock
+                with multiprocessing.get_context("spawn").Pool(min(2, os.cpu_count() or 1)) as pool:
+                    it = pool.imap(_prepare_synthetic, jobs, chunksize=16)
+                    self.scenes = list(tqdm(it, total=len(jobs), desc="preparing scenes", unit="scene"))
         elif cfg.kind == "narratives":
             if not cfg.path or not cfg.image_root:
                 raise ValueError("a 'narratives' source needs 'path' (JSONL) and 'image_root' (image folder)")
@@ -136,7 +140,10 @@ def batch_for_step(step: int, cfg: TrainConfig, sources: list[SceneSource], mode
         task = task_names[rng.choice(len(task_names), p=task_p / task_p.sum())]
         sample_rng = np.random.default_rng([cfg.seed, step, j])
         if j % world == rank:
-            samples.append(make_sample(src[scene_index], task, sample_rng, model_cfg, tokenizer))
+            sample = make_sample(src[scene_index], task, sample_rng, model_cfg, tokenizer)
+            if src.cfg.prompt is not None and task == "caption":
+                sample["prompt"] = src.cfg.prompt
+            samples.append(sample)
     return collate(samples, model_cfg.language_model.max_text_tokens)
 
 

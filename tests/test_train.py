@@ -1,0 +1,139 @@
+"""Training: a few real steps, exact resume after SIGKILL, the paper recipe's code path, DDP on gloo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixelllm.data.synthetic import write_dataset
+from pixelllm.train import SourceConfig, TrainConfig, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(out_dir: Path, steps: int, **overrides) -> TrainConfig:
+    cfg = TrainConfig(
+        model="pixelllm-tiny",
+        out_dir=str(out_dir),
+        sources=[SourceConfig(kind="synthetic", seed=3, num_scenes=6)],
+        batch_size=4,
+        steps=steps,
+        lr=1e-3,
+        warmup_steps=2,
+        log_every=1,
+        ckpt_every=2,
+        seed=0,
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def write_config(cfg: TrainConfig, path: Path) -> Path:
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    return path
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.5)
+    assert lr_at(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_few_steps_reduce_loss_and_write_logs_and_model(tmp_path):
+    final = train(tiny_config(tmp_path, steps=8, lr=3e-3))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert {"ce", "point_l1", "confidence_bce", "samples_per_s"} <= set(records[0])
+    assert {p.name for p in final.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    steps = 6
+    straight = train(tiny_config(tmp_path / "straight", steps=steps))
+
+    killed_dir = tmp_path / "killed"
+    config = write_config(tiny_config(killed_dir, steps=steps), tmp_path / "killed.json")
+    cmd = [sys.executable, "-m", "pixelllm.train", str(config)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed_dir / "checkpoint.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the first run never wrote a checkpoint"
+    step_at_kill = torch.load(ckpt, weights_only=True)["step"]
+    assert step_at_kill < steps, "the run finished before it was killed; nothing was resumed"
+    assert not (killed_dir / "final").exists()
+
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(killed_dir / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_paper_recipe_runs_its_code_path_at_tiny_scale(tmp_path):
+    recipe = TrainConfig.from_json(REPO / "pixelllm/configs/train/t5xl_ln_coco.json")
+    assert (recipe.model, recipe.batch_size, recipe.steps, recipe.lr, recipe.warmup_steps) == (
+        "pixelllm-t5xl",
+        256,
+        10000,
+        5e-5,
+        250,
+    )
+    assert [s.weight for s in recipe.sources] == [2.0, 1.0] and recipe.tasks == {"caption": 1.0}
+    data = write_dataset(tmp_path / "ln", n=4, seed=5)
+    sources = [
+        dataclasses.replace(s, path=str(data / "narratives.jsonl"), image_root=str(data / "images"))
+        for s in recipe.sources
+    ]
+    small = dataclasses.replace(
+        recipe,
+        model="pixelllm-tiny",
+        sam_checkpoint=None,
+        eva_checkpoint=None,
+        t5_path=None,
+        out_dir=str(tmp_path / "run"),
+        sources=sources,
+        batch_size=4,
+        steps=2,
+        warmup_steps=1,
+        ckpt_every=1,
+        precision="fp32",
+    )
+    final = train(small)
+    assert (final / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")
+def test_ddp_two_processes_gloo(tmp_path):
+    config = write_config(tiny_config(tmp_path / "ddp", steps=2), tmp_path / "ddp.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*torchrun, "-m", "pixelllm.train", str(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
