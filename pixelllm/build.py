@@ -16,7 +16,7 @@ __all__ = ["build_pixelllm", "load_model", "list_presets", "default_tokenizer"]
 
 def default_tokenizer(cfg: PixelLLMConfig) -> Tokenizer | None:
     """The tokenizer shipped with a preset (`configs/tokenizers/<name>.json`), if any."""
-    path = CONFIG_DIR / "tokenizers" / f"{cfg.name}.json"
+    path = CONFIG_DIR / "tokenizers" / f"{cfg.tokenizer or cfg.name}.json"
     return Tokenizer.from_file(path) if path.is_file() else None
 
 

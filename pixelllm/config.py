@@ -111,6 +111,7 @@ class PixelLLMConfig:
     language_model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     point_head: PointHeadConfig = field(default_factory=PointHeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    tokenizer: str | None = None  # a tokenizer in configs/tokenizers/ by name (default: `name`)
     caption_prompt: str = "A long image caption: "
     region_prompt: str = "an object of "
     localize_prompt: str = "where is "

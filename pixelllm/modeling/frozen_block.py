@@ -2,27 +2,42 @@
 Encoder Layers", ICLR 2024): Linear(d_vis, d_lm, no bias) -> one frozen pretrained LM layer -> Linear(d_lm, d_vis).
 
 The layer runs bidirectionally (no causal mask) and without positional rotation, keeping its own
-pre-norm residual. Supported sources: a Hugging Face T5 directory (an encoder block) or a LLaMA
-directory (a decoder layer).
+residual and norms. Supported sources: a Hugging Face T5 directory (an encoder block), a LLaMA directory
+(a decoder layer) or a BERT directory (an encoder layer). `checkpoint` is a directory path, or
+`pkg:<package>/<subdir>` for a model shipped inside an installed Python package.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, LlamaConfig, LlamaModel, T5Config, T5EncoderModel
+from transformers import AutoConfig, BertConfig, BertModel, LlamaConfig, LlamaModel, T5Config, T5EncoderModel
 
 from ..config import FrozenBlockConfig
 
 log = logging.getLogger(__name__)
 
 
+def resolve_checkpoint(checkpoint: str | None) -> Path:
+    """A directory path, or `pkg:<package>/<subdir>` inside an installed package."""
+    if checkpoint and checkpoint.startswith("pkg:"):
+        package, _, sub = checkpoint[4:].partition("/")
+        try:
+            return Path(str(importlib.resources.files(package) / sub))
+        except ModuleNotFoundError:
+            raise FileNotFoundError(
+                f"frozen_block.checkpoint {checkpoint!r}: package {package!r} is not installed"
+            ) from None
+    return Path(checkpoint or "")
+
+
 def _build_layer(cfg: FrozenBlockConfig, load_weights: bool) -> tuple[nn.Module, str, int]:
     """The chosen LM layer, its model type and width. Weights are loaded only when `load_weights`."""
-    path = Path(cfg.checkpoint or "")
+    path = resolve_checkpoint(cfg.checkpoint)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"frozen_block.checkpoint must be a Hugging Face model directory with config.json, got {str(path)!r}"
@@ -36,8 +51,11 @@ def _build_layer(cfg: FrozenBlockConfig, load_weights: bool) -> tuple[nn.Module,
         layers, kind, dim = model.layers, "llama", config.hidden_size
         for layer in layers:
             layer.self_attn.is_causal = False
+    elif isinstance(config, BertConfig):
+        model = BertModel.from_pretrained(path, add_pooling_layer=False) if load_weights else BertModel(config)
+        layers, kind, dim = model.encoder.layer, "bert", config.hidden_size
     else:
-        raise ValueError(f"frozen_block supports T5 and LLaMA checkpoints, got model_type {config.model_type!r}")
+        raise ValueError(f"frozen_block supports T5, LLaMA and BERT checkpoints, got model_type {config.model_type!r}")
     layer = layers[cfg.layer]
     if load_weights:
         log.info("frozen block: %s layer %d of %s (width %d)", kind, cfg.layer, path, dim)
@@ -59,6 +77,9 @@ class FrozenLMBlock(nn.Module):
         x = self.proj_in(tokens)
         if self.kind == "t5":
             x = self.layer(x)[0]
+        elif self.kind == "bert":
+            x = self.layer(x)
+            x = x[0] if isinstance(x, tuple) else x
         else:
             b, n, _ = x.shape
             identity_rotation = (x.new_ones(b, n, self.head_dim), x.new_zeros(b, n, self.head_dim))
