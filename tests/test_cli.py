@@ -1,0 +1,99 @@
+"""The `pixelllm` command line, run in-process on a random tiny model saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pixelllm import build_pixelllm
+from pixelllm.cli import main
+
+SAMPLE = "assets/sample.jpg"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    build_pixelllm("pixelllm-tiny").save_pretrained(path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_caption_json_has_words_with_pixel_coordinates(capsys, model_dir):
+    code, out, _ = run(capsys, "caption", SAMPLE, "--model", model_dir, "--json", "--max-new-tokens", "8")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) >= {"text", "words"}
+    for word in result["words"]:
+        x0, y0, x1, y1 = word["box"]
+        assert 0 <= x0 <= x1 <= 578 and 0 <= y0 <= y1 <= 530  # assets/sample.jpg is 578 x 530
+        assert result["text"][word["start"] : word["end"]] == word["text"]
+
+
+def test_region_caption_and_human_output(capsys, model_dir):
+    code, out, _ = run(
+        capsys, "caption", SAMPLE, "--model", model_dir, "--box", "10,20,200,220", "--max-new-tokens", "6"
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert lines, "expected the caption line"
+    assert all("point=(" in line and "box=(" in line for line in lines[1:])
+
+
+def test_localize_with_mask(capsys, model_dir):
+    code, out, _ = run(capsys, "localize", SAMPLE, "the green square", "--model", model_dir, "--mask", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["box"]) == 4 and 0 <= result["score"] <= 1
+    assert "mask_area" in result
+    assert [w["text"] for w in result["words"]] == ["the", "green", "square"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["caption", "missing.png"], "image not found"),
+        (["caption", SAMPLE, "--box", "1,2,3"], "--box must be 4"),
+        (["caption", SAMPLE, "--point", "a,b"], "--point must be 2"),
+        (["caption", SAMPLE, "--box", "100,100,50,50"], "box"),
+        (["caption", SAMPLE, "--point", "9999,5"], "point"),
+        (["caption", "pyproject.toml"], "cannot read image"),
+        (["caption", SAMPLE, "--model", "no-such-model"], "unknown model"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(capsys, model_dir, argv, message):
+    if "--model" not in argv:
+        argv = [*argv, "--model", model_dir]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("pixelllm: error:") and message in err and err.count("\n") == 1
+
+
+def test_data_synth_writes_a_dataset(capsys, tmp_path):
+    code, out, _ = run(capsys, "data", "synth", "--out", str(tmp_path / "d"), "--n", "3", "--seed", "1")
+    assert code == 0
+    lines = (tmp_path / "d" / "annotations.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert len(list((tmp_path / "d" / "images").iterdir())) == 3
+
+
+def test_eval_writes_metrics_json(capsys, tmp_path, model_dir):
+    out_file = tmp_path / "eval.json"
+    code, _, _ = run(capsys, "eval", "--model", model_dir, "--num-scenes", "2", "--seed", "4", "--out", str(out_file))
+    assert code == 0
+    metrics = json.loads(out_file.read_text())
+    for key in (
+        "referring_acc@0.5",
+        "referring_mean_iou",
+        "mask_iou",
+        "region_caption_acc_box",
+        "caption_word_point_acc",
+    ):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["num_scenes"] == 2 and metrics["num_objects"] >= 2
