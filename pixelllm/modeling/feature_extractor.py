@@ -34,6 +34,9 @@ class PromptFeatureExtractor(nn.Module):
         x = self.input_proj(features)
         b, _, h, w = x.shape
         pe = self.pe((h, w)).unsqueeze(0).expand(b, -1, -1, -1).to(x.dtype)
+        # SAM's attention adds the encoding to keys only; adding it to the features too puts absolute
+        # position into the values the queries read, which the coordinates regressed later need.
+        x = x + pe
         tokens = torch.cat([self.queries.expand(b, -1, -1), self.prompt_proj(prompt_tokens)], dim=1)
         queries, _ = self.transformer(x, pe, tokens)
         return self.output_proj(self.query_proj(queries[:, : self.num_queries]))
