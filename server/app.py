@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
 from .openapi import install_openapi
-from .routes import router
+from .routes import STATIC_DIR, router
 from .schemas import CaptionJSON, LocalizeJSON, RegionsJSON
 from .service import Engine
 from .settings import Settings
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="PixelLLM", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_error_handlers(app)
     install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

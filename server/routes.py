@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import service
@@ -25,6 +28,7 @@ from .schemas import (
 from .service import Engine
 
 router = APIRouter()
+STATIC_DIR = Path(__file__).parent / "static"
 
 ERRORS = {
     413: {"model": ErrorResponse, "description": "Body or image too large"},
@@ -93,3 +97,9 @@ async def readyz(request: Request) -> Health:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    """The web page: upload an image, see its grounded caption, localize a text."""
+    return FileResponse(STATIC_DIR / "index.html")

@@ -1,0 +1,417 @@
+// The PixelLLM page: upload an image, caption it (or a dragged box) with grounded words, localize a text.
+// Coordinates from the API are pixels of the image; they are scaled to the canvas when drawn.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  file: $("file"),
+  maxTokens: $("max-tokens"),
+  captionBtn: $("caption-btn"),
+  clearBox: $("clear-box"),
+  localizeForm: $("localize-form"),
+  localizeText: $("localize-text"),
+  localizeBtn: $("localize-btn"),
+  stage: $("stage"),
+  imageCanvas: $("image-canvas"),
+  overlay: $("overlay"),
+  ready: $("ready"),
+  status: $("status"),
+  error: $("error"),
+  caption: $("caption"),
+  localization: $("localization"),
+  timings: $("timings"),
+};
+const LOCALIZE_COLOR = "#e0007a";
+const FAINT_ALPHA = 0.35;
+
+const state = {
+  ready: false,
+  busy: false,
+  generation: 0, // bumped on every upload, so answers about an older image are dropped
+  file: null,
+  image: null,
+  size: null, // the image size in the API's pixels: {width, height}
+  words: [],
+  active: -1,
+  promptBox: null,
+  drag: null,
+  localization: null,
+};
+
+// Colors: one per word, spread around the hue circle (golden angle), as #rrggbb.
+function wordColor(i) {
+  const h = (i * 137.508) % 360;
+  const s = 0.8;
+  const l = 0.42;
+  const f = (n) => {
+    const k = (n + h / 30) % 12;
+    const c = l - s * Math.min(l, 1 - l) * Math.max(-1, Math.min(k - 3, 9 - k, 1));
+    return Math.round(c * 255).toString(16).padStart(2, "0");
+  };
+  return `#${f(0)}${f(8)}${f(4)}`;
+}
+
+const fmt = (v) => (Math.round(v * 10) / 10).toString();
+const boxText = (b) => `(${fmt(b.x0)}, ${fmt(b.y0)}) to (${fmt(b.x1)}, ${fmt(b.y1)})`;
+
+function setStatus(text) {
+  els.status.textContent = text;
+}
+
+function showError(error) {
+  els.error.textContent = error ? String(error.message || error) : "";
+  els.error.hidden = !error;
+}
+
+function updateControls() {
+  const usable = state.ready && state.file !== null && !state.busy;
+  els.captionBtn.disabled = !usable;
+  els.localizeBtn.disabled = !usable;
+  els.clearBox.disabled = state.promptBox === null || state.busy;
+}
+
+// --- drawing -------------------------------------------------------------------------------------------
+
+function layout() {
+  if (!state.image) return;
+  const aspect = state.image.naturalWidth / state.image.naturalHeight;
+  const maxWidth = els.stage.parentElement.clientWidth;
+  const maxHeight = Math.max(window.innerHeight * 0.7, 200);
+  const width = Math.max(1, Math.min(maxWidth, maxHeight * aspect));
+  const height = width / aspect;
+  const dpr = window.devicePixelRatio || 1;
+  for (const canvas of [els.imageCanvas, els.overlay]) {
+    canvas.style.width = `${width}px`;
+    canvas.style.height = `${height}px`;
+    canvas.width = Math.max(1, Math.round(width * dpr));
+    canvas.height = Math.max(1, Math.round(height * dpr));
+  }
+  const ctx = els.imageCanvas.getContext("2d");
+  ctx.drawImage(state.image, 0, 0, els.imageCanvas.width, els.imageCanvas.height);
+  redraw();
+}
+
+function scales() {
+  const canvas = els.overlay;
+  return {
+    sx: canvas.width / state.size.width,
+    sy: canvas.height / state.size.height,
+    unit: canvas.width / parseFloat(canvas.style.width), // device pixels per CSS pixel
+  };
+}
+
+function strokeBox(ctx, box, color, width, dash = []) {
+  const { sx, sy, unit } = scales();
+  ctx.save();
+  ctx.strokeStyle = color;
+  ctx.lineWidth = width * unit;
+  ctx.setLineDash(dash.map((d) => d * unit));
+  ctx.strokeRect(box.x0 * sx, box.y0 * sy, (box.x1 - box.x0) * sx, (box.y1 - box.y0) * sy);
+  ctx.restore();
+}
+
+function dot(ctx, point, color, radius, alpha) {
+  const { sx, sy, unit } = scales();
+  ctx.save();
+  ctx.globalAlpha = alpha;
+  ctx.fillStyle = color;
+  ctx.beginPath();
+  ctx.arc(point.x * sx, point.y * sy, radius * unit, 0, 2 * Math.PI);
+  ctx.fill();
+  ctx.restore();
+}
+
+function redraw() {
+  const ctx = els.overlay.getContext("2d");
+  ctx.clearRect(0, 0, els.overlay.width, els.overlay.height);
+  if (!state.image) return;
+  const loc = state.localization;
+  if (loc) {
+    if (loc.mask) {
+      ctx.save();
+      ctx.imageSmoothingEnabled = false;
+      ctx.drawImage(loc.mask, 0, 0, els.overlay.width, els.overlay.height);
+      ctx.restore();
+    }
+    strokeBox(ctx, loc.box, LOCALIZE_COLOR, 3);
+  }
+  state.words.forEach((word, i) => dot(ctx, word.point, wordColor(i), 4, FAINT_ALPHA));
+  if (state.active >= 0) {
+    const word = state.words[state.active];
+    const color = wordColor(state.active);
+    strokeBox(ctx, word.box, color, 3);
+    dot(ctx, word.point, "#ffffff", 7, 1);
+    dot(ctx, word.point, color, 5, 1);
+  }
+  const box = state.drag || state.promptBox;
+  if (box) {
+    strokeBox(ctx, box, "#ffffff", 3);
+    strokeBox(ctx, box, "#000000", 1.5, [6, 4]);
+  }
+}
+
+function setActive(index) {
+  state.active = index;
+  for (const span of els.caption.querySelectorAll(".word")) {
+    span.classList.toggle("active", Number(span.dataset.index) === index);
+  }
+  redraw();
+}
+
+// --- the box drawn with the mouse --------------------------------------------------------------------
+
+function imagePoint(event) {
+  const rect = els.overlay.getBoundingClientRect();
+  const clamp = (v, hi) => Math.min(Math.max(v, 0), hi);
+  return {
+    x: clamp(((event.clientX - rect.left) / rect.width) * state.size.width, state.size.width),
+    y: clamp(((event.clientY - rect.top) / rect.height) * state.size.height, state.size.height),
+  };
+}
+
+function dragBox(start, end) {
+  return {
+    x0: Math.min(start.x, end.x),
+    y0: Math.min(start.y, end.y),
+    x1: Math.max(start.x, end.x),
+    y1: Math.max(start.y, end.y),
+  };
+}
+
+let dragStart = null;
+
+els.overlay.addEventListener("pointerdown", (event) => {
+  if (!state.image || event.button !== 0) return;
+  dragStart = imagePoint(event);
+  els.overlay.setPointerCapture(event.pointerId);
+});
+
+els.overlay.addEventListener("pointermove", (event) => {
+  if (!dragStart) return;
+  state.drag = dragBox(dragStart, imagePoint(event));
+  redraw();
+});
+
+els.overlay.addEventListener("pointerup", (event) => {
+  if (!dragStart) return;
+  const box = dragBox(dragStart, imagePoint(event));
+  dragStart = null;
+  state.drag = null;
+  const minSide = Math.max(2, 0.01 * Math.min(state.size.width, state.size.height));
+  if (box.x1 - box.x0 >= minSide && box.y1 - box.y0 >= minSide) {
+    state.promptBox = box;
+    caption();
+  } else {
+    redraw();
+  }
+});
+
+els.clearBox.addEventListener("click", () => {
+  state.promptBox = null;
+  caption();
+});
+
+// --- talking to the API ------------------------------------------------------------------------------
+
+async function post(path, fields) {
+  const form = new FormData();
+  form.append("image", state.file);
+  for (const [name, value] of fields) form.append(name, value);
+  const start = performance.now();
+  const response = await fetch(path, { method: "POST", body: form });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = body && body.error;
+    throw new Error(error ? `${error.code}: ${error.message}` : `HTTP ${response.status}`);
+  }
+  return { body, roundTrip: performance.now() - start };
+}
+
+// Run `work` (which calls the API) unless busy; drop its answer if another image was uploaded meanwhile.
+async function request(label, work) {
+  if (state.busy || !state.ready || !state.file) return;
+  const generation = state.generation;
+  state.busy = true;
+  updateControls();
+  showError(null);
+  setStatus(`${label}…`);
+  try {
+    const { body, roundTrip } = await post(...work.request());
+    if (generation !== state.generation) return;
+    state.size = body.image;
+    await work.show(body);
+    showTimings(label, body, roundTrip);
+    setStatus(`${label}: done in ${Math.round(roundTrip)} ms.`);
+  } catch (error) {
+    if (generation !== state.generation) return;
+    showError(error);
+    setStatus(`${label} failed.`);
+  } finally {
+    if (generation === state.generation) {
+      state.busy = false;
+      updateControls();
+      redraw();
+    }
+  }
+}
+
+function caption() {
+  const tokens = els.maxTokens.value || "32";
+  return request("Caption", {
+    request: () => {
+      const fields = [["max_new_tokens", tokens]];
+      const b = state.promptBox;
+      if (b) fields.push(["box", [b.x0, b.y0, b.x1, b.y1].map((v) => v.toFixed(1)).join(",")]);
+      return ["/v1/caption", fields];
+    },
+    show: (body) => showCaption(body),
+  });
+}
+
+function localize(text) {
+  return request("Localize", {
+    request: () => [
+      "/v1/localize",
+      [
+        ["text", text],
+        ["mask", "true"],
+        ["mask_format", "png"],
+      ],
+    ],
+    show: (body) => showLocalization(body.results[0]),
+  });
+}
+
+// --- results -----------------------------------------------------------------------------------------
+
+function showCaption(body) {
+  state.words = body.words;
+  state.active = -1;
+  els.caption.replaceChildren();
+  let pos = 0;
+  body.words.forEach((word, i) => {
+    els.caption.append(body.caption.slice(pos, word.start));
+    const span = document.createElement("span");
+    const color = wordColor(i);
+    span.className = "word";
+    span.textContent = body.caption.slice(word.start, word.end);
+    span.tabIndex = 0;
+    span.dataset.index = String(i);
+    span.dataset.color = color;
+    span.style.setProperty("--word-color", color);
+    span.title = `point (${fmt(word.point.x)}, ${fmt(word.point.y)}), box ${boxText(word.box)}, score ${word.score.toFixed(2)}`;
+    for (const on of ["mouseenter", "focus"]) span.addEventListener(on, () => setActive(i));
+    for (const off of ["mouseleave", "blur"]) span.addEventListener(off, () => setActive(-1));
+    els.caption.append(span);
+    pos = word.end;
+  });
+  els.caption.append(body.caption.slice(pos));
+  if (!body.caption) els.caption.textContent = "(empty caption)";
+}
+
+function maskCanvas(mask) {
+  const image = new Image();
+  image.src = `data:image/png;base64,${mask.png}`;
+  return image.decode().then(() => {
+    const [height, width] = mask.size;
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(image, 0, 0);
+    const pixels = ctx.getImageData(0, 0, width, height);
+    const rgb = [1, 3, 5].map((i) => parseInt(LOCALIZE_COLOR.slice(i, i + 2), 16));
+    for (let i = 0; i < pixels.data.length; i += 4) {
+      const inside = pixels.data[i] > 127;
+      pixels.data.set([...rgb, inside ? 110 : 0], i);
+    }
+    ctx.putImageData(pixels, 0, 0);
+    return canvas;
+  });
+}
+
+async function showLocalization(result) {
+  const mask = result.mask && result.mask.png ? await maskCanvas(result.mask) : null;
+  state.localization = { box: result.box, mask };
+  const swatch = document.createElement("span");
+  swatch.className = "word";
+  swatch.style.setProperty("--word-color", LOCALIZE_COLOR);
+  swatch.textContent = result.text;
+  els.localization.replaceChildren(swatch, `: box ${boxText(result.box)}, score ${result.score.toFixed(2)}`);
+}
+
+function showTimings(label, body, roundTrip) {
+  const rows = [
+    ["request", label],
+    ["model", body.model],
+    ["cache hit", body.cache_hit ? "yes" : "no"],
+    ...Object.entries(body.timing_ms).map(([name, ms]) => [`${name} (ms)`, ms.toFixed(1)]),
+    ["round trip (ms)", roundTrip.toFixed(1)],
+  ];
+  els.timings.replaceChildren(
+    ...rows.flatMap(([name, value]) => {
+      const dt = document.createElement("dt");
+      const dd = document.createElement("dd");
+      dt.textContent = name;
+      dd.textContent = value;
+      return [dt, dd];
+    }),
+  );
+}
+
+// --- wiring ------------------------------------------------------------------------------------------
+
+els.file.addEventListener("change", async () => {
+  const file = els.file.files[0];
+  if (!file) return;
+  const image = new Image();
+  const url = URL.createObjectURL(file);
+  image.src = url;
+  try {
+    await image.decode();
+  } catch {
+    showError("This browser cannot display that file; choose a PNG, JPEG, WEBP, BMP or GIF image.");
+    return;
+  } finally {
+    URL.revokeObjectURL(url);
+  }
+  state.generation += 1;
+  state.busy = false;
+  Object.assign(state, { file, image, words: [], active: -1, promptBox: null, localization: null });
+  state.size = { width: image.naturalWidth, height: image.naturalHeight };
+  els.caption.replaceChildren();
+  els.localization.replaceChildren();
+  els.timings.replaceChildren();
+  els.stage.hidden = false;
+  layout();
+  updateControls();
+  caption();
+});
+
+els.captionBtn.addEventListener("click", () => caption());
+els.localizeForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = els.localizeText.value.trim();
+  if (text) localize(text);
+});
+window.addEventListener("resize", layout);
+
+async function pollReady() {
+  try {
+    const response = await fetch("/readyz");
+    const body = await response.json();
+    if (response.ok) {
+      state.ready = true;
+      els.ready.textContent = `model ${body.model} ready`;
+      updateControls();
+      if (state.file && !state.words.length) caption();
+      return;
+    }
+    els.ready.textContent = body.error ? body.error.message : "model not ready";
+  } catch {
+    els.ready.textContent = "server unreachable";
+  }
+  setTimeout(pollReady, 2000);
+}
+
+pollReady();
