@@ -47,3 +47,8 @@ eval-default: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Debian chromium + chromedriver for the browser tests (tests/test_server_browser.py); apt needs root.
+.PHONY: browser-deps
+browser-deps:
+	(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)

@@ -1,0 +1,269 @@
+"""The web page at `/` in real headless Chromium against a real uvicorn process: upload an image, see the
+caption's words drawn on it, hover a word, drag a box, localize a text; a screenshot lands in tests/artifacts/."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_helpers import encode, png
+
+pytest_plugins = ["server_fixtures"]
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian chromium and chromium-driver on PATH (make browser-deps)",
+)
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,900",
+)
+ARTIFACTS = Path(__file__).parent / "artifacts"
+LOCALIZE_COLOR, DOT_RADIUS = "#e0007a", 5  # as in server/static/app.js
+# The image the random test model was chosen on (server_helpers.MAKE_MODEL): its box captions have words.
+W, H = 128, 96
+IMAGE = encode(Image.fromarray(np.random.RandomState(0).randint(0, 255, (H, W, 3), dtype=np.uint8)))
+TOKENS = "8"
+WAIT_S = 60
+
+
+def test_page_and_static_files_are_served(service_client: httpx.Client) -> None:
+    page = service_client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<canvas id="overlay"' in page.text and 'src="/static/app.js"' in page.text
+    for path, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+        response = service_client.get(path)
+        assert response.status_code == 200 and kind in response.headers["content-type"]
+    assert "/" not in service_client.get("/openapi.json").json()["paths"]
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})
+    browser = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield browser
+    browser.quit()
+
+
+def overlay_pixels(driver) -> np.ndarray:
+    """The overlay canvas as an HxWx4 uint8 array (RGBA, not premultiplied)."""
+    url = driver.execute_script("return document.getElementById('overlay').toDataURL('image/png')")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))).convert("RGBA"))
+
+
+def color_mask(pixels: np.ndarray, color: str, alpha: tuple[int, int] = (255, 255), tol: int = 30) -> np.ndarray:
+    rgb = np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)])
+    close = np.abs(pixels[..., :3].astype(int) - rgb).sum(-1) <= tol
+    return close & (pixels[..., 3] >= alpha[0]) & (pixels[..., 3] <= alpha[1])
+
+
+def canvas_box(box: dict, mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`box` (pixels of an image of `size`) in canvas pixels: [x0, y0, x1, y1]."""
+    sx, sy = mask.shape[1] / size[0], mask.shape[0] / size[1]
+    return np.array([box["x0"] * sx, box["y0"] * sy, box["x1"] * sx, box["y1"] * sy])
+
+
+def assert_drawn_at(mask: np.ndarray, box: dict, point: dict | None, size: tuple[int, int], unit: float) -> None:
+    """What `mask` marks spans exactly `box` and the dot at `point` (image pixels), within 3 canvas pixels."""
+    ys, xs = np.nonzero(mask)
+    assert xs.size, "nothing drawn"
+    expected = canvas_box(box, mask, size)
+    if point is not None:
+        dot = canvas_box({"x0": point["x"], "y0": point["y"], "x1": point["x"], "y1": point["y"]}, mask, size)
+        radius = DOT_RADIUS * unit
+        expected = np.concatenate(
+            [np.minimum(expected[:2], dot[:2] - radius), np.maximum(expected[2:], dot[2:] + radius)]
+        )
+    height, width = mask.shape
+    expected = np.clip(expected, 0, [width - 1, height - 1, width - 1, height - 1])
+    drawn = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+    assert np.abs(drawn - expected).max() <= 3, f"drawn at {drawn}, expected {expected.round(1)}"
+
+
+def outline_drawn(mask: np.ndarray, box: dict, size: tuple[int, int], reach: int = 2) -> float:
+    """The fraction of points along `box`'s edges, where inside the canvas, with a marked pixel nearby."""
+    x0, y0, x1, y1 = canvas_box(box, mask, size)
+    t = np.linspace(0, 1, 25)
+    xs = np.concatenate([x0 + t * (x1 - x0), x0 + t * (x1 - x0), np.full_like(t, x0), np.full_like(t, x1)])
+    ys = np.concatenate([np.full_like(t, y0), np.full_like(t, y1), y0 + t * (y1 - y0), y0 + t * (y1 - y0)])
+    height, width = mask.shape
+    hits = [
+        mask[max(int(y) - reach, 0) : int(y) + reach + 1, max(int(x) - reach, 0) : int(x) + reach + 1].any()
+        for x, y in zip(xs, ys)
+        if 0 <= x < width and 0 <= y < height
+    ]
+    assert hits, f"box {box} is outside the image"
+    return float(np.mean(hits))
+
+
+def wait_for_answer(driver, previous: str) -> None:
+    """Until the page has shown a new answer (its timings changed) and is idle again."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def answered(d) -> bool:
+        error = d.find_element("id", "error")
+        assert not error.is_displayed(), error.text
+        status = d.find_element("id", "status").text
+        return status.endswith("ms.") and d.find_element("id", "timings").text != previous
+
+    WebDriverWait(driver, WAIT_S).until(answered)
+
+
+def hover(driver, element) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).move_to_element(element).perform()
+
+
+def unit(driver, pixels: np.ndarray) -> float:
+    """Canvas pixels per CSS pixel."""
+    return pixels.shape[1] / driver.find_element("id", "overlay").size["width"]
+
+
+def open_page(driver, url: str) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{url}/")
+    WebDriverWait(driver, WAIT_S).until(lambda d: "ready" in d.find_element("id", "ready").text)
+    tokens = driver.find_element("id", "max-tokens")
+    tokens.clear()
+    tokens.send_keys(TOKENS)
+
+
+def upload(driver, path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    driver.find_element("id", "file").send_keys(str(path))
+    wait_for_answer(driver, previous="")
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_upload_caption_hover_box_localize(driver, service, service_client: httpx.Client, tmp_path: Path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    # Upload: the page captions the whole image and draws every word's point faintly.
+    open_page(driver, service.url)
+    upload(driver, tmp_path / "upload.png", IMAGE)
+    expected = service_client.post("/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": TOKENS}).json()
+    assert expected["words"], expected
+    assert driver.find_element("id", "caption").text == expected["caption"]
+    spans = driver.find_elements("css selector", "#caption .word")
+    assert [s.text for s in spans] == [w["text"] for w in expected["words"]]
+    pixels = overlay_pixels(driver)
+    assert not (pixels[..., 3] == 255).any(), "nothing should be drawn at full strength before a hover"
+    for word, span in zip(expected["words"], spans):
+        assert color_mask(pixels, span.get_attribute("data-color"), alpha=(40, 140)).any(), f"no point for {word}"
+
+    # Hover each word: its box and point are drawn in its color, where the API put them; leaving clears them.
+    for word, span in zip(expected["words"], spans):
+        hover(driver, span)
+        assert "active" in span.get_attribute("class")
+        pixels = overlay_pixels(driver)
+        drawn = color_mask(pixels, span.get_attribute("data-color"))
+        assert_drawn_at(drawn, word["box"], word["point"], (W, H), unit(driver, pixels))
+    hover(driver, driver.find_element("tag name", "h1"))
+    assert not (overlay_pixels(driver)[..., 3] == 255).any()
+
+    # Drag a box on the image: the region is captioned and the box stays drawn.
+    overlay = driver.find_element("id", "overlay")
+    size = overlay.size
+    start = (8 * size["width"] / W - size["width"] / 2, 8 * size["height"] / H - size["height"] / 2)
+    drag = (56 * size["width"] / W, 72 * size["height"] / H)
+    previous = driver.find_element("id", "timings").text
+    actions = ActionChains(driver).move_to_element_with_offset(overlay, *map(round, start)).click_and_hold()
+    actions.move_by_offset(*map(round, drag)).release().perform()
+    wait_for_answer(driver, previous)
+    assert driver.find_element("id", "clear-box").is_enabled()
+    spans = driver.find_elements("css selector", "#caption .word")
+    assert len(spans) >= 2
+    opaque = overlay_pixels(driver)[..., 3] == 255  # the dragged box, white and dashed black
+    assert outline_drawn(opaque, {"x0": 8, "y0": 8, "x1": 64, "y1": 80}, (W, H)) >= 0.95
+
+    # Localize a text: its box is drawn, and its mask blended where the API's mask is.
+    text = "the red square"
+    body = {"image": base64.b64encode(IMAGE).decode(), "text": text, "mask": True, "mask_format": "png"}
+    (loc,) = service_client.post("/v1/localize", json=body).json()["results"]
+    previous = driver.find_element("id", "timings").text
+    driver.find_element("id", "localize-text").send_keys(text)
+    driver.find_element("id", "localize-btn").click()
+    wait_for_answer(driver, previous)
+    assert driver.find_element("id", "localization").text.startswith(text)
+    pixels = overlay_pixels(driver)
+    assert_drawn_at(color_mask(pixels, LOCALIZE_COLOR), loc["box"], None, (W, H), unit(driver, pixels))
+    api_mask = Image.open(io.BytesIO(base64.b64decode(loc["mask"]["png"])))
+    api_mask = np.asarray(api_mask.resize(pixels.shape[1::-1], Image.NEAREST)) > 127
+    assert api_mask.any()
+    blended = color_mask(pixels, LOCALIZE_COLOR, alpha=(90, 130))
+    assert (blended & api_mask).sum() / (blended | api_mask).sum() > 0.9
+
+    hover(driver, spans[1])
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "web_page.png"))
+    assert driver.get_log("browser") == []
+
+
+# Replaces the model's words in caption answers with two words of known, large boxes (arguments[0]).
+KNOWN_WORDS_JS = """
+const words = arguments[0];
+const realFetch = window.fetch;
+window.fetch = async (url, init) => {
+  const response = await realFetch(url, init);
+  if (!String(url).endsWith("/v1/caption") || !response.ok) return response;
+  const body = Object.assign(await response.json(), {caption: "big box", words});
+  return new Response(JSON.stringify(body), {status: 200, headers: {"content-type": "application/json"}});
+};
+"""
+
+
+@pytest.mark.browser
+@needs_chromium
+@pytest.mark.parametrize("size", [(40, 30), (900, 120), (60, 700)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_boxes_scale_to_any_image_size(driver, service, tmp_path: Path, size: tuple[int, int]) -> None:
+    """Word boxes given in image pixels land at the same place on the canvas, whatever the image's shape."""
+    width, height = size
+    boxes = [(0.1, 0.2, 0.6, 0.9), (0.5, 0.05, 0.95, 0.5)]
+    words = []
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        box = {"x0": x0 * width, "y0": y0 * height, "x1": x1 * width, "y1": y1 * height}
+        point = {"x": (box["x0"] + box["x1"]) / 2, "y": (box["y0"] + box["y1"]) / 2}
+        norm = {"x0": x0, "y0": y0, "x1": x1, "y1": y1}
+        point_norm = {"x": point["x"] / width, "y": point["y"] / height}
+        start = 4 * i
+        words.append(
+            dict(text="big box"[start : start + 3], start=start, end=start + 3, point=point, point_norm=point_norm)
+            | dict(box=box, box_norm=norm, score=0.9)
+        )
+    open_page(driver, service.url)
+    driver.execute_script(KNOWN_WORDS_JS, words)
+    upload(driver, tmp_path / "image.png", png(width, height, seed=width))
+    spans = driver.find_elements("css selector", "#caption .word")
+    assert [s.text for s in spans] == ["big", "box"]
+    for word, span in zip(words, spans):
+        hover(driver, span)
+        pixels = overlay_pixels(driver)
+        drawn = color_mask(pixels, span.get_attribute("data-color"))
+        assert_drawn_at(drawn, word["box"], word["point"], size, unit(driver, pixels))
+        assert outline_drawn(drawn, word["box"], size) >= 0.95
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / f"web_page_{width}x{height}.png"))
