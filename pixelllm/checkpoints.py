@@ -162,9 +162,24 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
             "transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
         )
     try:
-        t5 = T5ForConditionalGeneration.from_pretrained(path)
+        # transformers would silently re-initialize missing or mis-shaped weights; we report them instead
+        t5, info = T5ForConditionalGeneration.from_pretrained(
+            path, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"could not load T5 weights from {path}: {str(e).splitlines()[0]}") from None
+    shapes = [
+        f"{k}: file {tuple(a)} vs model {tuple(b)}"
+        for k, a, b in sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    ]
+    missing = sorted(info.get("missing_keys") or [])
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches, first: {shapes[:3]}")
+    if missing:
+        problems.append(f"{len(missing)} missing keys, first: {missing[:5]}")
+    if problems:
+        raise CheckpointError(f"T5 weights in {path} do not match its config.json: " + "; ".join(problems))
     log.info("loaded T5 from %s", path)
     return t5, Tokenizer.from_file(path / TOKENIZER_FILE)
 

@@ -121,7 +121,7 @@ def beam_search(
             chosen = 0
             for score, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
                 row, token = b * k + idx // vocab, idx % vocab
-                if len(finished[b]) >= k:
+                if len(finished[b]) >= k or score == float("-inf"):  # the rest extend dead beams or banned ids
                     break
                 if token == EOS_ID:
                     finished[b].append(
@@ -166,7 +166,7 @@ def beam_search(
     results = []
     for b in range(batch_size):
         pool = list(finished[b])
-        if not pool:  # nothing reached EOS within max_new_tokens: take the running beams
+        if len(pool) < k:  # stopped by max_new_tokens: the running beams compete with the finished ones
             for j in range(k):
                 row = b * k + j
                 score = float(beam_scores[b, j])

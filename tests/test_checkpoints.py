@@ -1,0 +1,425 @@
+"""Loaders of the official formats, on tiny files the peer libraries build and save themselves, and our own
+save_pretrained / from_pretrained. Wrong, truncated and mismatched files must raise `CheckpointError` naming
+the file and the first mismatched keys and shapes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import (
+    OFFICIAL_IMAGE_SIZE,
+    PEER_EVA,
+    PEER_SAM_IMAGE_SIZE,
+    make_batch,
+    official_tiny_config,
+    peer_sam,
+    peer_t5,
+    perturb_,
+    train_tokenizer,
+)
+from safetensors.torch import load_file, save_file
+from segment_anything.modeling.image_encoder import get_rel_pos
+from timm.layers import resample_abs_pos_embed_nhwc
+
+from pixelllm import PixelLLM, Tokenizer, build_pixelllm
+from pixelllm.checkpoints import CheckpointError, load_eva_checkpoint, load_sam_checkpoint, load_t5
+from pixelllm.modeling.pixelllm import Prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the SAM checkpoint format: top-level prefix -> our module holding that part
+SAM_PARTS = {
+    "image_encoder": lambda m: m.image_encoder.sam,
+    "prompt_encoder": lambda m: m.prompt_encoder.sam,
+    "mask_decoder": lambda m: m.mask_head.decoder,
+}
+
+
+def sam_file_parts(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    state = torch.load(path, weights_only=True)
+    return {p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")} for p in SAM_PARTS}
+
+
+def truncated_copy(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def first_shape_mismatch(file_state: dict, own_state: dict) -> str:
+    """The first key, in the model's order, whose shape differs: what the error must name."""
+    return next(k for k, v in own_state.items() if k in file_state and file_state[k].shape != v.shape)
+
+
+@pytest.fixture(scope="module")
+def sam_same_model(official_files):
+    """The official config with a SAM checkpoint saved at exactly our input size (no resampling)."""
+    return build_pixelllm(official_tiny_config(), sam_checkpoint=official_files["sam_same"])
+
+
+# ------------------------------------------------------------------ SAM
+def test_sam_same_size_loads_every_weight_exactly(official_files, sam_same_model):
+    for prefix, part in sam_file_parts(official_files["sam_same"]).items():
+        ours = SAM_PARTS[prefix](sam_same_model).state_dict()
+        assert ours.keys() == part.keys()
+        for k, v in part.items():
+            assert torch.equal(ours[k], v), f"{prefix}.{k}"
+
+
+@torch.no_grad()
+def test_sam_same_size_outputs_equal_segment_anything(official_files, sam_same_model):
+    cfg = official_tiny_config()
+    sam = peer_sam(cfg, cfg.image_size)
+    sam.load_state_dict(torch.load(official_files["sam_same"], weights_only=True))
+    images = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    feats = sam.image_encoder(sam.preprocess(images * 255))
+    torch.testing.assert_close(sam_same_model.image_encoder.encode_sam(images), feats, rtol=1e-5, atol=1e-5)
+    # the mask path: SAM's prompt encoder + mask decoder on a box, as `Sam.forward` wires them
+    boxes = torch.tensor([[10.0, 20.0, 70.0, 90.0], [0.0, 0.0, 50.0, 30.0]])
+    expected = []
+    for i in range(2):
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes[i : i + 1], masks=None)
+        low, _ = sam.mask_decoder(
+            image_embeddings=feats[i : i + 1],
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        expected.append(low[:, 0])
+    got = sam_same_model.mask_head(feats, boxes, sam_same_model.prompt_encoder)
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_sam_other_size_resamples_position_tables(official_files, official_model):
+    cfg = official_model.cfg
+    parts = sam_file_parts(official_files["sam_resized"])
+    ours = official_model.image_encoder.sam.state_dict()
+    grid = cfg.image_size // cfg.sam.patch_size
+    assert parts["image_encoder"]["pos_embed"].shape[1] == PEER_SAM_IMAGE_SIZE // cfg.sam.patch_size != grid
+    resampled = set()
+    for k, v in parts["image_encoder"].items():
+        if v.shape == ours[k].shape:
+            assert torch.equal(ours[k], v), k
+            continue
+        resampled.add(k)
+        if k == "pos_embed":
+            expected = resample_abs_pos_embed_nhwc(v, [grid, grid], interpolation="bicubic", antialias=False)
+            torch.testing.assert_close(ours[k], expected)
+        else:
+            # a global block's relative position table: SAM itself resizes it at run time in `get_rel_pos`
+            # when the grid differs, so the resampled table must index to exactly what SAM would use
+            torch.testing.assert_close(get_rel_pos(grid, grid, ours[k]), get_rel_pos(grid, grid, v))
+    global_tables = {f"blocks.{i}.attn.rel_pos_{a}" for i in cfg.sam.global_attn_indexes for a in "hw"}
+    assert resampled == {"pos_embed"} | global_tables
+    for prefix in ("prompt_encoder", "mask_decoder"):
+        own = SAM_PARTS[prefix](official_model).state_dict()
+        for k, v in parts[prefix].items():
+            assert torch.equal(own[k], v), f"{prefix}.{k}"
+
+
+def test_sam_mismatched_widths_name_file_and_first_shapes(tmp_path):
+    cfg = official_tiny_config()
+    other = official_tiny_config()
+    other.sam.embed_dim = 32
+    path = tmp_path / "sam_narrow.pth"
+    torch.save(peer_sam(other, cfg.image_size).state_dict(), path)
+    model = build_pixelllm(cfg)
+    with pytest.raises(CheckpointError) as e:
+        load_sam_checkpoint(model, path)
+    msg = str(e.value)
+    part = sam_file_parts(path)["image_encoder"]
+    own = model.image_encoder.sam.state_dict()
+    key = first_shape_mismatch(part, own)
+    assert str(path) in msg and "image_encoder" in msg
+    assert f"{key}: file {tuple(part[key].shape)} vs model {tuple(own[key].shape)}" in msg
+
+
+def test_sam_deeper_encoder_names_unexpected_keys(tmp_path):
+    cfg = official_tiny_config()
+    other = official_tiny_config()
+    other.sam.depth += 1
+    path = tmp_path / "sam_deeper.pth"
+    torch.save(peer_sam(other, cfg.image_size).state_dict(), path)
+    model = build_pixelllm(cfg)
+    with pytest.raises(CheckpointError) as e:
+        load_sam_checkpoint(model, path)
+    part = sam_file_parts(path)["image_encoder"]
+    extra = [k for k in part if k not in model.image_encoder.sam.state_dict()]
+    assert extra and str(path) in str(e.value) and "unexpected" in str(e.value) and extra[0] in str(e.value)
+
+
+# ------------------------------------------------------------------ EVA02 (timm)
+@pytest.mark.parametrize("fmt", ["eva_pth", "eva_safetensors"])
+@torch.no_grad()
+def test_eva_weights_load_like_timm_loads_them(official_files, fmt):
+    path = official_files[fmt]
+    cfg = official_tiny_config()
+    model = build_pixelllm(cfg, eva_checkpoint=path)
+    # timm's own loader, from the same file, at our input size (it resamples pos_embed itself)
+    reference = timm.create_model(
+        PEER_EVA,
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(path)},
+        num_classes=0,
+        img_size=OFFICIAL_IMAGE_SIZE,
+    ).eval()
+    saved = timm.create_model(PEER_EVA).state_dict()
+    assert reference.pos_embed.shape != saved["pos_embed"].shape  # 224 px -> 112 px
+    ours = model.image_encoder.eva.state_dict()
+    assert ours.keys() == reference.state_dict().keys()
+    for k, v in reference.state_dict().items():
+        assert torch.equal(ours[k], v), k
+    images = torch.rand(1, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(reference.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(reference.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    tokens = reference.forward_features((images - mean) / std)[:, reference.num_prefix_tokens :]
+    got = model.image_encoder.encode_eva(images).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_eva_mismatched_model_names_file_and_shapes(tmp_path):
+    path = tmp_path / "eva_wide.safetensors"
+    other = timm.create_model(PEER_EVA, embed_dim=96, num_heads=3)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    model = build_pixelllm(official_tiny_config())
+    with pytest.raises(CheckpointError) as e:
+        load_eva_checkpoint(model, path)
+    assert str(path) in str(e.value)
+    own = model.image_encoder.eva.state_dict()
+    key = first_shape_mismatch(other.state_dict(), own)
+    assert key in str(e.value) and "shape" in str(e.value)
+
+
+def test_eva_shallower_model_names_missing_keys(tmp_path):
+    path = tmp_path / "eva_shallow.pth"
+    torch.save(timm.create_model(PEER_EVA, depth=2).state_dict(), path)
+    model = build_pixelllm(official_tiny_config())
+    with pytest.raises(CheckpointError) as e:
+        load_eva_checkpoint(model, path)
+    first_missing = next(k for k in model.image_encoder.eva.state_dict() if k.startswith("blocks.2."))
+    assert str(path) in str(e.value) and "missing" in str(e.value) and first_missing in str(e.value)
+
+
+# ------------------------------------------------------------------ T5 (transformers)
+@torch.no_grad()
+def test_t5_directory_loads_weights_and_tokenizer(official_files, official_model):
+    from transformers import T5ForConditionalGeneration
+
+    reference = T5ForConditionalGeneration.from_pretrained(official_files["t5"]).eval()
+    lm = official_model.language_model
+    # LoRA wraps q and v (`q.base_layer`); every base weight is the saved one
+    base = {k.replace(".base_layer", ""): v for k, v in lm.t5.state_dict().items() if ".lora_" not in k}
+    ref = reference.state_dict()
+    assert base.keys() == ref.keys()
+    for k, v in ref.items():
+        assert torch.equal(base[k], v), k
+    # LoRA B starts at zero, so the adapted model computes exactly the saved T5
+    gen = torch.Generator().manual_seed(0)
+    visual = torch.randn(1, 4, lm.dim, generator=gen)
+    ids = torch.randint(3, lm.vocab_size, (1, 5), generator=gen)
+    dec = torch.randint(3, lm.vocab_size, (1, 6), generator=gen)
+    states, mask = lm.encode(visual, ids, torch.ones_like(ids))
+    hidden, _ = lm.decode(dec, states, mask)
+    embeds = torch.cat([visual, reference.get_input_embeddings()(ids)], 1)
+    out = reference(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec)
+    torch.testing.assert_close(lm.logits(hidden), out.logits, rtol=1e-5, atol=1e-5)
+    # the directory's tokenizer, and the config updated to the loaded T5's shape
+    text = "a small green star in the middle."
+    assert official_model.tokenizer.encode(text) == Tokenizer.from_file(official_files["t5"]).encode(text)
+    assert official_model.cfg.language_model.t5["d_model"] == reference.config.d_model
+
+
+def copy_t5_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_t5_directory_errors(official_files, tmp_path):
+    src = official_files["t5"]
+    no_config = copy_t5_dir(src, tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    no_tokenizer = copy_t5_dir(src, tmp_path / "no_tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
+    no_weights = copy_t5_dir(src, tmp_path / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    truncated = copy_t5_dir(src, tmp_path / "truncated")
+    truncated_copy(src / "model.safetensors", truncated / "model.safetensors")
+    for bad, words in (
+        (no_config, ["config.json"]),
+        (no_tokenizer, ["tokenizer.json"]),
+        (no_weights, []),
+        (truncated, []),
+    ):
+        with pytest.raises(CheckpointError) as e:
+            load_t5(bad)
+        assert str(bad) in str(e.value)
+        assert all(w in str(e.value) for w in words)
+
+
+def test_t5_weights_of_another_shape_name_keys_and_shapes(official_files, tmp_path):
+    cfg = official_tiny_config()
+    other = dict(cfg.language_model.t5, d_ff=96)
+    other_dir = tmp_path / "other"
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(**other)).save_pretrained(other_dir)
+    mixed = copy_t5_dir(official_files["t5"], tmp_path / "mixed")
+    shutil.copy(other_dir / "model.safetensors", mixed / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_t5(mixed)
+    file_state = load_file(str(mixed / "model.safetensors"))
+    own = peer_t5(cfg).state_dict()
+    bad = sorted(k for k in own if k in file_state and file_state[k].shape != own[k].shape)
+    assert str(mixed) in str(e.value)
+    assert f"{bad[0]}: file {tuple(file_state[bad[0]].shape)} vs model {tuple(own[bad[0]].shape)}" in str(e.value)
+
+
+def test_t5_weights_with_missing_tensors_are_an_error(official_files, tmp_path):
+    # transformers alone would re-initialize a missing tensor at random and carry on
+    partial = copy_t5_dir(official_files["t5"], tmp_path / "partial")
+    state = load_file(str(partial / "model.safetensors"))
+    dropped = sorted(state)[len(state) // 2]
+    del state[dropped]
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        load_t5(partial)
+    assert str(partial) in str(e.value) and "missing" in str(e.value) and dropped in str(e.value)
+
+
+# ------------------------------------------------------------------ unreadable files
+def test_corrupt_and_foreign_files_are_clear_errors(official_files, tmp_path):
+    model = build_pixelllm(official_tiny_config())
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint" * 100)
+    garbage_st = tmp_path / "garbage.safetensors"
+    garbage_st.write_bytes(b"\xff" * 64)
+    a_list = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], a_list)
+    pickled_code = tmp_path / "module.pth"
+    torch.save(torch.nn.Linear(2, 2), pickled_code)  # needs unpickling code: refused, not run
+    cases = [
+        (load_sam_checkpoint, truncated_copy(official_files["sam_same"], tmp_path / "sam_trunc.pth")),
+        (load_eva_checkpoint, truncated_copy(official_files["eva_pth"], tmp_path / "eva_trunc.pth")),
+        (load_eva_checkpoint, truncated_copy(official_files["eva_safetensors"], tmp_path / "eva_trunc.safetensors")),
+        (load_sam_checkpoint, garbage),
+        (load_eva_checkpoint, garbage_st),
+        (load_sam_checkpoint, a_list),
+        (load_sam_checkpoint, pickled_code),
+        (load_sam_checkpoint, tmp_path / "missing.pth"),
+        (load_sam_checkpoint, official_files["eva_pth"]),  # an EVA file given as SAM
+        (load_eva_checkpoint, official_files["sam_same"]),  # a SAM file given as EVA
+    ]
+    for loader, path in cases:
+        with pytest.raises(CheckpointError) as e:
+            loader(model, path)
+        assert str(path) in str(e.value), (loader.__name__, path, str(e.value))
+    with pytest.raises(CheckpointError, match="not a SAM checkpoint"):
+        load_sam_checkpoint(model, official_files["eva_pth"])
+
+
+# ------------------------------------------------------------------ our format
+@torch.no_grad()
+def outputs(model: PixelLLM, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Losses on a real batch, and greedy generation with points: everything a round trip must keep."""
+    batch = make_batch(model, seed=seed)
+    out = {k: v for k, v in model(batch).items()}
+    features = model.encode_images(batch["images"])
+    prompts = Prompts(
+        texts=batch["prompts"],
+        boxes=batch["boxes"],
+        box_mask=batch["box_mask"],
+        points=batch["points"],
+        point_mask=batch["point_mask"],
+    )
+    for i, g in enumerate(model.generate(features, prompts, max_new_tokens=6)):
+        out[f"ids{i}"], out[f"corners{i}"], out[f"confidence{i}"] = g.ids, g.corners, g.confidence
+    out["masks"] = model.masks(features, batch["mask_boxes"])
+    return out
+
+
+def assert_same_outputs(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_save_and_load_random_tiny_model(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    loaded = PixelLLM.from_pretrained(tmp_path / "m")
+    own, back = tiny_model.state_dict(), loaded.state_dict()
+    assert own.keys() == back.keys()
+    for k in own:
+        assert torch.equal(own[k], back[k]), k
+    assert_same_outputs(outputs(tiny_model), outputs(loaded))
+
+
+def test_save_from_official_files_stores_only_non_official_weights(official_files, tmp_path):
+    cfg = official_tiny_config()
+    model = build_pixelllm(
+        cfg,
+        sam_checkpoint=official_files["sam_resized"],
+        eva_checkpoint=official_files["eva_pth"],
+        t5_path=official_files["t5"],
+    )
+    # "fine-tune": change every trainable weight (LoRA B included) so the stored file matters
+    perturb_(torch.nn.ParameterList([p for p in model.parameters() if p.requires_grad]), seed=5, scale=0.05)
+    model.save_pretrained(tmp_path / "m")
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= stored.keys()
+    # frozen official weights stay in the official files: SAM (encoder, prompt encoder, mask decoder) and T5
+    assert not [k for k in stored if k.startswith(("image_encoder.sam.", "prompt_encoder.sam.", "mask_head."))]
+    t5_keys = [k for k in stored if k.startswith("language_model.")]
+    assert t5_keys and all(".lora_" in k for k in t5_keys)
+    assert any(k.startswith("image_encoder.eva.") for k in stored)  # trainable here, so ours
+    loaded = PixelLLM.from_pretrained(tmp_path / "m")
+    assert loaded.sources == model.sources
+    own, back = model.state_dict(), loaded.state_dict()
+    for k in own:
+        assert torch.equal(own[k], back[k]), k
+    assert_same_outputs(outputs(model), outputs(loaded))
+
+
+def test_from_pretrained_errors(tiny_model, tmp_path):
+    good = tmp_path / "good"
+    tiny_model.save_pretrained(good)
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        PixelLLM.from_pretrained(missing)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(good, corrupt)
+    truncated_copy(good / "model.safetensors", corrupt / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        PixelLLM.from_pretrained(corrupt)
+    assert str(corrupt / "model.safetensors") in str(e.value)
+    # weights of another shape under this config
+    wider = tmp_path / "wider"
+    shutil.copytree(good, wider)
+    cfg = tiny_model.cfg.__class__.from_json(good / "config.json")
+    cfg.point_head.hidden_dim = 64
+    torch.manual_seed(0)
+    other = build_pixelllm(cfg)
+    other.save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.safetensors", wider / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        PixelLLM.from_pretrained(wider)
+    own = tiny_model.state_dict()
+    first = first_shape_mismatch(other.state_dict(), own)
+    assert str(wider / "model.safetensors") in str(e.value) and first in str(e.value)
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = train_tokenizer()
+    tok.save(tmp_path)
+    back = Tokenizer.from_file(tmp_path)
+    text = "a large red circle on the left and a small blue square at the bottom."
+    assert back.encode(text) == tok.encode(text)
+    assert back.decode(back.encode(text)) == text

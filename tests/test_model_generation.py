@@ -1,0 +1,119 @@
+"""Greedy and beam decoding (`pixelllm.modeling.generation`) on a scripted language model whose answers are
+known: the best caption by exhaustive search, and a location for every token that is a function of its prefix.
+
+The scripted model keeps each row's token prefix in the real KV cache (`EncoderDecoderCache`), so beam
+reordering goes through the same `reorder_cache` the T5 decoder's cache does.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from pixelllm.modeling.generation import beam_search, greedy
+from pixelllm.tokenizer import EOS_ID, PAD_ID
+
+VOCAB = 4  # PAD, EOS and two words
+WORDS = (2, 3)
+MAX_LEN = 4
+
+
+class ScriptedLM:
+    """Per batch item a Markov table of log-probs: logp[item, position, previous token, next token]."""
+
+    def __init__(self, batch_size: int, num_beams: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(batch_size, MAX_LEN, VOCAB, VOCAB, generator=gen) * 2
+        logits[..., PAD_ID] = float("-inf")
+        self.logp = torch.log_softmax(logits, dim=-1)
+        self.rows_item = torch.arange(batch_size * num_beams) // num_beams
+
+    def step(self, last, cache):
+        # the whole prefix so far, from the cache (reordered by beam search between steps)
+        token = last.float().view(-1, 1, 1, 1)
+        prefix, _ = cache.self_attention_cache.update(token, token, 0)
+        prefix = prefix.view(len(last), -1).long()  # (rows, t + 1), starting with the PAD decoder start
+        hidden = torch.full((len(last), MAX_LEN + 1), -1.0)
+        hidden[:, : prefix.shape[1]] = prefix.float()
+        return hidden, cache
+
+    def heads(self, hidden):
+        t = int((hidden >= 0).sum(1)[0]) - 1  # tokens generated so far
+        last = hidden[:, t].long()
+        logits = self.logp[self.rows_item[: len(hidden)], t, last]
+        return logits, corners_of(hidden), torch.sigmoid(hidden.clamp(min=0).sum(1) / 10)
+
+    def score(self, item: int, seq: tuple[int, ...]) -> float:
+        """Mean log-prob of `seq` (the beam search's score with length_penalty 1)."""
+        prev, total = PAD_ID, 0.0
+        for t, tok in enumerate(seq):
+            total += float(self.logp[item, t, prev, tok])
+            prev = tok
+        return total / len(seq)
+
+
+def corners_of(hidden: torch.Tensor) -> torch.Tensor:
+    """A location that identifies the prefix a decoder state has read: (rows, 2, 2) in [0, 1]."""
+    prefix = hidden.clamp(min=0)
+    code = (prefix * torch.tensor([1, 5, 25, 125, 625])[: prefix.shape[1]]).sum(1) / 3125
+    return torch.stack([code, code / 2, code / 3, code / 4], dim=1).view(-1, 2, 2)
+
+
+def expected_corners(seq: torch.Tensor) -> torch.Tensor:
+    """The corners each token of `seq` must carry: those of the state that emitted it (its prefix)."""
+    rows = []
+    for i in range(len(seq)):
+        hidden = torch.full((1, MAX_LEN + 1), -1.0)
+        hidden[0, : i + 1] = torch.tensor([PAD_ID, *seq[:i].tolist()], dtype=torch.float)
+        rows.append(corners_of(hidden)[0])
+    return torch.stack(rows)
+
+
+def all_captions() -> list[tuple[int, ...]]:
+    """Every sequence beam search can return within MAX_LEN: words then EOS, or MAX_LEN words."""
+    out = []
+    for n in range(MAX_LEN):
+        out += [(*words, EOS_ID) for words in itertools.product(WORDS, repeat=n)]
+    return out + list(itertools.product(WORDS, repeat=MAX_LEN))
+
+
+def test_beam_search_wide_enough_finds_the_exhaustive_best_with_its_points():
+    batch, beams = 2, 2**MAX_LEN  # every live prefix fits in the beam: the search is exhaustive
+    kinds = set()
+    for seed in range(12):
+        lm = ScriptedLM(batch, beams, seed)
+        results = beam_search(lm.step, lm.heads, batch, beams, MAX_LEN, torch.device("cpu"))
+        for item, g in enumerate(results):
+            best = max(all_captions(), key=lambda s: lm.score(item, s))
+            assert tuple(g.ids.tolist()) == best, (seed, item)
+            assert g.score == pytest.approx(lm.score(item, best), abs=1e-5)
+            torch.testing.assert_close(g.corners, expected_corners(g.ids))
+            kinds.add(best[-1] == EOS_ID)
+    assert kinds == {True, False}  # both finished captions and captions cut at max length won somewhere
+
+
+@pytest.mark.parametrize("beams", [1, 2, 3])
+def test_narrow_beams_carry_the_points_of_their_own_tokens(beams):
+    for seed in range(6):
+        lm = ScriptedLM(3, beams, seed)
+        for g in beam_search(lm.step, lm.heads, 3, beams, MAX_LEN, torch.device("cpu")):
+            assert g.corners.shape == (len(g.ids), 2, 2) and g.confidence.shape == (len(g.ids),)
+            torch.testing.assert_close(g.corners, expected_corners(g.ids))
+
+
+def test_greedy_follows_the_argmax_and_trims_after_eos():
+    for seed in range(6):
+        lm = ScriptedLM(3, 1, seed)
+        results = greedy(lm.step, lm.heads, 3, MAX_LEN, torch.device("cpu"))
+        for item, g in enumerate(results):
+            prev, expected = PAD_ID, []
+            for t in range(MAX_LEN):
+                prev = int(lm.logp[item, t, prev].argmax())
+                expected.append(prev)
+                if prev == EOS_ID:
+                    break
+            assert g.ids.tolist() == expected
+            assert g.score == pytest.approx(lm.score(item, tuple(expected)), abs=1e-5)
+            torch.testing.assert_close(g.corners, expected_corners(g.ids))

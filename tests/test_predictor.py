@@ -1,0 +1,246 @@
+"""Predictor coordinates: model outputs map back to absolute pixels of non-square inputs, prompts map into the
+model's input, bad prompts are refused. Hooks on the model fix its normalized outputs so the expected pixels
+are known exactly."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelllm import Predictor
+from pixelllm.tokenizer import EOS_ID
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZES = [(100, 300), (300, 100), (257, 511), (160, 160)]  # (height, width)
+
+
+@contextmanager
+def controlled(model, corners: torch.Tensor | None = None, token: str | None = "circle") -> Iterator[dict]:
+    """While active: the point head outputs `corners` ((2, 2) normalized [[x0, y0], [x1, y1]]) for every token,
+    with confidence logit 0 (score 0.5); the vocabulary head always picks `token` and never EOS (so captions
+    are `token` repeated max_new_tokens times);
+    the inputs of the image encoder, prompt encoder and mask head are recorded in the yielded dict."""
+    seen: dict = {}
+    handles = []
+    if corners is not None:
+
+        def fix_points(module, args, out):
+            fixed = corners.to(out[0].dtype).expand_as(out[0]).clone()
+            return fixed, torch.zeros_like(out[1])
+
+        handles.append(model.point_head.register_forward_hook(fix_points))
+    if token is not None:
+        (token_id,) = model.tokenizer.encode(token, add_eos=False)
+
+        def force_token(module, args, out):
+            forced = torch.full_like(out, -1e4)
+            forced[..., token_id] = 0
+            forced[..., EOS_ID] = -1e9
+            return forced
+
+        handles.append(model.language_model.t5.lm_head.register_forward_hook(force_token))
+
+    def record(name):
+        def hook(module, args, kwargs):
+            seen[name] = (args, kwargs)
+
+        return hook
+
+    handles.append(model.image_encoder.register_forward_pre_hook(record("image_encoder"), with_kwargs=True))
+    handles.append(model.prompt_encoder.register_forward_pre_hook(record("prompt_encoder"), with_kwargs=True))
+    handles.append(model.mask_head.register_forward_pre_hook(record("mask_head"), with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def normalized(box_px, height: int, width: int) -> torch.Tensor:
+    """The model-output corners that mean `box_px`: the image is resized by its longer side into the square
+    input and padded right/bottom, so normalized coordinates are pixels / max(height, width)."""
+    x0, y0, x1, y1 = box_px
+    side = max(height, width)
+    return torch.tensor([[x0 / side, y0 / side], [x1 / side, y1 / side]])
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model):
+    return Predictor(tiny_model)
+
+
+def assert_box(got, expected, tol: float) -> None:
+    assert got == pytest.approx(expected, abs=tol), (got, expected)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_words_and_boxes_map_back_to_image_pixels(predictor, size):
+    h, w = size
+    predictor.set_image(np.zeros((h, w, 3), np.uint8))
+    target = (0.1 * w, 0.2 * h, 0.7 * w, 0.9 * h)
+    center = ((target[0] + target[2]) / 2, (target[1] + target[3]) / 2)
+    tol = 1e-4 * max(h, w)
+    with controlled(predictor.model, normalized(target, h, w)):
+        captions = [
+            predictor.caption(max_new_tokens=3),
+            predictor.caption(max_new_tokens=3, num_beams=2),
+            *predictor.caption_batch([None, (1, 2, 20, 30), (5, 6)], max_new_tokens=3),
+        ]
+        streamed = list(predictor.caption_stream(max_new_tokens=3))
+        loc = predictor.localize("the red circle")
+    for cap in captions:
+        assert cap.text == "circle circle circle"
+        assert [(wd.text, wd.start, wd.end) for wd in cap.words] == [
+            ("circle", 0, 6),
+            ("circle", 7, 13),
+            ("circle", 14, 20),
+        ]
+        for word in cap.words:
+            assert_box(word.box, target, tol)
+            assert_box(word.point, center, tol)
+            assert word.score == pytest.approx(0.5)
+    assert streamed == captions[0].words
+    assert_box(loc.box, target, tol)
+    assert [wd.text for wd in loc.words] == ["the", "red", "circle"]
+    for word in loc.words:
+        assert_box(word.box, target, tol)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_outputs_are_ordered_and_clipped_to_the_image(predictor, size):
+    h, w = size
+    predictor.set_image(np.zeros((h, w, 3), np.uint8))
+    # corners given as (x1, y1), (x0, y0): the box is still x0 <= x1, y0 <= y1
+    target = (0.25 * w, 0.3 * h, 0.5 * w, 0.6 * h)
+    swapped = normalized(target, h, w).flip(0)
+    with controlled(predictor.model, swapped):
+        assert_box(predictor.caption(max_new_tokens=1).words[0].box, target, 1e-4 * max(h, w))
+    # the whole square includes the padding beyond the image: clipped to the image
+    with controlled(predictor.model, torch.tensor([[0.0, 0.0], [1.0, 1.0]])):
+        cap = predictor.caption(max_new_tokens=1)
+        loc = predictor.localize("the red circle")
+    assert_box(cap.words[0].box, (0, 0, w, h), 1e-6)
+    assert_box(loc.box, (0, 0, w, h), 1e-6)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_drawn_rectangle_found_in_the_model_input_maps_back_onto_itself(predictor, size):
+    """Independent of the mapping formulas: find the rectangle where the model sees it, output those corners,
+    and get the rectangle back in image pixels (to within one model-input pixel)."""
+    h, w = size
+    rect = (round(0.3 * w), round(0.4 * h), round(0.8 * w), round(0.7 * h))
+    image = np.zeros((h, w, 3), np.uint8)
+    image[rect[1] : rect[3], rect[0] : rect[2]] = 255
+    model = predictor.model
+    s = model.cfg.image_size
+    with controlled(model, token="circle") as seen:
+        predictor.set_image(Image.fromarray(image))
+    model_input = seen["image_encoder"][0][0][0]  # (3, S, S) in [0, 1]
+    ys, xs = np.nonzero(model_input.mean(0).numpy() > 0.5)
+    found = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # model-input pixels
+    corners = torch.tensor([[found[0], found[1]], [found[2], found[3]]], dtype=torch.float32) / s
+    with controlled(model, corners):
+        box = predictor.caption(max_new_tokens=1).words[0].box
+    assert_box(box, rect, tol=1.01 * max(h, w) / s)
+    # the image fills the top-left of the square, the padding is black
+    scale = s / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    assert model_input[:, nh:].abs().sum() == 0 and model_input[:, :, nw:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_box_and_point_prompts_map_into_model_input_pixels(predictor, size):
+    h, w = size
+    predictor.set_image(np.zeros((h, w, 3), np.uint8))
+    model = predictor.model
+    scale = model.cfg.image_size / max(h, w)
+    box, point = (0.2 * w, 0.1 * h, 0.9 * w, 0.5 * h), (0.75 * w, 0.25 * h)
+    with controlled(model, normalized(box, h, w)) as seen:
+        predictor.caption(box=box, max_new_tokens=1)
+        kw = seen["prompt_encoder"][1]
+        assert kw["box_mask"].tolist() == [True] and kw["point_mask"].tolist() == [False]
+        assert kw["boxes"][0].tolist() == pytest.approx([c * scale for c in box], abs=1e-3)
+
+        predictor.caption(point=point, max_new_tokens=1)
+        kw = seen["prompt_encoder"][1]
+        assert kw["box_mask"].tolist() == [False] and kw["point_mask"].tolist() == [True]
+        assert kw["points"][0].tolist() == pytest.approx([c * scale for c in point], abs=1e-3)
+
+        predictor.caption_batch([box, point, None], max_new_tokens=1)
+        kw = seen["prompt_encoder"][1]
+        assert kw["box_mask"].tolist() == [True, False, False]
+        assert kw["point_mask"].tolist() == [False, True, False]
+        assert kw["boxes"][0].tolist() == pytest.approx([c * scale for c in box], abs=1e-3)
+        assert kw["points"][1].tolist() == pytest.approx([c * scale for c in point], abs=1e-3)
+
+        # localize(mask=True) prompts the mask decoder with the found box, in model-input pixels
+        loc = predictor.localize("the red circle", mask=True)
+        mask_boxes = seen["mask_head"][0][1]
+        assert mask_boxes[0].tolist() == pytest.approx([c * scale for c in loc.box], abs=1e-3)
+        assert loc.mask.shape == (h, w) and loc.mask.dtype == bool
+
+
+BAD_BOXES = {
+    "x1 beyond width": lambda h, w: (0, 0, w + 1, h / 2),
+    "y1 beyond height": lambda h, w: (0, 0, w / 2, h + 1),
+    "negative x0": lambda h, w: (-1, 0, w / 2, h / 2),
+    "x0 after x1": lambda h, w: (w / 2, 0, w / 4, h / 2),
+    "empty": lambda h, w: (10, 10, 10, 20),
+    "nan": lambda h, w: (math.nan, 0, 10, 10),
+    "three numbers": lambda h, w: (1, 2, 3),
+    "width and height swapped": lambda h, w: (0, 0, h, w),  # valid only if the image were transposed
+}
+BAD_POINTS = {
+    "x beyond width": lambda h, w: (w + 0.5, 1),
+    "y beyond height": lambda h, w: (1, h + 0.5),
+    "negative": lambda h, w: (-0.5, 1),
+    "infinite": lambda h, w: (math.inf, 1),
+    "width and height swapped": lambda h, w: (h, w),
+}
+
+
+@pytest.mark.parametrize("size", [(100, 300), (300, 100)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_invalid_prompts_raise_value_error(predictor, size):
+    h, w = size
+    predictor.set_image(np.zeros((h, w, 3), np.uint8))
+    for name, make in BAD_BOXES.items():
+        with pytest.raises(ValueError):
+            predictor.caption(box=make(h, w), max_new_tokens=1)
+        if name != "three numbers":  # three numbers are neither a box nor a point in a batch
+            with pytest.raises(ValueError):
+                predictor.caption_batch([None, make(h, w)], max_new_tokens=1)
+    for make in BAD_POINTS.values():
+        with pytest.raises(ValueError):
+            predictor.caption(point=make(h, w), max_new_tokens=1)
+    with pytest.raises(ValueError):
+        predictor.caption(box=(0, 0, 10, 10), point=(5, 5), max_new_tokens=1)
+    with pytest.raises(ValueError):
+        predictor.localize("  ")
+    # the image's own corners are valid
+    predictor.caption(box=(0, 0, w, h), max_new_tokens=1)
+    predictor.caption(point=(w, h), max_new_tokens=1)
+
+
+def test_image_inputs_and_state(tiny_model):
+    p = Predictor(tiny_model)
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.caption()
+    array = np.random.default_rng(0).integers(0, 256, (90, 200, 3), dtype=np.uint8)
+    p.set_image(array)
+    from_array = p.embedding.features.fused
+    p.set_image(Image.fromarray(array))
+    torch.testing.assert_close(p.embedding.features.fused, from_array)
+    assert p.embedding.original_size == (90, 200)
+    for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32)):
+        with pytest.raises(ValueError):
+            p.set_image(bad)
+    p.reset_image()
+    with pytest.raises(RuntimeError):
+        p.localize("the red circle")
