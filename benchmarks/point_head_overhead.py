@@ -1,0 +1,249 @@
+"""Point-head overhead: captioning with a location for every token vs text-only decoding, same prompt.
+
+For each preset (random weights), one image is encoded once; then `model.generate(..., with_points=True)` and
+`model.generate(..., with_points=False)` caption it from the same features and prompt. EOS is suppressed (a
+forward hook on the vocabulary head sets its logit to -inf) so both generate exactly `--tokens` tokens.
+The two modes are timed side by side, alternating which goes first, and two ratios are reported:
+
+- generate: the whole `model.generate` call (prompt feature extractor, T5 encoder, decoding loop);
+- decode: the decoding loop alone (T5 encoder output precomputed), i.e. the per-token cost.
+
+For reference it also times `points_after_loop`: the text-only loop that keeps each step's decoder state,
+then the point head once on all of them (same corners; what a batched point head would cost).
+
+    python benchmarks/point_head_overhead.py                      # tiny and base on CPU
+    python benchmarks/point_head_overhead.py --device cuda --presets pixelllm-base --tokens 64
+
+Goal (issue 3): ratio <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pixelllm import build_pixelllm
+from pixelllm.build import default_tokenizer
+from pixelllm.config import load_config
+from pixelllm.modeling.generation import greedy
+from pixelllm.modeling.pixelllm import Prompts
+from pixelllm.tokenizer import EOS_ID
+from pixelllm.transforms import preprocess
+
+GOAL = 1.05
+
+
+@contextmanager
+def no_eos(model):
+    """Make EOS impossible, so every caption runs to max_new_tokens."""
+
+    def hook(module, args, logits):
+        logits = logits.clone()
+        logits[..., EOS_ID] = float("-inf")
+        return logits
+
+    handle = model.language_model.t5.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_preset(preset: str, args, device: torch.device) -> dict:
+    cfg = load_config(preset)
+    # presets without a shipped tokenizer (base, t5xl) borrow the tiny one: prompt ids only, weights are random
+    tokenizer = default_tokenizer(cfg) or default_tokenizer(load_config("pixelllm-tiny"))
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_pixelllm(cfg, tokenizer=tokenizer).to(device=device, dtype=args.dtype).eval()
+    build_s = time.perf_counter() - t0
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    pixels, _ = preprocess(image, cfg.image_size)
+    images = pixels[None].repeat(args.batch, 1, 1, 1).to(device)
+    prompts = Prompts(texts=[cfg.caption_prompt] * args.batch)
+    n = args.tokens
+
+    with torch.no_grad(), no_eos(model):
+        features = model.encode_images(images)
+        enc, enc_mask = model.encode_prompts(features, prompts)
+        fns = {mode: model._decode_fns(enc, enc_mask, with_points=mode == "points") for mode in ("points", "text")}
+
+        def run_generate(mode):
+            out = model.generate(features, prompts, max_new_tokens=n, with_points=mode == "points")
+            assert all(len(g.ids) == n and (g.corners is not None) == (mode == "points") for g in out)
+            return out
+
+        def run_decode(mode):
+            if mode == "points_after_loop":
+                return run_points_after_loop()
+            step, heads = fns[mode]
+            return greedy(step, heads, args.batch, n, device)
+
+        def run_points_after_loop():
+            step, text_heads = fns["text"]
+            states = []
+
+            def heads(hidden):
+                states.append(hidden)
+                return text_heads(hidden)
+
+            out = greedy(step, heads, args.batch, n, device)
+            corners, confidence = model.point_head(torch.stack(states, dim=1))
+            return out, corners.clamp(0, 1), torch.sigmoid(confidence.float())
+
+        per_step = run_decode("points")
+        _, after_corners, _ = run_points_after_loop()
+        torch.testing.assert_close(after_corners, torch.stack([g.corners for g in per_step]))
+
+        # same tokens with and without points
+        assert all(torch.equal(a.ids, b.ids) for a, b in zip(run_generate("points"), run_generate("text")))
+        runs = {"generate": run_generate, "decode": run_decode}
+        for fn in runs.values():
+            for _ in range(args.warmup):
+                fn("points")
+                fn("text")
+        modes = {"generate": ("points", "text"), "decode": ("points", "text", "points_after_loop")}
+        times = {kind: {mode: [] for mode in modes[kind]} for kind in runs}
+        for r in range(args.repeats):
+            for kind, fn in runs.items():
+                order = modes[kind] if r % 2 == 0 else modes[kind][::-1]
+                for mode in order:
+                    times[kind][mode].append(timed(lambda fn=fn, mode=mode: fn(mode), device))
+
+    result = {
+        "preset": preset,
+        "params": sum(p.numel() for p in model.parameters()),
+        "point_head_params": sum(p.numel() for p in model.point_head.parameters()),
+        "build_s": round(build_s, 2),
+        "tokens": n,
+        "batch": args.batch,
+    }
+    for kind, t in times.items():
+        med_p, med_t = statistics.median(t["points"]), statistics.median(t["text"])
+        pair_ratios = [a / b for a, b in zip(t["points"], t["text"])]
+        result[kind] = {
+            "with_points_s": med_p,
+            "text_only_s": med_t,
+            "ratio": med_p / med_t,
+            "pairwise_ratio_median": statistics.median(pair_ratios),
+            "best_of_ratio": min(t["points"]) / min(t["text"]),  # least disturbed by other load
+            "ms_per_token_with_points": 1000 * med_p / n,
+            "ms_per_token_text_only": 1000 * med_t / n,
+            "raw_with_points_s": t["points"],
+            "raw_text_only_s": t["text"],
+        }
+        if "points_after_loop" in t:
+            med_a = statistics.median(t["points_after_loop"])
+            result[kind]["points_after_loop_s"] = med_a
+            result[kind]["points_after_loop_ratio"] = med_a / med_t
+            result[kind]["points_after_loop_best_of_ratio"] = min(t["points_after_loop"]) / min(t["text"])
+            result[kind]["raw_points_after_loop_s"] = t["points_after_loop"]
+    result["meets_goal"] = result["generate"]["ratio"] <= GOAL
+    return result
+
+
+def machine_info(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+        "git_commit": commit,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["pixelllm-tiny", "pixelllm-base"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=16, help="tokens generated per caption (EOS suppressed)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per mode, interleaved")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: stable on a shared machine; 0: torch's)"
+    )
+    parser.add_argument("--json-out", default="benchmarks/results/point_head_overhead.json")
+    args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    results = []
+    for preset in args.presets:
+        r = bench_preset(preset, args, device)
+        results.append(r)
+        g, d = r["generate"], r["decode"]
+        print(
+            f"{preset} ({r['params'] / 1e6:.1f}M params, {args.tokens} tokens, median of {args.repeats}; best-of in [])\n"
+            f"  generate:    {1000 * g['with_points_s']:9.1f} ms with points / {1000 * g['text_only_s']:9.1f} ms text "
+            f"= {g['ratio']:.3f} [{g['best_of_ratio']:.3f}]  {'ok' if r['meets_goal'] else 'ABOVE GOAL'} (<= {GOAL})\n"
+            f"  decode loop: {d['ms_per_token_with_points']:9.2f} ms/token with points / "
+            f"{d['ms_per_token_text_only']:9.2f} ms/token text = {d['ratio']:.3f} [{d['best_of_ratio']:.3f}]; "
+            f"point head once after the loop: {d['points_after_loop_ratio']:.3f} [{d['points_after_loop_best_of_ratio']:.3f}]",
+            flush=True,
+        )
+    out = {
+        "benchmark": "point_head_overhead",
+        "goal_ratio_max": GOAL,
+        "settings": {
+            "tokens": args.tokens,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "batch": args.batch,
+            "dtype": str(args.dtype).removeprefix("torch."),
+            "eos_suppressed": True,
+            "weights": "random",
+        },
+        "machine": machine_info(device),
+        "results": results,
+    }
+    path = Path(args.json_out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
