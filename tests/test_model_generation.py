@@ -29,6 +29,7 @@ class ScriptedLM:
         logits[..., PAD_ID] = float("-inf")
         self.logp = torch.log_softmax(logits, dim=-1)
         self.rows_item = torch.arange(batch_size * num_beams) // num_beams
+        self.points_calls: list[tuple[int, ...]] = []  # the shapes the point head was called on
 
     def step(self, last, cache):
         # the whole prefix so far, from the cache (reordered by beam search between steps)
@@ -39,11 +40,15 @@ class ScriptedLM:
         hidden[:, : prefix.shape[1]] = prefix.float()
         return hidden, cache
 
-    def heads(self, hidden):
+    def logits(self, hidden):
         t = int((hidden >= 0).sum(1)[0]) - 1  # tokens generated so far
         last = hidden[:, t].long()
-        logits = self.logp[self.rows_item[: len(hidden)], t, last]
-        return logits, corners_of(hidden), torch.sigmoid(hidden.clamp(min=0).sum(1) / 10)
+        return self.logp[self.rows_item[: len(hidden)], t, last]
+
+    def points(self, states):
+        """Decoder states (..., MAX_LEN + 1) of whole sequences, as the generators pass them after the loop."""
+        self.points_calls.append(tuple(states.shape))
+        return corners_of(states), torch.sigmoid(states.clamp(min=0).sum(-1) / 10)
 
     def score(self, item: int, seq: tuple[int, ...]) -> float:
         """Mean log-prob of `seq` (the beam search's score with length_penalty 1)."""
@@ -55,10 +60,10 @@ class ScriptedLM:
 
 
 def corners_of(hidden: torch.Tensor) -> torch.Tensor:
-    """A location that identifies the prefix a decoder state has read: (rows, 2, 2) in [0, 1]."""
+    """A location that identifies the prefix a decoder state has read: (..., 2, 2) in [0, 1]."""
     prefix = hidden.clamp(min=0)
-    code = (prefix * torch.tensor([1, 5, 25, 125, 625])[: prefix.shape[1]]).sum(1) / 3125
-    return torch.stack([code, code / 2, code / 3, code / 4], dim=1).view(-1, 2, 2)
+    code = (prefix * torch.tensor([1, 5, 25, 125, 625])).sum(-1) / 3125
+    return torch.stack([code, code / 2, code / 3, code / 4], dim=-1).unflatten(-1, (2, 2))
 
 
 def expected_corners(seq: torch.Tensor) -> torch.Tensor:
@@ -84,7 +89,7 @@ def test_beam_search_wide_enough_finds_the_exhaustive_best_with_its_points():
     kinds = set()
     for seed in range(12):
         lm = ScriptedLM(batch, beams, seed)
-        results = beam_search(lm.step, lm.heads, batch, beams, MAX_LEN, torch.device("cpu"))
+        results = beam_search(lm.step, lm.logits, lm.points, batch, beams, MAX_LEN, torch.device("cpu"))
         for item, g in enumerate(results):
             best = max(all_captions(), key=lambda s: lm.score(item, s))
             assert tuple(g.ids.tolist()) == best, (seed, item)
@@ -98,15 +103,22 @@ def test_beam_search_wide_enough_finds_the_exhaustive_best_with_its_points():
 def test_narrow_beams_carry_the_points_of_their_own_tokens(beams):
     for seed in range(6):
         lm = ScriptedLM(3, beams, seed)
-        for g in beam_search(lm.step, lm.heads, 3, beams, MAX_LEN, torch.device("cpu")):
+        results = beam_search(lm.step, lm.logits, lm.points, 3, beams, MAX_LEN, torch.device("cpu"))
+        # the point head ran once per result, on the states of all its tokens
+        assert lm.points_calls == [(len(g.ids), MAX_LEN + 1) for g in results]
+        for g in results:
             assert g.corners.shape == (len(g.ids), 2, 2) and g.confidence.shape == (len(g.ids),)
             torch.testing.assert_close(g.corners, expected_corners(g.ids))
+        text_only = beam_search(lm.step, lm.logits, None, 3, beams, MAX_LEN, torch.device("cpu"))
+        for g, t in zip(results, text_only):
+            assert torch.equal(g.ids, t.ids) and g.score == t.score and t.corners is None and t.confidence is None
 
 
 def test_greedy_follows_the_argmax_and_trims_after_eos():
     for seed in range(6):
         lm = ScriptedLM(3, 1, seed)
-        results = greedy(lm.step, lm.heads, 3, MAX_LEN, torch.device("cpu"))
+        results = greedy(lm.step, lm.logits, lm.points, 3, MAX_LEN, torch.device("cpu"))
+        assert lm.points_calls == [(3, max(len(g.ids) for g in results), MAX_LEN + 1)]  # once, on (B, T, D)
         for item, g in enumerate(results):
             prev, expected = PAD_ID, []
             for t in range(MAX_LEN):

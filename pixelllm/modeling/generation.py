@@ -1,7 +1,9 @@
 """Decoding with a location for every token: greedy (also as a token-by-token iterator) and beam search.
 
-Each step runs the T5 decoder once with its KV cache; the vocabulary head and the point head read the
-same decoder state, so every generated token comes with its word-box corners and a confidence.
+Each step runs the T5 decoder once with its KV cache and the vocabulary head on its state. The decoder
+states that emitted the tokens are kept (per beam for beam search) and the point head runs once after the
+loop on all of them, so every generated token comes with its word-box corners and a confidence at the
+cost of one small batched MLP call.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from ..tokenizer import EOS_ID, PAD_ID
 
 # (decoder input ids (B, 1), cache) -> (decoder state (B, D), updated cache)
 DecodeStep = Callable[[torch.Tensor, EncoderDecoderCache], tuple[torch.Tensor, EncoderDecoderCache]]
-# decoder states (B, D) -> (logits (B, V), corners (B, 2, 2), confidence logits (B,))
-Heads = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+# decoder states (B, D) -> vocabulary logits (B, V)
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+# decoder states (..., D) -> corners (..., 2, 2), confidence (...); None decodes text only
+PointsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -30,14 +34,23 @@ class Generated:
     score: float
 
 
+@dataclass
+class _Hypothesis:
+    """A beam search candidate: token ids (T,), the decoder states (T, D) that emitted them, its score."""
+
+    ids: torch.Tensor
+    states: torch.Tensor
+    score: float
+
+
 def new_cache() -> EncoderDecoderCache:
     return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
 
 def iter_greedy(
-    step: DecodeStep, heads: Heads, batch_size: int, max_new_tokens: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
-    """Yield, per step: next ids (B,), corners (B, 2, 2), confidence (B,), and log-prob (B,) of each id.
+    step: DecodeStep, logits_fn: LogitsFn, batch_size: int, max_new_tokens: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield, per step: next ids (B,), the decoder states (B, D) that emitted them, and their log-probs (B,).
 
     Sequences that already emitted EOS receive PAD. Stops when all are finished or at `max_new_tokens`.
     """
@@ -46,11 +59,10 @@ def iter_greedy(
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         hidden, cache = step(last, cache)
-        logits, corners, confidence = heads(hidden)
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits_fn(hidden).float(), dim=-1)
         next_ids = logp.argmax(dim=-1)
         next_ids = torch.where(done, torch.full_like(next_ids, PAD_ID), next_ids)
-        yield next_ids, corners, confidence, logp.gather(1, next_ids[:, None])[:, 0]
+        yield next_ids, hidden, logp.gather(1, next_ids[:, None])[:, 0]
         done = done | (next_ids == EOS_ID)
         if bool(done.all()):
             return
@@ -58,19 +70,24 @@ def iter_greedy(
 
 
 def greedy(
-    step: DecodeStep, heads: Heads, batch_size: int, max_new_tokens: int, device: torch.device
+    step: DecodeStep,
+    logits_fn: LogitsFn,
+    points_fn: PointsFn | None,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
 ) -> list[Generated]:
     """Greedy decoding of a batch; each result is trimmed after its EOS."""
-    ids, corners, confidence, logps = [], [], [], []
-    for next_ids, c, s, lp in iter_greedy(step, heads, batch_size, max_new_tokens, device):
+    ids, states, logps = [], [], []
+    for next_ids, hidden, lp in iter_greedy(step, logits_fn, batch_size, max_new_tokens, device):
         ids.append(next_ids)
-        corners.append(c)
-        confidence.append(s)
+        states.append(hidden)
         logps.append(lp)
     all_ids = torch.stack(ids, dim=1)
     all_logp = torch.stack(logps, dim=1)
-    all_corners = torch.stack(corners, dim=1) if corners[0] is not None else None
-    all_conf = torch.stack(confidence, dim=1) if confidence[0] is not None else None
+    corners = confidence = None
+    if points_fn is not None:
+        corners, confidence = points_fn(torch.stack(states, dim=1))  # (B, T, 2, 2), (B, T)
     results = []
     for b in range(batch_size):
         eos = (all_ids[b] == EOS_ID).nonzero()
@@ -78,8 +95,8 @@ def greedy(
         results.append(
             Generated(
                 ids=all_ids[b, :length],
-                corners=all_corners[b, :length] if all_corners is not None else None,
-                confidence=all_conf[b, :length] if all_conf is not None else None,
+                corners=corners[b, :length] if corners is not None else None,
+                confidence=confidence[b, :length] if confidence is not None else None,
                 score=float(all_logp[b, :length].mean()),
             )
         )
@@ -88,7 +105,8 @@ def greedy(
 
 def beam_search(
     step: DecodeStep,
-    heads: Heads,
+    logits_fn: LogitsFn,
+    points_fn: PointsFn | None,
     batch_size: int,
     num_beams: int,
     max_new_tokens: int,
@@ -98,7 +116,8 @@ def beam_search(
     """Beam search over a batch whose decoder inputs are already repeated `num_beams` times (B*K rows).
 
     Hypotheses are ranked by sum of log-probs / length**length_penalty; a batch item stops once it has
-    `num_beams` finished hypotheses. Each beam carries the corners and confidence of its own tokens.
+    `num_beams` finished hypotheses. Each beam carries the decoder states of its own tokens, and the point
+    head runs on the winner's states.
     """
     k = num_beams
     cache = new_cache()
@@ -106,13 +125,13 @@ def beam_search(
     beam_scores = torch.zeros(batch_size, k, device=device)
     beam_scores[:, 1:] = float("-inf")
     seqs = torch.zeros(batch_size * k, 0, dtype=torch.long, device=device)
-    hist_corners: torch.Tensor | None = None
-    hist_conf: torch.Tensor | None = None
-    finished: list[list[Generated]] = [[] for _ in range(batch_size)]
+    states = None  # (B*K, t, D): the decoder state that emitted each token of each beam
+    eos = torch.tensor([EOS_ID], device=device)
+    finished: list[list[_Hypothesis]] = [[] for _ in range(batch_size)]
     for t in range(max_new_tokens):
         hidden, cache = step(last, cache)
-        logits, corners, confidence = heads(hidden)
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        states = hidden[:, None] if states is None else torch.cat([states, hidden[:, None]], dim=1)
+        logp = torch.log_softmax(logits_fn(hidden).float(), dim=-1)
         vocab = logp.shape[-1]
         cand = (beam_scores.view(-1, 1) + logp).view(batch_size, k * vocab)
         top_scores, top_idx = cand.topk(2 * k, dim=1)
@@ -124,20 +143,8 @@ def beam_search(
                 if len(finished[b]) >= k or score == float("-inf"):  # the rest extend dead beams or banned ids
                     break
                 if token == EOS_ID:
-                    finished[b].append(
-                        _hypothesis(
-                            seqs,
-                            hist_corners,
-                            hist_conf,
-                            corners,
-                            confidence,
-                            row,
-                            token,
-                            score,
-                            t,
-                            length_penalty,
-                        )
-                    )
+                    ids = torch.cat([seqs[row], eos])
+                    finished[b].append(_Hypothesis(ids, states[row], score / (t + 1) ** length_penalty))
                     continue
                 src_rows.append(row)
                 new_tokens.append(token)
@@ -156,11 +163,7 @@ def beam_search(
         tokens = torch.tensor(new_tokens, device=device)
         cache.reorder_cache(index)
         seqs = torch.cat([seqs[index], tokens[:, None]], dim=1)
-        if corners is not None:
-            step_corners = corners[index][:, None]
-            hist_corners = step_corners if hist_corners is None else torch.cat([hist_corners[index], step_corners], 1)
-            step_conf = confidence[index][:, None]
-            hist_conf = step_conf if hist_conf is None else torch.cat([hist_conf[index], step_conf], 1)
+        states = states[index]
         beam_scores = torch.tensor(new_scores, device=device).view(batch_size, k)
         last = tokens[:, None]
     results = []
@@ -170,36 +173,9 @@ def beam_search(
             for j in range(k):
                 row = b * k + j
                 score = float(beam_scores[b, j])
-                if score == float("-inf"):
-                    continue
-                pool.append(
-                    Generated(
-                        ids=seqs[row],
-                        corners=hist_corners[row] if hist_corners is not None else None,
-                        confidence=hist_conf[row] if hist_conf is not None else None,
-                        score=score / max(seqs.shape[1], 1) ** length_penalty,
-                    )
-                )
-        results.append(max(pool, key=lambda g: g.score))
+                if score != float("-inf"):
+                    pool.append(_Hypothesis(seqs[row], states[row], score / seqs.shape[1] ** length_penalty))
+        best = max(pool, key=lambda h: h.score)
+        corners, confidence = points_fn(best.states) if points_fn is not None else (None, None)
+        results.append(Generated(ids=best.ids, corners=corners, confidence=confidence, score=best.score))
     return results
-
-
-def _hypothesis(
-    seqs: torch.Tensor,
-    hist_corners: torch.Tensor | None,
-    hist_conf: torch.Tensor | None,
-    corners: torch.Tensor | None,
-    confidence: torch.Tensor | None,
-    row: int,
-    token: int,
-    score: float,
-    t: int,
-    length_penalty: float,
-) -> Generated:
-    """A finished hypothesis: beam `row`'s history plus the final `token` (EOS) emitted at step `t`."""
-    ids = torch.cat([seqs[row], torch.tensor([token], device=seqs.device)])
-    c = s = None
-    if corners is not None:
-        c = corners[row][None] if hist_corners is None else torch.cat([hist_corners[row], corners[row][None]])
-        s = confidence[row][None] if hist_conf is None else torch.cat([hist_conf[row], confidence[row][None]])
-    return Generated(ids=ids, corners=c, confidence=s, score=score / (t + 1) ** length_penalty)

@@ -176,20 +176,24 @@ class PixelLLM(nn.Module):
         return out
 
     # ----------------------------------------------------------------- inference
-    def _decode_fns(self, enc: torch.Tensor, enc_mask: torch.Tensor, with_points: bool):
+    def _decode_fns(self, enc: torch.Tensor, enc_mask: torch.Tensor):
+        """-> (step, logits_fn) for `generation`: one KV-cached decoder step, and the vocabulary head."""
+
         def step(last, cache):
             hidden, cache = self.language_model.decode(last, enc, enc_mask, cache=cache)
             return hidden[:, -1], cache
 
-        def heads(hidden):
+        def logits_fn(hidden):
             logits = self.language_model.logits(hidden)
             logits[..., PAD_ID] = float("-inf")  # PAD is the decoder start, never an output
-            if not with_points:
-                return logits, None, None
-            corners, confidence = self.point_head(hidden)
-            return logits, corners.clamp(0, 1), torch.sigmoid(confidence.float())
+            return logits
 
-        return step, heads
+        return step, logits_fn
+
+    def _points(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder states (..., D) -> corners (..., 2, 2) in [0, 1] and confidence (...) in [0, 1]."""
+        corners, confidence = self.point_head(hidden)
+        return corners.clamp(0, 1), torch.sigmoid(confidence.float())
 
     @torch.no_grad()
     def generate(
@@ -204,13 +208,14 @@ class PixelLLM(nn.Module):
         max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
         enc, enc_mask = self.encode_prompts(features, prompts)
         b = enc.shape[0]
+        points_fn = self._points if with_points else None
         if num_beams > 1:
             enc = enc.repeat_interleave(num_beams, dim=0)
             enc_mask = enc_mask.repeat_interleave(num_beams, dim=0)
-            step, heads = self._decode_fns(enc, enc_mask, with_points)
-            return beam_search(step, heads, b, num_beams, max_new_tokens, enc.device)
-        step, heads = self._decode_fns(enc, enc_mask, with_points)
-        return greedy(step, heads, b, max_new_tokens, enc.device)
+            step, logits_fn = self._decode_fns(enc, enc_mask)
+            return beam_search(step, logits_fn, points_fn, b, num_beams, max_new_tokens, enc.device)
+        step, logits_fn = self._decode_fns(enc, enc_mask)
+        return greedy(step, logits_fn, points_fn, b, max_new_tokens, enc.device)
 
     @torch.no_grad()
     def generate_stream(
@@ -219,8 +224,9 @@ class PixelLLM(nn.Module):
         """Greedy decoding that yields each step's ids (B,), corners (B, 2, 2) and confidence (B,)."""
         max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
         enc, enc_mask = self.encode_prompts(features, prompts)
-        step, heads = self._decode_fns(enc, enc_mask, with_points=True)
-        for ids, corners, confidence, _ in iter_greedy(step, heads, enc.shape[0], max_new_tokens, enc.device):
+        step, logits_fn = self._decode_fns(enc, enc_mask)
+        for ids, hidden, _ in iter_greedy(step, logits_fn, enc.shape[0], max_new_tokens, enc.device):
+            corners, confidence = self._points(hidden)
             yield ids, corners, confidence
 
     @torch.no_grad()
@@ -239,8 +245,7 @@ class PixelLLM(nn.Module):
         dec_in = _shift_right(labels)
         hidden, _ = self.language_model.decode(dec_in, enc, enc_mask)
         logp = torch.log_softmax(self.language_model.logits(hidden).float(), dim=-1)
-        corners, confidence = self.point_head(hidden)
-        corners, confidence = corners.clamp(0, 1), torch.sigmoid(confidence.float())
+        corners, confidence = self._points(hidden)
         out = []
         for b, seq in enumerate(seqs):
             n = len(seq)
