@@ -89,8 +89,8 @@ def _t5_shape(t5) -> dict:
 
 def load_model(name_or_path: str | Path, device: str | torch.device | None = None, **checkpoints) -> PixelLLM:
     """A saved model directory (`PixelLLM.from_pretrained`) or anything `build_pixelllm` takes."""
-    from .checkpoints import WEIGHTS_FILE, from_pretrained
+    from .checkpoints import from_pretrained
 
-    if (Path(name_or_path) / WEIGHTS_FILE).is_file():
+    if Path(name_or_path).is_dir():
         return from_pretrained(name_or_path, device=device)
     return build_pixelllm(name_or_path, device=device, **checkpoints)

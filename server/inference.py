@@ -6,7 +6,6 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -45,14 +44,12 @@ def load_predictor(settings: Settings) -> tuple[Any, str]:
     """The `Predictor` for the configured model, on the configured device and dtype, and the model's name."""
     import torch
 
-    from pixelllm import PixelLLM, Predictor, build_pixelllm
+    from pixelllm import Predictor
+    from pixelllm.build import load_model
 
     spec = settings.resolved_model()
-    if Path(spec).is_dir():
-        model = PixelLLM.from_pretrained(spec)
-    else:
-        paths = {k: getattr(settings, k) for k in ("sam_checkpoint", "eva_checkpoint", "t5_path")}
-        model = build_pixelllm(spec, **{k: v for k, v in paths.items() if v})
+    paths = {k: getattr(settings, k) for k in ("sam_checkpoint", "eva_checkpoint", "t5_path")}
+    model = load_model(spec, **{k: v for k, v in paths.items() if v})
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
