@@ -23,7 +23,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .build import build_pixelllm
+from .build import build_pixelllm, load_model
 from .config import _from_dict
 from .data.narratives import read_narratives, token_targets, word_locations
 from .data.synthetic import generate_scene, scene_seed
@@ -52,6 +52,7 @@ class SourceConfig:
 @dataclass
 class TrainConfig:
     model: str = "pixelllm-tiny"
+    init_from: str | None = None  # a saved model directory to start from (a second stage), instead of `model`
     sam_checkpoint: str | None = None
     eva_checkpoint: str | None = None
     t5_path: str | None = None
@@ -192,7 +193,10 @@ def train(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    model = build_pixelllm(cfg.model, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path).to(device)
+    if cfg.init_from:
+        model = load_model(cfg.init_from).to(device)
+    else:
+        model = build_pixelllm(cfg.model, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path).to(device)
     if cfg.point_weight is not None:
         model.cfg.loss.point_weight = cfg.point_weight
     model.train()
