@@ -205,12 +205,12 @@ def run_eval(
 
     model = load_model(model_dir, device=device)
     predictor = Predictor(model)
-    torch.set_grad_enabled(False)
     if data:
         scenes, total = load_scenes(data), len((Path(data) / "annotations.jsonl").read_text().splitlines())
     else:
         scenes, total = generated_scenes(num_scenes, seed, renderer), num_scenes
-    result = evaluate(predictor, scenes, total)
+    with torch.no_grad():
+        result = evaluate(predictor, scenes, total)
     result.update(model=str(model_dir), data=data or f"{renderer} renderer, seed {seed}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

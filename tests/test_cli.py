@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pixelllm import build_pixelllm
 from pixelllm.cli import main
@@ -97,3 +98,4 @@ def test_eval_writes_metrics_json(capsys, tmp_path, model_dir):
     ):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["num_scenes"] == 2 and metrics["num_objects"] >= 2
+    assert torch.is_grad_enabled(), "eval must not switch autograd off for the rest of the process"
