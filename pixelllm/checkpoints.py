@@ -65,14 +65,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """`module.load_state_dict(state)`, strict, with an error naming `source` and the first mismatches."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    problems = state_mismatches(module.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{source} does not match {type(module).__name__}: {problems}")
+    module.load_state_dict(state, strict=True)
+
+
+def state_mismatches(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """How `state` (from a file) differs from `own` (the model's), as one line; "" when it matches."""
     shapes = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
+    return mismatch_report(shapes, [k for k in own if k not in state], [k for k in state if k not in own])
+
+
+def mismatch_report(shapes: list[str], missing: list[str], unexpected: list[str]) -> str:
+    """One line naming the first shape mismatches, missing and unexpected keys ("" when all match)."""
     problems = []
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches, first: {shapes[:3]}")
@@ -80,9 +90,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         problems.append(f"{len(missing)} missing keys, first: {missing[:5]}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys, first: {unexpected[:5]}")
-    if problems:
-        raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    return "; ".join(problems)
 
 
 # ------------------------------------------------------------------------- SAM
@@ -172,14 +180,9 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
         f"{k}: file {tuple(a)} vs model {tuple(b)}"
         for k, a, b in sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
     ]
-    missing = sorted(info.get("missing_keys") or [])
-    problems = []
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches, first: {shapes[:3]}")
-    if missing:
-        problems.append(f"{len(missing)} missing keys, first: {missing[:5]}")
+    problems = mismatch_report(shapes, sorted(info.get("missing_keys") or []), [])
     if problems:
-        raise CheckpointError(f"T5 weights in {path} do not match its config.json: " + "; ".join(problems))
+        raise CheckpointError(f"T5 weights in {path} do not match its config.json: {problems}")
     log.info("loaded T5 from %s", path)
     return t5, Tokenizer.from_file(path / TOKENIZER_FILE)
 
@@ -241,15 +244,9 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = N
     tokenizer = Tokenizer.from_file(directory / TOKENIZER_FILE) if (directory / TOKENIZER_FILE).is_file() else None
     model = build_pixelllm(directory / CONFIG_FILE, tokenizer=tokenizer, **sources)
     state = read_state_dict(directory / WEIGHTS_FILE)
-    expected = _saved_state(model, sources)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
-        )
+    problems = state_mismatches(_saved_state(model, sources), state)
+    if problems:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} does not match its config: {problems}")
     model.load_state_dict(state, strict=False)
     model.eval()
     return model.to(device) if device is not None else model

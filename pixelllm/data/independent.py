@@ -20,14 +20,7 @@ import math
 
 import numpy as np
 
-from pixelllm.data.synthetic import (
-    CANVAS_RANGE,
-    Scene,
-    assemble_scene,
-    jpeg_roundtrip,
-    position_margin,
-    sample_attributes,
-)
+from pixelllm.data.synthetic import Scene, lay_out_scene, position_margin
 
 SIZE_RANGES = {"small": (0.12, 0.19), "large": (0.29, 0.44)}
 PALETTE = {
@@ -164,14 +157,4 @@ def render_independent_scene(seed: int) -> Scene:
     The generator is PCG64 seeded with (seed, 1), so it shares no draws with `generate_scene(seed)`.
     """
     rng = np.random.Generator(np.random.PCG64([seed, 1]))
-    w, h = (int(v) for v in rng.integers(CANVAS_RANGE[0], CANVAS_RANGE[1] + 1, size=2))
-    for attempt in range(100):
-        attrs = sample_attributes(rng, allow_repeats=attempt < 10)
-        image, drawn = _render(rng, w, h, attrs)
-        if not drawn:
-            continue
-        image = jpeg_roundtrip(image, int(rng.integers(55, 91)))
-        scene = assemble_scene(image, drawn, seed, f"independent-{seed}", rng)
-        if scene is not None:
-            return scene
-    raise RuntimeError(f"could not lay out an independent scene for seed {seed}")
+    return lay_out_scene(rng, _render, (55, 91), seed, f"independent-{seed}")

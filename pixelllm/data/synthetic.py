@@ -404,20 +404,30 @@ def _render(rng: np.random.Generator, w: int, h: int, attrs: list[tuple[str, str
     return np.clip(img, 0, 255).round().astype(np.uint8), drawn
 
 
-def generate_scene(seed: int) -> Scene:
-    """Render the scene for `seed` (numpy PCG64): same seed, same pixels and annotations."""
-    rng = np.random.Generator(np.random.PCG64(seed))
+def lay_out_scene(
+    rng: np.random.Generator,
+    render: Callable[[np.random.Generator, int, int, list[tuple[str, str, str]]], tuple[np.ndarray, list]],
+    jpeg_quality: tuple[int, int],
+    seed: int,
+    image_id: str,
+) -> Scene:
+    """Draw attributes and render with `render` until the scene's referring expressions are unique."""
     w, h = (int(v) for v in rng.integers(CANVAS_RANGE[0], CANVAS_RANGE[1] + 1, size=2))
     for attempt in range(100):
         attrs = sample_attributes(rng, allow_repeats=attempt < 10)
-        image, drawn = _render(rng, w, h, attrs)
+        image, drawn = render(rng, w, h, attrs)
         if not drawn:
             continue
-        image = jpeg_roundtrip(image, int(rng.integers(70, 96)))
-        scene = assemble_scene(image, drawn, seed, f"synthetic-{seed}", rng)
+        image = jpeg_roundtrip(image, int(rng.integers(*jpeg_quality)))
+        scene = assemble_scene(image, drawn, seed, image_id, rng)
         if scene is not None:
             return scene
-    raise RuntimeError(f"could not lay out a scene for seed {seed}")
+    raise RuntimeError(f"could not lay out scene {image_id}")
+
+
+def generate_scene(seed: int) -> Scene:
+    """Render the scene for `seed` (numpy PCG64): same seed, same pixels and annotations."""
+    return lay_out_scene(np.random.Generator(np.random.PCG64(seed)), _render, (70, 96), seed, f"synthetic-{seed}")
 
 
 # ---- dataset files ----
