@@ -97,6 +97,23 @@ def cmd_localize(args) -> None:
     _print_result(result, args.json)
 
 
+def cmd_visualize(args) -> None:
+    from .visualize import render_overlay
+
+    if args.box and args.text:
+        raise CLIError("give --box or --text, not both")
+    box = _floats(args.box, 4, "box") if args.box else None
+    image = _load_image(args.image)
+    p = _predictor(args)
+    p.set_image(image)
+    try:
+        result = p.localize(args.text, mask=True) if args.text else p.caption(box=box)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    render_overlay(image, result).save(args.output)
+    print(f"wrote {args.output}")
+
+
 def cmd_serve(args) -> None:
     from server import Settings, run
 
@@ -151,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", action="store_true", help="also predict a segmentation mask")
     model_args(p)
     p.set_defaults(func=cmd_localize)
+
+    p = sub.add_parser("visualize", help="draw a caption (or a localization) with its word points and boxes")
+    p.add_argument("image")
+    p.add_argument("--box", help="caption this region: x0,y0,x1,y1 in image pixels")
+    p.add_argument("--text", help="localize this text instead of captioning (box, words and mask)")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("serve", help="run the REST service (settings from PIXELLLM_* environment variables)")
     p.add_argument("--host", default="127.0.0.1")

@@ -76,6 +76,16 @@ def test_user_errors_exit_2_with_one_line(capsys, model_dir, argv, message):
     assert err.startswith("pixelllm: error:") and message in err and err.count("\n") == 1
 
 
+def test_visualize_writes_a_png(capsys, tmp_path, model_dir):
+    from PIL import Image
+
+    out = tmp_path / "overlay.png"
+    code, _, _ = run(capsys, "visualize", SAMPLE, "--model", model_dir, "--text", "the green square", "-o", str(out))
+    assert code == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width == 578 and im.height > 530
+
+
 def test_data_synth_writes_a_dataset(capsys, tmp_path):
     code, out, _ = run(capsys, "data", "synth", "--out", str(tmp_path / "d"), "--n", "3", "--seed", "1")
     assert code == 0
