@@ -40,7 +40,8 @@ test-all: lint browser-deps
 
 # Reproduce the shipped default model (see weights/pixelllm-tiny/MODEL_CARD.md).
 train-default: setup
-	$(BIN)/pixelllm train pixelllm/configs/train/tiny.json --out-dir runs/tiny
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage2.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json
