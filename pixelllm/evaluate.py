@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .data.narratives import read_narratives, token_targets, word_locations
 from .data.rle import decode_segmentation
-from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
+from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, scene_seed
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -218,4 +218,4 @@ def run_eval(
     return result
 
 
-__all__ = ["evaluate", "run_eval", "box_iou", "mask_iou", "region_caption"]
+__all__ = ["evaluate", "run_eval", "box_iou", "mask_iou"]

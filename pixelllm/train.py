@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 from .build import build_pixelllm, load_model
 from .config import _from_dict
-from .data.narratives import read_narratives, token_targets, word_locations
+from .data.narratives import read_narratives
 from .data.synthetic import generate_scene, scene_seed
-from .data.tasks import TASKS, PreparedScene, collate, make_sample, prepare_scene
+from .data.tasks import TASKS, PreparedScene, collate, make_sample, prepare_record, prepare_scene
 from .tokenizer import Tokenizer
-from .transforms import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +112,8 @@ class SceneSource:
         if self.cfg.kind == "synthetic":
             return self.scenes[i]
         record = self.records[i]
-        path = Path(self.cfg.image_root) / f"{record['image_id']}.jpg"
-        image = np.asarray(Image.open(path).convert("RGB"))
-        h, w = image.shape[:2]
-        tensor, _ = preprocess(image, self.image_size)
-        targets = token_targets(record["caption"], word_locations(record), self.tokenizer)
-        to_square = np.array([w, h, w, h], dtype=np.float32) / max(h, w)
-        return PreparedScene(
-            image=(tensor * 255).round().to(torch.uint8),
-            caption_ids=targets.ids,
-            caption_boxes=targets.boxes * to_square,
-            caption_located=targets.located,
-            objects=[],
-        )
+        image = np.asarray(Image.open(Path(self.cfg.image_root) / f"{record['image_id']}.jpg").convert("RGB"))
+        return prepare_record(image, record, self.image_size, self.tokenizer)
 
 
 def batch_for_step(step: int, cfg: TrainConfig, sources: list[SceneSource], model_cfg, tokenizer, rank=0, world=1):

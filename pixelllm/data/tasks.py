@@ -24,7 +24,7 @@ from PIL import Image
 from ..config import PixelLLMConfig
 from ..modeling.pixelllm import IGNORE_INDEX
 from ..tokenizer import EOS_ID, Tokenizer
-from ..transforms import preprocess
+from ..transforms import ImageTransform, preprocess
 from .narratives import token_targets, word_locations
 from .synthetic import Scene, region_caption
 
@@ -48,33 +48,40 @@ class PreparedScene:
     objects: list[PreparedObject]
 
 
-def prepare_scene(scene: Scene, image_size: int, tokenizer: Tokenizer) -> PreparedScene:
-    h, w = scene.image.shape[:2]
-    tensor, transform = preprocess(scene.image, image_size)
-    side = max(h, w)
-    to_square = np.array([w, h, w, h], dtype=np.float32) / side  # image-normalized -> square-normalized
-    targets = token_targets(scene.caption, word_locations(scene.narrative), tokenizer)
-    nh, nw = round(h * transform.scale), round(w * transform.scale)
-    objects = []
-    for obj in scene.objects:
-        mask = np.zeros((image_size, image_size), dtype=bool)
-        resized = Image.fromarray(obj.mask.astype(np.uint8) * 255).resize((nw, nh), Image.BILINEAR)
-        mask[:nh, :nw] = np.asarray(resized) >= 128
-        objects.append(
-            PreparedObject(
-                box=np.asarray(obj.box, dtype=np.float32) / side,
-                mask=mask,
-                region_caption=region_caption(obj),
-                referring=obj.referring,
-            )
-        )
+def prepare_record(image: np.ndarray, record: dict, image_size: int, tokenizer: Tokenizer) -> PreparedScene:
+    """An image (H, W, 3) and its Localized-Narratives record -> the caption task's inputs and targets."""
+    h, w = image.shape[:2]
+    tensor, _ = preprocess(image, image_size)
+    to_square = np.array([w, h, w, h], dtype=np.float32) / max(h, w)  # image-normalized -> square-normalized
+    targets = token_targets(record["caption"], word_locations(record), tokenizer)
     return PreparedScene(
         image=(tensor * 255).round().to(torch.uint8),
         caption_ids=targets.ids,
         caption_boxes=targets.boxes * to_square,
         caption_located=targets.located,
-        objects=objects,
+        objects=[],
     )
+
+
+def prepare_scene(scene: Scene, image_size: int, tokenizer: Tokenizer) -> PreparedScene:
+    """A synthetic scene: its narrative's caption targets plus every object's box, mask and texts."""
+    prepared = prepare_record(scene.image, scene.narrative, image_size, tokenizer)
+    h, w = scene.image.shape[:2]
+    transform = ImageTransform(h, w, image_size)
+    nh, nw = round(h * transform.scale), round(w * transform.scale)
+    for obj in scene.objects:
+        mask = np.zeros((image_size, image_size), dtype=bool)
+        resized = Image.fromarray(obj.mask.astype(np.uint8) * 255).resize((nw, nh), Image.BILINEAR)
+        mask[:nh, :nw] = np.asarray(resized) >= 128
+        prepared.objects.append(
+            PreparedObject(
+                box=np.asarray(obj.box, dtype=np.float32) / max(h, w),
+                mask=mask,
+                region_caption=region_caption(obj),
+                referring=obj.referring,
+            )
+        )
+    return prepared
 
 
 def make_sample(
