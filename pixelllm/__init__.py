@@ -3,7 +3,7 @@
 from .build import build_pixelllm, list_presets
 from .config import PixelLLMConfig
 from .modeling.pixelllm import PixelLLM
-from .predictor import Caption, ImageEmbedding, Localization, Predictor, Word
+from .predictor import Caption, ImageEmbedding, Localization, Predictor, Region, Word
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Predictor",
     "Caption",
     "Localization",
+    "Region",
     "Word",
     "ImageEmbedding",
     "Tokenizer",

@@ -93,10 +93,19 @@ class PointHeadConfig:
 
 
 @dataclass
+class ProposalHeadConfig:
+    """Optional object-proposal head for dense captioning (see `modeling.proposal_head`)."""
+
+    hidden_dim: int = 256
+    box_weight: float = 2.0
+
+
+@dataclass
 class LossConfig:
     label_smoothing: float = 0.1
     point_weight: float = 0.1
     mask_weight: float = 1.0
+    proposal_weight: float = 1.0
 
 
 @dataclass
@@ -110,6 +119,7 @@ class PixelLLMConfig:
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     language_model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     point_head: PointHeadConfig = field(default_factory=PointHeadConfig)
+    proposal_head: ProposalHeadConfig | None = None
     loss: LossConfig = field(default_factory=LossConfig)
     tokenizer: str | None = None  # a tokenizer in configs/tokenizers/ by name (default: `name`)
     caption_prompt: str = "A long image caption: "
@@ -159,6 +169,7 @@ _NESTED: dict[tuple[str, str], type] = {
     ("PixelLLMConfig", "mask_decoder"): MaskDecoderConfig,
     ("PixelLLMConfig", "language_model"): LanguageModelConfig,
     ("PixelLLMConfig", "point_head"): PointHeadConfig,
+    ("PixelLLMConfig", "proposal_head"): ProposalHeadConfig,
     ("PixelLLMConfig", "loss"): LossConfig,
     ("LanguageModelConfig", "lora"): LoraConfig,
 }

@@ -8,7 +8,10 @@ Metrics (written as JSON):
   the object's box (objects matched to caption phrases by color and shape);
 - point L1 (Localized-Narratives style): teacher-forcing the reference caption, mean L1 between each
   located token's predicted point and its trace point, in pixels of the original image;
-- caption scores (BLEU-4, ROUGE-L, CIDEr, and METEOR when Java runs) via pycocoevalcap, if installed.
+- caption scores (BLEU-4, ROUGE-L, CIDEr, and METEOR when Java runs) via pycocoevalcap, if installed;
+- dense captioning (models with a proposal head): VG densecap mAP (`pixelllm.dense_eval`) of all proposals
+  scoring >= 0.05, and the recall of objects found at IoU >= 0.5 with a right color and shape among the
+  regions `Predictor.dense_caption` returns by default (objectness >= 0.3).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from tqdm import tqdm
 
 from .data.narratives import read_narratives, token_targets, word_locations
 from .data.rle import decode_segmentation
-from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, scene_seed
-from .predictor import Predictor
+from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
+from .dense_eval import DensePrediction, DenseTruth, densecap_map, object_recall
+from .predictor import DENSE_SCORE_THRESHOLD, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,8 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     stats = {k: [] for k in ("ref_iou", "ref_hit", "mask_iou", "region_box", "region_point", "word_point")}
     l1_sum, l1_count = 0.0, 0
     references, candidates = {}, {}
+    dense_predictions, dense_truths = [], []
+    dense = predictor.model.proposal_head is not None
     start = time.time()
     for i, scene in enumerate(tqdm(scenes, total=total, desc="eval", unit="scene")):
         emb = predictor.embed(scene.image)
@@ -152,6 +158,17 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
             stats["word_point"].append(hit)
         s, c = _trace_point_l1(predictor, emb, scene)
         l1_sum, l1_count = l1_sum + s, l1_count + c
+        if dense:
+            predictor.embedding = emb
+            regions = predictor.dense_caption(score_threshold=0.05)
+            dense_predictions.append(
+                DensePrediction(
+                    boxes=np.array([r.box for r in regions], np.float64).reshape(-1, 4),
+                    scores=np.array([r.score for r in regions]),
+                    captions=[r.caption.text for r in regions],
+                )
+            )
+            dense_truths.append(DenseTruth(np.array([o.box for o in objs]), [region_caption(o) for o in objs]))
     result = {
         "num_scenes": len(candidates),
         "num_objects": len(stats["ref_hit"]),
@@ -166,7 +183,19 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         "seconds": round(time.time() - start, 1),
     }
     result.update(caption_scores(references, candidates))
+    if dense:
+        result.update(densecap_map(dense_predictions, dense_truths))
+        default = [_above(p, DENSE_SCORE_THRESHOLD) for p in dense_predictions]
+        result["dense_recall@0.5"] = object_recall(
+            default, dense_truths, lambda a, b: _color_shape(a) == _color_shape(b)
+        )
+        result["dense_regions_per_image"] = float(np.mean([len(p.scores) for p in default]))
     return result
+
+
+def _above(p: DensePrediction, threshold: float) -> DensePrediction:
+    keep = p.scores >= threshold
+    return DensePrediction(p.boxes[keep], p.scores[keep], [c for c, k in zip(p.captions, keep) if k])
 
 
 def caption_scores(references: dict, candidates: dict) -> dict:

@@ -6,7 +6,7 @@ boxes are x0, y0, x1, y1). Word `start`/`end` are character offsets into the ret
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,8 @@ from .modeling.generation import Generated
 from .modeling.pixelllm import ImageFeatures, PixelLLM, Prompts
 from .tokenizer import EOS_ID, PAD_ID, words_with_tokens
 from .transforms import ImageTransform, preprocess
+
+DENSE_SCORE_THRESHOLD = 0.3  # default objectness a dense-caption region needs
 
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]
@@ -46,6 +48,15 @@ class Localization:
     score: float
     words: list[Word]
     mask: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class Region:
+    """A dense-captioning result: a proposed object box, its objectness score and its region caption."""
+
+    box: Box
+    score: float
+    caption: Caption
 
 
 @dataclass
@@ -131,31 +142,77 @@ class Predictor:
 
     def caption_stream(
         self, box: Box | None = None, point: Point | None = None, max_new_tokens: int | None = None
-    ) -> Iterator[Word]:
+    ) -> Generator[Word, None, Caption]:
         """Greedy caption of the current image (or a region), yielding each word as soon as it is complete.
 
-        The words equal those of `caption(..., num_beams=1)`.
+        The words equal those of `caption(..., num_beams=1)`, and the generator returns that `Caption`
+        (`caption = yield from p.caption_stream()`, or `StopIteration.value`). Beam search cannot stream:
+        a beam's words are only known once the search ends.
         """
-        emb = self._current()
-        prompts = self._location_prompts([emb], [box], [point])
+        return self.caption_stream_embedding(self._current(), box, point, max_new_tokens)
+
+    def caption_stream_embedding(
+        self,
+        embedding: ImageEmbedding,
+        box: Box | None = None,
+        point: Point | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Generator[Word, None, Caption]:
+        """`caption_stream` on a given image embedding (no predictor state: safe beside other calls)."""
+        prompts = self._location_prompts([embedding], [box], [point])
+        transform = embedding.transform
         ids: list[int] = []
         corners: list[torch.Tensor] = []
         confidence: list[torch.Tensor] = []
+        logps: list[float] = []
         emitted = 0
-        for step_ids, step_corners, step_conf in self.model.generate_stream(emb.features, prompts, max_new_tokens):
+        steps = self.model.generate_stream(embedding.features, prompts, max_new_tokens)
+        for step_ids, step_corners, step_conf, step_logp in steps:
             token = int(step_ids[0])
+            logps.append(float(step_logp[0]))
             if token in (EOS_ID, PAD_ID):
                 break
             ids.append(token)
             corners.append(step_corners[0])
             confidence.append(step_conf[0])
-            words = self._words(ids, torch.stack(corners), torch.stack(confidence), emb.transform)[0]
+            words = self._words(ids, torch.stack(corners), torch.stack(confidence), transform)[0]
             # the last word may still grow; every word before it is final
             yield from words[emitted : len(words) - 1]
             emitted = max(emitted, len(words) - 1)
-        if ids:
-            words = self._words(ids, torch.stack(corners), torch.stack(confidence), emb.transform)[0]
-            yield from words[emitted:]
+        score = float(np.exp(np.mean(logps)))  # as `greedy`: the mean log-prob, EOS included
+        if not ids:
+            return Caption(text="", words=[], score=score)
+        words, text = self._words(ids, torch.stack(corners), torch.stack(confidence), transform)
+        yield from words[emitted:]
+        return Caption(text=text, words=words, score=score)
+
+    # ------------------------------------------------------------------ dense captions
+    @torch.no_grad()
+    def dense_caption(
+        self,
+        score_threshold: float = DENSE_SCORE_THRESHOLD,
+        nms_iou: float = 0.5,
+        max_regions: int = 32,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+    ) -> list[Region]:
+        """Every salient object of the current image: proposals from the proposal head (objectness >=
+        `score_threshold`, overlaps above `nms_iou` suppressed, at most `max_regions`), each captioned as a
+        region in one batched pass. Best score first."""
+        if not 0 <= score_threshold <= 1 or not 0 < nms_iou <= 1 or max_regions < 1:
+            raise ValueError(
+                f"need 0 <= score_threshold <= 1, 0 < nms_iou <= 1 and max_regions >= 1, got {score_threshold}, "
+                f"{nms_iou}, {max_regions}"
+            )
+        emb = self._current()
+        model_boxes, scores = self.model.propose(emb.features, score_threshold, nms_iou, max_regions)[0]
+        size = self.model.cfg.image_size
+        boxes = [_box(b, emb.transform) for b in (model_boxes / size).cpu().numpy()]
+        kept = [i for i, b in enumerate(boxes) if b[2] > b[0] and b[3] > b[1]]  # drop boxes clipped to nothing
+        if not kept:
+            return []
+        captions = self.caption_embeddings([emb] * len(kept), [boxes[i] for i in kept], None, max_new_tokens, num_beams)
+        return [Region(boxes[i], float(scores[i]), c) for i, c in zip(kept, captions)]
 
     # ------------------------------------------------------------------ localization
     def localize(self, text: str, mask: bool = False) -> Localization:

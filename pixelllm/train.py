@@ -24,10 +24,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .build import build_pixelllm, load_model
-from .config import _from_dict
+from .config import _from_dict, load_config
 from .data.narratives import read_narratives
 from .data.synthetic import generate_scene, scene_seed
 from .data.tasks import TASKS, PreparedScene, collate, make_sample, prepare_record, prepare_scene
+from .modeling.pixelllm import PixelLLM
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,20 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
 
 
 # ----------------------------------------------------------------------------- the loop
+def initial_model(cfg: TrainConfig) -> PixelLLM:
+    """`cfg.model` built fresh, or the saved model `cfg.init_from`; a proposal head that `cfg.model` has and the
+    saved model lacks starts fresh (fine-tuning a captioner for dense captioning)."""
+    if not cfg.init_from:
+        return build_pixelllm(cfg.model, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
+    model = load_model(cfg.init_from)
+    wanted = load_config(cfg.model)
+    if wanted.proposal_head is not None and model.proposal_head is None:
+        log.info("%s has no proposal head: adding a fresh one (%s)", cfg.init_from, wanted.proposal_head)
+        model.add_proposal_head(wanted.proposal_head)
+        model.cfg.loss.proposal_weight = wanted.loss.proposal_weight
+    return model
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train per `cfg`; returns the directory of the final model (`<out_dir>/final`)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -181,10 +196,7 @@ def train(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    if cfg.init_from:
-        model = load_model(cfg.init_from).to(device)
-    else:
-        model = build_pixelllm(cfg.model, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path).to(device)
+    model = initial_model(cfg).to(device)
     if cfg.point_weight is not None:
         model.cfg.loss.point_weight = cfg.point_weight
     model.train()

@@ -24,7 +24,7 @@ def numel(module_or_params) -> int:
 def expected_trainable(model) -> set[str]:
     """Parameter names that must train, derived from module names and the config's trainable flags."""
     cfg = model.cfg
-    always = ("extractor.", "point_head.", "prompt_encoder.no_prompt", "frozen_block.proj_")
+    always = ("extractor.", "point_head.", "proposal_head.", "prompt_encoder.no_prompt", "frozen_block.proj_")
     expected = set()
     for name, _ in model.named_parameters():
         if name.startswith(always):

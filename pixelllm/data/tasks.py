@@ -46,6 +46,7 @@ class PreparedScene:
     caption_boxes: np.ndarray  # (T, 4) normalized to the model square
     caption_located: np.ndarray  # (T,) bool
     objects: list[PreparedObject]
+    objects_labeled: bool = False  # every object is in `objects` (a proposal-head target); False for LN records
 
 
 def prepare_record(image: np.ndarray, record: dict, image_size: int, tokenizer: Tokenizer) -> PreparedScene:
@@ -81,6 +82,7 @@ def prepare_scene(scene: Scene, image_size: int, tokenizer: Tokenizer) -> Prepar
                 referring=obj.referring,
             )
         )
+    prepared.objects_labeled = True
     return prepared
 
 
@@ -97,6 +99,8 @@ def make_sample(
         "has_point": False,
         "mask": None,
         "mask_box": np.zeros(4, np.float32),
+        "object_boxes": np.array([o.box for o in scene.objects], np.float32).reshape(-1, 4),
+        "objects_labeled": scene.objects_labeled,
     }
     if task == "caption" or not scene.objects:
         sample.update(
@@ -161,4 +165,6 @@ def collate(samples: list[dict], max_text_tokens: int) -> dict:
         "mask_boxes": torch.from_numpy(np.stack([x["mask_box"] for x in samples])),
         "mask_targets": masks,
         "mask_valid": torch.tensor([x["mask"] is not None for x in samples]),
+        "object_boxes": [torch.from_numpy(x["object_boxes"]) for x in samples],
+        "objects_valid": torch.tensor([x["objects_labeled"] for x in samples]),
     }

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import T5ForConditionalGeneration
 
-from ..config import PixelLLMConfig
+from ..config import PixelLLMConfig, ProposalHeadConfig
 from ..tokenizer import EOS_ID, PAD_ID, Tokenizer
 from .feature_extractor import PromptFeatureExtractor
 from .frozen_block import FrozenLMBlock
@@ -20,6 +20,7 @@ from .language_model import LanguageModel
 from .mask_head import MaskHead, upsample_masks
 from .point_head import PointHead
 from .prompt_encoder import LocationPromptEncoder
+from .proposal_head import ProposalHead
 
 IGNORE_INDEX = -100
 
@@ -79,6 +80,7 @@ class PixelLLM(nn.Module):
         self.extractor = PromptFeatureExtractor(cfg.extractor, fused_dim, cfg.sam.out_chans, lm_dim)
         self.point_head = PointHead(cfg.point_head, lm_dim)
         self.mask_head = MaskHead(cfg.mask_decoder, cfg.sam.out_chans)
+        self.proposal_head = ProposalHead(cfg.proposal_head, fused_dim) if cfg.proposal_head is not None else None
         self.image_encoder.sam.requires_grad_(cfg.sam.trainable)
         self.prompt_encoder.sam.requires_grad_(cfg.sam.trainable)
         self.image_encoder.eva.requires_grad_(cfg.eva.trainable)
@@ -134,7 +136,8 @@ class PixelLLM(nn.Module):
         Keys: images (B, 3, S, S); prompts (list of B str); boxes (B, 4), box_mask (B,), points (B, 2),
         point_mask (B,) in model-input pixels; labels (B, T) with IGNORE_INDEX padding; target_corners
         (B, T, 2, 2) in [0, 1]; located (B, T) bool; optional mask_boxes (B, 4), mask_targets (B, S, S),
-        mask_valid (B,).
+        mask_valid (B,); optional object_boxes (list of B (N_i, 4) in [0, 1]) and objects_valid (B,) for the
+        proposal head.
         """
         lc = self.cfg.loss
         features = self.encode_images(batch["images"])
@@ -172,6 +175,12 @@ class PixelLLM(nn.Module):
             logits_m = self.predict_masks(features[mask_valid], batch["mask_boxes"][mask_valid].to(self.dtype))
             out["mask"] = _mask_loss(logits_m.float(), batch["mask_targets"][mask_valid].float())
             loss = loss + lc.mask_weight * out["mask"]
+        objects_valid = batch.get("objects_valid")
+        if objects_valid is not None and bool(objects_valid.any()) and self.proposal_head is not None:
+            index = objects_valid.nonzero()[:, 0].tolist()
+            boxes = [batch["object_boxes"][i] for i in index]
+            out["proposal"] = self.proposal_head.loss(features.fused[index], boxes)
+            loss = loss + lc.proposal_weight * out["proposal"]
         out["loss"] = loss
         return out
 
@@ -220,14 +229,14 @@ class PixelLLM(nn.Module):
     @torch.no_grad()
     def generate_stream(
         self, features: ImageFeatures, prompts: Prompts, max_new_tokens: int | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Greedy decoding that yields each step's ids (B,), corners (B, 2, 2) and confidence (B,)."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Greedy decoding that yields each step's ids (B,), corners (B, 2, 2), confidence (B,) and log-probs (B,)."""
         max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
         enc, enc_mask = self.encode_prompts(features, prompts)
         step, logits_fn = self._decode_fns(enc, enc_mask)
-        for ids, hidden, _ in iter_greedy(step, logits_fn, enc.shape[0], max_new_tokens, enc.device):
+        for ids, hidden, logp in iter_greedy(step, logits_fn, enc.shape[0], max_new_tokens, enc.device):
             corners, confidence = self._points(hidden)
-            yield ids, corners, confidence
+            yield ids, corners, confidence, logp
 
     @torch.no_grad()
     def localize(self, features: ImageFeatures, prompts: Prompts, texts: list[str]) -> list[Generated]:
@@ -262,6 +271,19 @@ class PixelLLM(nn.Module):
         return out
 
     @torch.no_grad()
+    def propose(
+        self, features: ImageFeatures, score_threshold: float = 0.3, nms_iou: float = 0.5, max_proposals: int = 32
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Object proposals per image: boxes (N, 4) in model-input pixels and scores (N,), best first."""
+        if self.proposal_head is None:
+            raise RuntimeError(
+                f"model {self.name!r} has no proposal head, so it cannot dense-caption: train one with a config "
+                'that has a "proposal_head" section (e.g. pixelllm/configs/train/tiny_dense.json)'
+            )
+        found = self.proposal_head.propose(features.fused, score_threshold, nms_iou, max_proposals)
+        return [(boxes * self.cfg.image_size, scores) for boxes, scores in found]
+
+    @torch.no_grad()
     def masks(self, features: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
         """Mask logits (B, S, S) of the model input for boxes (B, 4) in model-input pixels."""
         return self.predict_masks(features, boxes.to(self.dtype))
@@ -269,6 +291,11 @@ class PixelLLM(nn.Module):
     def predict_masks(self, features: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
         low = self.mask_head(features.sam, boxes, self.prompt_encoder)
         return upsample_masks(low, self.cfg.image_size)
+
+    def add_proposal_head(self, cfg: ProposalHeadConfig) -> None:
+        """Give a model that has none a fresh, untrained proposal head (to fine-tune it for dense captioning)."""
+        self.cfg.proposal_head = cfg
+        self.proposal_head = ProposalHead(cfg, self.image_encoder.out_dim).to(self.device, self.dtype)
 
     def set_lora_merged(self, merged: bool) -> None:
         self.language_model.set_lora_merged(merged)

@@ -1,0 +1,142 @@
+"""Dense captioning: the proposal head, `Predictor.dense_caption`, the densecap metrics, and adding a head."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batch
+
+from pixelllm import Predictor, Region
+from pixelllm.config import ProposalHeadConfig, load_config
+from pixelllm.data.synthetic import generate_scene
+from pixelllm.dense_eval import (
+    DensePrediction,
+    DenseTruth,
+    average_precision,
+    densecap_map,
+    meteor_exact,
+    object_recall,
+)
+from pixelllm.modeling.proposal_head import ProposalHead
+from pixelllm.train import TrainConfig, initial_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_meteor_exact_known_values():
+    assert meteor_exact("a red circle", "a red circle") == pytest.approx(1 - 0.5 / 27)
+    assert meteor_exact("blue star", "a red circle") == 0.0
+    # 2 of 3 candidate words match 2 of 4 reference words in two chunks
+    p, r = 2 / 3, 2 / 4
+    expected = p * r / (0.9 * p + 0.1 * r) * (1 - 0.5 * (2 / 2) ** 3)
+    assert meteor_exact("red big circle", "a red small circle") == pytest.approx(expected)
+
+
+def test_average_precision_known_value():
+    ap = average_precision(np.array([0.9, 0.8, 0.7]), np.array([True, False, True]), num_truth=2)
+    assert ap == pytest.approx(0.5 * 1.0 + 0.5 * (2 / 3))
+    assert average_precision(np.array([0.5]), np.array([True]), num_truth=4) == pytest.approx(0.25)
+
+
+def test_densecap_map_rewards_right_boxes_and_captions():
+    truth = DenseTruth(np.array([[0, 0, 10, 10], [20, 20, 40, 40]]), ["a red circle", "a blue square"])
+    perfect = DensePrediction(truth.boxes.copy(), np.array([0.9, 0.8]), list(truth.captions))
+    assert densecap_map([perfect], [truth])["dense_map"] == pytest.approx(1.0)
+    wrong_words = DensePrediction(truth.boxes.copy(), np.array([0.9, 0.8]), ["green star", "purple star"])
+    scores = densecap_map([wrong_words], [truth])
+    assert scores["dense_ap@0.5_iou_any_caption"] == pytest.approx(1.0)
+    assert scores["dense_map"] == pytest.approx(1 / 6)  # only the caption threshold 0 is passed
+    duplicate = DensePrediction(np.array([[0, 0, 10, 10]] * 2), np.array([0.9, 0.8]), ["a red circle"] * 2)
+    assert densecap_map([duplicate], [truth])["dense_map"] == pytest.approx(0.5)
+
+    def same(a: str, b: str) -> bool:
+        return a == b
+
+    assert object_recall([perfect], [truth], same) == 1.0
+    assert object_recall([duplicate], [truth], same) == 0.5
+    shifted = DensePrediction(truth.boxes + 3, np.array([0.9, 0.8]), list(truth.captions))
+    assert object_recall([shifted], [truth], same) == 0.5  # the big box still overlaps >= 0.5
+
+
+def test_proposal_head_learns_and_decodes_boxes():
+    """Overfit the head on fixed features: its proposals must come back as the target boxes."""
+    torch.manual_seed(0)
+    head = ProposalHead(ProposalHeadConfig(hidden_dim=32), in_dim=16)
+    features = torch.randn(2, 16, 20, 20)
+    boxes = [torch.tensor([[0.1, 0.1, 0.35, 0.3], [0.6, 0.5, 0.95, 0.9]]), torch.tensor([[0.3, 0.4, 0.7, 0.6]])]
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    first = None
+    for _ in range(300):
+        loss = head.loss(features, boxes)
+        first = first if first is not None else float(loss.detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss.detach()) < 0.2 * first
+    found = head.propose(features, score_threshold=0.3, nms_iou=0.5)
+    for (pred, scores), target in zip(found, boxes):
+        assert len(pred) == len(target)
+        assert torch.all(scores[:-1] >= scores[1:])
+        iou = _iou(pred, target)
+        assert iou.max(0).values.min() > 0.7, iou
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import torchvision
+
+    return torchvision.ops.box_iou(a, b)
+
+
+def test_training_batch_carries_object_boxes_and_proposal_loss(tiny_model):
+    batch = make_batch(tiny_model)
+    assert batch["objects_valid"].all()
+    assert all(b.shape[1] == 4 and len(b) >= 1 for b in batch["object_boxes"])
+    losses = tiny_model(batch)
+    assert "proposal" in losses and torch.isfinite(losses["proposal"])
+    losses["loss"].backward()
+    assert tiny_model.proposal_head.objectness.weight.grad is not None
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_dense_caption_returns_regions_in_image_pixels(tiny_model):
+    predictor = Predictor(tiny_model)
+    scene = generate_scene(5)
+    h, w = scene.image.shape[:2]
+    predictor.set_image(scene.image)
+    regions = predictor.dense_caption(score_threshold=0.0, max_regions=5)
+    assert 1 <= len(regions) <= 5
+    assert all(isinstance(r, Region) for r in regions)
+    assert [r.score for r in regions] == sorted((r.score for r in regions), reverse=True)
+    for r in regions:
+        x0, y0, x1, y1 = r.box
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        # the caption is the model's region caption of that box
+        assert r.caption.text == predictor.caption(box=r.box).text
+    assert predictor.dense_caption(score_threshold=1.0) == []
+    with pytest.raises(ValueError, match="score_threshold"):
+        predictor.dense_caption(score_threshold=2)
+
+
+def test_model_without_proposal_head_says_how_to_get_one(tiny_model, tmp_path):
+    cfg = load_config("pixelllm-tiny")
+    cfg.proposal_head = None
+    from pixelllm import build_pixelllm
+
+    model = build_pixelllm(cfg, tokenizer=tiny_model.tokenizer)
+    predictor = Predictor(model)
+    predictor.set_image(generate_scene(1).image)
+    with pytest.raises(RuntimeError, match="no proposal head"):
+        predictor.dense_caption()
+    # a second stage from it adds a fresh head (the model's other weights are kept)
+    model.save_pretrained(tmp_path / "captioner")
+    train_cfg = TrainConfig(model="pixelllm-tiny", init_from=str(tmp_path / "captioner"))
+    started = initial_model(train_cfg)
+    assert started.proposal_head is not None
+    assert started.cfg.loss.proposal_weight == load_config("pixelllm-tiny").loss.proposal_weight
+    torch.testing.assert_close(started.point_head.state_dict(), model.point_head.state_dict())
+    started.save_pretrained(tmp_path / "dense")
+    saved = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert saved["proposal_head"] == {"hidden_dim": 64, "box_weight": 2.0}
