@@ -187,7 +187,6 @@ class Predictor:
         return Caption(text=text, words=words, score=score)
 
     # ------------------------------------------------------------------ dense captions
-    @torch.no_grad()
     def dense_caption(
         self,
         score_threshold: float = DENSE_SCORE_THRESHOLD,
@@ -198,21 +197,47 @@ class Predictor:
     ) -> list[Region]:
         """Every salient object of the current image: proposals from the proposal head (objectness >=
         `score_threshold`, overlaps above `nms_iou` suppressed, at most `max_regions`), each captioned as a
-        region in one batched pass. Best score first."""
+        region. Best score first."""
+        return self.dense_caption_embeddings(
+            [self._current()], score_threshold, nms_iou, max_regions, max_new_tokens, num_beams
+        )[0]
+
+    @torch.no_grad()
+    def dense_caption_embeddings(
+        self,
+        embeddings: Sequence[ImageEmbedding],
+        score_threshold: float = DENSE_SCORE_THRESHOLD,
+        nms_iou: float = 0.5,
+        max_regions: int = 32,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+    ) -> list[list[Region]]:
+        """`dense_caption` for many images: one proposal pass, then every region captioned in one batch."""
         if not 0 <= score_threshold <= 1 or not 0 < nms_iou <= 1 or max_regions < 1:
             raise ValueError(
                 f"need 0 <= score_threshold <= 1, 0 < nms_iou <= 1 and max_regions >= 1, got {score_threshold}, "
                 f"{nms_iou}, {max_regions}"
             )
-        emb = self._current()
-        model_boxes, scores = self.model.propose(emb.features, score_threshold, nms_iou, max_regions)[0]
+        features = ImageFeatures.cat([e.features for e in embeddings])
+        proposals = self.model.propose(features, score_threshold, nms_iou, max_regions)
         size = self.model.cfg.image_size
-        boxes = [_box(b, emb.transform) for b in (model_boxes / size).cpu().numpy()]
-        kept = [i for i, b in enumerate(boxes) if b[2] > b[0] and b[3] > b[1]]  # drop boxes clipped to nothing
-        if not kept:
-            return []
-        captions = self.caption_embeddings([emb] * len(kept), [boxes[i] for i in kept], None, max_new_tokens, num_beams)
-        return [Region(boxes[i], float(scores[i]), c) for i, c in zip(kept, captions)]
+        found = []  # (image index, box in image pixels, score)
+        for i, (emb, (model_boxes, scores)) in enumerate(zip(embeddings, proposals)):
+            for box, score in zip((model_boxes / size).cpu().numpy(), scores.tolist()):
+                box = _box(box, emb.transform)
+                if box[2] > box[0] and box[3] > box[1]:  # boxes clipped to nothing are dropped
+                    found.append((i, box, score))
+        captions = (
+            self.caption_embeddings(
+                [embeddings[i] for i, _, _ in found], [b for _, b, _ in found], None, max_new_tokens, num_beams
+            )
+            if found
+            else []
+        )
+        regions: list[list[Region]] = [[] for _ in embeddings]
+        for (i, box, score), caption in zip(found, captions):
+            regions[i].append(Region(box, score, caption))
+        return regions
 
     # ------------------------------------------------------------------ localization
     def localize(self, text: str, mask: bool = False) -> Localization:

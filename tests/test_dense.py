@@ -140,3 +140,13 @@ def test_model_without_proposal_head_says_how_to_get_one(tiny_model, tmp_path):
     started.save_pretrained(tmp_path / "dense")
     saved = json.loads((tmp_path / "dense" / "config.json").read_text())
     assert saved["proposal_head"] == {"hidden_dim": 64, "box_weight": 2.0}
+
+
+def test_dense_caption_embeddings_batch_equals_one_by_one(tiny_model):
+    predictor = Predictor(tiny_model)
+    embeddings = [predictor.embed(generate_scene(s).image) for s in (2, 3)]
+    batched = predictor.dense_caption_embeddings(embeddings, score_threshold=0.0, max_regions=4)
+    for emb, regions in zip(embeddings, batched):
+        alone = predictor.dense_caption_embeddings([emb], score_threshold=0.0, max_regions=4)[0]
+        assert [r.caption.text for r in regions] == [r.caption.text for r in alone]
+        np.testing.assert_allclose([r.box for r in regions], [r.box for r in alone], atol=1e-3)
