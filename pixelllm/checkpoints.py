@@ -2,7 +2,8 @@
 
 Official loaders are small functions from a foreign state dict to our modules (like timm's
 `checkpoint_filter_fn`): they resample position embeddings to our input size and report the first
-mismatched keys and shapes with the file name. Pickle-based files are read with `weights_only=True`.
+mismatched keys and shapes with the file name. Pickle-based files are read with `weights_only=True`:
+tensors only; a file that needs pickled code to load is refused, and its code never runs.
 
 Our format (`save_pretrained`): `config.json` + `model.safetensors` + `tokenizer.json`. When the model
 was built from official checkpoints, `config.json` records their paths and `model.safetensors` holds only
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -35,11 +38,26 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, SOURCES_FILE = (
 )
 
 
+UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # torch's weights-only refusal
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not match the model."""
 
 
 # ------------------------------------------------------------------------- reading files
+def refused_pickle(path: str | Path, error: Exception) -> CheckpointError | None:
+    """The error for a pickle that needs code to load, if torch's weights-only loader refused `path` for that."""
+    needs_code = UNSAFE_GLOBAL.search(str(error))
+    if needs_code is None:
+        return None
+    return CheckpointError(
+        f"refused {path}: loading it would run pickled Python code ({needs_code[1]}); checkpoints are read with "
+        "torch.load(weights_only=True), tensors only. If you trust the file, re-save its tensors where you trust "
+        "it: torch.save(state_dict, ...) or safetensors.torch.save_file(state_dict, ...)."
+    )
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a `.safetensors` file or a torch pickle read with `weights_only=True`."""
     path = Path(path)
@@ -53,10 +71,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(
+        raise refused_pickle(path, e) or CheckpointError(
             f"{path} could not be loaded as a weights-only torch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). It may be truncated, not a checkpoint, or need "
-            "pickled code, which we refuse to run."
+            f"{str(e).splitlines()[0] if str(e) else ''}). It may be truncated or not a checkpoint."
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a state dict")
@@ -174,8 +191,11 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
         t5, info = T5ForConditionalGeneration.from_pretrained(
             path, output_loading_info=True, ignore_mismatched_sizes=True
         )
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise CheckpointError(f"could not load T5 weights from {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        # transformers reads pytorch_model.bin with torch.load(weights_only=True)
+        raise refused_pickle(path, e) or CheckpointError(
+            f"could not load T5 weights from {path}: {str(e).splitlines()[0]}"
+        ) from None
     shapes = [
         f"{k}: file {tuple(a)} vs model {tuple(b)}"
         for k, a, b in sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
