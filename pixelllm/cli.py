@@ -1,4 +1,4 @@
-"""The `pixelllm` command line: caption, localize, serve, train, eval and data synthesis.
+"""The `pixelllm` command line: caption, localize, visualize, serve, batch, train, eval and data synthesis.
 
 Coordinates are absolute pixels of the input image (x right, y down): --box x0,y0,x1,y1 and --point x,y.
 """
@@ -120,6 +120,21 @@ def cmd_serve(args) -> None:
     run(args.host, args.port, Settings())
 
 
+def cmd_batch(args) -> int:
+    from .batch import BatchError, Options, default_errors_path, discover, run_batch
+
+    output = Path(args.output)
+    errors = Path(args.errors) if args.errors else default_errors_path(output)
+    try:
+        options = Options(args.server, args.concurrency, args.timeout, args.retries, progress=not args.no_progress)
+        items, refused = discover(args.input, args.root, args.allow_outside_root, args.text)
+        summary = run_batch(items, refused, output, errors, options)
+    except BatchError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(summary.to_dict()) if args.json else summary)
+    return 1 if summary.failed else 0
+
+
 def cmd_train(args) -> None:
     from .train import main as train_main
 
@@ -183,6 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser(
+        "batch",
+        help="send a folder, glob or JSONL manifest of images to the service; results JSONL keyed by id, resumable",
+        description="Exit codes: 0 all done, 1 some entries failed (see the errors file), 2 the batch could not run.",
+    )
+    p.add_argument("input", help="a folder of images, a quoted glob ('imgs/**/*.png') or a JSONL manifest")
+    p.add_argument("-o", "--output", required=True, help="results JSONL; a rerun skips the ids already in it")
+    p.add_argument("--errors", help="failures JSONL, rewritten each run (default: OUTPUT with .errors.jsonl)")
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="service URL (default: %(default)s)")
+    p.add_argument("--text", help="folder or glob input: localize this text in every image instead of captioning")
+    p.add_argument("--root", help="read no image outside this folder (default: the input folder or manifest's folder)")
+    p.add_argument("--allow-outside-root", action="store_true", help="read images anywhere the manifest points")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=5, help="retries on 429/502/503/504 and connection errors")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_batch)
+
     p = sub.add_parser("train", help="train from a config JSON (see pixelllm/configs/train/)")
     p.add_argument("config")
     p.add_argument("--steps", type=int)
@@ -214,11 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except CLIError as e:
         print(f"pixelllm: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .errors import install_error_handlers
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .middleware import BodyLimitMiddleware, FaultInjectionMiddleware, MetricsMiddleware
 from .openapi import install_openapi
 from .routes import STATIC_DIR, router
 from .schemas import CaptionJSON, LocalizeJSON, RegionsJSON
@@ -44,6 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_error_handlers(app)
     install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON])
+    if settings.debug_fail_rate > 0:  # inside the body limit, so a refused request's body is read
+        app.add_middleware(
+            FaultInjectionMiddleware, rate=settings.debug_fail_rate, statuses=settings.debug_fail_statuses
+        )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     paths = {route.path for route in router.routes} | {app.docs_url, app.redoc_url, app.openapi_url}
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)

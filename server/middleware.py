@@ -1,13 +1,14 @@
-"""Pure ASGI middleware: request metrics, and the request body limit (413)."""
+"""Pure ASGI middleware: request metrics, the request body limit (413), and test-only fault injection."""
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_response
+from .errors import HTTP_CODES, error_response
 from .metrics import Metrics
 
 
@@ -80,3 +81,20 @@ class BodyLimitMiddleware:
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body is larger than {self.max_bytes} bytes"
         await error_response(413, "payload_too_large", message, {"Connection": "close"})(scope, receive, send)
+
+
+class FaultInjectionMiddleware:
+    """Test only (`PIXELLLM_DEBUG_FAIL_RATE`): answers a seeded random `rate` of `/v1/` requests with one of
+    `statuses` and `Retry-After: 1`, so clients' retry paths can be tested against a real server."""
+
+    def __init__(self, app: ASGIApp, rate: float, statuses: Sequence[int], seed: int = 0) -> None:
+        self.app, self.rate, self.statuses, self.rng = app, rate, list(statuses), random.Random(seed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or self.rng.random() >= self.rate:
+            await self.app(scope, receive, send)
+            return
+        status = self.rng.choice(self.statuses)
+        message = f"injected failure (PIXELLLM_DEBUG_FAIL_RATE={self.rate:g}, for tests only)"
+        response = error_response(status, HTTP_CODES.get(status, "error"), message, {"Retry-After": "1"})
+        await response(scope, receive, send)

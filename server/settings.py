@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
 
     debug_batch_delay_ms: float = Field(0.0, ge=0, description="Test only: sleep this long in every batch")
+    debug_fail_rate: float = Field(
+        0.0, ge=0, le=1, description="Test only: answer this random fraction of /v1 requests with a retryable error"
+    )
+    debug_fail_statuses: list[int] = Field([429, 503], description="Test only: the statuses debug_fail_rate answers")
 
     def resolved_model(self) -> str:
         """The model to load: the setting, else the embedded default weights, else the random tiny preset."""

@@ -1,0 +1,501 @@
+"""Batch client: many images through the REST service into a JSONL file of results keyed by id; resumable.
+
+Input is a folder (its images, recursively), a glob, or a JSONL manifest with one object a line:
+`{"id": "cat-1", "image": "imgs/cat.png", "task": "caption", "box": [x0, y0, x1, y1]}`, with optional
+`task` ("caption" or "localize"), `box` or `point` ([x, y]) for a caption, and `text` (a string or a list,
+implies "localize"). Coordinates are pixels of the image. Relative image paths are read from the manifest's
+folder, and no image outside the root (that folder unless told another) is read, symlinks resolved,
+unless `allow_outside_root`. Ids are letters, digits, '.', '_' and '-' (no leading '.'), so they are safe as
+file names; a folder's or glob's file paths are sanitized into such ids.
+
+Each result is one line `{"id", "task", "image", "result"}` of the output, `result` being the service's
+answer; each failure one line `{"id", "image", "status", "attempts", "error": {"code", "message"}}` of the
+errors file, which holds the last run's failures. A rerun skips the ids already in the output and cuts off a
+torn last line left by a killed run, so every id is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import glob
+import json
+import logging
+import mimetypes
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from itertools import takewhile
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+TASKS = ("caption", "localize")
+MANIFEST_FIELDS = ("id", "image", "task", "box", "point", "text")
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+MAX_RETRY_AFTER_S = 300.0
+
+
+class BatchError(Exception):
+    """The batch cannot run at all (input missing, output not ours, service unreachable): a message for the user."""
+
+
+class ItemError(Exception):
+    """One input entry is refused; `code` goes to its error record."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request: `path` is the resolved image file, `image` the path as the input gave it."""
+
+    id: str
+    path: Path
+    image: str
+    task: str = "caption"
+    box: tuple[float, ...] | None = None
+    point: tuple[float, ...] | None = None
+    texts: tuple[str, ...] = ()
+
+    def fields(self) -> dict[str, str | list[str]]:
+        """The multipart text fields of the request."""
+        if self.task == "localize":
+            return {"text": list(self.texts)}
+        if self.box is not None:
+            return {"box": ",".join(map(str, self.box))}
+        if self.point is not None:
+            return {"point": ",".join(map(str, self.point))}
+        return {}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to talk to the service. `retries` are extra attempts on 429/502/503/504 and connection errors."""
+
+    server: str = "http://127.0.0.1:8000"
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    retries: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
+            raise BatchError("need concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0")
+
+
+@dataclass
+class Summary:
+    """What a run did: `skipped` ids were already in the output, `refused` entries were never sent."""
+
+    total: int
+    skipped: int
+    succeeded: int
+    failed: int
+    refused: int
+    retries: int
+    elapsed_s: float
+    output: str
+    errors: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        rate = (self.succeeded + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        lines = [
+            f"{self.total} entries: {self.succeeded} written, {self.skipped} already done, {self.failed} failed "
+            f"({self.refused} refused before sending), {self.retries} retries, {self.elapsed_s:.1f} s ({rate:.1f}/s)",
+            f"results: {self.output}",
+        ]
+        if self.failed:
+            lines.append(f"errors:  {self.errors} (rerun to retry them; done ids are skipped)")
+        return "\n".join(lines)
+
+
+def sanitize_id(name: str) -> str:
+    """A safe file name from any string: runs of other characters than letters, digits, '.', '_', '-' become
+    '_', leading dots go, at most 200 characters."""
+    return re.sub(r"[^\w.\-]+", "_", name).lstrip(".")[:200] or "_"
+
+
+def error_record(
+    id: str | None, code: str, message: str, image: str | None = None, status: int | None = None, attempts: int = 0
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "image": image,
+        "status": status,
+        "attempts": attempts,
+        "error": {"code": code, "message": message},
+    }
+
+
+# ---- input ------------------------------------------------------------------------------------------------
+
+
+def discover(
+    source: str, root: str | None = None, allow_outside_root: bool = False, text: str | None = None
+) -> tuple[list[Item], list[dict[str, Any]]]:
+    """The items to send from a folder, a glob or a JSONL manifest, and error records for refused entries.
+
+    `root` bounds the images read (default: the folder, the glob's fixed prefix, or the manifest's folder);
+    `text` localizes that text in every image of a folder or glob instead of captioning it.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = _from_files(files, Path(root) if root else path, allow_outside_root, text)
+    elif path.is_file():
+        if text:
+            raise BatchError("a text is for a folder or a glob; in a manifest, give each entry its own 'text'")
+        found = _from_manifest(path, Path(root) if root else path.parent, allow_outside_root)
+    elif glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        fixed = takewhile(lambda part: not glob.has_magic(part), Path(source).parts)
+        found = _from_files(files, Path(root) if root else Path(*fixed), allow_outside_root, text)
+    else:
+        raise BatchError(f"input not found: {source} (give a folder, a glob like 'images/*.png' or a JSONL manifest)")
+    if not any(found):
+        raise BatchError(f"nothing to send: {source} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or entries")
+    return found
+
+
+def _from_files(
+    files: list[Path], root: Path, allow_outside_root: bool, text: str | None
+) -> tuple[list[Item], list[dict[str, Any]]]:
+    items, refused, seen = [], [], set()
+    for file in files:
+        id = sanitize_id(os.path.relpath(file, root))
+        try:
+            if id in seen:
+                raise ItemError("duplicate_id", f"{file} has the id {id!r} of an earlier file")
+            resolved = _resolve(str(file), Path(), root, allow_outside_root)
+        except ItemError as e:
+            refused.append(error_record(id, e.code, e.message, str(file)))
+            continue
+        seen.add(id)
+        items.append(Item(id, resolved, str(file), "localize" if text else "caption", texts=(text,) if text else ()))
+    return items, refused
+
+
+def _from_manifest(path: Path, root: Path, allow_outside_root: bool) -> tuple[list[Item], list[dict[str, Any]]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BatchError(f"cannot read the manifest {path}: {e}") from None
+    items, refused, seen = [], [], set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        entry: Any = None
+        try:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ItemError("invalid_json", f"not JSON: {e}") from None
+            item = parse_entry(entry, path.parent, root, allow_outside_root)
+            if item.id in seen:
+                raise ItemError("duplicate_id", f"id {item.id!r} is also on an earlier line")
+        except ItemError as e:
+            id, image = (entry.get("id"), entry.get("image")) if isinstance(entry, dict) else (None, None)
+            record = error_record(None if id is None else str(id), e.code, f"{path} line {n}: {e.message}")
+            refused.append({**record, "image": image if isinstance(image, str) else None})
+            continue
+        seen.add(item.id)
+        items.append(item)
+    return items, refused
+
+
+def parse_entry(entry: Any, base: Path, root: Path, allow_outside_root: bool = False) -> Item:
+    """An `Item` from one manifest object; relative image paths are read from `base`. Raises `ItemError`."""
+    if not isinstance(entry, dict):
+        raise ItemError("invalid_entry", "expected a JSON object")
+    unknown = sorted(set(entry) - set(MANIFEST_FIELDS))
+    if unknown:
+        raise ItemError("invalid_entry", f"unknown fields {unknown}; the fields are {', '.join(MANIFEST_FIELDS)}")
+    id = entry.get("id")
+    if isinstance(id, bool) or not isinstance(id, (str, int)):
+        raise ItemError("invalid_id", "id: required, a string or an integer")
+    id = str(id)
+    if id != sanitize_id(id):
+        raise ItemError("invalid_id", f"id {id!r} is not a safe file name: use letters, digits, '.', '_', '-'")
+    image = entry.get("image")
+    if not isinstance(image, str) or not image:
+        raise ItemError("invalid_entry", "image: required, a file path")
+    if "://" in image:
+        raise ItemError("invalid_entry", f"image: {image!r} is a URL; give a file path")
+    texts = _texts(entry.get("text"))
+    task = entry.get("task") or ("localize" if texts else "caption")
+    if task not in TASKS:
+        raise ItemError("invalid_task", f"task: {task!r} is not one of {', '.join(TASKS)}")
+    box, point = _coords(entry.get("box"), 4, "box"), _coords(entry.get("point"), 2, "point")
+    if task == "localize" and not texts:
+        raise ItemError("invalid_entry", "text: required to localize")
+    if task == "localize" and (box or point):
+        raise ItemError("invalid_entry", "box, point: only for a caption; localize takes a text")
+    if task == "caption" and texts:
+        raise ItemError("invalid_entry", "text: only to localize; a caption takes a box or a point")
+    if box and point:
+        raise ItemError("invalid_entry", "give a box or a point, not both")
+    return Item(id, _resolve(image, base, root, allow_outside_root), image, task, box, point, texts)
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ItemError("invalid_entry", "text: a non-empty string or a list of them")
+    return tuple(values)
+
+
+def _coords(value: Any, n: int, name: str) -> tuple[float, ...] | None:
+    """`n` finite numbers, or None; the service checks the rest (order, sign) and names the field if wrong."""
+    if value is None:
+        return None
+    keys = "[x0, y0, x1, y1]" if n == 4 else "[x, y]"
+    if not isinstance(value, list) or len(value) != n:
+        raise ItemError("invalid_coordinates", f"{name}: expected {keys} in image pixels, got {value!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf") for v in value):
+        raise ItemError("invalid_coordinates", f"{name}: expected {n} finite numbers {keys}, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _resolve(image: str, base: Path, root: Path, allow_outside_root: bool) -> Path:
+    """`base / image` with symlinks resolved; refused outside `root` unless allowed, or if it is not a file."""
+    path = (base / image).resolve()
+    if not allow_outside_root and not path.is_relative_to(root.resolve()):
+        raise ItemError(
+            "outside_root",
+            f"image {image!r} is {path}, outside the root {root.resolve()}; "
+            "pass --root to widen it, or --allow-outside-root",
+        )
+    if not path.is_file():
+        raise ItemError("image_not_found", f"image not found: {image}")
+    return path
+
+
+# ---- output -----------------------------------------------------------------------------------------------
+
+
+class JsonlWriter:
+    """Appends (or, with `truncate`, rewrites) a JSONL file; each record is one `write` then `fsync`, so a killed
+    run leaves at most a torn last line, which `recover` cuts off."""
+
+    def __init__(self, path: Path, truncate: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
+        self.fd = os.open(path, flags, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        while data:
+            data = data[os.write(self.fd, data) :]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def recover(path: Path) -> set[str]:
+    """The ids already in an output JSONL, after truncating the file to its last complete line."""
+    if not path.exists():
+        return set()
+    done, end = set(), 0
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            end += len(line)
+            if not line.strip():
+                continue
+            try:
+                done.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise BatchError(
+                    f"{path} line {n} is not a result record ({type(e).__name__}: {e}); "
+                    "remove that line, or write to another output"
+                ) from None
+    size = path.stat().st_size
+    if end < size:
+        logger.warning("%s: cutting off a torn last line (%d bytes) left by an interrupted run", path, size - end)
+        os.truncate(path, end)
+    return done
+
+
+# ---- requests ---------------------------------------------------------------------------------------------
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def retry_delay(attempt: int, retry_after: float | None, options: Options, rng: random.Random) -> float:
+    """Seconds before retry `attempt` (0-based): exponential backoff with jitter (half to all of it), and at
+    least the server's `Retry-After` (jittered up to 20% later, capped at MAX_RETRY_AFTER_S)."""
+    backoff = min(options.max_backoff_s, options.backoff_s * 2**attempt)
+    delay = rng.uniform(backoff / 2, backoff)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S) * rng.uniform(1.0, 1.2))
+    return delay
+
+
+class _Session:
+    """The shared httpx client with the retry policy; counts the retries."""
+
+    def __init__(self, client: httpx.AsyncClient, options: Options, rng: random.Random) -> None:
+        self.client, self.options, self.rng, self.retries = client, options, rng, 0
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> tuple[httpx.Response, int]:
+        """The response and the attempts made; the last response (or TransportError) when retries run out."""
+        for attempt in range(self.options.retries + 1):
+            last = attempt == self.options.retries
+            try:
+                response = await self.client.request(method, url, **kwargs)
+            except httpx.TransportError as e:
+                if last:
+                    raise
+                wait = retry_delay(attempt, None, self.options, self.rng)
+                logger.info("%s %s: %s; retrying in %.2f s", method, url, type(e).__name__, wait)
+            else:
+                if response.status_code not in RETRY_STATUSES or last:
+                    return response, attempt + 1
+                wait = retry_delay(attempt, retry_after_s(response.headers.get("retry-after")), self.options, self.rng)
+                logger.info("%s %s: %d; retrying in %.2f s", method, url, response.status_code, wait)
+            self.retries += 1
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def send(self, item: Item) -> tuple[bool, dict[str, Any]]:
+        """(True, result record) or (False, error record) for one item."""
+        try:
+            data = await asyncio.to_thread(item.path.read_bytes)
+        except OSError as e:
+            return False, error_record(item.id, "unreadable_image", f"cannot read {item.image}: {e}", item.image)
+        mime = mimetypes.guess_type(item.path.name)[0] or "application/octet-stream"
+        try:
+            response, attempts = await self.request(
+                "POST", f"/v1/{item.task}", files={"image": (item.path.name, data, mime)}, data=item.fields()
+            )
+        except httpx.TransportError as e:
+            attempts = self.options.retries + 1
+            message = f"{type(e).__name__}: {e} (after {attempts} attempts)"
+            return False, error_record(item.id, "connection_error", message, item.image, None, attempts)
+        if response.status_code == 200:
+            return True, {"id": item.id, "task": item.task, "image": item.image, "result": response.json()}
+        return False, error_record(item.id, *_error(response), item.image, response.status_code, attempts)
+
+
+def _error(response: httpx.Response) -> tuple[str, str]:
+    """(code, message) of the service's `{"error": {"code", "message"}}`, or made from the status and body."""
+    try:
+        error = response.json()["error"]
+        return str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{response.status_code}", response.text[:500]
+
+
+async def _check_ready(session: _Session) -> None:
+    """Wait (with the retry policy) for `/readyz`; raise `BatchError` if the service cannot serve."""
+    try:
+        response, _ = await session.request("GET", "/readyz")
+    except httpx.TransportError as e:
+        raise BatchError(
+            f"cannot reach the service at {session.options.server}: {type(e).__name__}: {e}; "
+            "start it with `pixelllm serve`, or pass --server"
+        ) from None
+    if response.status_code != 200:
+        code, message = _error(response)
+        raise BatchError(f"the service at {session.options.server} is not ready: {code}: {message}")
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
+def run_batch(
+    items: list[Item], refused: list[dict[str, Any]], output: Path, errors: Path, options: Options = Options()
+) -> Summary:
+    """Send every item whose id is not already in `output`; results to `output`, failures to `errors`."""
+    if output.resolve() == errors.resolve():
+        raise BatchError(f"the output and the errors file are both {output}; give two files")
+    try:
+        return asyncio.run(_run(items, refused, output, errors, options))
+    except OSError as e:  # reading an image is an item's error; this is the output or errors file
+        raise BatchError(f"cannot write {e.filename}: {e.strerror}") from None
+
+
+async def _run(
+    items: list[Item], refused: list[dict[str, Any]], output: Path, errors: Path, options: Options
+) -> Summary:
+    start = time.perf_counter()
+    done = recover(output)
+    todo = [item for item in items if item.id not in done]
+    unsent = [r for r in refused if r["id"] not in done]  # a refused entry whose id is done has nothing to do
+    succeeded = failed = 0
+    limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
+    with JsonlWriter(output) as out, JsonlWriter(errors, truncate=True) as err:
+        for record in unsent:
+            err.write(record)
+        async with httpx.AsyncClient(base_url=options.server, timeout=options.timeout_s, limits=limits) as client:
+            session = _Session(client, options, random.Random())
+            if todo:
+                await _check_ready(session)
+            pending: Iterator[Item] = iter(todo)
+            with tqdm(total=len(todo), unit="img", desc="batch", disable=not options.progress) as bar:
+
+                async def worker() -> None:
+                    nonlocal succeeded, failed
+                    for item in pending:  # one shared iterator: every item is taken by one worker
+                        ok, record = await session.send(item)
+                        (out if ok else err).write(record)
+                        succeeded, failed = succeeded + ok, failed + (not ok)
+                        bar.update()
+                        bar.set_postfix(failed=failed, retries=session.retries, refresh=False)
+
+                await asyncio.gather(*(worker() for _ in range(min(options.concurrency, len(todo)))))
+            retries = session.retries
+    return Summary(
+        total=len(items) + len(refused),
+        skipped=len(items) - len(todo) + len(refused) - len(unsent),
+        succeeded=succeeded,
+        failed=failed + len(unsent),
+        refused=len(unsent),
+        retries=retries,
+        elapsed_s=time.perf_counter() - start,
+        output=str(output),
+        errors=str(errors),
+    )
+
+
+def default_errors_path(output: Path) -> Path:
+    """`results.jsonl` -> `results.errors.jsonl`."""
+    return output.with_name(output.name.removesuffix(".jsonl") + ".errors.jsonl")

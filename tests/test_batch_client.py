@@ -1,0 +1,246 @@
+"""The batch client (`pixelllm batch`, scripts/batch_client.py) against a real service on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import httpx
+import pytest
+from server_helpers import GRACEFUL, ROOT, free_port, metric, png, start_server
+
+from pixelllm.batch import BatchError, Options, discover, recover, retry_after_s, retry_delay, run_batch
+from pixelllm.cli import main
+
+pytest_plugins = ["server_fixtures"]
+
+N = 50
+IDS = [f"img_{i:02d}.png" for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for i, name in enumerate(IDS):
+        (folder / name).write_bytes(png(64, 48, seed=i))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flaky_service(tmp_path_factory: pytest.TempPathFactory, random_tiny_dir: Path):
+    """Answers 429 or 503 with Retry-After: 1 to 30% of /v1 requests, and takes 100 ms per batch."""
+    settings = dict(debug_fail_rate=0.3, debug_fail_statuses=[429, 503], debug_batch_delay_ms=100, max_batch_size=4)
+    proc = start_server(tmp_path_factory, random_tiny_dir, **settings)
+    yield proc
+    assert proc.stop() in GRACEFUL, proc.log()[-4000:]
+    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def batch(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(["batch", *argv, "--no-progress"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def requests_total(url: str, route: str, status: str) -> float:
+    return metric(
+        httpx.get(f"{url}/metrics").text, "pixelllm_requests_total", route=route, method="POST", status=status
+    )
+
+
+def test_folder_of_50_images_then_a_rerun_sends_nothing(service, images: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "results.jsonl"
+    before = requests_total(service.url, "/v1/caption", "200")
+    code, stdout, _ = batch(capsys, str(images), "-o", str(out), "--server", service.url, "--json")
+    assert code == 0, stdout
+    summary = json.loads(stdout)
+    assert (summary["total"], summary["succeeded"], summary["failed"], summary["skipped"]) == (N, N, 0, 0)
+    records = read_jsonl(out)
+    assert sorted(r["id"] for r in records) == IDS
+    for r in records:
+        assert r["task"] == "caption" and r["image"] == str(images / r["id"])
+        assert r["result"]["image"] == {"width": 64, "height": 48}
+        assert all(set(w) >= {"text", "point", "box"} for w in r["result"]["words"])
+    assert (tmp_path / "results.errors.jsonl").read_text() == ""
+    assert requests_total(service.url, "/v1/caption", "200") == before + N
+
+    written = out.read_bytes()
+    code, stdout, _ = batch(capsys, str(images), "-o", str(out), "--server", service.url)
+    assert code == 0
+    assert stdout.startswith(f"{N} entries: 0 written, {N} already done, 0 failed"), stdout
+    assert out.read_bytes() == written
+    assert requests_total(service.url, "/v1/caption", "200") == before + N
+
+
+def test_retries_429_and_503_until_every_record_arrives(flaky_service, images: Path, tmp_path: Path) -> None:
+    url = flaky_service.url
+    before = {s: requests_total(url, "/v1/caption", s) for s in ("200", "429", "503")}
+    items, refused = discover(str(images))
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    summary = run_batch(items, refused, out, errors, Options(url, concurrency=8, retries=10, progress=False))
+    assert (summary.succeeded, summary.failed) == (N, 0), errors.read_text()
+    assert sorted(r["id"] for r in read_jsonl(out)) == IDS
+    injected = {s: requests_total(url, "/v1/caption", s) - before[s] for s in ("429", "503")}
+    assert injected["429"] > 0 and injected["503"] > 0, injected
+    assert summary.retries == injected["429"] + injected["503"]  # each injected failure retried once, no more
+    assert requests_total(url, "/v1/caption", "200") - before["200"] == N
+    assert summary.elapsed_s >= 1.0  # a retry waits for Retry-After: 1
+
+
+def test_sigkill_midway_then_rerun_writes_every_id_once(
+    flaky_service, images: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    out, ids = tmp_path / "out.jsonl", IDS[:20]
+    pattern = str(images / "img_[01]?.png")  # a glob: the first 20 images
+    args = [pattern, "-o", str(out), "--server", flaky_service.url, "--concurrency", "2", "--retries", "10"]
+    argv = [sys.executable, "scripts/batch_client.py", *args, "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    done_before = out.read_bytes().count(b"\n")
+    assert 5 <= done_before < len(ids)
+    with open(out, "ab") as f:  # as if the kill had landed inside a write
+        f.write(b'{"id": "img_19.png", "task": "capt')
+
+    code, stdout, _ = batch(capsys, *args, "--json")  # the rerun, in this process
+    assert code == 0
+    assert "torn last line" in caplog.text
+    summary = json.loads(stdout)
+    assert (summary["skipped"], summary["succeeded"], summary["failed"]) == (done_before, len(ids) - done_before, 0)
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # every line is whole JSON
+    assert sorted(r["id"] for r in records) == ids  # every id exactly once
+
+
+def test_path_traversal_is_refused_unless_allowed(service, tmp_path: Path, capsys) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (root / "a.png").write_bytes(png(64, 48, seed=1))
+    (outside / "b.png").write_bytes(png(64, 48, seed=2))
+    (root / "link.png").symlink_to(outside / "b.png")
+    entries = [
+        {"id": "../../x", "image": "a.png"},
+        {"id": "abs", "image": str(outside / "b.png")},
+        {"id": "up", "image": "../outside/b.png"},
+        {"id": "link", "image": "link.png"},
+        {"id": "ok", "image": "a.png"},
+    ]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    args = [str(manifest), "-o", str(out), "--errors", str(errors), "--server", service.url]
+
+    code, stdout, _ = batch(capsys, *args)
+    assert code == 1 and f"errors:  {errors}" in stdout
+    assert [r["id"] for r in read_jsonl(out)] == ["ok"]
+    codes = {e["id"]: e["error"]["code"] for e in read_jsonl(errors)}
+    assert codes == {"../../x": "invalid_id", "abs": "outside_root", "up": "outside_root", "link": "outside_root"}
+    assert all(e["attempts"] == 0 for e in read_jsonl(errors))  # never sent
+
+    code, _, _ = batch(capsys, *args, "--allow-outside-root")
+    assert code == 1
+    assert sorted(r["id"] for r in read_jsonl(out)) == ["abs", "link", "ok", "up"]
+    assert [e["id"] for e in read_jsonl(errors)] == ["../../x"]  # an unsafe id is never allowed
+
+    # a folder: its symlink out is refused too, and its file names become safe ids
+    (root / "sub dir").mkdir()
+    (root / "sub dir" / "c.png").write_bytes(png(64, 48, seed=3))
+    folder_out = tmp_path / "folder.jsonl"
+    code, _, _ = batch(capsys, str(root), "-o", str(folder_out), "--server", service.url)
+    assert code == 1
+    assert sorted(r["id"] for r in read_jsonl(folder_out)) == ["a.png", "sub_dir_c.png"]
+    assert [(e["id"], e["error"]["code"]) for e in read_jsonl(tmp_path / "folder.errors.jsonl")] == [
+        ("link.png", "outside_root")
+    ]
+
+
+def test_bad_entries_become_error_records_naming_the_problem(service, tmp_path: Path, capsys) -> None:
+    (tmp_path / "a.png").write_bytes(png(64, 48, seed=4))
+    (tmp_path / "garbage.png").write_bytes(b"this is not an image")
+    lines = [
+        json.dumps({"id": "where", "image": "a.png", "text": ["the red circle", "a square"]}),
+        json.dumps({"id": 7, "image": "a.png", "point": [10, 12]}),
+        json.dumps({"id": "inverted", "image": "a.png", "box": [30, 20, 10, 40]}),
+        json.dumps({"id": "short", "image": "a.png", "box": [1, 2, 3]}),
+        json.dumps({"id": "missing", "image": "nope.png"}),
+        json.dumps({"id": "garbage", "image": "garbage.png"}),
+        json.dumps({"id": "task", "image": "a.png", "task": "segment"}),
+        json.dumps({"id": "where", "image": "a.png"}),
+        "{not json",
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    code, stdout, _ = batch(capsys, str(manifest), "-o", str(out), "--server", service.url, "--json")
+    assert code == 1
+    assert json.loads(stdout)["failed"] == 7
+    results = {r["id"]: r for r in read_jsonl(out)}
+    assert set(results) == {"where", "7"}
+    assert [loc["text"] for loc in results["where"]["result"]["results"]] == ["the red circle", "a square"]
+    assert results["7"]["result"]["point"] == {"x": 10.0, "y": 12.0}
+    errors = {(e["id"], e["error"]["code"]): e for e in read_jsonl(tmp_path / "out.errors.jsonl")}
+    assert set(errors) == {
+        ("inverted", "invalid_request"),
+        ("short", "invalid_coordinates"),
+        ("missing", "image_not_found"),
+        ("garbage", "unsupported_media_type"),
+        ("task", "invalid_task"),
+        ("where", "duplicate_id"),
+        (None, "invalid_json"),
+    }
+    assert errors["inverted", "invalid_request"]["status"] == 422
+    assert errors["inverted", "invalid_request"]["error"]["message"].startswith("box")
+    assert errors["garbage", "unsupported_media_type"]["status"] == 415
+    assert "line 4" in errors["short", "invalid_coordinates"]["error"]["message"]
+
+
+def test_errors_that_stop_the_batch_exit_2(tmp_path: Path, images: Path, capsys) -> None:
+    code, _, err = batch(capsys, str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "input not found" in err
+    code, _, err = batch(capsys, str(tmp_path / "*.png"), "-o", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "nothing to send" in err
+    server = f"http://127.0.0.1:{free_port()}"
+    code, _, err = batch(capsys, str(images), "-o", str(tmp_path / "o.jsonl"), "--server", server, "--retries", "1")
+    assert code == 2 and "cannot reach the service" in err
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text('{"id": "a"}\nnot a record\n')
+    code, _, err = batch(capsys, str(images), "-o", str(corrupt))
+    assert code == 2 and "line 2 is not a result record" in err
+
+
+def test_recover_cuts_only_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "a"}\n\n{"id": 2}\n{"id": "c", "res')
+    assert recover(path) == {"a", "2"}
+    assert path.read_bytes() == b'{"id": "a"}\n\n{"id": 2}\n'
+    assert recover(tmp_path / "absent.jsonl") == set()
+    path.write_bytes(b'{"id": "a"}\n[1]\n')
+    with pytest.raises(BatchError, match="line 2"):
+        recover(path)
+
+
+def test_retry_delay_honors_retry_after_with_jitter() -> None:
+    rng, options = random.Random(0), Options(backoff_s=0.5, max_backoff_s=4.0)
+    assert retry_after_s("3") == 3.0 and retry_after_s(None) is None and retry_after_s("soon") is None
+    assert 8.0 < retry_after_s(formatdate(time.time() + 10, usegmt=True)) <= 10.0
+    assert all(7.0 <= retry_delay(0, 7.0, options, rng) <= 8.4 for _ in range(100))
+    delays = [retry_delay(2, None, options, rng) for _ in range(100)]
+    assert all(1.0 <= d <= 2.0 for d in delays) and len(set(delays)) > 90  # 0.5 * 2**2, jittered
+    assert all(2.0 <= retry_delay(10, None, options, rng) <= 4.0 for _ in range(100))  # capped
