@@ -26,15 +26,17 @@ Send images as multipart files or as base64 in JSON. Coordinates are pixels of t
 (after its EXIF orientation), x right, y down; `*_norm` fields divide by width and height."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app with its own model, batcher, cache and metrics; the model loads in the background."""
+def create_app(settings: Settings | None = None, engine_type: type[Engine] = Engine) -> FastAPI:
+    """A new app with its own model, batcher, cache and metrics; the model loads in the background.
+
+    `engine_type` runs the model: `Engine` batches in this process, `server.ray_app.RayEngine` on Ray Serve."""
     settings = settings or Settings()
     metrics = Metrics()
-    engine = Engine(settings, metrics)
+    engine = engine_type(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        await engine.start()
         yield
         await engine.stop()
 
@@ -54,15 +56,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def run(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; on shutdown, requests in flight are answered first."""
+def serving_settings(settings: Settings | None = None) -> Settings:
+    """Logging on, and `settings` with the model resolved; a model that does not exist fails now, not later."""
     from pixelllm.config import load_config
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings or Settings()
     settings = settings.model_copy(update={"model": settings.resolved_model()})
-    load_config(settings.model)  # fail now, not in the background, on a model that does not exist
+    load_config(settings.model)
+    return settings
+
+
+def run(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; on shutdown, requests in flight are answered first."""
+    settings = serving_settings(settings)
     uvicorn.run(
         create_app(settings),
         host=host,

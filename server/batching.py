@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,30 @@ class QueueFull(Exception):
 
 class BatcherClosed(Exception):
     """The batcher is shutting down and takes no new work."""
+
+
+def process_each(process: Callable[[list[T]], Sequence[R]], values: list[T]) -> list[R | BaseException]:
+    """`process(values)`, one result per value; if the batch raises, each value is retried alone, so one bad
+    value fails alone (its result is the exception)."""
+    try:
+        results = list(process(values))
+        if len(results) != len(values):
+            raise RuntimeError(f"batch of {len(values)} gave {len(results)} results")
+        return results
+    except Exception as exc:
+        if len(values) == 1:
+            logger.exception("model call failed")
+            return [exc]
+        logger.warning("batch of %d failed (%s); retrying one by one", len(values), exc)
+        return [result for value in values for result in process_each(process, [value])]
+
+
+class Batcher(Protocol[T, R]):
+    """What `Engine` needs of a batcher: `DynamicBatcher` here, `ServeBatcher` on a Ray Serve replica."""
+
+    async def submit(self, value: T) -> R: ...
+
+    async def close(self, timeout_s: float = 30.0) -> None: ...
 
 
 @dataclass
@@ -113,7 +137,7 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             started = time.monotonic()
             values = [item.value for item in batch]
-            results = await loop.run_in_executor(self._executor, self._call, values)
+            results = await loop.run_in_executor(self._executor, process_each, self.process, values)
             self.on_batch(len(batch), time.monotonic() - started)
             for item, result in zip(batch, results):
                 if item.future.done():
@@ -144,16 +168,3 @@ class DynamicBatcher(Generic[T, R]):
             except asyncio.TimeoutError:
                 break
         return batch
-
-    def _call(self, values: list[T]) -> list[R | BaseException]:
-        try:
-            results = list(self.process(values))
-            if len(results) != len(values):
-                raise RuntimeError(f"batch of {len(values)} gave {len(results)} results")
-            return results
-        except Exception as exc:
-            if len(values) == 1:
-                logger.exception("model call failed")
-                return [exc]
-            logger.warning("batch of %d failed (%s); retrying one by one", len(values), exc)
-            return [result for value in values for result in self._call([value])]

@@ -6,13 +6,14 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from .batching import BatcherClosed, DynamicBatcher, QueueFull
+from .batching import Batcher, BatcherClosed, DynamicBatcher, QueueFull
 from .cache import EmbeddingCache
 from .errors import ApiError, invalid
 from .images import decode_image, image_key
@@ -47,35 +48,41 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.cache = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
-        self.batcher: DynamicBatcher[Job, JobResult] | None = None
+        self.batcher: Batcher[Job, JobResult] | None = None
         self.model_name: str | None = None
         self.load_error: str | None = None
         self._loading: asyncio.Task | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Load the model in the background; until it is loaded the service answers 503."""
-        self._loading = asyncio.create_task(self._load())
+        self._loading = asyncio.create_task(self.load())
 
-    async def _load(self) -> None:
+    async def load(self) -> None:
+        """Load the model and make the batcher; on failure `load_error` says why."""
         try:
             predictor, self.model_name = await asyncio.to_thread(load_predictor, self.settings)
         except Exception as exc:
             logger.exception("the model failed to load")
             self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
             return
+        delay_s = self.settings.debug_batch_delay_ms / 1000.0
+        self.batcher = self.make_batcher(partial(run_jobs, predictor, self.cache, delay_s=delay_s))
+
+    def make_batcher(self, process: Callable[[list[Job]], list[JobResult]]) -> Batcher[Job, JobResult]:
+        """The in-process dynamic batcher over `process`; the Ray Serve engine batches with `@serve.batch`."""
         s = self.settings
         batcher = DynamicBatcher(
-            partial(run_jobs, predictor, self.cache, delay_s=s.debug_batch_delay_ms / 1000.0),
+            process,
             max_batch_size=s.max_batch_size,
             max_wait_s=s.max_batch_wait_ms / 1000.0,
             max_queue=s.max_queue,
-            on_batch=self._on_batch,
+            on_batch=self.on_batch,
             on_depth=self.metrics.queue_depth.set,
         )
         batcher.start()
-        self.batcher = batcher
+        return batcher
 
-    def _on_batch(self, size: int, seconds: float) -> None:
+    def on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.cache_bytes.set(self.cache.nbytes)

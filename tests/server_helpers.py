@@ -4,6 +4,9 @@ The fixtures built on these live in `server_fixtures.py` (`pytest_plugins = ["se
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import functools
 import io
 import os
 import signal
@@ -17,6 +20,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,16 +52,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m server` on 127.0.0.1 with `PIXELLLM_*` settings from `env`, its log in `log_path`."""
+    """`python -m server` (or `python <argv>`) on 127.0.0.1 with `PIXELLLM_*` settings from `env`, its log in
+    `log_path`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, argv: tuple[str, ...] = ("-m", "server")) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PIXELLLM_DEVICE": "cpu", **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, *argv, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
             env=full_env,
             stdout=self._log,
@@ -96,9 +101,13 @@ class ServerProcess:
         return code
 
 
+def settings_env(model_dir: Path, **settings: object) -> dict[str, str]:
+    """`PIXELLLM_*` environment variables for a server of `model_dir` with these settings."""
+    return {"PIXELLLM_MODEL": str(model_dir), **{f"PIXELLLM_{k.upper()}": str(v) for k, v in settings.items()}}
+
+
 def start_server(tmp_path_factory: Any, model_dir: Path, **settings: object) -> ServerProcess:
-    env = {"PIXELLLM_MODEL": str(model_dir), **{f"PIXELLLM_{k.upper()}": str(v) for k, v in settings.items()}}
-    server = ServerProcess(env, tmp_path_factory.mktemp("server") / "server.log")
+    server = ServerProcess(settings_env(model_dir, **settings), tmp_path_factory.mktemp("server") / "server.log")
     try:
         server.wait_ready()
     except Exception:
@@ -145,3 +154,61 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return sample.value
     return 0.0
+
+
+@functools.cache
+def image_b64(seed: int) -> str:
+    return base64.b64encode(png(96 + 8 * (seed % 8), 80, seed=seed)).decode()
+
+
+def requests_for(i: int) -> tuple[str, dict]:
+    """A varied request: caption (whole, box, point), localize, or regions; 8 images per thousand `i`."""
+    image = {"image": image_b64(100 * (i // 1000) + i % 8), "max_new_tokens": 6}
+    kind = i % 5
+    if kind == 0:
+        return "/v1/caption", image
+    if kind == 1:
+        return "/v1/caption", {**image, "box": {"x0": 4, "y0": 8, "x1": 60 + i % 30, "y1": 70}}
+    if kind == 2:
+        return "/v1/caption", {**image, "point": {"x": 10 + i % 50, "y": 20}}
+    if kind == 3:
+        return "/v1/localize", {"image": image["image"], "text": ["a red ball", f"thing {i % 7}"]}
+    return "/v1/regions", {**image, "boxes": [{"x0": 0, "y0": 0, "x1": 50, "y1": 50}], "texts": ["sky"]}
+
+
+async def send_all(url: str, indices: list[int], concurrency: int) -> list[httpx.Response]:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def one(i: int) -> httpx.Response:
+            path, body = requests_for(i)
+            async with limit:
+                return await client.post(path, json=body)
+
+        return await asyncio.gather(*(one(i) for i in indices))
+
+
+def answers(response: httpx.Response) -> list[dict]:
+    """The model's part of a response (no timings or cache flags)."""
+    body = response.json()
+    if "results" in body:
+        return body["results"]
+    if "captions" in body:
+        return body["captions"] + body["localizations"]
+    return [{k: body[k] for k in ("caption", "words", "box", "point")}]
+
+
+def assert_same(a: object, b: object, path: str = "") -> None:
+    """Equal, floats to 1e-3 pixels (batching changes summation order, not answers)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}.{i}")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, abs=1e-3), path
+    else:
+        assert a == b, path
