@@ -113,8 +113,8 @@ def test_sigkill_midway_then_rerun_writes_every_id_once(
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()
     done_before = out.read_bytes().count(b"\n")
     assert 5 <= done_before < len(ids)
     with open(out, "ab") as f:  # as if the kill had landed inside a write
