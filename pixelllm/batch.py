@@ -92,6 +92,8 @@ class Options:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if not self.server.startswith(("http://", "https://")):
+            raise BatchError(f"the server must be an http:// or https:// URL, got {self.server!r}")
         if self.concurrency < 1 or self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
             raise BatchError("need concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0")
 
@@ -411,7 +413,10 @@ class _Session:
             message = f"{type(e).__name__}: {e} (after {attempts} attempts)"
             return False, error_record(item.id, "connection_error", message, item.image, None, attempts)
         if response.status_code == 200:
-            return True, {"id": item.id, "task": item.task, "image": item.image, "result": response.json()}
+            try:
+                return True, {"id": item.id, "task": item.task, "image": item.image, "result": response.json()}
+            except ValueError:  # not the service's JSON (a proxy's page?): an error record with the body
+                pass
         return False, error_record(item.id, *_error(response), item.image, response.status_code, attempts)
 
 

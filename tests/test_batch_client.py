@@ -216,6 +216,8 @@ def test_errors_that_stop_the_batch_exit_2(tmp_path: Path, images: Path, capsys)
     assert code == 2 and "input not found" in err
     code, _, err = batch(capsys, str(tmp_path / "*.png"), "-o", str(tmp_path / "o.jsonl"))
     assert code == 2 and "nothing to send" in err
+    code, _, err = batch(capsys, str(images), "-o", str(tmp_path / "o.jsonl"), "--server", "127.0.0.1:8000")
+    assert code == 2 and "http:// or https:// URL" in err
     server = f"http://127.0.0.1:{free_port()}"
     code, _, err = batch(capsys, str(images), "-o", str(tmp_path / "o.jsonl"), "--server", server, "--retries", "1")
     assert code == 2 and "cannot reach the service" in err
