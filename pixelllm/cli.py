@@ -117,6 +117,13 @@ def cmd_visualize(args) -> None:
 def cmd_serve(args) -> None:
     from server import Settings, run
 
+    if args.ray:
+        try:
+            from server.ray_app import run
+        except ImportError as e:
+            if not (e.name or "").startswith("ray"):
+                raise
+            raise CLIError("--ray needs Ray Serve: pip install 'pixelllm[ray]'") from None
     run(args.host, args.port, Settings())
 
 
@@ -196,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the REST service (settings from PIXELLLM_* environment variables)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve: replicas from PIXELLLM_RAY_* settings")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     )
     debug_fail_statuses: list[int] = Field([429, 503], description="Test only: the statuses debug_fail_rate answers")
 
+    # `pixelllm serve --ray` (server/ray_app.py); a Serve config YAML can override each per deployment
+    ray_replicas: int = Field(1, ge=1, description="Ray Serve: model replicas (unless ray_max_replicas autoscales)")
+    ray_min_replicas: int = Field(1, ge=0, description="Ray Serve: autoscaling lower bound")
+    ray_max_replicas: int | None = Field(None, ge=1, description="Ray Serve: autoscale up to this many replicas")
+    ray_num_cpus: float = Field(1.0, ge=0, description="Ray Serve: CPUs reserved per replica")
+    ray_num_gpus: float = Field(0.0, ge=0, description="Ray Serve: GPUs per replica (0.5: two replicas per GPU)")
+    ray_max_ongoing_requests: int = Field(32, ge=1, description="Ray Serve: requests one replica holds at once")
+    ray_max_queued_requests: int = Field(
+        64, ge=-1, description="Ray Serve: requests waiting at each proxy before 429 (-1: no limit)"
+    )
+
     def resolved_model(self) -> str:
         """The model to load: the setting, else the embedded default weights, else the random tiny preset."""
         if self.model:
