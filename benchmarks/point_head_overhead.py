@@ -13,6 +13,7 @@ decode loop is also timed as `points_per_step`: the point head on every step's s
 does (and `generate` did before), with the same corners.
 
     python benchmarks/point_head_overhead.py                      # tiny and base on CPU
+    python benchmarks/point_head_overhead.py --quick              # 3 repeats instead of 21
     python benchmarks/point_head_overhead.py --device cuda --presets pixelllm-base --tokens 64
 
 Goal (issue 3): ratio <= 1.05.
@@ -21,67 +22,27 @@ Goal (issue 3): ratio <= 1.05.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import time
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS_DIR, machine, no_eos, random_pixelllm, timed, write_result
 
-from pixelllm import build_pixelllm
-from pixelllm.build import default_tokenizer
-from pixelllm.config import load_config
 from pixelllm.modeling.generation import greedy, iter_greedy
 from pixelllm.modeling.pixelllm import Prompts
-from pixelllm.tokenizer import EOS_ID
 from pixelllm.transforms import preprocess
 
 GOAL = 1.05
-
-
-@contextmanager
-def no_eos(model):
-    """Make EOS impossible, so every caption runs to max_new_tokens."""
-
-    def hook(module, args, logits):
-        logits = logits.clone()
-        logits[..., EOS_ID] = float("-inf")
-        return logits
-
-    handle = model.language_model.t5.lm_head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+QUICK_REPEATS, FULL_REPEATS = 3, 21
 
 
 def bench_preset(preset: str, args, device: torch.device) -> dict:
-    cfg = load_config(preset)
-    # presets without a shipped tokenizer (base, t5xl) borrow the tiny one: prompt ids only, weights are random
-    tokenizer = default_tokenizer(cfg) or default_tokenizer(load_config("pixelllm-tiny"))
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model = build_pixelllm(cfg, tokenizer=tokenizer).to(device=device, dtype=args.dtype).eval()
+    model = random_pixelllm(preset, device, args.dtype)
     build_s = time.perf_counter() - t0
+    cfg = model.cfg
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     pixels, _ = preprocess(image, cfg.image_size)
     images = pixels[None].repeat(args.batch, 1, 1, 1).to(device)
@@ -155,48 +116,28 @@ def bench_preset(preset: str, args, device: torch.device) -> dict:
     return result
 
 
-def machine_info(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "device": str(device),
-        "git_commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} repeats instead of {FULL_REPEATS}")
     parser.add_argument("--presets", nargs="+", default=["pixelllm-tiny", "pixelllm-base"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--tokens", type=int, default=16, help="tokens generated per caption (EOS suppressed)")
-    parser.add_argument("--repeats", type=int, default=9, help="timed runs per mode, interleaved")
+    parser.add_argument("--repeats", type=int, help="timed runs per mode, interleaved (default: by --quick)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: stable on a shared machine; 0: torch's)"
     )
-    parser.add_argument("--json-out", default="benchmarks/results/point_head_overhead.json")
+    parser.add_argument("--note", default="", help="recorded with the machine, e.g. what else ran on it")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    args.repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     args.dtype = getattr(torch, args.dtype)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    machine_info = machine(str(device), note=args.note)
 
     results = []
     for preset in args.presets:
@@ -213,25 +154,34 @@ def main(argv=None) -> int:
             f"[{d['points_per_step_best_of_ratio']:.3f}]",
             flush=True,
         )
-    out = {
-        "benchmark": "point_head_overhead",
-        "goal_ratio_max": GOAL,
-        "settings": {
-            "tokens": args.tokens,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "batch": args.batch,
-            "dtype": str(args.dtype).removeprefix("torch."),
-            "eos_suppressed": True,
-            "weights": "random",
+    missed = [r for r in results if not r["meets_goal"]]
+    write_result(
+        "point_head_overhead",
+        {
+            "settings": {
+                "tokens": args.tokens,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "batch": args.batch,
+                "dtype": str(args.dtype).removeprefix("torch."),
+                "eos_suppressed": True,
+                "weights": "random",
+            },
+            "results": results,
         },
-        "machine": machine_info(device),
-        "results": results,
-    }
-    path = Path(args.json_out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+        mode="quick" if args.quick else "full",
+        machine_info=machine_info,
+        figure=", ".join(f"{r['preset'].removeprefix('pixelllm-')} {r['generate']['ratio']:.3f}" for r in results)
+        + f" ({args.tokens} tokens, median of {args.repeats})",
+        goal=f"<= {GOAL}",
+        met=not missed,
+        limits="; ".join(
+            f"{r['preset']}: the point head adds {1000 * (r['generate']['with_points_s'] - r['generate']['text_only_s']):.1f}"
+            f" ms per caption (best-of ratio {r['generate']['best_of_ratio']:.3f}; pairs on a shared CPU are noisy)"
+            for r in missed
+        ),
+        results_dir=args.results_dir,
+    )
     return 0
 
 
