@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -56,6 +57,10 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
     return app
 
 
+class StartupError(Exception):
+    """The service cannot start or keep running: the model does not exist or did not load."""
+
+
 def serving_settings(settings: Settings | None = None) -> Settings:
     """Logging on, and `settings` with the model resolved; a model that does not exist fails now, not later."""
     from pixelllm.config import load_config
@@ -64,17 +69,33 @@ def serving_settings(settings: Settings | None = None) -> Settings:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings or Settings()
     settings = settings.model_copy(update={"model": settings.resolved_model()})
-    load_config(settings.model)
+    try:
+        load_config(settings.model)
+    except ValueError as exc:
+        raise StartupError(f"{exc}; check PIXELLLM_MODEL") from None
     return settings
 
 
 def run(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; on shutdown, requests in flight are answered first."""
+    """Serve until SIGINT/SIGTERM; on shutdown, requests in flight are answered first.
+
+    A model that fails to load (a corrupt or mismatched checkpoint) stops the server at once, and `run` raises
+    `StartupError` with the reason, rather than leaving a server up that can never answer.
+    """
     settings = serving_settings(settings)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=host,
         port=port,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         log_level="info",
     )
+    server = uvicorn.Server(config)
+    app.state.engine.on_load_error = lambda message: setattr(server, "should_exit", True)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a graceful shutdown, as in uvicorn.run
+        server.run()
+    if app.state.engine.load_error:
+        raise StartupError(f"{app.state.engine.load_error}; check PIXELLLM_MODEL ({settings.model})")
+    if not server.started:
+        raise StartupError("the server did not start; the log above says why")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,3 +131,23 @@ def _scatter(
     for (j, i), output in zip(members, outputs):
         getattr(results[j], attr)[i] = output
         results[j].timing_ms[timing] = ms
+
+
+class InjectedFault(RuntimeError):
+    """What `debug_fail_model_every` makes the model raise."""
+
+
+class FailEvery:
+    """Test only: `process`, except that every `n`th call raises `InjectedFault`, as a model that crashes would.
+
+    Calls come from the batcher's single worker thread, so the count needs no lock.
+    """
+
+    def __init__(self, process: Callable[[list[Job]], list[JobResult]], n: int) -> None:
+        self.process, self.n, self.calls = process, n, 0
+
+    def __call__(self, jobs: list[Job]) -> list[JobResult]:
+        self.calls += 1
+        if self.calls % self.n == 0:
+            raise InjectedFault(f"injected model failure on call {self.calls} (debug_fail_model_every={self.n})")
+        return self.process(jobs)

@@ -58,7 +58,8 @@ class BodyLimitMiddleware:
         chunks, size = [], 0
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect":  # answered into the void, so metrics and logs say 499, not 500
+                await error_response(499, "client_closed_request", "the client disconnected")(scope, receive, send)
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])

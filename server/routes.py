@@ -35,6 +35,7 @@ ERRORS = {
     415: {"model": ErrorResponse, "description": "Not an image we read, or not multipart/JSON"},
     422: {"model": ErrorResponse, "description": "Invalid field or corrupt image; the message names the field"},
     429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
+    500: {"model": ErrorResponse, "description": "The model failed on this request (code model_error)"},
     503: {"model": ErrorResponse, "description": "Model not loaded yet or shutting down; see Retry-After"},
     504: {"model": ErrorResponse, "description": "No answer within the request timeout"},
 }

@@ -17,7 +17,7 @@ from .batching import Batcher, BatcherClosed, DynamicBatcher, QueueFull
 from .cache import EmbeddingCache
 from .errors import ApiError, invalid
 from .images import decode_image, image_key
-from .inference import Job, JobResult, load_predictor, run_jobs
+from .inference import FailEvery, Job, JobResult, load_predictor, run_jobs
 from .masks import encode_mask
 from .metrics import Metrics
 from .schemas import (
@@ -52,6 +52,7 @@ class Engine:
         self.model_name: str | None = None
         self.load_error: str | None = None
         self._loading: asyncio.Task | None = None
+        self.on_load_error: Callable[[str], None] = lambda message: None  # `run` stops the server
 
     async def start(self) -> None:
         """Load the model in the background; until it is loaded the service answers 503."""
@@ -62,11 +63,18 @@ class Engine:
         try:
             predictor, self.model_name = await asyncio.to_thread(load_predictor, self.settings)
         except Exception as exc:
-            logger.exception("the model failed to load")
             self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
+            if isinstance(exc, (ValueError, OSError)):  # a bad checkpoint or path: the message says it all
+                logger.error("%s", self.load_error)
+            else:
+                logger.exception("the model failed to load")
+            self.on_load_error(self.load_error)
             return
         delay_s = self.settings.debug_batch_delay_ms / 1000.0
-        self.batcher = self.make_batcher(partial(run_jobs, predictor, self.cache, delay_s=delay_s))
+        process = partial(run_jobs, predictor, self.cache, delay_s=delay_s)
+        if self.settings.debug_fail_model_every:
+            process = FailEvery(process, self.settings.debug_fail_model_every)
+        self.batcher = self.make_batcher(process)
 
     def make_batcher(self, process: Callable[[list[Job]], list[JobResult]]) -> Batcher[Job, JobResult]:
         """The in-process dynamic batcher over `process`; the Ray Serve engine batches with `@serve.batch`."""
@@ -122,6 +130,8 @@ class Engine:
                 ) from None
             except BatcherClosed:
                 raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}) from None
+            except Exception as exc:  # the model raised on this job (the batcher logged it); others are unharmed
+                raise ApiError(500, "model_error", "the model failed on this request; see the server log") from exc
             (self.metrics.cache_hits if result.cache_hit else self.metrics.cache_misses).inc()
             return result
         if gone in done:

@@ -11,7 +11,7 @@ import pytest
 from server_helpers import GRACEFUL, assert_error, metric, png, start_server
 from starlette.testclient import TestClient
 
-from server import Settings, create_app, run
+from server import Settings, StartupError, create_app, run
 
 pytest_plugins = ["server_fixtures"]
 
@@ -75,7 +75,7 @@ def test_model_that_fails_to_load(tmp_path, random_tiny_dir) -> None:
 
 
 def test_unknown_model_fails_at_start() -> None:
-    with pytest.raises(ValueError, match="no-such-model"):
+    with pytest.raises(StartupError, match="no-such-model"):
         run(settings=Settings(model="no-such-model"))
 
 
