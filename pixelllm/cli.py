@@ -115,7 +115,7 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from server import Settings, run
+    from server import Settings, StartupError, run
 
     if args.ray:
         try:
@@ -124,7 +124,10 @@ def cmd_serve(args) -> None:
             if not (e.name or "").startswith("ray"):
                 raise
             raise CLIError("--ray needs Ray Serve: pip install 'pixelllm[ray]'") from None
-    run(args.host, args.port, Settings())
+    try:
+        run(args.host, args.port, Settings())
+    except StartupError as e:
+        raise CLIError(str(e)) from None
 
 
 def cmd_batch(args) -> int:

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
 
     debug_batch_delay_ms: float = Field(0.0, ge=0, description="Test only: sleep this long in every batch")
+    debug_fail_model_every: int = Field(0, ge=0, description="Test only: every Nth model call raises; 0: never")
     debug_fail_rate: float = Field(
         0.0, ge=0, le=1, description="Test only: answer this random fraction of /v1 requests with a retryable error"
     )
