@@ -160,30 +160,38 @@ class Predictor:
     ) -> Generator[Word, None, Caption]:
         """`caption_stream` on a given image embedding (no predictor state: safe beside other calls)."""
         prompts = self._location_prompts([embedding], [box], [point])
-        transform = embedding.transform
+        tokenizer, transform = self.model.tokenizer, embedding.transform
         ids: list[int] = []
-        corners: list[torch.Tensor] = []
-        confidence: list[torch.Tensor] = []
+        corners: list[np.ndarray] = []  # (4,) per token
+        confidence: list[np.ndarray] = []  # () per token
         logps: list[float] = []
-        emitted = 0
-        steps = self.model.generate_stream(embedding.features, prompts, max_new_tokens)
-        for step_ids, step_corners, step_conf, step_logp in steps:
+        words: list[Word] = []
+        text, groups = "", []
+
+        def located(start: int, end: int, members: list[int]) -> Word:  # a word of the text decoded so far
+            word_corners = np.stack([corners[i] for i in members])
+            word_conf = np.stack([confidence[i] for i in members])
+            return _word(text, start, end, word_corners, word_conf, transform)
+
+        for step_ids, step_corners, step_conf, step_logp in self.model.generate_stream(
+            embedding.features, prompts, max_new_tokens
+        ):
             token = int(step_ids[0])
             logps.append(float(step_logp[0]))
             if token in (EOS_ID, PAD_ID):
                 break
             ids.append(token)
-            corners.append(step_corners[0])
-            confidence.append(step_conf[0])
-            words = self._words(ids, torch.stack(corners), torch.stack(confidence), transform)[0]
-            # the last word may still grow; every word before it is final
-            yield from words[emitted : len(words) - 1]
-            emitted = max(emitted, len(words) - 1)
+            corners.append(step_corners[0].float().cpu().numpy().reshape(4))
+            confidence.append(step_conf[0].float().cpu().numpy())
+            text, spans = tokenizer.decode_with_spans(ids)
+            groups = words_with_tokens(text, spans)
+            for group in groups[len(words) : -1]:  # the last word may still grow; every word before it is final
+                words.append(located(*group))
+                yield words[-1]
+        for group in groups[len(words) :]:
+            words.append(located(*group))
+            yield words[-1]
         score = float(np.exp(np.mean(logps)))  # as `greedy`: the mean log-prob, EOS included
-        if not ids:
-            return Caption(text="", words=[], score=score)
-        words, text = self._words(ids, torch.stack(corners), torch.stack(confidence), transform)
-        yield from words[emitted:]
         return Caption(text=text, words=words, score=score)
 
     # ------------------------------------------------------------------ dense captions
@@ -332,15 +340,22 @@ def _group_words(
     confidence: torch.Tensor,
     transform: ImageTransform,
 ) -> list[Word]:
-    """Words of `text` with the mean box of their tokens' corners (T, 2, 2) and mean confidence (T,)."""
+    """Words of `text` located by their tokens' corners (T, 2, 2) and confidence (T,)."""
     corners_np = corners.float().cpu().numpy().reshape(-1, 4)
     conf_np = confidence.float().cpu().numpy()
-    words = []
-    for start, end, members in words_with_tokens(text, spans):
-        box = _box(corners_np[members].mean(axis=0), transform)
-        point = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-        words.append(Word(text[start:end], start, end, point, box, float(conf_np[members].mean())))
-    return words
+    return [
+        _word(text, start, end, corners_np[members], conf_np[members], transform)
+        for start, end, members in words_with_tokens(text, spans)
+    ]
+
+
+def _word(
+    text: str, start: int, end: int, corners: np.ndarray, confidence: np.ndarray, transform: ImageTransform
+) -> Word:
+    """The word text[start:end] with the mean box of its tokens' corners (N, 4) and their mean confidence (N,)."""
+    box = _box(corners.mean(axis=0), transform)
+    point = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    return Word(text[start:end], start, end, point, box, float(confidence.mean()))
 
 
 def _box(corners: np.ndarray, transform: ImageTransform) -> Box:
