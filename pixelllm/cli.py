@@ -67,23 +67,43 @@ def _print_result(result, as_json: bool) -> None:
         headline += "  box=(" + ", ".join(f"{v:.1f}" for v in data["box"]) + f")  score={data['score']:.2f}"
     print(headline)
     for w in data["words"]:
-        box = ", ".join(f"{v:.1f}" for v in w["box"])
-        print(
-            f"  {w['text']:<14} point=({w['point'][0]:.1f}, {w['point'][1]:.1f})  box=({box})  score={w['score']:.2f}"
-        )
+        print(_word_line(w))
+
+
+def _word_line(w: dict) -> str:
+    box = ", ".join(f"{v:.1f}" for v in w["box"])
+    return f"  {w['text']:<14} point=({w['point'][0]:.1f}, {w['point'][1]:.1f})  box=({box})  score={w['score']:.2f}"
+
+
+def _print_stream(stream, as_json: bool):
+    """Print each word of a `caption_stream` as it comes (a JSON line each with --json); returns the Caption."""
+    while True:
+        try:
+            word = dataclasses.asdict(next(stream))
+        except StopIteration as end:
+            return end.value
+        print(json.dumps(word) if as_json else _word_line(word), flush=True)
 
 
 def cmd_caption(args) -> None:
     box = _floats(args.box, 4, "box") if args.box else None
     point = _floats(args.point, 2, "point") if args.point else None
+    if args.stream and args.num_beams != 1:
+        raise CLIError("--stream decodes greedily (beam search knows its words only at the end): drop --num-beams")
     image = _load_image(args.image)
     p = _predictor(args)
     p.set_image(image)
     try:
-        result = p.caption(box=box, point=point, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        if args.stream:
+            result = _print_stream(p.caption_stream(box, point, args.max_new_tokens), args.json)
+        else:
+            result = p.caption(box=box, point=point, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    _print_result(result, args.json)
+    if args.stream and not args.json:
+        print(result.text)  # its words are printed already
+    else:
+        _print_result(result, args.json)
 
 
 def cmd_localize(args) -> None:
@@ -184,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--point", help="point on the region to caption: x,y in image pixels")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print each word as soon as it is decoded, then the caption (greedy; --json: a JSON line per word)",
+    )
     model_args(p)
     p.set_defaults(func=cmd_caption)
 

@@ -114,7 +114,28 @@ class DynamicBatcher(Generic[T, R]):
         self._arrived.set()
         return await future
 
-    def _release(self, future: asyncio.Future) -> None:
+    def hold(self) -> Callable[[], None]:
+        """Take one queue slot for work run outside the batches (a streamed caption); returns its release.
+
+        Raises `QueueFull` or `BatcherClosed` as `submit` does; `close` waits for held slots too.
+        """
+        if self._closed:
+            raise BatcherClosed
+        if self._depth >= self.max_queue:
+            raise QueueFull
+        self._depth += 1
+        self.on_depth(self._depth)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release(None)
+
+        return release
+
+    def _release(self, future: asyncio.Future | None) -> None:
         self._depth -= 1
         self.on_depth(self._depth)
 

@@ -30,6 +30,15 @@ class Metrics:
         self.cache_misses = Counter("pixelllm_cache_misses", "Image embedding cache misses", registry=r)
         self.cache_bytes = Gauge("pixelllm_cache_bytes", "Bytes held by the embedding cache", registry=r)
         self.cache_entries = Gauge("pixelllm_cache_entries", "Embeddings held by the cache", registry=r)
+        self.stream_first_word = Histogram(
+            "pixelllm_stream_first_word_seconds",
+            "Streamed captions: from the request to its first word",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.streams_cancelled = Counter(
+            "pixelllm_streams_cancelled", "Streamed captions stopped early because the client left", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

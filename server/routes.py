@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -26,6 +26,7 @@ from .schemas import (
     RegionsResponse,
 )
 from .service import Engine
+from .streaming import caption_stream
 
 router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
@@ -52,11 +53,28 @@ def _max_fields(engine: Engine) -> int:
     return 2 * s.max_regions + s.max_texts + 16
 
 
-@router.post("/v1/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=request_body(CaptionJSON))
-async def caption(request: Request) -> CaptionResponse:
+STREAM = {
+    "description": "With `stream`: Server-Sent Events. `event: word` (data: a word, as in `words`) per word as soon "
+    "as it is decoded, then `event: done` (data: the whole answer; `timing_ms` has `first_word` and `total`), or "
+    "`event: error` (data: the error shape).",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
+@router.post(
+    "/v1/caption",
+    response_model=CaptionResponse,
+    responses={**ERRORS, 200: STREAM},
+    openapi_extra=request_body(CaptionJSON),
+)
+async def caption(
+    request: Request, stream: bool = Query(False, description="Stream the words as Server-Sent Events (greedy)")
+) -> Response:
     """Caption the image, or the region given by `box` or `point`; every word comes with a point and box."""
     engine = _engine(request)
     data, params = await read_body(request, CaptionParams, CaptionJSON, _max_fields(engine))
+    if stream or params.stream:
+        return await caption_stream(engine, request, data, params)
     return await service.caption(engine, request, data, params)
 
 

@@ -65,6 +65,7 @@ class CaptionParams(_Request):
     point: PointPrompt | None = Field(None, description="Caption the object at this point (multipart: 'x,y')")
     max_new_tokens: int = Field(32, ge=1, le=128)
     num_beams: int = Field(1, ge=1, le=8)
+    stream: bool = Field(False, description="Answer with Server-Sent Events, a word at a time (greedy: num_beams=1)")
 
     @field_validator("point")
     @classmethod

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -51,8 +52,11 @@ class Engine:
         self.batcher: Batcher[Job, JobResult] | None = None
         self.model_name: str | None = None
         self.load_error: str | None = None
+        self.predictor: Any = None
         self._loading: asyncio.Task | None = None
         self.on_load_error: Callable[[str], None] = lambda message: None  # `run` stops the server
+        # streamed captions decode in threads of their own, each holding a queue slot (so at most max_queue)
+        self.stream_pool = ThreadPoolExecutor(max_workers=settings.max_queue, thread_name_prefix="pixelllm-stream")
 
     async def start(self) -> None:
         """Load the model in the background; until it is loaded the service answers 503."""
@@ -70,6 +74,7 @@ class Engine:
                 logger.exception("the model failed to load")
             self.on_load_error(self.load_error)
             return
+        self.predictor = predictor
         delay_s = self.settings.debug_batch_delay_ms / 1000.0
         process = partial(run_jobs, predictor, self.cache, delay_s=delay_s)
         if self.settings.debug_fail_model_every:
@@ -102,11 +107,22 @@ class Engine:
             self._loading.cancel()
         if self.batcher is not None:
             await self.batcher.close(timeout_s=self.settings.request_timeout_s)
+        self.stream_pool.shutdown(wait=False, cancel_futures=True)
 
     def require_ready(self) -> None:
         if self.batcher is None:
             message = self.load_error or "the model is still loading"
             raise ApiError(503, "not_ready", message, {"Retry-After": "5"})
+
+    def hold_slot(self) -> Callable[[], None]:
+        """One queue slot for a streamed caption (429 if the queue is full); call the result to free it."""
+        self.require_ready()
+        if not isinstance(self.batcher, DynamicBatcher):
+            return lambda: None  # Ray Serve bounds a replica's requests itself (ray_max_ongoing_requests)
+        try:
+            return self.batcher.hold()
+        except (QueueFull, BatcherClosed) as exc:
+            raise busy_error(exc) from None
 
     async def run(self, request: Request, job: Job) -> JobResult:
         """`job`'s result from the batcher: 429 if the queue is full, 504 on timeout, 499 if the client left."""
@@ -124,12 +140,8 @@ class Engine:
         if answer in done:
             try:
                 result = answer.result()
-            except QueueFull:
-                raise ApiError(
-                    429, "queue_full", "too many requests in flight; retry later", {"Retry-After": "1"}
-                ) from None
-            except BatcherClosed:
-                raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}) from None
+            except (QueueFull, BatcherClosed) as exc:
+                raise busy_error(exc) from None
             except Exception as exc:  # the model raised on this job (the batcher logged it); others are unharmed
                 raise ApiError(500, "model_error", "the model failed on this request; see the server log") from exc
             (self.metrics.cache_hits if result.cache_hit else self.metrics.cache_misses).inc()
@@ -137,6 +149,13 @@ class Engine:
         if gone in done:
             raise ApiError(499, "client_closed_request", "the client disconnected")
         raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g} s")
+
+
+def busy_error(exc: QueueFull | BatcherClosed) -> ApiError:
+    """429 for a full queue, 503 while shutting down."""
+    if isinstance(exc, QueueFull):
+        return ApiError(429, "queue_full", "too many requests in flight; retry later", {"Retry-After": "1"})
+    return ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
 
 
 async def _disconnected(request: Request) -> None:
@@ -199,7 +218,7 @@ def _box(box: Any, width: int, height: int) -> tuple[Box, Box]:
     return Box(x0=x0, y0=y0, x1=x1, y1=y1), Box(x0=x0 / width, y0=y0 / height, x1=x1 / width, y1=y1 / height)
 
 
-def _words(words: list[Any], width: int, height: int) -> list[Word]:
+def word_results(words: list[Any], width: int, height: int) -> list[Word]:
     out = []
     for w in words:
         x, y = (_num(v) for v in w.point)
@@ -220,8 +239,10 @@ def _words(words: list[Any], width: int, height: int) -> list[Word]:
     return out
 
 
-def _caption(caption: Any, box: BoxPrompt | None, point: PointPrompt | None, width: int, height: int) -> CaptionResult:
-    return CaptionResult(caption=caption.text, words=_words(caption.words, width, height), box=box, point=point)
+def caption_result(
+    caption: Any, box: BoxPrompt | None, point: PointPrompt | None, width: int, height: int
+) -> CaptionResult:
+    return CaptionResult(caption=caption.text, words=word_results(caption.words, width, height), box=box, point=point)
 
 
 def _localization(loc: Any, fmt: MaskFormat | None, width: int, height: int) -> Localization:
@@ -232,7 +253,7 @@ def _localization(loc: Any, fmt: MaskFormat | None, width: int, height: int) -> 
         box=box,
         box_norm=box_norm,
         score=_num(loc.score, 0.0, 1.0),
-        words=_words(loc.words, width, height),
+        words=word_results(loc.words, width, height),
         mask=mask,
     )
 
@@ -263,7 +284,7 @@ async def caption(engine: Engine, request: Request, data: bytes, params: Caption
     point = check_point("point", params.point, width, height) if params.point else None
     job.prompts, job.max_new_tokens, job.num_beams = [(box, point)], params.max_new_tokens, params.num_beams
     result, run_ms = await _answer(engine, request, job)
-    body = _caption(result.captions[0], params.box, params.point, width, height)
+    body = caption_result(result.captions[0], params.box, params.point, width, height)
     return CaptionResponse(**body.model_dump(), **_common(engine, result, width, height, decode_ms, run_ms, start))
 
 
@@ -295,7 +316,7 @@ async def regions(engine: Engine, request: Request, data: bytes, params: Regions
     job.max_new_tokens, job.num_beams, job.texts, job.mask = params.max_new_tokens, params.num_beams, texts, params.mask
     result, run_ms = await _answer(engine, request, job)
     prompts = [(b, None) for b in params.boxes] + [(None, p) for p in params.points]
-    captions = [_caption(c, b, p, width, height) for c, (b, p) in zip(result.captions, prompts)]
+    captions = [caption_result(c, b, p, width, height) for c, (b, p) in zip(result.captions, prompts)]
     fmt = params.mask_format if params.mask else None
     locs = await run_in_threadpool(lambda: [_localization(loc, fmt, width, height) for loc in result.localizations])
     return RegionsResponse(

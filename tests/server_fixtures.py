@@ -8,7 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import GRACEFUL, MAKE_MODEL, ROOT, start_server
+from server_helpers import GRACEFUL, MAKE_MODEL, ROOT, SLOW_WORD_S, start_server
+
+DEFAULT_MODEL_DIR = ROOT / "weights" / "pixelllm-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +46,25 @@ def service(tmp_path_factory: pytest.TempPathFactory, random_tiny_dir: Path):
 def service_client(service):
     with httpx.Client(base_url=service.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def trained_service(tmp_path_factory: pytest.TempPathFactory):
+    """The shipped default model (real captions: punctuation, words of several tokens), default settings."""
+    proc = start_server(tmp_path_factory, DEFAULT_MODEL_DIR)
+    yield proc
+    assert proc.stop() in GRACEFUL, proc.log()[-4000:]
+    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+
+
+@pytest.fixture(scope="session")
+def slow_stream_service(tmp_path_factory: pytest.TempPathFactory):
+    """The shipped default model; each batch and each streamed word 0.25 s late; 2 requests at most; 4 s timeout."""
+    proc = start_server(
+        tmp_path_factory, DEFAULT_MODEL_DIR, debug_batch_delay_ms=SLOW_WORD_S * 1000, max_queue=2, request_timeout_s=4
+    )
+    yield proc
+    assert proc.stop() in GRACEFUL, proc.log()[-4000:]
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a graceful shutdown
+SLOW_WORD_S = 0.25  # `slow_stream_service`: each streamed word (and each batch) this much later
 
 # Random weights, but a seed whose captions are not empty, so comparisons are not vacuous.
 MAKE_MODEL = textwrap.dedent(

@@ -223,15 +223,77 @@ def test_upload_caption_hover_box_localize(driver, service, service_client: http
     assert driver.get_log("browser") == []
 
 
-# Replaces the model's words in caption answers with two words of known, large boxes (arguments[0]).
+SAMPLE_SIZE = (578, 530)
+
+# One consistent snapshot of the page (one JavaScript turn): status, caption words, their colors, the overlay.
+SNAPSHOT_JS = """
+const spans = [...document.querySelectorAll("#caption .word")];
+return {
+  status: document.getElementById("status").textContent,
+  words: spans.map((span) => span.textContent),
+  colors: spans.map((span) => span.dataset.color),
+  overlay: document.getElementById("overlay").toDataURL("image/png"),
+};
+"""
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_words_and_markers_appear_live(driver, slow_stream_service, tmp_path: Path) -> None:
+    """The caption streams in: its words, and their points on the image, appear one by one while the model
+    decodes (here every word takes 0.25 s more), and the page ends with the service's caption."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    sample = (Path(__file__).resolve().parents[1] / "assets" / "sample.jpg").read_bytes()
+    assert Image.open(io.BytesIO(sample)).size == SAMPLE_SIZE
+    expected = httpx.post(
+        f"{slow_stream_service.url}/v1/caption", files={"image": sample}, data={"max_new_tokens": TOKENS}, timeout=60
+    ).json()
+    open_page(driver, slow_stream_service.url)
+    (tmp_path / "sample.jpg").write_bytes(sample)
+    driver.find_element("id", "file").send_keys(str(tmp_path / "sample.jpg"))
+    live = []  # each new state of the caption while the answer streams in
+    WebDriverWait(driver, WAIT_S).until(lambda d: "Caption" in d.find_element("id", "status").text)
+    snapshot = driver.execute_script(SNAPSHOT_JS)
+    while not snapshot["status"].endswith("ms."):
+        if snapshot["words"] and (not live or snapshot["words"] != live[-1]["words"]):
+            live.append(snapshot)
+        snapshot = driver.execute_script(SNAPSHOT_JS)
+    assert not driver.find_element("id", "error").is_displayed()
+    final = [w["text"] for w in expected["words"]]
+    assert len(final) >= 4, expected["caption"]
+    assert len(live) >= 3, [state["words"] for state in live]  # several states seen, not only the final one
+    for state in live:
+        n = len(state["words"])
+        assert state["words"] == final[:n]
+        assert state["status"].startswith("Caption") and state["status"].endswith(f"{n} word{'s' * (n > 1)}")
+        png_bytes = base64.b64decode(state["overlay"].partition(",")[2])
+        alpha = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGBA"))[..., 3].astype(int)
+        state["ink"] = alpha.sum()
+        scale = alpha.shape[1] / SAMPLE_SIZE[0]
+        for word in expected["words"][:n]:  # a faint dot at each word's point (the words' dots may overlap)
+            x, y = round(word["point"]["x"] * scale), round(word["point"]["y"] * scale)
+            assert alpha[y, x] >= 80, f"no point for {word['text']!r} in {state['words']}"
+    assert [len(state["words"]) for state in live] == sorted({len(state["words"]) for state in live})
+    ink = [state["ink"] for state in live]
+    assert ink == sorted(set(ink)), ink  # each new word adds its marker
+    assert driver.find_element("id", "caption").text == expected["caption"]
+    assert [s.text for s in driver.find_elements("css selector", "#caption .word")] == final
+    assert driver.get_log("browser") == []
+
+
+# Replaces the model's words in (streamed) caption answers with two words of known, large boxes (arguments[0]).
 KNOWN_WORDS_JS = """
 const words = arguments[0];
 const realFetch = window.fetch;
+const event = (name, data) => `event: ${name}\\ndata: ${JSON.stringify(data)}\\n\\n`;
 window.fetch = async (url, init) => {
   const response = await realFetch(url, init);
-  if (!String(url).endsWith("/v1/caption") || !response.ok) return response;
-  const body = Object.assign(await response.json(), {caption: "big box", words});
-  return new Response(JSON.stringify(body), {status: 200, headers: {"content-type": "application/json"}});
+  if (!String(url).startsWith("/v1/caption") || !response.ok) return response;
+  const done = JSON.parse((await response.text()).split("event: done\\ndata: ")[1]);
+  const body = Object.assign(done, {caption: "big box", words});
+  const text = words.map((word) => event("word", word)).join("") + event("done", body);
+  return new Response(text, {status: 200, headers: {"content-type": "text/event-stream"}});
 };
 """
 

@@ -36,6 +36,7 @@ const state = {
   promptBox: null,
   drag: null,
   localization: null,
+  abort: null, // the AbortController of the request in flight: a new upload cancels it
 };
 
 // Colors: one per word, spread around the hue circle (golden angle), as #rrggbb.
@@ -213,18 +214,48 @@ els.clearBox.addEventListener("click", () => {
 
 // --- talking to the API ------------------------------------------------------------------------------
 
-async function post(path, fields) {
+const errorText = (body, status) => {
+  const error = body && body.error;
+  return error ? `${error.code}: ${error.message}` : `HTTP ${status}`;
+};
+
+// POST the image and `fields`. With `onWord` the answer is a stream of Server-Sent Events (read from the
+// fetch body, as EventSource cannot POST): onWord(word) for each `word` event, and the body is the `done` event's.
+async function post(path, fields, onWord = null) {
   const form = new FormData();
   form.append("image", state.file);
   for (const [name, value] of fields) form.append(name, value);
   const start = performance.now();
-  const response = await fetch(path, { method: "POST", body: form });
-  const body = await response.json().catch(() => null);
-  if (!response.ok) {
-    const error = body && body.error;
-    throw new Error(error ? `${error.code}: ${error.message}` : `HTTP ${response.status}`);
-  }
+  state.abort = new AbortController();
+  const response = await fetch(path, { method: "POST", body: form, signal: state.abort.signal });
+  if (!response.ok) throw new Error(errorText(await response.json().catch(() => null), response.status));
+  const body = onWord ? await readEvents(response, onWord) : await response.json();
   return { body, roundTrip: performance.now() - start };
+}
+
+async function readEvents(response, onWord) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error("the connection closed before the caption was complete");
+    buffer += value.replace(/\r\n?/g, "\n");
+    for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
+      const fields = {};
+      for (const line of buffer.slice(0, end).split("\n")) {
+        const colon = line.indexOf(":");
+        if (colon > 0) fields[line.slice(0, colon)] = line.slice(colon + 1).replace(/^ /, "");
+      }
+      buffer = buffer.slice(end + 2);
+      const data = fields.data ? JSON.parse(fields.data) : null;
+      if (fields.event === "word") onWord(data);
+      if (fields.event === "error") throw new Error(errorText(data, response.status));
+      if (fields.event === "done") {
+        reader.cancel();
+        return data;
+      }
+    }
+  }
 }
 
 // Run `work` (which calls the API) unless busy; drop its answer if another image was uploaded meanwhile.
@@ -236,7 +267,8 @@ async function request(label, work) {
   showError(null);
   setStatus(`${label}…`);
   try {
-    const { body, roundTrip } = await post(...work.request());
+    const onWord = work.onWord && ((word) => generation === state.generation && work.onWord(word));
+    const { body, roundTrip } = await post(...work.request(), onWord);
     if (generation !== state.generation) return;
     state.size = body.image;
     await work.show(body);
@@ -255,14 +287,25 @@ async function request(label, work) {
   }
 }
 
+// The caption so far: its words at their offsets (what lies between them is known once it is done).
+const draft = (words) => words.reduce((text, word) => text.padEnd(word.start, " ") + word.text, "");
+
+// Streamed: each word and its point appear as soon as the model has decoded it.
 function caption() {
   const tokens = els.maxTokens.value || "32";
+  const words = [];
   return request("Caption", {
     request: () => {
       const fields = [["max_new_tokens", tokens]];
       const b = state.promptBox;
       if (b) fields.push(["box", [b.x0, b.y0, b.x1, b.y1].map((v) => v.toFixed(1)).join(",")]);
-      return ["/v1/caption", fields];
+      return ["/v1/caption?stream=true", fields];
+    },
+    onWord: (word) => {
+      words.push(word);
+      showCaption({ caption: draft(words), words });
+      setStatus(`Caption… ${words.length} word${words.length === 1 ? "" : "s"}`);
+      redraw();
     },
     show: (body) => showCaption(body),
   });
@@ -377,6 +420,7 @@ els.file.addEventListener("change", async () => {
   }
   state.generation += 1;
   state.busy = false;
+  if (state.abort) state.abort.abort(); // the server stops decoding a caption nobody reads
   Object.assign(state, { file, image, words: [], active: -1, promptBox: null, localization: null });
   state.size = { width: image.naturalWidth, height: image.naturalHeight };
   els.caption.replaceChildren();

@@ -1,0 +1,213 @@
+"""`/v1/caption` streamed as Server-Sent Events, against real uvicorn processes serving the shipped model:
+the events equal the plain answer, errors before the stream are JSON, the queue bound holds, and a client
+that leaves stops the decoding."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from server_helpers import ROOT, SLOW_WORD_S, assert_error, metric, png
+
+pytest_plugins = ["server_fixtures"]
+
+SAMPLE = (ROOT / "assets" / "sample.jpg").read_bytes()  # 578 x 530: the default model captions it in ~22 words
+W, H = 578, 530
+TIMING = {"decode", "encode", "first_word", "total"}
+
+
+def events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
+    """(event, data) for each Server-Sent Event in `lines`, as they arrive."""
+    fields: dict[str, str] = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+            continue
+        assert set(fields) == {"event", "data"}, fields
+        yield fields["event"], json.loads(fields["data"])
+        fields = {}
+    assert not fields, f"an event was cut off: {fields}"
+
+
+def stream(client: httpx.Client, **request: object) -> list[tuple[str, dict]]:
+    with client.stream("POST", "/v1/caption", **request) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache"
+        return list(events(r.iter_lines()))
+
+
+def split(answer: list[tuple[str, dict]]) -> tuple[list[dict], dict]:
+    """The word events and the `done` event's data; `done` comes once, last, after every word."""
+    kinds = [kind for kind, _ in answer]
+    assert kinds == ["word"] * (len(kinds) - 1) + ["done"], kinds
+    return [data for _, data in answer[:-1]], answer[-1][1]
+
+
+def assert_same_words(streamed: list[dict], plain: list[dict]) -> None:
+    """Same text and offsets; the same points, boxes and scores up to float rounding (per-step point head)."""
+    assert [(w["text"], w["start"], w["end"]) for w in streamed] == [(w["text"], w["start"], w["end"]) for w in plain]
+    for s, p in zip(streamed, plain):
+        assert set(s) == set(p)
+        for key in ("point", "point_norm", "box", "box_norm"):
+            assert s[key] == pytest.approx(p[key], abs=1e-3), (key, s, p)
+        assert s["score"] == pytest.approx(p["score"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def client(trained_service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=trained_service.url, timeout=60) as c:
+        yield c
+
+
+PROMPTS = {
+    "image": {},
+    "box": {"box": "40,60,300,320"},
+    "point": {"point": "120,260"},
+}
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=str)
+def test_streamed_events_equal_the_plain_answer(client: httpx.Client, prompt: str) -> None:
+    fields = {"max_new_tokens": "32", **PROMPTS[prompt]}
+    plain = client.post("/v1/caption", files={"image": SAMPLE}, data=fields)
+    assert plain.status_code == 200, plain.text
+    plain = plain.json()
+    words, done = split(stream(client, params={"stream": "true"}, files={"image": SAMPLE}, data=fields))
+    assert len(words) >= 2, plain["caption"]
+    assert words == done["words"]  # each word as streamed is the word of the final answer
+    assert_same_words(words, plain["words"])
+    assert done["caption"] == plain["caption"]
+    for key in ("box", "point", "image", "model"):
+        assert done[key] == plain[key]
+    assert done["image"] == {"width": W, "height": H}
+    assert set(done["timing_ms"]) == TIMING
+    assert 0 < done["timing_ms"]["first_word"] <= done["timing_ms"]["total"]
+
+
+def test_default_model_words_of_several_tokens_stream_whole(client: httpx.Client) -> None:
+    """Sub-word tokens are grouped: 'bottom' and 'right' are decoded in two tokens each, streamed as one word."""
+    words, done = split(stream(client, params={"stream": "true"}, files={"image": SAMPLE}))
+    texts = [w["text"] for w in words]
+    assert {"bottom", "right"} <= set(texts), done["caption"]
+    assert not {"bot", "tom", "righ"} & set(texts)
+    assert "," not in texts and all(done["caption"][w["start"] : w["end"]] == w["text"] for w in words)
+
+
+def test_json_body_stream_field_and_cache(client: httpx.Client) -> None:
+    """`"stream": true` in a JSON body streams too; streams fill and reuse the image embedding cache."""
+    image = png(160, 120, seed=11)
+    body = {"image": base64.b64encode(image).decode(), "stream": True, "max_new_tokens": 12}
+    words, first = split(stream(client, json=body))
+    assert first["cache_hit"] is False and first["timing_ms"]["encode"] > 0
+    plain = client.post("/v1/caption", files={"image": image}, data={"max_new_tokens": "12"}).json()
+    assert plain["cache_hit"] is True  # the stream cached the embedding
+    assert_same_words(words, plain["words"])
+    _, again = split(stream(client, json=body))
+    assert again["cache_hit"] is True and again["timing_ms"]["encode"] == 0
+
+
+def test_beam_search_cannot_stream(client: httpx.Client) -> None:
+    for request in (
+        dict(params={"stream": "true"}, files={"image": SAMPLE}, data={"num_beams": "3"}),
+        dict(files={"image": SAMPLE}, data={"num_beams": "2", "stream": "true"}),
+        dict(json={"image": base64.b64encode(SAMPLE).decode(), "stream": True, "num_beams": 2}),
+    ):
+        error = assert_error(client.post("/v1/caption", **request), 422, "invalid_request", field="num_beams")
+        assert "greedily" in error["message"] and "num_beams=1" in error["message"]
+
+
+def test_errors_before_the_stream_are_json(client: httpx.Client) -> None:
+    streamed = {"params": {"stream": "true"}}
+    assert_error(client.post("/v1/caption", **streamed, files={"image": SAMPLE}, data={"box": "0,0,900,10"}), 422)
+    assert_error(client.post("/v1/caption", **streamed, files={"image": b"not an image"}), 415)
+    r = client.post("/v1/caption", params={"stream": "maybe"}, files={"image": SAMPLE})
+    assert_error(r, 422, "invalid_request", field="query.stream")
+
+
+def test_openapi_documents_the_stream(client: httpx.Client) -> None:
+    op = client.get("/openapi.json").json()["paths"]["/v1/caption"]["post"]
+    assert any(p["name"] == "stream" and p["in"] == "query" for p in op["parameters"])
+    assert "text/event-stream" in op["responses"]["200"]["content"]
+
+
+# --- the slow service: every streamed word 0.25 s late, 2 requests at most, 4 s timeout ----------------------
+
+
+def slow_metrics(service) -> str:
+    return httpx.get(f"{service.url}/metrics").text
+
+
+def wait_for(condition, timeout_s: float) -> float:
+    """Seconds until `condition()` held (polling), or fail."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_client_disconnect_stops_the_decoding(slow_stream_service, client: httpx.Client) -> None:
+    words = client.post("/v1/caption", files={"image": SAMPLE}).json()["words"]
+    full_s = (len(words) + 1) * SLOW_WORD_S  # what the whole stream takes on the slow service (or its 4 s timeout)
+    assert full_s > 3
+    before = metric(slow_metrics(slow_stream_service), "pixelllm_streams_cancelled_total")
+    with httpx.Client(base_url=slow_stream_service.url, timeout=30) as c:
+        started = time.monotonic()
+        with c.stream("POST", "/v1/caption", params={"stream": "true"}, files={"image": SAMPLE}) as r:
+            answer = events(r.iter_lines())  # (dropping this generator would close the connection)
+            kind, first = next(answer)
+            assert kind == "word" and first["text"] == words[0]["text"]
+            assert metric(slow_metrics(slow_stream_service), "pixelllm_queue_depth") == 1
+    # the connection is closed: the server stops decoding and frees the queue slot long before the caption's end
+    wait_for(lambda: metric(slow_metrics(slow_stream_service), "pixelllm_queue_depth") == 0, 2.0)
+    assert time.monotonic() - started < full_s / 2
+    text = slow_metrics(slow_stream_service)
+    assert metric(text, "pixelllm_streams_cancelled_total") == before + 1
+    assert "streamed caption cancelled: the client left" in slow_stream_service.log()
+
+
+def test_streams_hold_queue_slots(slow_stream_service) -> None:
+    """Two streams running fill the queue (max_queue=2): a third request, streamed or not, is 429."""
+    url = slow_stream_service.url
+    running, release = threading.Barrier(3), threading.Event()
+    firsts: list[str] = []
+
+    def hold_a_stream() -> None:
+        request = dict(params={"stream": "true"}, files={"image": SAMPLE}, timeout=30)
+        with httpx.stream("POST", f"{url}/v1/caption", **request) as r:
+            answer = events(r.iter_lines())
+            firsts.append(next(answer)[0])
+            running.wait(timeout=20)
+            release.wait(timeout=20)
+
+    threads = [threading.Thread(target=hold_a_stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        running.wait(timeout=20)
+        for request in (dict(params={"stream": "true"}), {}):
+            r = httpx.post(f"{url}/v1/caption", files={"image": SAMPLE}, timeout=30, **request)
+            assert_error(r, 429, "queue_full")
+            assert r.headers["retry-after"] == "1"
+    finally:
+        release.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert firsts == ["word", "word"]
+    wait_for(lambda: metric(slow_metrics(slow_stream_service), "pixelllm_queue_depth") == 0, 2.0)
+    assert httpx.post(f"{url}/v1/caption", files={"image": png()}, data={"max_new_tokens": "2"}).status_code == 200
+
+
+def test_a_stream_past_the_timeout_ends_with_an_error_event(slow_stream_service) -> None:
+    with httpx.Client(base_url=slow_stream_service.url, timeout=30) as c:
+        answer = stream(c, params={"stream": "true"}, files={"image": SAMPLE})
+    kinds = [kind for kind, _ in answer]
+    assert kinds[-1] == "error" and set(kinds[:-1]) == {"word"} and len(kinds) > 5, kinds
+    assert answer[-1][1] == {"error": {"code": "timeout", "message": "no complete caption within 4 s"}}
