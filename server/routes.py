@@ -53,11 +53,20 @@ def _max_fields(engine: Engine) -> int:
     return 2 * s.max_regions + s.max_texts + 16
 
 
+# OpenAPI 3.1 (no itemSchema): the schema of an event stream describes one event, as clients parse it
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["word", "done", "error"]},
+        "data": {"type": "string", "description": "JSON: a word, the whole answer, or the error shape"},
+    },
+    "required": ["event", "data"],
+}
 STREAM = {
     "description": "With `stream`: Server-Sent Events. `event: word` (data: a word, as in `words`) per word as soon "
     "as it is decoded, then `event: done` (data: the whole answer; `timing_ms` has `first_word` and `total`), or "
     "`event: error` (data: the error shape).",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"text/event-stream": {"schema": SSE_EVENT}},
 }
 
 

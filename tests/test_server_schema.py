@@ -1,4 +1,5 @@
-"""Schemathesis against the served OpenAPI schema: generated requests, valid and invalid, never get a 5xx."""
+"""Schemathesis against the served OpenAPI schema: generated requests, valid and invalid, never get a 5xx,
+and every response is one the schema documents (status, content type, body; each streamed event)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
+from schemathesis.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 from server_helpers import png
 
 pytest_plugins = ["server_fixtures"]
@@ -24,6 +26,7 @@ CASES = [
     *[("GET", path, POSITIVE, False) for path in ("/healthz", "/readyz", "/metrics")],
 ]
 IMAGE = png(64, 48, seed=77)
+CONFORMANCE = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
 def with_real_image(case) -> None:
@@ -55,5 +58,6 @@ def test_no_server_errors(api_schema, service, method: str, path: str, mode: Gen
         assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
         if response.status_code >= 400:
             assert set(response.json()["error"]) == {"code", "message"}
+        case.validate_response(response, checks=CONFORMANCE)
 
     check()
