@@ -1,4 +1,4 @@
-"""The `pixelllm` command line: caption, localize, visualize, serve, batch, train, eval and data synthesis.
+"""The `pixelllm` command line: caption, localize, dense, visualize, serve, batch, train, eval and data synthesis.
 
 Coordinates are absolute pixels of the input image (x right, y down): --box x0,y0,x1,y1 and --point x,y.
 """
@@ -117,20 +117,45 @@ def cmd_localize(args) -> None:
     _print_result(result, args.json)
 
 
-def cmd_visualize(args) -> None:
-    from .visualize import render_overlay
+def _dense(p, args) -> list:
+    try:
+        return p.dense_caption(score_threshold=args.score_threshold, nms_iou=args.nms_iou, max_regions=args.max_regions)
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(str(e)) from None
 
-    if args.box and args.text:
-        raise CLIError("give --box or --text, not both")
+
+def cmd_dense(args) -> None:
+    image = _load_image(args.image)
+    p = _predictor(args)
+    p.set_image(image)
+    regions = _dense(p, args)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in regions]))
+        return
+    if not regions:
+        print(f"no region scored >= {args.score_threshold}")
+    for i, r in enumerate(regions, start=1):
+        box = ", ".join(f"{v:.1f}" for v in r.box)
+        print(f"{i:>2}. {r.caption.text:<40} box=({box})  score={r.score:.2f}")
+
+
+def cmd_visualize(args) -> None:
+    from .visualize import render_dense, render_overlay
+
+    if sum(map(bool, (args.box, args.text, args.dense))) > 1:
+        raise CLIError("give one of --box, --text and --dense")
     box = _floats(args.box, 4, "box") if args.box else None
     image = _load_image(args.image)
     p = _predictor(args)
     p.set_image(image)
-    try:
-        result = p.localize(args.text, mask=True) if args.text else p.caption(box=box)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    render_overlay(image, result).save(args.output)
+    if args.dense:
+        render_dense(image, _dense(p, args)).save(args.output)
+    else:
+        try:
+            result = p.localize(args.text, mask=True) if args.text else p.caption(box=box)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        render_overlay(image, result).save(args.output)
     print(f"wrote {args.output}")
 
 
@@ -148,6 +173,19 @@ def cmd_serve(args) -> None:
         run(args.host, args.port, Settings())
     except StartupError as e:
         raise CLIError(str(e)) from None
+
+
+def cmd_api_key(args) -> None:
+    from server.security import hash_key, new_key
+
+    key = new_key()
+    if args.keys_file:
+        with open(args.keys_file, "a") as f:
+            f.write(f"{hash_key(key)}  # {args.note or 'added by pixelllm api-key'}\n")
+    print(f"key:  {key}")
+    print(f"hash: {hash_key(key)}")
+    where = f"its hash was added to {args.keys_file}" if args.keys_file else "put its hash in PIXELLLM_API_KEYS_FILE"
+    print(f"Give the key to the client (it is shown once, and not stored); {where}.", file=sys.stderr)
 
 
 def cmd_batch(args) -> int:
@@ -219,10 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.set_defaults(func=cmd_localize)
 
+    def dense_args(p):
+        p.add_argument("--score-threshold", type=float, default=0.3, help="least objectness (default: %(default)s)")
+        p.add_argument("--nms-iou", type=float, default=0.5, help="suppress overlaps above (default: %(default)s)")
+        p.add_argument("--max-regions", type=int, default=32, help="at most this many (default: %(default)s)")
+
+    p = sub.add_parser("dense", help="dense captioning: every salient object's box, score and caption")
+    p.add_argument("image")
+    dense_args(p)
+    model_args(p)
+    p.set_defaults(func=cmd_dense)
+
     p = sub.add_parser("visualize", help="draw a caption (or a localization) with its word points and boxes")
     p.add_argument("image")
     p.add_argument("--box", help="caption this region: x0,y0,x1,y1 in image pixels")
     p.add_argument("--text", help="localize this text instead of captioning (box, words and mask)")
+    p.add_argument("--dense", action="store_true", help="draw the dense-caption regions instead")
+    dense_args(p)
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
     p.add_argument("--device", default=None)
@@ -233,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve: replicas from PIXELLLM_RAY_* settings")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("api-key", help="make a new API key for the service and print it with its SHA-256 hash")
+    p.add_argument("--keys-file", help="append the hash to this PIXELLLM_API_KEYS_FILE")
+    p.add_argument("--note", help="a comment stored beside the hash, e.g. who has the key")
+    p.set_defaults(func=cmd_api_key)
 
     p = sub.add_parser(
         "batch",

@@ -12,7 +12,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .predictor import Caption, Localization
+from .predictor import Caption, Localization, Region
 
 
 def word_colors(n: int) -> list[tuple[int, int, int]]:
@@ -40,18 +40,36 @@ def render_overlay(image: Image.Image | np.ndarray, result: Caption | Localizati
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=color, outline=(0, 0, 0))
     if isinstance(result, Localization):
         draw.rectangle(result.box, outline=(255, 255, 255), width=line * 2)
-    return _with_text(base, result.text, result.words, colors, font)
+    return _with_text(base, result.text, [(w.start, w.end) for w in result.words], colors, font)
 
 
-def _with_text(image: Image.Image, text: str, words, colors, font) -> Image.Image:
-    """Append a band below `image` with `text` wrapped to its width, each word in its color."""
+def render_dense(image: Image.Image | np.ndarray, regions: list[Region]) -> Image.Image:
+    """`image` with each dense-caption region's box in its color and number; numbered captions below."""
+    base = Image.fromarray(np.asarray(image)).convert("RGB") if isinstance(image, np.ndarray) else image.convert("RGB")
+    scale = max(base.size) / 512
+    line = max(1, round(2 * scale))
+    font = ImageFont.load_default(size=max(10, round(14 * scale)))
+    colors = word_colors(len(regions))
+    draw = ImageDraw.Draw(base)
+    text, spans = "", []
+    for i, (region, color) in enumerate(zip(regions, colors), start=1):
+        draw.rectangle(region.box, outline=color, width=line)
+        draw.text((region.box[0] + line + 1, region.box[1] + line), str(i), fill=color, font=font)
+        label = f"{i}. {region.caption.text} ({region.score:.2f})"
+        spans.append((len(text), len(text) + len(label)))
+        text += label + "   "
+    return _with_text(base, text.rstrip() or "no regions", spans, colors, font)
+
+
+def _with_text(image: Image.Image, text: str, spans: list[tuple[int, int]], colors, font) -> Image.Image:
+    """Append a band below `image` with `text` wrapped to its width, each (start, end) span in its color."""
     w = image.width
     probe = ImageDraw.Draw(image)
     line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 4
     pieces, pos = [], 0  # (text, color): the words and the text between them
-    for word, color in zip(words, colors):
-        pieces += [(text[pos : word.start], None), (text[word.start : word.end], color)]
-        pos = word.end
+    for (start, end), color in zip(spans, colors):
+        pieces += [(text[pos:start], None), (text[start:end], color)]
+        pos = end
     pieces.append((text[pos:], None))
     rows, x = [[]], 4.0
     for piece, color in pieces:

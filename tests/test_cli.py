@@ -109,3 +109,45 @@ def test_eval_writes_metrics_json(capsys, tmp_path, model_dir):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["num_scenes"] == 2 and metrics["num_objects"] >= 2
     assert torch.is_grad_enabled(), "eval must not switch autograd off for the rest of the process"
+
+
+def test_dense_lists_regions_in_image_pixels(capsys, model_dir):
+    code, out, _ = run(
+        capsys, "dense", SAMPLE, "--model", model_dir, "--json", "--score-threshold", "0", "--max-regions", "3"
+    )
+    assert code == 0
+    regions = json.loads(out)
+    assert 1 <= len(regions) <= 3
+    for r in regions:
+        x0, y0, x1, y1 = r["box"]
+        assert 0 <= x0 < x1 <= 578 and 0 <= y0 < y1 <= 530
+        assert set(r["caption"]) >= {"text", "words"}
+    code, out, _ = run(capsys, "dense", SAMPLE, "--model", model_dir, "--score-threshold", "1")
+    assert code == 0 and "no region" in out
+    code, _, err = run(capsys, "dense", SAMPLE, "--model", model_dir, "--nms-iou", "0")
+    assert code == 2 and "nms_iou" in err
+
+
+def test_visualize_dense_writes_a_png(capsys, model_dir, tmp_path):
+    from PIL import Image
+
+    out_png = tmp_path / "dense.png"
+    code, _, _ = run(
+        capsys,
+        "visualize",
+        SAMPLE,
+        "--dense",
+        "--score-threshold",
+        "0",
+        "--max-regions",
+        "2",
+        "--model",
+        model_dir,
+        "-o",
+        str(out_png),
+    )
+    assert code == 0
+    image = Image.open(out_png)
+    assert image.width == 578 and image.height > 530  # the captions band below the image
+    code, _, err = run(capsys, "visualize", SAMPLE, "--dense", "--text", "a", "--model", model_dir, "-o", str(out_png))
+    assert code == 2 and "one of" in err
