@@ -15,8 +15,10 @@ from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, FaultInjectionMiddleware, MetricsMiddleware
 from .openapi import install_openapi
+from .requestlog import RequestLogMiddleware, configure_logging
 from .routes import STATIC_DIR, router
-from .schemas import CaptionJSON, LocalizeJSON, RegionsJSON
+from .schemas import CaptionJSON, DenseJSON, LocalizeJSON, RegionsJSON
+from .security import install_access_control
 from .service import Engine
 from .settings import Settings
 
@@ -46,14 +48,16 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_error_handlers(app)
-    install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON])
+    install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON, DenseJSON])
     if settings.debug_fail_rate > 0:  # inside the body limit, so a refused request's body is read
         app.add_middleware(
             FaultInjectionMiddleware, rate=settings.debug_fail_rate, statuses=settings.debug_fail_statuses
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_access_control(app, settings)  # outside the body limit: a refused request's body is never read
     paths = {route.path for route in router.routes} | {app.docs_url, app.redoc_url, app.openapi_url}
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
+    app.add_middleware(RequestLogMiddleware)  # outermost: every response gets its X-Request-ID
     return app
 
 
@@ -65,8 +69,7 @@ def serving_settings(settings: Settings | None = None) -> Settings:
     """Logging on, and `settings` with the model resolved; a model that does not exist fails now, not later."""
     from pixelllm.config import load_config
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     settings = settings or Settings()
     settings = settings.model_copy(update={"model": settings.resolved_model()})
     try:
@@ -90,6 +93,8 @@ def run(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = N
         port=port,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         log_level="info",
+        log_config=None,  # uvicorn's loggers go through configure_logging's handler, with request IDs
+        access_log=False,  # server.access logs each request instead
     )
     server = uvicorn.Server(config)
     app.state.engine.on_load_error = lambda message: setattr(server, "should_exit", True)

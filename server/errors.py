@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from .requestlog import REQUEST_ID
+
 logger = logging.getLogger(__name__)
 
 HTTP_CODES = {
@@ -78,7 +80,8 @@ async def _request_validation(request: Request, exc: RequestValidationError) -> 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal server error")
+    # answered outside the middleware, so the request ID header is added here
+    return error_response(500, "internal_error", "internal server error", {"X-Request-ID": REQUEST_ID.get()})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,23 @@ class Settings(BaseSettings):
     max_regions: int = Field(32, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
 
+    # access control (server/security.py); API keys are on when a keys file or a hash is given
+    api_keys_file: Path | None = Field(
+        None, description="File of API key SHA-256 hashes, one a line (`pixelllm api-key`); re-read on change"
+    )
+    api_key_hashes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="More API key SHA-256 hashes, comma-separated"
+    )
+    protect_metrics: bool = Field(True, description="With API keys on, /metrics needs a key")
+    protect_docs: bool = Field(False, description="With API keys on, /docs, /redoc and /openapi.json need a key")
+    rate_limit_per_minute: float = Field(
+        0.0, ge=0, description="Requests a minute per API key (per client address without keys); 0: no limit"
+    )
+    rate_limit_burst: int = Field(10, ge=1, description="Requests a key may make at once before the rate applies")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed to call the API from a browser, comma-separated"
+    )
+
     debug_batch_delay_ms: float = Field(0.0, ge=0, description="Test only: sleep this long in every batch")
     debug_fail_model_every: int = Field(0, ge=0, description="Test only: every Nth model call raises; 0: never")
     debug_fail_rate: float = Field(
@@ -60,6 +77,15 @@ class Settings(BaseSettings):
     ray_max_queued_requests: int = Field(
         64, ge=-1, description="Ray Serve: requests waiting at each proxy before 429 (-1: no limit)"
     )
+
+    @field_validator("api_key_hashes", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.api_keys_file is not None or bool(self.api_key_hashes)
 
     def resolved_model(self) -> str:
         """The model to load: the setting, else the embedded default weights, else the random tiny preset."""
