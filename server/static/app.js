@@ -219,6 +219,22 @@ const errorText = (body, status) => {
   return error ? `${error.code}: ${error.message}` : `HTTP ${status}`;
 };
 
+// With API keys on (PIXELLLM_API_KEYS_FILE), the page asks for a key once and keeps it for this tab only.
+const KEY_ITEM = "pixelllm-api-key";
+
+function keyHeaders() {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  return key ? { "X-API-Key": key } : {};
+}
+
+// Ask for an API key after a 401 (none sent) or 403 (refused); false if the user cancels.
+function askForKey(status) {
+  const key = window.prompt(status === 401 ? "This server needs an API key:" : "That API key was refused. API key:");
+  if (!key || !key.trim()) return false;
+  sessionStorage.setItem(KEY_ITEM, key.trim());
+  return true;
+}
+
 // POST the image and `fields`. With `onWord` the answer is a stream of Server-Sent Events (read from the
 // fetch body, as EventSource cannot POST): onWord(word) for each `word` event, and the body is the `done` event's.
 async function post(path, fields, onWord = null) {
@@ -227,7 +243,9 @@ async function post(path, fields, onWord = null) {
   for (const [name, value] of fields) form.append(name, value);
   const start = performance.now();
   state.abort = new AbortController();
-  const response = await fetch(path, { method: "POST", body: form, signal: state.abort.signal });
+  const send = () => fetch(path, { method: "POST", body: form, headers: keyHeaders(), signal: state.abort.signal });
+  let response = await send();
+  if ((response.status === 401 || response.status === 403) && askForKey(response.status)) response = await send();
   if (!response.ok) throw new Error(errorText(await response.json().catch(() => null), response.status));
   const body = onWord ? await readEvents(response, onWord) : await response.json();
   return { body, roundTrip: performance.now() - start };
