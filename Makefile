@@ -31,6 +31,13 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Known vulnerabilities in the installed (pinned) packages, from PyPI's advisory data (needs the network);
+# --strict fails when a package cannot be checked, so "no findings" always means checked. README "Security".
+.PHONY: audit
+AUDIT_FLAGS ?=
+audit: setup
+	$(BIN)/pip-audit --local --skip-editable --strict --desc $(AUDIT_FLAGS)
+
 # pytest exits 5 when it collects nothing; that is not a failure of the code under test.
 test: lint browser-deps
 	$(BIN)/pytest -q -m "not slow"; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
