@@ -32,10 +32,12 @@ router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
 
 ERRORS = {
+    401: {"model": ErrorResponse, "description": "API keys are on and none was sent; see WWW-Authenticate"},
+    403: {"model": ErrorResponse, "description": "The API key is not valid"},
     413: {"model": ErrorResponse, "description": "Body or image too large"},
     415: {"model": ErrorResponse, "description": "Not an image we read, or not multipart/JSON"},
     422: {"model": ErrorResponse, "description": "Invalid field or corrupt image; the message names the field"},
-    429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
+    429: {"model": ErrorResponse, "description": "Queue full or the key's rate limit reached; see Retry-After"},
     500: {"model": ErrorResponse, "description": "The model failed on this request (code model_error)"},
     503: {"model": ErrorResponse, "description": "Model not loaded yet or shutting down; see Retry-After"},
     504: {"model": ErrorResponse, "description": "No answer within the request timeout"},

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import time
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -41,6 +42,7 @@ from .schemas import (
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
+LINE_BREAKS = str.maketrans("\t\n\r", "   ")
 
 
 class Engine:
@@ -194,18 +196,32 @@ def check_point(field: str, point: PointPrompt, width: int, height: int) -> tupl
     return point.as_tuple()
 
 
+def clean_text(field: str, text: str) -> str:
+    """`text` in Unicode NFC with tabs and line breaks as spaces; 422 for any other control, format
+    (zero-width, bidi override), private-use or unassigned character."""
+    text = unicodedata.normalize("NFC", text).translate(LINE_BREAKS)
+    for i, char in enumerate(text):
+        if unicodedata.category(char).startswith("C"):
+            raise invalid(field, f"character U+{ord(char):04X} at {i} is a control or invisible character; remove it")
+    return text
+
+
 def check_texts(field: str, texts: list[str], settings: Settings) -> list[str]:
+    """The texts cleaned by `clean_text`; 422 naming the field for none, too many, empty or long ones."""
     if not texts:
         raise invalid(field, "give at least one text")
     if len(texts) > settings.max_texts:
         raise invalid(field, f"at most {settings.max_texts} texts, got {len(texts)}")
+    cleaned = []
     for i, text in enumerate(texts):
         name = field if len(texts) == 1 else f"{field}.{i}"
+        text = clean_text(name, text)
         if not text.strip():
             raise invalid(name, "text is empty")
         if len(text) > settings.max_text_chars:
             raise invalid(name, f"text is {len(text)} characters; at most {settings.max_text_chars}")
-    return texts
+        cleaned.append(text)
+    return cleaned
 
 
 def _num(value: Any, low: float = -math.inf, high: float = math.inf) -> float:

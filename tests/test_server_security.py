@@ -1,0 +1,359 @@
+"""Access control, rate limits, CORS, request IDs and the access log, against a real uvicorn process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+from PIL import Image, PngImagePlugin
+from server_helpers import GRACEFUL, assert_error, encode, png, random_image, start_server
+from starlette.routing import Mount
+from test_server_browser import WAIT_S, driver, needs_chromium, open_page, wait_for_answer  # noqa: F401 - driver: a fixture
+
+from pixelllm.cli import main as cli_main
+from server import Settings, create_app
+from server.security import RateLimiter, hash_key, new_key
+
+pytest_plugins = ["server_fixtures"]
+
+FILE_KEYS = [new_key() for _ in range(5)]  # one per test group, so their rate limits stay apart
+ROUTES_KEY, LIMIT_KEY, LOG_KEY, INPUT_KEY, OTHER_KEY = FILE_KEYS
+ENV_KEY = new_key()
+IMAGE = png(64, 48, seed=4)
+ORIGIN = "http://page.example:8080"
+BURST, PER_MINUTE = 60, 60
+OPEN = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "api_keys"
+    path.write_text("# PixelLLM API keys\n\n" + "".join(f"{hash_key(k)}  # key {i}\n" for i, k in enumerate(FILE_KEYS)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory, random_tiny_dir: Path, keys_file: Path):
+    """Keys from a file and the environment, 60 requests a minute per key in bursts of 60, two CORS origins."""
+    proc = start_server(
+        tmp_path_factory,
+        random_tiny_dir,
+        api_keys_file=keys_file,
+        api_key_hashes=hash_key(ENV_KEY),
+        rate_limit_per_minute=PER_MINUTE,
+        rate_limit_burst=BURST,
+        cors_origins=f"{ORIGIN}, https://other.example",
+        max_text_chars=64,
+    )
+    yield proc
+    assert proc.stop() in GRACEFUL, proc.log()[-4000:]
+    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def client(secure):
+    with httpx.Client(base_url=secure.url, timeout=60) as c:
+        yield c
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def app_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route of the app, so a new route cannot be left out."""
+    routes = []
+    for route in create_app(Settings(model="pixelllm-tiny")).routes:
+        if isinstance(route, Mount):
+            routes.append(("GET", f"{route.path}/app.js"))
+        elif isinstance(route, APIRoute) or hasattr(route, "methods"):
+            path = re.sub(r"{[^}]+}", "x", route.path)
+            routes += [(m, path) for m in sorted(route.methods - {"HEAD"})]
+    return routes
+
+
+FIELDS = {"/v1/localize": {"text": "a red circle"}, "/v1/regions": {"points": "10,10", "max_new_tokens": "2"}}
+ANSWERED = {"/v1/caption", *FIELDS}  # POST routes the random tiny model answers with 200
+
+
+def call(client: httpx.Client, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+    if method == "POST":  # a valid request
+        fields = FIELDS.get(path, {"max_new_tokens": "2"})
+        return client.post(path, files={"image": IMAGE}, data=fields, headers=headers)
+    return client.request(method, path, headers=headers)
+
+
+@pytest.mark.parametrize("method,path", app_routes())
+def test_every_route_without_wrong_and_right_key(client: httpx.Client, method: str, path: str) -> None:
+    protected = path not in OPEN and not path.startswith("/static/")
+    for headers in ({}, {"X-API-Key": "nope"}, bearer("pxl_" + "x" * 43)):
+        r = call(client, method, path, headers)
+        if not protected:
+            assert r.status_code == 200, r.text
+            continue
+        if headers:
+            assert_error(r, 403, "forbidden")
+        else:
+            error = assert_error(r, 401, "unauthorized")
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            assert "X-API-Key" in error["message"]
+    r = call(client, method, path, bearer(ROUTES_KEY))
+    assert r.status_code not in (401, 403, 429), r.text  # the key is accepted
+    if method == "GET" or path in ANSWERED:
+        assert r.status_code == 200, r.text
+
+
+def test_key_headers(client: httpx.Client) -> None:
+    for headers in (bearer(OTHER_KEY), {"authorization": f"bearer  {OTHER_KEY}"}, {"X-API-Key": OTHER_KEY}):
+        assert client.get("/metrics", headers=headers).status_code == 200, headers
+    assert client.get("/metrics", headers={"X-API-Key": ENV_KEY}).status_code == 200  # PIXELLLM_API_KEY_HASHES
+    assert_error(client.get("/metrics", headers={"Authorization": f"Basic {OTHER_KEY}"}), 401)
+    assert_error(client.get("/metrics", headers={"X-API-Key": hash_key(OTHER_KEY)}), 403)  # the hash is no key
+    assert_error(client.get("/no/such/path"), 401)  # unknown paths are not revealed without a key
+    assert_error(client.get("/no/such/path", headers=bearer(OTHER_KEY)), 404)
+
+
+def test_refused_upload_is_not_read(client: httpx.Client) -> None:
+    big = png(1200, 900, seed=1)
+    assert_error(client.post("/v1/caption", files={"image": big}), 401)
+    assert_error(client.post("/v1/caption", files={"image": big}, headers={"X-API-Key": "wrong"}), 403)
+    assert client.get("/healthz").status_code == 200  # the connection is still usable
+
+
+def test_keys_file_changes_apply_without_restart(
+    client: httpx.Client, keys_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = keys_file.read_text()
+    assert cli_main(["api-key", "--keys-file", str(keys_file), "--note", "for the test"]) == 0
+    key = re.search(r"^key: +(\S+)$", capsys.readouterr().out, re.MULTILINE)[1]
+    assert keys_file.read_text() == before + f"{hash_key(key)}  # for the test\n"  # the hash, never the key
+    assert client.get("/metrics", headers={"X-API-Key": key}).status_code == 200
+    keys_file.write_text(before)  # revoked
+    assert_error(client.get("/metrics", headers={"X-API-Key": key}), 403)
+    keys_file.write_text("not a hash\n")  # broken: its keys stop working, the environment's still work
+    assert_error(client.get("/metrics", headers={"X-API-Key": OTHER_KEY}), 403)
+    assert client.get("/metrics", headers={"X-API-Key": ENV_KEY}).status_code == 200
+    keys_file.write_text(before)
+    assert client.get("/metrics", headers={"X-API-Key": OTHER_KEY}).status_code == 200
+
+
+def test_rate_limit_per_key_then_recovery(client: httpx.Client, secure) -> None:
+    async def burst(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=secure.url, timeout=30) as c:
+            return await asyncio.gather(*[c.get("/metrics", headers=bearer(LIMIT_KEY)) for _ in range(n)])
+
+    responses = asyncio.run(burst(BURST + 10))
+    limited = [r for r in responses if r.status_code != 200]
+    assert 0 < len(limited) <= 10, [r.status_code for r in responses]  # fewer if tokens were refilled meanwhile
+    for r in limited:
+        assert_error(r, 429, "rate_limited")
+    retry_after = max(int(r.headers["retry-after"]) for r in limited)
+    assert 1 <= retry_after <= 60 / PER_MINUTE
+    assert client.get("/metrics", headers=bearer(OTHER_KEY)).status_code == 200  # other keys are not limited
+    assert all(client.get("/healthz").status_code == 200 for _ in range(BURST + 3))  # health checks never are
+    time.sleep(retry_after)
+    assert client.get("/metrics", headers=bearer(LIMIT_KEY)).status_code == 200
+
+
+def test_rate_limiter_refills_at_the_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(per_minute=30, burst=2, clock=lambda: now[0])
+    assert [limiter.acquire("a"), limiter.acquire("a")] == [0.0, 0.0]
+    assert limiter.acquire("a") == pytest.approx(2.0)  # one token every 2 s
+    assert limiter.acquire("b") == 0.0
+    now[0] = 1.0
+    assert limiter.acquire("a") == pytest.approx(1.0)
+    now[0] = 2.0
+    assert limiter.acquire("a") == 0.0
+    now[0] = 100.0
+    assert [limiter.acquire("a"), limiter.acquire("a"), limiter.acquire("a") > 0] == [0.0, 0.0, True]
+
+
+def test_cors(client: httpx.Client) -> None:
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"}
+    ok = client.options("/v1/caption", headers={"Origin": ORIGIN, **preflight})
+    assert ok.status_code == 200, ok.text
+    assert ok.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-api-key" in ok.headers["access-control-allow-headers"].lower()
+    assert_error(client.options("/v1/caption", headers={"Origin": "http://evil.example", **preflight}), 400)
+    r = client.get("/metrics", headers={"Origin": ORIGIN, **bearer(OTHER_KEY)})
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+    assert (
+        "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "http://evil.example"}).headers
+    )
+
+
+def test_request_ids(client: httpx.Client) -> None:
+    given = client.get("/healthz", headers={"X-Request-ID": "client-id_1.2:3"})
+    assert given.headers["x-request-id"] == "client-id_1.2:3"
+    for bad in ("has spaces", "x" * 129, "%0aforged"):
+        made = client.get("/healthz", headers={"X-Request-ID": bad}).headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", made), made
+    responses = [
+        client.get("/readyz"),
+        client.get("/metrics"),  # 401
+        client.get("/metrics", headers={"X-API-Key": "wrong"}),  # 403
+        client.get("/missing", headers=bearer(OTHER_KEY)),  # 404
+        client.post("/v1/caption", content=b"x", headers={"Content-Type": "text/plain", **bearer(OTHER_KEY)}),  # 415
+        client.options(
+            "/v1/caption", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        ),
+    ]
+    ids = [r.headers["x-request-id"] for r in responses]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+def test_log_lines_carry_request_ids_and_no_secrets(client: httpx.Client, secure) -> None:
+    image = png(96, 64, seed=9)
+    b64 = base64.b64encode(image).decode()
+    wrong_key = new_key()
+    r = client.post(
+        "/v1/caption",
+        json={"image": b64, "max_new_tokens": 2},
+        headers={**bearer(LOG_KEY), "X-Request-ID": "log-test-1"},
+    )
+    assert r.status_code == 200, r.text
+    client.post("/v1/localize", files={"image": image}, data={"text": "a circle"}, headers={"X-API-Key": LOG_KEY})
+    client.post("/v1/caption", json={"image": b64}, headers={**bearer(wrong_key), "X-Request-ID": "log-test-2"})
+    client.get("/metrics?api_key=" + LOG_KEY, headers={"X-API-Key": LOG_KEY})
+    time.sleep(0.3)
+    log = secure.log()
+    for secret in (LOG_KEY, wrong_key, ENV_KEY, *FILE_KEYS, b64[100:140], b64[-40:]):
+        assert secret not in log
+    key_id = hash_key(LOG_KEY)[:8]
+    assert re.search(
+        rf"server\.access \[log-test-1\] POST /v1/caption 200 [\d.]+ms client=127\.0\.0\.1 key={key_id}", log
+    )
+    assert re.search(r"server\.access \[log-test-2\] POST /v1/caption 403 [\d.]+ms client=127\.0\.0\.1 key=-", log)
+    assert re.search(rf"GET /metrics 200 [\d.]+ms client=\S+ key={key_id}", log)  # no query string
+    lines = [line for line in log.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
+    assert lines and all(re.search(r" \[[^\]]+\] ", line) for line in lines)  # every line has a request ID slot
+    assert any("uvicorn" in line and "[-]" in line for line in lines)  # uvicorn's own lines too
+
+
+def test_open_paths_are_configurable() -> None:
+    """`protect_metrics=false` opens /metrics, `protect_docs=true` closes the docs (in-process app)."""
+    key = new_key()
+    settings = Settings(model="pixelllm-tiny", api_key_hashes=[hash_key(key)], protect_metrics=False, protect_docs=True)
+
+    async def go() -> list[int]:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            paths = ["/metrics", "/docs", "/openapi.json", "/redoc"]
+            return [(await c.get(p)).status_code for p in paths] + [
+                (await c.get(p, headers={"X-API-Key": key})).status_code for p in paths
+            ]
+
+    assert asyncio.run(go()) == [200, 401, 401, 401, 200, 200, 200, 200]
+    assert not Settings().auth_enabled and Settings().rate_limit_per_minute == 0  # off by default
+
+
+def test_bad_keys_file_stops_the_start(tmp_path: Path) -> None:
+    """A missing file, or a raw key where a hash belongs, is an error at start-up that never shows the key."""
+    with pytest.raises(FileNotFoundError, match="pixelllm api-key"):
+        create_app(Settings(model="pixelllm-tiny", api_keys_file=tmp_path / "missing"))
+    raw = new_key()
+    (tmp_path / "keys").write_text(f"{hash_key(new_key())}\n{raw}\n")
+    with pytest.raises(ValueError, match=r"keys:2 is not a SHA-256 hex digest") as e:
+        create_app(Settings(model="pixelllm-tiny", api_keys_file=tmp_path / "keys"))
+    assert raw not in str(e.value)
+
+
+def test_keys_are_off_by_default(service_client: httpx.Client) -> None:
+    r = service_client.post("/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": "2"})
+    assert r.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+    assert service_client.get("/metrics").status_code == 200
+
+
+# ------------------------------------------------------------------ inputs
+def test_no_request_field_names_a_model_or_a_file(client: httpx.Client) -> None:
+    """The model is the operator's choice: fields like these are unknown fields (422), whatever the endpoint."""
+    headers = bearer(INPUT_KEY)
+    b64 = base64.b64encode(IMAGE).decode()
+    for field, value in (("model", "pixelllm-base"), ("sam_checkpoint", "/etc/passwd"), ("path", "../weights")):
+        r = client.post("/v1/caption", json={"image": b64, field: value}, headers=headers)
+        assert_error(r, 422, "invalid_request", field=field)
+        r = client.post("/v1/localize", files={"image": IMAGE}, data={"text": "a", field: value}, headers=headers)
+        assert_error(r, 422, "invalid_request", field=field)
+
+
+def localize(client: httpx.Client, texts: list[str], as_json: bool = True) -> httpx.Response:
+    if as_json:
+        body = {"image": base64.b64encode(IMAGE).decode(), "texts": texts}
+        return client.post("/v1/regions", json=body, headers=bearer(INPUT_KEY))
+    return client.post("/v1/regions", files={"image": IMAGE}, data={"texts": texts}, headers=bearer(INPUT_KEY))
+
+
+@pytest.mark.parametrize(
+    "char", ["\x00", "\x1b", "\x7f", "\u0085", "\u200b", "\u202e", "\ufeff", "\ue000", "\U000e0001"]
+)
+def test_control_and_invisible_characters_are_refused(client: httpx.Client, char: str) -> None:
+    for as_json in (True, False):
+        error = assert_error(localize(client, ["a red circle", f"blue{char}square"], as_json), 422, field="texts.1")
+        assert f"U+{ord(char):04X}" in error["message"]
+
+
+def test_tabs_and_line_breaks_are_spaces_and_text_is_nfc(client: httpx.Client) -> None:
+    r = localize(client, ["a red\tcircle\r\nleft", "cafe\u0301"])
+    assert r.status_code == 200, r.text
+    assert [loc["text"] for loc in r.json()["localizations"]] == ["a red circle  left", "caf\u00e9"]
+    limit = "e\u0301" * 64  # 128 code points, 64 characters once composed: within max_text_chars=64
+    assert localize(client, [limit]).status_code == 200
+    assert_error(localize(client, ["x" * 65]), 422, field="texts")
+
+
+def test_image_metadata_is_never_echoed(client: httpx.Client) -> None:
+    exif = Image.Exif()
+    exif[0x010E] = "EXIF-MARKER-7c1f"  # ImageDescription
+    exif[0x0112] = 6
+    jpeg = encode(random_image(40, 30, seed=3), "JPEG", exif=exif.tobytes(), comment=b"COM-MARKER-7c1f")
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Comment", "PNG-MARKER-7c1f")
+    png_bytes = encode(random_image(40, 30, seed=3), "PNG", pnginfo=text)
+    for data, size in ((jpeg, {"width": 30, "height": 40}), (png_bytes, {"width": 40, "height": 30})):
+        r = client.post("/v1/caption", files={"image": data}, data={"max_new_tokens": "2"}, headers=bearer(INPUT_KEY))
+        assert r.status_code == 200, r.text
+        assert r.json()["image"] == size  # EXIF orientation 6 applied to the JPEG
+        assert "MARKER-7c1f" not in r.text and "MARKER-7c1f" not in str(r.headers)
+
+
+def other_formats() -> dict[str, bytes]:
+    image = random_image(32, 24, seed=5)
+    formats = {fmt: encode(image, fmt) for fmt in ("TIFF", "ICO", "PPM", "TGA", "PCX", "SGI", "EPS", "PDF", "DDS")}
+    formats["PSD"] = b"8BPS\x00\x01" + bytes(20) + b"\x00\x03" + bytes(64)  # Pillow reads PSD; we never try
+    formats["SVG"] = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
+    return formats
+
+
+@pytest.mark.parametrize("fmt", sorted(other_formats()))
+def test_formats_outside_the_allow_list_are_refused(client: httpx.Client, fmt: str) -> None:
+    data = other_formats()[fmt]
+    r = client.post("/v1/caption", files={"image": data}, headers=bearer(INPUT_KEY))
+    assert_error(r, 415, "unsupported_media_type")
+
+
+# ------------------------------------------------------------------ the web page with keys on
+@pytest.mark.browser
+@needs_chromium
+def test_web_page_asks_for_a_key(driver, secure, tmp_path: Path) -> None:  # noqa: F811 - the imported fixture
+    """The page loads without a key; its first API call gets 401, it asks for a key once, and captions."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(driver, secure.url)
+    (tmp_path / "upload.png").write_bytes(IMAGE)
+    driver.find_element("id", "file").send_keys(str(tmp_path / "upload.png"))
+    prompt = WebDriverWait(driver, WAIT_S).until(expected_conditions.alert_is_present())
+    assert "API key" in prompt.text
+    prompt.send_keys(OTHER_KEY)
+    prompt.accept()
+    wait_for_answer(driver, previous="")
+    assert driver.find_element("id", "caption").text
+    assert driver.execute_script("return sessionStorage.getItem('pixelllm-api-key')") == OTHER_KEY
