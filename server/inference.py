@@ -31,6 +31,7 @@ class Job:
     num_beams: int = 1
     texts: list[str] = field(default_factory=list)
     mask: bool = False
+    dense: tuple[float, float, int] | None = None  # score_threshold, nms_iou, max_regions
 
 
 @dataclass
@@ -39,6 +40,7 @@ class JobResult:
     localizations: list[Any]
     cache_hit: bool
     timing_ms: dict[str, float]
+    regions: list[Any] = field(default_factory=list)
 
 
 def load_predictor(settings: Settings) -> tuple[Any, str]:
@@ -65,7 +67,7 @@ def _ms(start: float) -> float:
 
 def run_jobs(predictor: Any, cache: EmbeddingCache, jobs: list[Job], delay_s: float = 0.0) -> list[JobResult]:
     """Answer `jobs` with one encoder pass over the images not in the cache, one caption call per
-    (max_new_tokens, num_beams) and one localization call per mask flag."""
+    (max_new_tokens, num_beams), one localization call per mask flag and one dense-caption call per setting."""
     batch_start = time.perf_counter()
     if delay_s:
         time.sleep(delay_s)
@@ -115,6 +117,19 @@ def run_jobs(predictor: Any, cache: EmbeddingCache, jobs: list[Job], delay_s: fl
             [embeddings[jobs[j].key] for j, _ in members], texts=[jobs[j].texts[t] for j, t in members], mask=mask
         )
         _scatter(results, members, locs, "localizations", "localize", _ms(start))
+
+    dense_groups: dict[tuple, list[int]] = defaultdict(list)
+    for j, job in enumerate(jobs):
+        if job.dense is not None:
+            dense_groups[(job.dense, job.max_new_tokens, job.num_beams)].append(j)
+    for ((score_threshold, nms_iou, max_regions), max_new_tokens, num_beams), members in dense_groups.items():
+        start = time.perf_counter()
+        found = predictor.dense_caption_embeddings(
+            [embeddings[jobs[j].key] for j in members], score_threshold, nms_iou, max_regions, max_new_tokens, num_beams
+        )
+        for j, regions in zip(members, found):
+            results[j].regions = regions
+            results[j].timing_ms["dense"] = _ms(start)
 
     batch_ms = _ms(batch_start)
     for result in results:

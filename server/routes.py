@@ -16,6 +16,9 @@ from .schemas import (
     CaptionJSON,
     CaptionParams,
     CaptionResponse,
+    DenseJSON,
+    DenseParams,
+    DenseResponse,
     ErrorResponse,
     Health,
     LocalizeJSON,
@@ -105,6 +108,19 @@ async def regions(request: Request) -> RegionsResponse:
     engine = _engine(request)
     data, params = await read_body(request, RegionsParams, RegionsJSON, _max_fields(engine))
     return await service.regions(engine, request, data, params)
+
+
+@router.post(
+    "/v1/dense",
+    response_model=DenseResponse,
+    responses={**ERRORS, 501: {"model": ErrorResponse, "description": "The served model has no proposal head"}},
+    openapi_extra=request_body(DenseJSON),
+)
+async def dense(request: Request) -> DenseResponse:
+    """Dense captioning: every salient object's box, objectness score and caption (with per-word locations)."""
+    engine = _engine(request)
+    data, params = await read_body(request, DenseParams, DenseJSON, _max_fields(engine))
+    return await service.dense(engine, request, data, params)
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})

@@ -94,6 +94,14 @@ class RegionsParams(_Request):
     num_beams: int = Field(1, ge=1, le=8)
 
 
+class DenseParams(_Request):
+    score_threshold: float = Field(0.3, ge=0, le=1, description="Least objectness a region needs")
+    nms_iou: float = Field(0.5, gt=0, le=1, description="Regions overlapping a better one by more are dropped")
+    max_regions: int = Field(32, ge=1, le=256, description="At most this many regions (and the server's max_regions)")
+    max_new_tokens: int = Field(32, ge=1, le=128)
+    num_beams: int = Field(1, ge=1, le=8)
+
+
 IMAGE_DESCRIPTION = "The image, base64 (a data: URL prefix is allowed). PNG, JPEG, WEBP, BMP or GIF."
 
 
@@ -106,6 +114,10 @@ class LocalizeJSON(LocalizeParams):
 
 
 class RegionsJSON(RegionsParams):
+    image: str = Field(description=IMAGE_DESCRIPTION)
+
+
+class DenseJSON(DenseParams):
     image: str = Field(description=IMAGE_DESCRIPTION)
 
 
@@ -165,6 +177,18 @@ class LocalizeResponse(_Response):
 class RegionsResponse(_Response):
     captions: list[CaptionResult] = Field(description="One per box, then one per point, in request order")
     localizations: list[Localization] = Field(description="One per text, in request order")
+
+
+class DenseRegion(BaseModel):
+    box: Box
+    box_norm: Box
+    score: float = Field(description="Objectness of the region, in [0, 1]")
+    caption: str
+    words: list[Word]
+
+
+class DenseResponse(_Response):
+    regions: list[DenseRegion] = Field(description="Best score first")
 
 
 class ErrorBody(BaseModel):

@@ -28,6 +28,9 @@ from .schemas import (
     CaptionParams,
     CaptionResponse,
     CaptionResult,
+    DenseParams,
+    DenseRegion,
+    DenseResponse,
     ImageInfo,
     Localization,
     LocalizeParams,
@@ -338,3 +341,24 @@ async def regions(engine: Engine, request: Request, data: bytes, params: Regions
     return RegionsResponse(
         captions=captions, localizations=locs, **_common(engine, result, width, height, decode_ms, run_ms, start)
     )
+
+
+async def dense(engine: Engine, request: Request, data: bytes, params: DenseParams) -> DenseResponse:
+    start = time.perf_counter()
+    if getattr(engine.predictor.model, "proposal_head", None) is None:
+        raise ApiError(
+            501, "not_supported", f"model {engine.model_name} has no proposal head: serve a dense-captioning model"
+        )
+    max_regions = min(params.max_regions, engine.settings.max_regions)
+    job, width, height, decode_ms = await open_image(engine, data)
+    job.dense = (params.score_threshold, params.nms_iou, max_regions)
+    job.max_new_tokens, job.num_beams = params.max_new_tokens, params.num_beams
+    result, run_ms = await _answer(engine, request, job)
+    regions = []
+    for r in result.regions:
+        box, box_norm = _box(r.box, width, height)
+        words = word_results(r.caption.words, width, height)
+        regions.append(
+            DenseRegion(box=box, box_norm=box_norm, score=_num(r.score, 0.0, 1.0), caption=r.caption.text, words=words)
+        )
+    return DenseResponse(regions=regions, **_common(engine, result, width, height, decode_ms, run_ms, start))

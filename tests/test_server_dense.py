@@ -1,0 +1,80 @@
+"""POST /v1/dense against a real uvicorn process: regions, their captions, limits and a model without a head."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+import textwrap
+
+import httpx
+import pytest
+from server_helpers import GRACEFUL, ROOT, assert_error, png, start_server
+
+pytest_plugins = ["server_fixtures"]
+
+IMAGE = png(128, 96, seed=1)
+W, H = 128, 96
+
+
+def test_dense_regions_are_region_captions_of_their_boxes(service_client: httpx.Client) -> None:
+    r = service_client.post("/v1/dense", files={"image": IMAGE}, data={"score_threshold": "0", "max_new_tokens": "8"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    regions = body["regions"]
+    assert 1 <= len(regions) <= 6  # the server's max_regions (server_fixtures.MAIN_SETTINGS) caps the count
+    assert [g["score"] for g in regions] == sorted((g["score"] for g in regions), reverse=True)
+    assert body["image"] == {"width": W, "height": H} and "dense" in body["timing_ms"]
+    for g in regions:
+        b = g["box"]
+        assert 0 <= b["x0"] < b["x1"] <= W and 0 <= b["y0"] < b["y1"] <= H
+        assert g["box_norm"]["x1"] == pytest.approx(b["x1"] / W)
+        for w in g["words"]:
+            assert g["caption"][w["start"] : w["end"]] == w["text"]
+    # each region's caption is what /v1/regions says for that box, on the same cached embedding
+    boxes = [g["box"] for g in regions]
+    same = service_client.post(
+        "/v1/regions", json={"image": base64.b64encode(IMAGE).decode(), "boxes": boxes, "max_new_tokens": 8}
+    )
+    assert same.status_code == 200, same.text
+    assert same.json()["cache_hit"]
+    assert [c["caption"] for c in same.json()["captions"]] == [g["caption"] for g in regions]
+
+
+def test_dense_json_body_and_parameters(service_client: httpx.Client) -> None:
+    image = base64.b64encode(IMAGE).decode()
+    one = service_client.post("/v1/dense", json={"image": image, "score_threshold": 0, "max_regions": 1})
+    assert one.status_code == 200, one.text
+    assert len(one.json()["regions"]) == 1
+    none = service_client.post("/v1/dense", json={"image": image, "score_threshold": 1})
+    assert none.status_code == 200 and none.json()["regions"] == []
+    bad = service_client.post("/v1/dense", json={"image": image, "score_threshold": 2})
+    assert_error(bad, 422, "invalid_request", field="score_threshold")
+    bad = service_client.post("/v1/dense", json={"image": image, "nms_iou": 0})
+    assert_error(bad, 422, "invalid_request", field="nms_iou")
+
+
+MAKE_CAPTIONER = textwrap.dedent(
+    """
+    import sys
+    from pixelllm import build_pixelllm
+    from pixelllm.config import load_config
+    cfg = load_config("pixelllm-tiny")
+    cfg.proposal_head = None
+    build_pixelllm(cfg).save_pretrained(sys.argv[1])
+    """
+)
+
+
+def test_model_without_proposal_head_answers_501(tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = tmp_path_factory.mktemp("captioner") / "model"
+    subprocess.run([sys.executable, "-c", MAKE_CAPTIONER, str(path)], cwd=ROOT, check=True, timeout=300)
+    proc = start_server(tmp_path_factory, path)
+    try:
+        with httpx.Client(base_url=proc.url, timeout=60) as client:
+            r = client.post("/v1/dense", files={"image": IMAGE})
+            assert_error(r, 501, "not_supported")
+            assert "proposal head" in r.json()["error"]["message"]
+            assert client.post("/v1/caption", files={"image": IMAGE}).status_code == 200
+    finally:
+        assert proc.stop() in GRACEFUL, proc.log()[-4000:]
