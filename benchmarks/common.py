@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -121,7 +122,7 @@ def command() -> str:
     """How this script was run, as a user would type it from the repository root."""
     script = Path(sys.argv[0]).resolve()
     name = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-    return " ".join(["python", str(name), *sys.argv[1:]])
+    return shlex.join(["python", str(name), *sys.argv[1:]])
 
 
 def write_result(

@@ -50,8 +50,8 @@ def run_scripts(quick: bool, device: str, note: str, results_dir: Path) -> dict[
     for script, names in SCRIPTS.items():
         if not (HERE / script).is_file():
             continue
-        cmd = [sys.executable, str(HERE / script), "--device", device, "--results-dir", str(results_dir)]
-        cmd += ["--quick"] * quick + ["--note", note] * bool(note)
+        cmd = [sys.executable, str(HERE / script), "--device", device, *["--quick"] * quick]
+        cmd += ["--note", note] * bool(note) + ["--results-dir", str(results_dir)] * (results_dir != RESULTS_DIR)
         print(f"\n=== {script}", flush=True)
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -123,8 +123,11 @@ def render(results: dict[str, dict[str, Any]], failed: dict[str, str], wall_s: f
         lines += [
             f"| {e} | {s['n']} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} |" for e, s in latency["endpoints"].items()
         ]
-        rps = ", ".join(f"{n} clients {v:.1f}" for n, v in latency["rps_by_clients"].items())
-        lines += ["", f"Captions per second by concurrent clients: {rps}."]
+        rps = latency["rps_by_clients"]
+        lines += [
+            "",
+            f"Captions per second at {', '.join(rps)} concurrent clients: {', '.join(f'{v:.1f}' for v in rps.values())}.",
+        ]
     if not any(str(r.get("machine", {}).get("device", "")).startswith("cuda") for r in results.values()):
         lines += [
             "",
