@@ -223,6 +223,35 @@ def test_upload_caption_hover_box_localize(driver, service, service_client: http
     assert driver.get_log("browser") == []
 
 
+@pytest.mark.browser
+@needs_chromium
+def test_dense_captions_listed_and_drawn(driver, service, service_client: httpx.Client, tmp_path: Path) -> None:
+    open_page(driver, service.url)
+    upload(driver, tmp_path / "dense.png", IMAGE)
+    threshold = driver.find_element("id", "dense-threshold")
+    threshold.clear()
+    threshold.send_keys("0")
+    fields = {"max_new_tokens": TOKENS, "score_threshold": "0"}
+    expected = service_client.post("/v1/dense", files={"image": IMAGE}, data=fields).json()["regions"]
+    assert expected
+    previous = driver.find_element("id", "timings").text
+    driver.find_element("id", "dense-btn").click()
+    wait_for_answer(driver, previous)
+    items = driver.find_elements("css selector", "#regions li")
+    assert [i.text for i in items] == [f"{r['caption']} ({r['score']:.2f})" for r in expected]
+    # each region's box outlined in its color; hovering one draws it thicker
+    pixels = overlay_pixels(driver)
+    for region, item in zip(expected, items):
+        drawn = color_mask(pixels, item.get_attribute("data-color"))
+        assert outline_drawn(drawn, region["box"], (W, H)) >= 0.8, region
+    hover(driver, items[0])
+    assert "active" in items[0].get_attribute("class")
+    thick = color_mask(overlay_pixels(driver), items[0].get_attribute("data-color")).sum()
+    hover(driver, driver.find_element("tag name", "h1"))
+    assert thick > color_mask(overlay_pixels(driver), items[0].get_attribute("data-color")).sum()
+    assert driver.get_log("browser") == []
+
+
 SAMPLE_SIZE = (578, 530)
 
 # One consistent snapshot of the page (one JavaScript turn): status, caption words, their colors, the overlay.

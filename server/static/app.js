@@ -1,4 +1,5 @@
-// The PixelLLM page: upload an image, caption it (or a dragged box) with grounded words, localize a text.
+// The PixelLLM page: upload an image, caption it (or a dragged box) with grounded words, localize a text,
+// dense-caption it (every object's box and caption).
 // Coordinates from the API are pixels of the image; they are scaled to the canvas when drawn.
 "use strict";
 
@@ -8,6 +9,9 @@ const els = {
   maxTokens: $("max-tokens"),
   captionBtn: $("caption-btn"),
   clearBox: $("clear-box"),
+  denseBtn: $("dense-btn"),
+  denseThreshold: $("dense-threshold"),
+  regions: $("regions"),
   localizeForm: $("localize-form"),
   localizeText: $("localize-text"),
   localizeBtn: $("localize-btn"),
@@ -36,6 +40,8 @@ const state = {
   promptBox: null,
   drag: null,
   localization: null,
+  regions: [], // dense captions: {box, score, caption, words}
+  activeRegion: -1,
   abort: null, // the AbortController of the request in flight: a new upload cancels it
 };
 
@@ -68,6 +74,7 @@ function updateControls() {
   const usable = state.ready && state.file !== null && !state.busy;
   els.captionBtn.disabled = !usable;
   els.localizeBtn.disabled = !usable;
+  els.denseBtn.disabled = !usable;
   els.clearBox.disabled = state.promptBox === null || state.busy;
 }
 
@@ -122,6 +129,16 @@ function dot(ctx, point, color, radius, alpha) {
   ctx.restore();
 }
 
+function label(ctx, box, text, color) {
+  const { sx, sy, unit } = scales();
+  ctx.save();
+  ctx.font = `bold ${12 * unit}px sans-serif`;
+  ctx.fillStyle = color;
+  ctx.textBaseline = "top";
+  ctx.fillText(text, box.x0 * sx + 3 * unit, box.y0 * sy + 2 * unit);
+  ctx.restore();
+}
+
 function redraw() {
   const ctx = els.overlay.getContext("2d");
   ctx.clearRect(0, 0, els.overlay.width, els.overlay.height);
@@ -136,6 +153,11 @@ function redraw() {
     }
     strokeBox(ctx, loc.box, LOCALIZE_COLOR, 3);
   }
+  state.regions.forEach((region, i) => {
+    const active = i === state.activeRegion;
+    strokeBox(ctx, region.box, wordColor(i), active ? 4 : 2);
+    label(ctx, region.box, String(i + 1), wordColor(i));
+  });
   state.words.forEach((word, i) => dot(ctx, word.point, wordColor(i), 4, FAINT_ALPHA));
   if (state.active >= 0) {
     const word = state.words[state.active];
@@ -329,6 +351,19 @@ function caption() {
   });
 }
 
+function dense() {
+  return request("Dense captions", {
+    request: () => [
+      "/v1/dense",
+      [
+        ["max_new_tokens", els.maxTokens.value || "32"],
+        ["score_threshold", els.denseThreshold.value || "0.3"],
+      ],
+    ],
+    show: (body) => showRegions(body.regions),
+  });
+}
+
 function localize(text) {
   return request("Localize", {
     request: () => [
@@ -368,6 +403,34 @@ function showCaption(body) {
   });
   els.caption.append(body.caption.slice(pos));
   if (!body.caption) els.caption.textContent = "(empty caption)";
+}
+
+function setActiveRegion(index) {
+  state.activeRegion = index;
+  for (const item of els.regions.children) item.classList.toggle("active", Number(item.dataset.index) === index);
+  redraw();
+}
+
+function showRegions(regions) {
+  state.regions = regions;
+  state.activeRegion = -1;
+  els.regions.replaceChildren(
+    ...regions.map((region, i) => {
+      const item = document.createElement("li");
+      const color = wordColor(i);
+      item.className = "word";
+      item.tabIndex = 0;
+      item.dataset.index = String(i);
+      item.dataset.color = color;
+      item.style.setProperty("--word-color", color);
+      item.textContent = `${region.caption} (${region.score.toFixed(2)})`;
+      item.title = `box ${boxText(region.box)}`;
+      for (const on of ["mouseenter", "focus"]) item.addEventListener(on, () => setActiveRegion(i));
+      for (const off of ["mouseleave", "blur"]) item.addEventListener(off, () => setActiveRegion(-1));
+      return item;
+    }),
+  );
+  if (!regions.length) els.regions.textContent = "(no region above the score threshold)";
 }
 
 function maskCanvas(mask) {
@@ -439,10 +502,11 @@ els.file.addEventListener("change", async () => {
   state.generation += 1;
   state.busy = false;
   if (state.abort) state.abort.abort(); // the server stops decoding a caption nobody reads
-  Object.assign(state, { file, image, words: [], active: -1, promptBox: null, localization: null });
+  Object.assign(state, { file, image, words: [], active: -1, promptBox: null, localization: null, regions: [] });
   state.size = { width: image.naturalWidth, height: image.naturalHeight };
   els.caption.replaceChildren();
   els.localization.replaceChildren();
+  els.regions.replaceChildren();
   els.timings.replaceChildren();
   els.stage.hidden = false;
   layout();
@@ -451,6 +515,7 @@ els.file.addEventListener("change", async () => {
 });
 
 els.captionBtn.addEventListener("click", () => caption());
+els.denseBtn.addEventListener("click", () => dense());
 els.localizeForm.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = els.localizeText.value.trim();
