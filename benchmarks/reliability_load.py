@@ -1,0 +1,142 @@
+"""Reliability (issue 7), sustained load: many varied requests at 16 concurrency, and the server's memory.
+
+A real server with default settings (the default model; a cache of 64 embeddings) answers the request mix of
+tests/test_server_load.py (caption whole / box / point, localize two texts, regions) over `IMAGES` distinct
+images, more than the cache holds, so it fills and then evicts. The server's resident memory (RSS) is read once
+loaded, after a warm-up round that runs every code path at 16 concurrency ("before"), and every 100 requests.
+Goal: every request 200; RSS grows by at most the cache's growth plus `SLACK_MB` (allocator noise), and by at
+most `LEAK_MB` over the second half of the run (no leak).
+
+    .venv/bin/python benchmarks/reliability_load.py --quick    # 300 requests
+    .venv/bin/python benchmarks/reliability_load.py            # 1000 requests
+
+Writes benchmarks/results/reliability_load.json (see common.write_result).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from common import machine, resolve_device, write_result
+from reliability_common import arguments, category, default_model
+from server_helpers import image_b64, metric, requests_for
+from service_bench import serve, summary
+
+COUNTS = {"quick": 300, "full": 1000}
+CONCURRENCY = 16
+IMAGES = 150  # > the default 64 cache entries
+SAMPLE_EVERY = 100
+SLACK_MB, LEAK_MB = 32.0, 16.0
+
+
+def request(i: int, image: int | None = None) -> tuple[str, dict[str, Any]]:
+    """`requests_for(i)` on image number `image`, by default one of `IMAGES` distinct images chosen by `i`."""
+    path, body = requests_for(i)
+    return path, {**body, "image": image_b64(i % IMAGES if image is None else image)}
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+async def load(url: str, pid: int, n: int) -> dict[str, Any]:
+    """A warm-up round (every code path once, `CONCURRENCY` at a time), then `n` requests; RSS and cache size
+    after the warm-up ("before") and every `SAMPLE_EVERY` requests."""
+    statuses: Counter[str] = Counter()
+    failures: list[str] = []
+    seconds: list[float] = []
+    rss = {"loaded": rss_mb(pid)}
+    limit = asyncio.Semaphore(CONCURRENCY)
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+        async def one(i: int, image: int | None = None) -> None:
+            path, body = request(i, image)
+            async with limit:
+                start = time.perf_counter()
+                response = await client.post(path, json=body)
+                seconds.append(time.perf_counter() - start)
+            statuses[category(response)] += 1
+            if response.status_code != 200:
+                failures.append(f"{path}: {response.status_code} {response.text[:200]}")
+
+        async def cache_mb() -> float:
+            return metric((await client.get("/metrics")).text, "pixelllm_cache_bytes") / 2**20
+
+        await asyncio.gather(*(one(i, IMAGES + i) for i in range(CONCURRENCY)))  # images the run does not use
+        rss["before"], cache_before = rss_mb(pid), await cache_mb()
+        statuses.clear()
+        seconds.clear()
+        started = time.perf_counter()
+        for first in range(0, n, SAMPLE_EVERY):  # in rounds, so RSS is read between them
+            await asyncio.gather(*(one(i) for i in range(first, min(first + SAMPLE_EVERY, n))))
+            rss[str(min(first + SAMPLE_EVERY, n))] = rss_mb(pid)
+        wall = time.perf_counter() - started
+        cache_after = await cache_mb()
+    half = str(min(n, max(SAMPLE_EVERY, n // 2 // SAMPLE_EVERY * SAMPLE_EVERY)))
+    return {
+        "requests": n,
+        "failures": len(failures),
+        "failure_examples": failures[:10],
+        "statuses": dict(statuses),
+        "wall_s": wall,
+        "rps": n / wall,
+        "latency": summary(seconds),
+        "rss_mb": rss,
+        "cache_mb": {"before": cache_before, "after": cache_after},
+        "growth_mb": rss[str(n)] - rss["before"],
+        "growth_second_half_mb": rss[str(n)] - rss[half],
+        "allowed_growth_mb": cache_after - cache_before + SLACK_MB,
+    }
+
+
+def main() -> None:
+    parser = arguments(__doc__, f"{COUNTS['quick']} requests, not {COUNTS['full']}")
+    parser.add_argument("--requests", type=int, help="how many requests (overrides the mode)")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    n, device = args.requests or COUNTS[mode], resolve_device(args.device)
+    machine_info = machine(device, args.threads, args.note)
+    with tempfile.TemporaryDirectory(prefix="reliability-load-") as tmp:
+        model, model_name = default_model(Path(tmp))
+        with serve(model, Path(tmp), device, args.threads) as server:
+            result = asyncio.run(load(server.url, server.proc.pid, n))
+        traceback = "Traceback" in server.log()
+    met = (
+        result["failures"] == 0
+        and result["growth_mb"] <= result["allowed_growth_mb"]
+        and result["growth_second_half_mb"] <= LEAK_MB
+        and not traceback
+    )
+    rss = result["rss_mb"]
+    print(f"RSS MiB: {', '.join(f'{k} {v:.0f}' for k, v in rss.items())}; cache MiB {result['cache_mb']}")
+    write_result(
+        "reliability_load",
+        {
+            "model": model_name,
+            "settings": {"concurrency": CONCURRENCY, "images": IMAGES, "slack_mb": SLACK_MB, "leak_mb": LEAK_MB},
+            "traceback_in_server_log": traceback,
+            **result,
+        },
+        mode=mode,
+        machine_info=machine_info,
+        figure=f"{n} requests at {CONCURRENCY} concurrency: {result['failures']} failures, {result['rps']:.1f} req/s; "
+        f"RSS {rss['before']:.0f} -> {rss[str(n)]:.0f} MiB ({result['growth_mb']:+.0f}; cache "
+        f"{result['cache_mb']['before']:.1f} -> {result['cache_mb']['after']:.1f} MiB)",
+        goal=f"0 failures; RSS growth <= the cache's growth + {SLACK_MB:g} MiB, <= {LEAK_MB:g} MiB in the second half",
+        met=met,
+        limits="; ".join(result["failure_examples"][:3])
+        or f"RSS growth {result['growth_mb']:.0f} MiB (allowed {result['allowed_growth_mb']:.0f}), "
+        f"second half {result['growth_second_half_mb']:.0f} MiB, traceback in the log {traceback}",
+        results_dir=args.results_dir,
+    )
+
+
+if __name__ == "__main__":
+    main()
