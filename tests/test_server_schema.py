@@ -15,7 +15,7 @@ from server_helpers import png
 pytest_plugins = ["server_fixtures"]
 
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
-POSTS = ("/v1/caption", "/v1/localize", "/v1/regions")
+POSTS = ("/v1/caption", "/v1/localize", "/v1/regions", "/v1/dense")
 # (method, path, generation mode, swap in a real image so that the other fields reach the model)
 CASES = [
     *[
