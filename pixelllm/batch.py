@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import takewhile
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,7 @@ class Options:
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     progress: bool = True
+    api_key: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer` when the service has keys
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
@@ -412,6 +413,10 @@ class _Session:
             attempts = self.options.retries + 1
             message = f"{type(e).__name__}: {e} (after {attempts} attempts)"
             return False, error_record(item.id, "connection_error", message, item.image, None, attempts)
+        if response.status_code in (401, 403):  # every other item would fail the same way
+            code, message = _error(response)
+            hint = "set PIXELLLM_API_KEY" if response.status_code == 401 else "check PIXELLLM_API_KEY"
+            raise BatchError(f"the service refused the request ({code}: {message}); {hint}")
         if response.status_code == 200:
             try:
                 return True, {"id": item.id, "task": item.task, "image": item.image, "result": response.json()}
@@ -470,7 +475,9 @@ async def _run(
     with JsonlWriter(output) as out, JsonlWriter(errors, truncate=True) as err:
         for record in unsent:
             err.write(record)
-        async with httpx.AsyncClient(base_url=options.server, timeout=options.timeout_s, limits=limits) as client:
+        headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+        client = httpx.AsyncClient(base_url=options.server, timeout=options.timeout_s, limits=limits, headers=headers)
+        async with client:
             session = _Session(client, options, random.Random())
             if todo:
                 await _check_ready(session)

@@ -194,7 +194,14 @@ def cmd_batch(args) -> int:
     output = Path(args.output)
     errors = Path(args.errors) if args.errors else default_errors_path(output)
     try:
-        options = Options(args.server, args.concurrency, args.timeout, args.retries, progress=not args.no_progress)
+        options = Options(
+            args.server,
+            args.concurrency,
+            args.timeout,
+            args.retries,
+            progress=not args.no_progress,
+            api_key=os.environ.get("PIXELLLM_API_KEY") or None,
+        )
         items, refused = discover(args.input, args.root, args.allow_outside_root, args.text)
         summary = run_batch(items, refused, output, errors, options)
     except BatchError as e:
@@ -306,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--retries", type=int, default=5, help="retries on 429/502/503/504 and connection errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.epilog = "A service with API keys: export PIXELLLM_API_KEY=<key> (sent as Authorization: Bearer)."
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_batch)
 

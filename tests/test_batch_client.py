@@ -18,10 +18,12 @@ from server_helpers import GRACEFUL, ROOT, free_port, metric, png, start_server
 
 from pixelllm.batch import BatchError, Options, discover, recover, retry_after_s, retry_delay, run_batch
 from pixelllm.cli import main
+from server.security import hash_key
 
 pytest_plugins = ["server_fixtures"]
 
 N = 50
+KEY = "batch-client-test-key"
 IDS = [f"img_{i:02d}.png" for i in range(N)]
 
 
@@ -35,8 +37,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def flaky_service(tmp_path_factory: pytest.TempPathFactory, random_tiny_dir: Path):
-    """Answers 429 or 503 with Retry-After: 1 to 30% of /v1 requests, and takes 100 ms per batch."""
+    """Needs API key KEY; answers 429 or 503 with Retry-After: 1 to 30% of /v1 requests; 100 ms per batch."""
     settings = dict(debug_fail_rate=0.3, debug_fail_statuses=[429, 503], debug_batch_delay_ms=100, max_batch_size=4)
+    settings.update(api_key_hashes=hash_key(KEY), protect_metrics=False)
     proc = start_server(tmp_path_factory, random_tiny_dir, **settings)
     yield proc
     assert proc.stop() in GRACEFUL, proc.log()[-4000:]
@@ -88,7 +91,8 @@ def test_retries_429_and_503_until_every_record_arrives(flaky_service, images: P
     before = {s: requests_total(url, "/v1/caption", s) for s in ("200", "429", "503")}
     items, refused = discover(str(images))
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
-    summary = run_batch(items, refused, out, errors, Options(url, concurrency=8, retries=10, progress=False))
+    options = Options(url, concurrency=8, retries=10, progress=False, api_key=KEY)
+    summary = run_batch(items, refused, out, errors, options)
     assert (summary.succeeded, summary.failed) == (N, 0), errors.read_text()
     assert sorted(r["id"] for r in read_jsonl(out)) == IDS
     injected = {s: requests_total(url, "/v1/caption", s) - before[s] for s in ("429", "503")}
@@ -96,6 +100,24 @@ def test_retries_429_and_503_until_every_record_arrives(flaky_service, images: P
     assert summary.retries == injected["429"] + injected["503"]  # each injected failure retried once, no more
     assert requests_total(url, "/v1/caption", "200") - before["200"] == N
     assert summary.elapsed_s >= 1.0  # a retry waits for Retry-After: 1
+
+
+def test_api_key_from_the_environment(
+    flaky_service, images: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    three = str(images / "img_0[0-2].png")
+    out = tmp_path / "out.jsonl"
+    monkeypatch.delenv("PIXELLLM_API_KEY", raising=False)
+    code, _, err = batch(capsys, three, "-o", str(out), "--server", flaky_service.url, "--retries", "10")
+    assert code == 2 and "PIXELLLM_API_KEY" in err and "unauthorized" in err
+    monkeypatch.setenv("PIXELLLM_API_KEY", "not-the-key")
+    code, _, err = batch(capsys, three, "-o", str(out), "--server", flaky_service.url, "--retries", "10")
+    assert code == 2 and "check PIXELLLM_API_KEY" in err
+    assert "not-the-key" not in err
+    monkeypatch.setenv("PIXELLLM_API_KEY", KEY)
+    code, _, _ = batch(capsys, three, "-o", str(out), "--server", flaky_service.url, "--retries", "10")
+    assert code == 0
+    assert sorted(r["id"] for r in read_jsonl(out)) == IDS[:3]
 
 
 def test_sigkill_midway_then_rerun_writes_every_id_once(
