@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,18 @@ from common import RESULTS_DIR, ROOT, resolve_device
 
 HERE = Path(__file__).resolve().parent
 REPORT = HERE / "RESULTS.md"
-# script -> the result files it writes; stream_latency.py is optional (run when present)
+# script -> the result files it writes, in the order they run; a script that is absent is skipped
 SCRIPTS = {
     "point_head_overhead.py": ["point_head_overhead"],
     "service_bench.py": ["batching_speedup", "latency", "regions_scaling", "cache_speedup"],
     "stream_latency.py": ["stream_latency"],
     "train_throughput.py": ["train_throughput"],
     "vs_kosmos2.py": ["vs_kosmos2"],
+    "reliability_fuzz.py": ["reliability_fuzz"],
+    "reliability_overload.py": ["reliability_overload"],
+    "reliability_load.py": ["reliability_load"],
 }
-ORDER = [
+ORDER = [  # rows of the report
     "point_head_overhead",
     "cache_speedup",
     "batching_speedup",
@@ -41,12 +45,16 @@ ORDER = [
     "stream_latency",
     "train_throughput",
     "vs_kosmos2",
+    "reliability_fuzz",
+    "reliability_overload",
+    "reliability_load",
 ]
 
 
-def run_scripts(quick: bool, device: str, note: str, results_dir: Path) -> dict[str, str]:
-    """Run each script present; -> {benchmark name: why it has no result from this run} for the failures."""
-    failed = {}
+def run_scripts(quick: bool, device: str, note: str, results_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """Run each script present; -> {benchmark name: why it has no result from this run} for the failures, and
+    {script: its exit status and seconds}."""
+    failed, scripts = {}, {}
     for script, names in SCRIPTS.items():
         if not (HERE / script).is_file():
             continue
@@ -61,10 +69,11 @@ def run_scripts(quick: bool, device: str, note: str, results_dir: Path) -> dict[
             if line.strip():
                 tail.append(line.strip())
         code = proc.wait()
-        print(f"=== {script}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
+        scripts[script] = {"exit": code, "seconds": round(time.perf_counter() - start, 1)}
+        print(f"=== {script}: exit {code} after {scripts[script]['seconds']:.0f} s", flush=True)
         if code != 0:
             failed.update(dict.fromkeys(names, f"{script} failed (exit {code}): {tail[0] if tail else 'no message'}"))
-    return failed
+    return failed, scripts
 
 
 def machine_text(m: dict[str, Any]) -> str:
@@ -79,8 +88,9 @@ def cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render(results: dict[str, dict[str, Any]], failed: dict[str, str], wall_s: float | None = None) -> str:
-    """The Markdown report: one table row per benchmark, then the unmet goals with what limits them."""
+def render(results: dict[str, dict[str, Any]], failed: dict[str, str], run: dict[str, Any] | None = None) -> str:
+    """The Markdown report: one table row per benchmark, then the unmet goals with what limits them. `run`:
+    the last run of this script (run_all.json), if any."""
     names = [n for n in ORDER if n in results or n in failed] + sorted(set(results) - set(ORDER))
     dates = sorted({r["machine"]["date"][:10] for r in results.values() if r.get("machine", {}).get("date")})
     modes = sorted({r.get("mode", "?") for r in results.values()})
@@ -91,9 +101,18 @@ def render(results: dict[str, dict[str, Any]], failed: dict[str, str], wall_s: f
         "which hold every raw figure and the machine. Ratios are measured side by side in one run; the shared",
         "CPU machine is noisy, so the load average at the start of each benchmark is listed with it.",
         "",
-        f"Mode: {', '.join(modes) or '-'}; date: {', '.join(dates) or '-'}"
-        + (f"; whole run {wall_s / 60:.1f} min." if wall_s is not None else "."),
+        f"Mode: {', '.join(modes) or '-'}; date: {', '.join(dates) or '-'}.",
         "",
+        *(
+            [
+                f"Last `run_all.py` run: {run['mode']} on {run['device']}, {run['date']}, {run['wall_s'] / 60:.1f} min ("
+                + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in run["scripts"].items())
+                + ").",
+                "",
+            ]
+            if run
+            else []
+        ),
         "| benchmark | figure | goal | met? | machine | command |",
         "|---|---|---|---|---|---|",
     ]
@@ -155,14 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--report", type=Path, default=REPORT)
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    failed = {}
+    run_file = args.results_dir / "run_all.json"
+    failed: dict[str, str] = {}
     if not args.report_only:
-        failed = run_scripts(args.quick, resolve_device(args.device), args.note, args.results_dir)
+        start, device = time.perf_counter(), resolve_device(args.device)
+        failed, scripts = run_scripts(args.quick, device, args.note, args.results_dir)
+        run = {
+            "mode": "quick" if args.quick else "full",
+            "device": device,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - start, 1),
+            "scripts": scripts,
+        }
+        run_file.write_text(json.dumps(run, indent=2) + "\n")
     results = {k: v for k, v in load_results(args.results_dir).items() if k not in failed}
-    wall_s = None if args.report_only else time.perf_counter() - start
-    args.report.write_text(render(results, failed, wall_s))
-    print(f"\nwrote {args.report}" + (f" after {wall_s:.0f} s" if wall_s is not None else ""))
+    run = json.loads(run_file.read_text()) if run_file.is_file() else None
+    args.report.write_text(render(results, failed, run))
+    print(f"\nwrote {args.report}")
     return 1 if failed else 0
 
 

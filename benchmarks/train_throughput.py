@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = timed[-1]["time"] - timed[0]["time"]
     samples_per_s = cfg.batch_size * (len(timed) - 1) / seconds
     memory = peak_memory_mb(args.device)
+    # CPU time / (wall time x threads) over the whole run: well below 1 when other jobs took the cores
+    cpu_utilization = (after.user + after.system - before.user - before.system) / (
+        (after.elapsed - before.elapsed) * args.threads
+    )
     params = {"steps_timed": len(timed) - 1, "warmup_steps": warmup, "batch_size": cfg.batch_size}
     figure = f"{samples_per_s:.1f} samples/s, peak RSS {memory['peak_rss_mb']:.0f} MiB"
     if "peak_cuda_allocated_mb" in memory:
@@ -74,14 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             "samples_per_s": samples_per_s,
             "step_s_median": statistics.median(b["time"] - a["time"] for a, b in zip(timed, timed[1:])),
             "memory": memory,
-            # CPU time / (wall time x threads) over the whole run: well below 1 when other jobs took the cores
-            "cpu_utilization": (after.user + after.system - before.user - before.system)
-            / ((after.elapsed - before.elapsed) * args.threads),
+            "cpu_utilization": cpu_utilization,
             "final_loss": timed[-1]["loss"],
         },
         mode=mode,
         machine_info=machine_info,
-        figure=figure + f" (batch {cfg.batch_size}, {len(timed) - 1} steps)",
+        figure=figure + f" (batch {cfg.batch_size}, {len(timed) - 1} steps; the run got {cpu_utilization:.0%} of "
+        f"{args.threads} threads' CPU time)",
         results_dir=args.results_dir,
     )
     return 0

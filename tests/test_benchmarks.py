@@ -86,12 +86,14 @@ def test_report_marks_failed_scripts_and_gpu_runs(sample_results: Path) -> None:
     results = run_all.load_results(sample_results)
     results["latency"]["machine"].update(device="cuda", device_name="NVIDIA H100")
     failed = {"vs_kosmos2": "vs_kosmos2.py failed (exit 1): pixelllm: needs about 17 GB of free memory"}
-    report = run_all.render(results, failed, wall_s=90.0)
+    run = {"mode": "quick", "device": "cpu", "date": "2026-01-01T00:00:00+00:00", "wall_s": 90.0}
+    run["scripts"] = {"service_bench.py": {"exit": 0, "seconds": 61.2}, "vs_kosmos2.py": {"exit": 1, "seconds": 2.0}}
+    report = run_all.render(results, failed, run)
     rows = table_rows(report)
     assert rows["vs_kosmos2"][1].startswith("not run: vs_kosmos2.py failed (exit 1)")
     assert rows["latency"][4].startswith("NVIDIA H100")
     assert "No GPU run" not in report
-    assert "whole run 1.5 min" in report
+    assert "quick on cpu, 2026-01-01T00:00:00+00:00, 1.5 min (service_bench.py 61 s, vs_kosmos2.py 2 s)" in report
 
 
 def test_point_head_overhead_smallest_form(tmp_path: Path) -> None:
