@@ -6,7 +6,7 @@ MODEL ?= weights/pixelllm-tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve caption test test-all lint format train-default eval-default clean
+.PHONY: setup serve caption test test-all lint format train-default eval-default clean docker-build docker-test
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,7 @@ caption: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
 
 format: setup
 	$(BIN)/ruff check --fix .
@@ -45,10 +46,22 @@ test: lint browser-deps
 test-all: lint browser-deps
 	$(BIN)/pytest -q
 
+# Every benchmark, then benchmarks/RESULTS.md (benchmarks/run_all.py; DEVICE=cuda on a GPU machine,
+# NOTE="..." is recorded with every result). bench-quick: the same with small counts.
+.PHONY: bench bench-quick
+DEVICE ?= auto
+NOTE ?=
+bench: setup
+	$(BIN)/python benchmarks/run_all.py --device $(DEVICE) --note "$(NOTE)"
+
+bench-quick: setup
+	$(BIN)/python benchmarks/run_all.py --quick --device $(DEVICE) --note "$(NOTE)"
+
 # Reproduce the shipped default model (see weights/pixelllm-tiny/MODEL_CARD.md).
 train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage2.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_dense.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json
@@ -62,3 +75,18 @@ browser-deps:
 	@if (command -v chromium && command -v chromedriver) >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium chromium-driver; \
 	else echo "chromium/chromedriver missing and not root: the browser tests will be skipped"; fi
+
+# Container images (README "Docker"): podman where installed (no daemon needed), else docker.
+DOCKER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+DOCKER_IMAGE ?= pixelllm:cpu
+# extra `build` flags, e.g. a local base image where no registry can be reached (README "Docker")
+DOCKER_BUILD_FLAGS ?=
+
+# BUILDAH_FORMAT=docker: podman's default OCI format drops the HEALTHCHECK (docker ignores the variable).
+docker-build:
+	BUILDAH_FORMAT=docker $(DOCKER) build $(DOCKER_BUILD_FLAGS) -f docker/Dockerfile -t $(DOCKER_IMAGE) .
+
+# Build, run read-only, query /healthz and /v1/caption, stop: tests/test_docker.py (skips, saying why, without
+# a working engine).
+docker-test: setup
+	DOCKER=$(DOCKER) DOCKER_IMAGE=$(DOCKER_IMAGE) $(BIN)/pytest -q -m slow tests/test_docker.py
