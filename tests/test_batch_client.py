@@ -121,8 +121,9 @@ def test_api_key_from_the_environment(
 
 
 def test_sigkill_midway_then_rerun_writes_every_id_once(
-    flaky_service, images: Path, tmp_path: Path, capsys, caplog
+    flaky_service, images: Path, tmp_path: Path, capsys, caplog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("PIXELLLM_API_KEY", KEY)
     out, ids = tmp_path / "out.jsonl", IDS[:20]
     pattern = str(images / "img_[01]?.png")  # a glob: the first 20 images
     args = [pattern, "-o", str(out), "--server", flaky_service.url, "--concurrency", "2", "--retries", "10"]

@@ -143,3 +143,10 @@ def test_every_preset_trainable_set_follows_its_config(preset, request):
     with torch.device("meta"):
         assert numel(model.image_encoder.eva) == numel(peer_eva(cfg))
         assert numel(model.image_encoder.sam) == numel(peer_sam(cfg, cfg.image_size).image_encoder)
+
+
+@pytest.mark.parametrize("preset", ["pixelllm-tiny", "pixelllm-base", "pixelllm-t5xl"])
+def test_every_preset_builds_on_meta(preset):
+    """No module computes from its own parameters at construction (a meta tensor has no values)."""
+    model = build_pixelllm(preset, device="meta")
+    assert all(p.device.type == "meta" for p in model.parameters())

@@ -7,6 +7,8 @@ then captioned as a region (`"an object of "` prompt), as the paper does after i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -29,7 +31,7 @@ class ProposalHead(nn.Module):
         )
         self.objectness = nn.Conv2d(cfg.hidden_dim, 1, 1)
         self.edges = nn.Conv2d(cfg.hidden_dim, 4, 1)
-        nn.init.constant_(self.objectness.bias, -torch.log(torch.tensor((1 - PRIOR) / PRIOR)).item())
+        nn.init.constant_(self.objectness.bias, -math.log((1 - PRIOR) / PRIOR))
 
     def forward(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused features (B, C, h, w) -> objectness logits (B, h, w) and edge distances (B, 4, h, w).
