@@ -136,7 +136,7 @@ class Predictor:
     ) -> list[Caption]:
         """Caption many (image embedding, optional box or point) pairs in one batched forward pass."""
         prompts = self._location_prompts(embeddings, boxes, points)
-        features = ImageFeatures.cat([e.features for e in embeddings])
+        features, prompts.image_index = self._distinct(embeddings)
         outputs = self.model.generate(features, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
 
@@ -265,8 +265,8 @@ class Predictor:
             if not text or not text.strip():
                 raise ValueError(f"texts[{i}] is empty")
         cfg = self.model.cfg
-        prompts = Prompts(texts=[cfg.localize_prompt + t for t in texts])
-        features = ImageFeatures.cat([e.features for e in embeddings])
+        features, image_index = self._distinct(embeddings)
+        prompts = Prompts(texts=[cfg.localize_prompt + t for t in texts], image_index=image_index)
         outputs = self.model.localize(features, prompts, list(texts))
         results = []
         for g, text, emb in zip(outputs, texts, embeddings):
@@ -279,12 +279,20 @@ class Predictor:
             model_boxes = torch.from_numpy(
                 np.stack([emb.transform.to_model(np.array(r.box)) for r, emb in zip(results, embeddings)])
             ).to(self.model.device)
-            logits = self.model.masks(features, model_boxes)
+            logits = self.model.masks(features[image_index], model_boxes)
             for r, emb, m in zip(results, embeddings, logits):
                 r.mask = emb.transform.mask_from_model(m)
         return results
 
     # ------------------------------------------------------------------ helpers
+    def _distinct(self, embeddings: Sequence[ImageEmbedding]) -> tuple[ImageFeatures, torch.Tensor]:
+        """The features of each distinct embedding once (U, ...) and the embedding of each prompt (B,)."""
+        slot: dict[int, int] = {}
+        index = [slot.setdefault(id(e), len(slot)) for e in embeddings]
+        distinct = list({id(e): e for e in embeddings}.values())
+        features = ImageFeatures.cat([e.features for e in distinct])
+        return features, torch.tensor(index, device=self.model.device)
+
     def _location_prompts(
         self,
         embeddings: Sequence[ImageEmbedding],

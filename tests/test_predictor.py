@@ -244,3 +244,26 @@ def test_image_inputs_and_state(tiny_model):
     p.reset_image()
     with pytest.raises(RuntimeError):
         p.localize("the red circle")
+
+
+def test_prompts_sharing_images_equal_one_call_each(tiny_model):
+    """Interleaved prompts on two images (each image's features computed once) answer as separate calls do."""
+    from pixelllm.data.synthetic import generate_scene
+
+    predictor = Predictor(tiny_model)
+    a, b = (predictor.embed(generate_scene(s).image) for s in (11, 12))
+    embeddings = [a, b, a, b, a]
+    boxes = [(5, 5, 60, 60), None, (10, 20, 90, 70), (0, 0, 40, 30), None]
+    features, index = predictor._distinct(embeddings)
+    assert features.fused.shape[0] == 2 and index.tolist() == [0, 1, 0, 1, 0]
+    together = predictor.caption_embeddings(embeddings, boxes, max_new_tokens=6)
+    for emb, box, caption in zip(embeddings, boxes, together):
+        alone = predictor.caption_embeddings([emb], [box], max_new_tokens=6)[0]
+        assert caption.text == alone.text
+        np.testing.assert_allclose([w.box for w in caption.words], [w.box for w in alone.words], atol=1e-3)
+    texts = ["the red circle", "a blue star", "the green square", "the red circle", "a star"]
+    located = predictor.localize_embeddings(embeddings, texts, mask=True)
+    for emb, text, loc in zip(embeddings, texts, located):
+        alone = predictor.localize_embeddings([emb], [text], mask=True)[0]
+        np.testing.assert_allclose(loc.box, alone.box, atol=1e-3)
+        assert (loc.mask != alone.mask).mean() < 0.001

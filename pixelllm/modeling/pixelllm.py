@@ -46,13 +46,18 @@ class ImageFeatures:
 
 @dataclass
 class Prompts:
-    """Per-sample prompts of a batch. Boxes (B, 4) and points (B, 2) are in model-input pixels."""
+    """Per-sample prompts of a batch. Boxes (B, 4) and points (B, 2) are in model-input pixels.
+
+    `image_index` (B,) names the image (a row of the features) each prompt reads, so many prompts can share
+    one image's features; default: prompt i reads image i.
+    """
 
     texts: list[str]
     boxes: torch.Tensor | None = None
     box_mask: torch.Tensor | None = None
     points: torch.Tensor | None = None
     point_mask: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
 
 
 class PixelLLM(nn.Module):
@@ -117,15 +122,14 @@ class PixelLLM(nn.Module):
 
     def encode_prompts(self, features: ImageFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """-> T5 encoder states (B, Q+P, D) and mask (B, Q+P)."""
-        b = features.fused.shape[0]
         location = self.prompt_encoder(
             boxes=_opt(prompts.boxes, self.dtype),
             box_mask=prompts.box_mask,
             points=_opt(prompts.points, self.dtype),
             point_mask=prompts.point_mask,
-            batch_size=b,
+            batch_size=len(prompts.texts),
         )
-        visual = self.extractor(features.fused, location)
+        visual = self.extractor(features.fused, location, prompts.image_index)
         ids, mask = self.tokenize_prompts(prompts.texts)
         return self.language_model.encode(visual, ids, mask)
 
