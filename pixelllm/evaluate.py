@@ -31,18 +31,15 @@ from tqdm import tqdm
 from .data.narratives import read_narratives, token_targets, word_locations
 from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
-from .dense_eval import DensePrediction, DenseTruth, densecap_map, object_recall
+from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
 from .predictor import DENSE_SCORE_THRESHOLD, Predictor
 
 log = logging.getLogger(__name__)
 
 
 def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    """IoU of two boxes x0, y0, x1, y1."""
+    return float(box_iou_matrix(a, b)[0, 0])
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -159,8 +156,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         s, c = _trace_point_l1(predictor, emb, scene)
         l1_sum, l1_count = l1_sum + s, l1_count + c
         if dense:
-            predictor.embedding = emb
-            regions = predictor.dense_caption(score_threshold=0.05)
+            regions = predictor.dense_caption_embeddings([emb], score_threshold=0.05)[0]
             dense_predictions.append(
                 DensePrediction(
                     boxes=np.array([r.box for r in regions], np.float64).reshape(-1, 4),
