@@ -269,3 +269,10 @@ def test_retry_delay_honors_retry_after_with_jitter() -> None:
     delays = [retry_delay(2, None, options, rng) for _ in range(100)]
     assert all(1.0 <= d <= 2.0 for d in delays) and len(set(delays)) > 90  # 0.5 * 2**2, jittered
     assert all(2.0 <= retry_delay(10, None, options, rng) <= 4.0 for _ in range(100))  # capped
+
+
+def test_batch_client_starts_without_loading_torch():
+    """The HTTP-only client must not pay for importing the model stack."""
+    code = "import sys, pixelllm.batch, pixelllm.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
