@@ -30,7 +30,19 @@ _EXPORTS = {
     "Tokenizer": ".tokenizer",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "build_pixelllm",
+    "list_presets",
+    "PixelLLM",
+    "PixelLLMConfig",
+    "Predictor",
+    "Caption",
+    "Localization",
+    "Region",
+    "Word",
+    "ImageEmbedding",
+    "Tokenizer",
+]
 
 
 def __getattr__(name: str) -> Any:
