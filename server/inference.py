@@ -57,6 +57,7 @@ def load_predictor(settings: Settings) -> tuple[Any, str]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=getattr(torch, settings.dtype)).eval()
+    model.set_lora_merged(True)  # the service only infers: fold LoRA into the base weights once
     logger.info("loaded model %s from %s on %s (%s)", model.name, spec, device, settings.dtype)
     return Predictor(model), model.name
 
