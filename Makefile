@@ -60,8 +60,6 @@ bench-quick: setup
 # Reproduce the shipped default model (see weights/pixelllm-tiny/MODEL_CARD.md).
 train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny.json
-	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage2.json
-	$(BIN)/pixelllm train pixelllm/configs/train/tiny_dense.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json

@@ -44,7 +44,15 @@ class FrozenBlockConfig:
 
 @dataclass
 class ExtractorConfig:
-    """Prompt feature extractor: learnable queries + prompt tokens through SAM's TwoWayTransformer."""
+    """Prompt feature extractor: learnable queries + prompt tokens through SAM's TwoWayTransformer.
+
+    `anchor_grid` g > 0 anchors the first g*g queries on a g x g grid inside the prompt's box (the whole image
+    without a prompt, a box of `point_anchor_size` x the image side around a point prompt): each such query
+    starts from the fused features sampled at its anchor plus the anchor's position encoding and keeps its
+    own content through the first self-attention, and one more visual token is made from all the samples
+    (the layout inside the box). 0 is the paper's free queries. `scripts/extractor_probe.py` shows why the
+    CPU-trained `pixelllm-tiny` needs anchors.
+    """
 
     num_queries: int = 32
     width: int = 512
@@ -52,6 +60,15 @@ class ExtractorConfig:
     num_heads: int = 8
     mlp_dim: int = 2048
     query_dim: int = 1024
+    anchor_grid: int = 0
+    point_anchor_size: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.anchor_grid**2 > self.num_queries:
+            raise ValueError(
+                f"extractor.anchor_grid {self.anchor_grid} needs {self.anchor_grid**2} queries, "
+                f"but num_queries is {self.num_queries}"
+            )
 
 
 @dataclass

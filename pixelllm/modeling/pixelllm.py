@@ -82,7 +82,7 @@ class PixelLLM(nn.Module):
         self.prompt_encoder = LocationPromptEncoder(cfg.sam.out_chans, self.image_encoder.sam_grid, cfg.image_size)
         self.language_model = LanguageModel(cfg.language_model, t5)
         lm_dim = self.language_model.dim
-        self.extractor = PromptFeatureExtractor(cfg.extractor, fused_dim, cfg.sam.out_chans, lm_dim)
+        self.extractor = PromptFeatureExtractor(cfg.extractor, fused_dim, cfg.sam.out_chans, lm_dim, cfg.image_size)
         self.point_head = PointHead(cfg.point_head, lm_dim)
         self.mask_head = MaskHead(cfg.mask_decoder, cfg.sam.out_chans)
         self.proposal_head = ProposalHead(cfg.proposal_head, fused_dim) if cfg.proposal_head is not None else None
@@ -129,7 +129,17 @@ class PixelLLM(nn.Module):
             point_mask=prompts.point_mask,
             batch_size=len(prompts.texts),
         )
-        visual = self.extractor(features.fused, location, prompts.image_index)
+        anchors = None
+        if self.cfg.extractor.anchor_grid:
+            anchors = self.prompt_encoder.anchor_boxes(
+                self.cfg.extractor.point_anchor_size,
+                boxes=prompts.boxes,
+                box_mask=prompts.box_mask,
+                points=prompts.points,
+                point_mask=prompts.point_mask,
+                batch_size=len(prompts.texts),
+            )
+        visual = self.extractor(features.fused, location, self.prompt_encoder.pe_layer, anchors, prompts.image_index)
         ids, mask = self.tokenize_prompts(prompts.texts)
         return self.language_model.encode(visual, ids, mask)
 
@@ -281,8 +291,8 @@ class PixelLLM(nn.Module):
         """Object proposals per image: boxes (N, 4) in model-input pixels and scores (N,), best first."""
         if self.proposal_head is None:
             raise RuntimeError(
-                f"model {self.name!r} has no proposal head, so it cannot dense-caption: train one with a config "
-                'that has a "proposal_head" section (e.g. pixelllm/configs/train/tiny_dense.json)'
+                f"model {self.name!r} has no proposal head, so it cannot dense-caption: train it on with a training "
+                'config whose "model" preset has a "proposal_head" section and whose "init_from" names this model'
             )
         found = self.proposal_head.propose(features.fused, score_threshold, nms_iou, max_proposals)
         return [(boxes * self.cfg.image_size, scores) for boxes, scores in found]

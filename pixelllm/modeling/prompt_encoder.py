@@ -41,21 +41,44 @@ class LocationPromptEncoder(nn.Module):
             points: (B, 2) x, y in model-input pixels; used where `point_mask` (B,) is True.
             batch_size: B when neither boxes nor points are given.
         """
-        ref = boxes if boxes is not None else points
-        b = ref.shape[0] if ref is not None else batch_size
+        b = _batch_size(boxes, points, batch_size)
         out = self.no_prompt.expand(b, -1, -1).clone()
-        if boxes is not None:
-            mask = box_mask if box_mask is not None else torch.ones(b, dtype=torch.bool, device=boxes.device)
-            if mask.any():
-                sparse, _ = self.sam(points=None, boxes=boxes[mask], masks=None)
-                out[mask] = sparse.to(out.dtype)
-        if points is not None:
-            mask = point_mask if point_mask is not None else torch.ones(b, dtype=torch.bool, device=points.device)
-            if mask.any():
-                coords = points[mask].unsqueeze(1)
-                labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
-                sparse, _ = self.sam(points=(coords, labels), boxes=None, masks=None)
-                out[mask] = sparse.to(out.dtype)
+        mask = _where(box_mask, boxes, b)
+        if mask is not None and mask.any():
+            sparse, _ = self.sam(points=None, boxes=boxes[mask], masks=None)
+            out[mask] = sparse.to(out.dtype)
+        mask = _where(point_mask, points, b)
+        if mask is not None and mask.any():
+            coords = points[mask].unsqueeze(1)
+            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+            sparse, _ = self.sam(points=(coords, labels), boxes=None, masks=None)
+            out[mask] = sparse.to(out.dtype)
+        return out
+
+    def anchor_boxes(
+        self,
+        point_box_size: float,
+        boxes: torch.Tensor | None = None,
+        box_mask: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        point_mask: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """The box (B, 4) in model-input pixels each prompt's anchored queries tile: the box prompt; a square of
+        `point_box_size` x the image side centred on a point prompt; the whole image without a prompt (the
+        paper's global box)."""
+        b = _batch_size(boxes, points, batch_size)
+        size = self.sam.input_image_size[0]
+        ref = boxes if boxes is not None else points
+        device = ref.device if ref is not None else self.no_prompt.device
+        out = torch.tensor([0.0, 0.0, size, size], device=device).repeat(b, 1)
+        mask = _where(box_mask, boxes, b)
+        if mask is not None:
+            out[mask] = boxes[mask].float()
+        mask = _where(point_mask, points, b)
+        if mask is not None:
+            half = point_box_size * size / 2
+            out[mask] = torch.cat([points[mask] - half, points[mask] + half], dim=-1).float()
         return out
 
     def box_prompt_for_masks(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,3 +88,20 @@ class LocationPromptEncoder(nn.Module):
     def dense_pe(self) -> torch.Tensor:
         """(1, C, h, w) positional encoding of SAM's feature grid."""
         return self.sam.get_dense_pe()
+
+    @property
+    def pe_layer(self) -> nn.Module:
+        """SAM's Fourier position encoding of the prompts, shared with the feature extractor."""
+        return self.sam.pe_layer
+
+
+def _batch_size(boxes: torch.Tensor | None, points: torch.Tensor | None, batch_size: int | None) -> int:
+    ref = boxes if boxes is not None else points
+    return ref.shape[0] if ref is not None else batch_size
+
+
+def _where(mask: torch.Tensor | None, values: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """Which rows of `values` hold a prompt (all of them when `mask` is None); None without `values`."""
+    if values is None:
+        return None
+    return mask if mask is not None else torch.ones(b, dtype=torch.bool, device=values.device)
