@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from segment_anything.modeling import TwoWayTransformer
 
 from pixelllm import build_pixelllm
 from pixelllm.config import ExtractorConfig, load_config
-from pixelllm.modeling.feature_extractor import PromptFeatureExtractor, anchor_grid_points
+from pixelllm.modeling.feature_extractor import PromptFeatureExtractor, anchor_grid_points, two_way_forward
 from pixelllm.modeling.prompt_encoder import LocationPromptEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,6 +17,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_anchor_grid_points_tile_the_box_row_major():
     points = anchor_grid_points(torch.tensor([[10.0, 20.0, 50.0, 40.0]]), grid=2)
     assert torch.equal(points, torch.tensor([[[20.0, 25.0], [40.0, 25.0], [20.0, 35.0], [40.0, 35.0]]]))
+
+
+@pytest.mark.parametrize("skip_first_layer_pe", [True, False])
+@pytest.mark.parametrize("image_index", [None, [0, 0, 0], [1, 0, 1, 1]])
+def test_two_way_forward_matches_sam_with_images_shared_by_prompts(skip_first_layer_pe, image_index):
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=32, num_heads=4, mlp_dim=64).eval()
+    transformer.layers[0].skip_first_layer_pe = skip_first_layer_pe
+    num_images = 3 if image_index is None else max(image_index) + 1
+    index = None if image_index is None else torch.tensor(image_index)
+    images = torch.randn(num_images, 32, 5, 6)
+    pe = torch.randn(1, 32, 5, 6)
+    tokens = torch.randn(num_images if index is None else len(index), 7, 32)
+    per_prompt = images if index is None else images[index]
+    expected, _ = transformer(per_prompt, pe.expand(len(per_prompt), -1, -1, -1), tokens)
+    got = two_way_forward(transformer, images.flatten(2).transpose(1, 2), pe.flatten(2).transpose(1, 2), tokens, index)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_anchor_boxes_follow_the_prompt_kind():
@@ -62,7 +80,8 @@ def test_anchored_queries_read_the_cells_under_their_anchors():
     assert base.shape == (1, 5, 24)  # 4 queries + the layout token
 
     captured = []
-    hook = extractor.transformer.register_forward_hook(lambda m, args, out: captured.append(args[2]))
+    value_proj = extractor.transformer.layers[0].self_attn.v_proj  # its input: the tokens entering the transformer
+    hook = value_proj.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     extractor(features, tokens, encoder.pe_layer, box)
     far = features.clone()
     far[..., 6:, 6:] += 5.0  # bottom-right cells, outside the box

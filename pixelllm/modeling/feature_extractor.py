@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import TwoWayTransformer
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
+from segment_anything.modeling.transformer import Attention
 from torch import nn
 
 from ..config import ExtractorConfig
@@ -22,6 +23,78 @@ def anchor_grid_points(boxes: torch.Tensor, grid: int) -> torch.Tensor:
     gy, gx = torch.meshgrid(steps, steps, indexing="ij")
     unit = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
     return boxes[:, None, :2] + unit[None] * (boxes[:, None, 2:] - boxes[:, None, :2])
+
+
+def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's `Attention` after its input projections, through `scaled_dot_product_attention`.
+
+    q (B, Nq, C_int), k and v (B, Nk, C_int), already projected -> (B, Nq, C).
+    """
+    heads = attn.num_heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def _attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's `Attention.forward`: q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C)."""
+    return _attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v))
+
+
+def two_way_forward(
+    transformer: TwoWayTransformer,
+    image: torch.Tensor,
+    image_pe: torch.Tensor,
+    tokens: torch.Tensor,
+    image_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SAM's `TwoWayTransformer.forward` for many prompts per image; returns the processed tokens (B, T, C).
+
+    Until the first layer updates the image tokens they are the image's own, so that layer's key, value and
+    image-side query projections run once per image (U) instead of once per prompt (B), and the attention
+    runs through `scaled_dot_product_attention`. Same arithmetic as SAM's modules, same weights.
+
+    Args:
+        image: image tokens (U, N, C).
+        image_pe: their position encoding (1, N, C).
+        tokens: prompt tokens (B, T, C), also their own position encoding (as in SAM).
+        image_index: (B,) the image each prompt reads; default: the i-th (U == B).
+    """
+
+    def per_prompt(t: torch.Tensor) -> torch.Tensor:
+        if image_index is None:
+            return t
+        return t.expand(len(image_index), -1, -1) if t.shape[0] == 1 else t[image_index]
+
+    queries, keys = tokens, None
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = _attention(layer.self_attn, queries, queries, queries)
+        else:
+            q = queries + tokens
+            queries = queries + _attention(layer.self_attn, q, q, queries)
+        queries = layer.norm1(queries)
+
+        to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        source = image if keys is None else keys
+        positioned = source + image_pe
+        image_k, image_v = to_image.k_proj(positioned), to_image.v_proj(source)
+        image_q = to_token.q_proj(positioned)
+        if keys is None:
+            image_k, image_v, image_q, source = map(per_prompt, (image_k, image_v, image_q, source))
+
+        queries = layer.norm2(queries + _attend(to_image, to_image.q_proj(queries + tokens), image_k, image_v))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q = queries + tokens
+        keys = layer.norm4(source + _attend(to_token, image_q, to_token.k_proj(q), to_token.v_proj(queries)))
+
+    keys = per_prompt(image) if keys is None else keys
+    final = transformer.final_attn_token_to_image
+    queries = queries + _attention(final, queries + tokens, keys + image_pe, keys)
+    return transformer.norm_final_attn(queries)
 
 
 class PromptFeatureExtractor(nn.Module):
@@ -80,9 +153,7 @@ class PromptFeatureExtractor(nn.Module):
         # SAM's attention adds the encoding to keys only; adding it to the features too puts absolute
         # position into the values the queries read, which the coordinates regressed later need.
         x = x + pe
-        if image_index is not None:
-            x = x[image_index]
-        b = x.shape[0]
+        b = prompt_tokens.shape[0]
         queries = self.queries.expand(b, -1, -1)
         layout = None
         if self.anchor_grid:
@@ -90,13 +161,15 @@ class PromptFeatureExtractor(nn.Module):
                 raise ValueError("an extractor with anchor_grid > 0 needs anchor_boxes")
             queries = queries.clone()
             points = anchor_grid_points(anchor_boxes.to(x.dtype), self.anchor_grid)
-            sampled = F.grid_sample(x, (points / self.image_size * 2 - 1).unsqueeze(2), align_corners=False)
+            grid = (points / self.image_size * 2 - 1).unsqueeze(2)
+            sampled = F.grid_sample(x if image_index is None else x[image_index], grid, align_corners=False)
             anchor_pe = self.prompt_proj(pe_layer.forward_with_coords(points, (self.image_size, self.image_size)))
             sampled = sampled.squeeze(-1).transpose(1, 2)  # (B, g*g, width)
             n = points.shape[1]
             queries[:, :n] = queries[:, :n] + sampled + anchor_pe.to(x.dtype)
             layout = self.layout_proj(sampled.flatten(1)).unsqueeze(1)
         tokens = torch.cat([queries, self.prompt_proj(prompt_tokens)], dim=1)
-        out, _ = self.transformer(x, pe.expand(b, -1, -1, -1), tokens)
+        image, image_pe = (t.flatten(2).transpose(1, 2) for t in (x, pe))
+        out = two_way_forward(self.transformer, image, image_pe, tokens, image_index)
         visual = self.output_proj(self.query_proj(out[:, : self.num_queries]))
         return visual if layout is None else torch.cat([visual, layout], dim=1)
