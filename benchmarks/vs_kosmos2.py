@@ -3,7 +3,8 @@ from its default `Kosmos2Config()`): per-caption latency and peak memory, both w
 
 One caption = image tensor -> image encoders -> exactly `--tokens` generated tokens (greedy; PixelLLM's
 EOS logit is masked, Kosmos-2 gets min_new_tokens = max_new_tokens), batch 1, in the same dtype.
-Each model runs in its own subprocess, so each process's peak memory is that model's alone. Input sizes are
+Each model runs in its own subprocess, so each process's peak memory is that model's alone; both get their
+random weights from `common.build_random` (one fast fill instead of each library's initialisers). Input sizes are
 each model's own: 384 px for pixelllm-t5xl (SAM ViT-H + EVA02-L), 224 px for Kosmos-2 (CLIP ViT-L/14).
 
     python benchmarks/vs_kosmos2.py --quick                   # CPU, 8 tokens, one caption each, no warm-up
@@ -25,7 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, machine, no_eos, peak_memory_mb, random_pixelllm, resolve_device, sync, write_result
+from common import (
+    RESULTS_DIR,
+    build_random,
+    machine,
+    no_eos,
+    peak_memory_mb,
+    random_pixelllm,
+    resolve_device,
+    sync,
+    write_result,
+)
 
 SETTINGS = {"quick": dict(tokens=8, warmup=0, repeats=1), "full": dict(tokens=32, warmup=1, repeats=5)}
 PARAMS = {"pixelllm": 3.774e9, "kosmos2": 1.664e9}  # from a meta-device build of each
@@ -57,8 +68,7 @@ def bench_kosmos2(device: torch.device, dtype: torch.dtype, tokens: int) -> tupl
     from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
 
     config = Kosmos2Config()
-    torch.manual_seed(0)
-    model = Kosmos2ForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    model = build_random(lambda: Kosmos2ForConditionalGeneration(config)).to(device=device, dtype=dtype).eval()
     size, n_image = config.vision_config.image_size, config.latent_query_num
     pixels = torch.randn(1, 3, size, size, device=device, dtype=dtype)
     # <s> <image> 64 image positions </image> prompt, as Kosmos2Processor lays them out
