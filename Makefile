@@ -60,6 +60,7 @@ bench-quick: setup
 # Reproduce the shipped default model (see weights/pixelllm-tiny/MODEL_CARD.md).
 train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_continue.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json

@@ -87,6 +87,22 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "pixelllm/configs/train").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_training_configs_parse(path):
+    cfg = TrainConfig.from_json(path)
+    assert cfg.steps > 0 and cfg.batch_size > 0 and sum(cfg.tasks.values()) > 0
+
+
+def test_default_model_recipe_continues_from_its_first_stage():
+    """`make train-default`: tiny_continue.json starts from the model tiny.json saves, on other scenes."""
+    first = TrainConfig.from_json(REPO / "pixelllm/configs/train/tiny.json")
+    second = TrainConfig.from_json(REPO / "pixelllm/configs/train/tiny_continue.json")
+    assert second.init_from == f"{first.out_dir}/final" and second.out_dir != first.out_dir
+    assert {s.seed for s in first.sources}.isdisjoint({s.seed for s in second.sources})
+    makefile = (REPO / "Makefile").read_text()
+    assert makefile.index("configs/train/tiny.json") < makefile.index("configs/train/tiny_continue.json")
+
+
 def test_paper_recipe_runs_its_code_path_at_tiny_scale(tmp_path):
     recipe = TrainConfig.from_json(REPO / "pixelllm/configs/train/t5xl_ln_coco.json")
     assert (recipe.model, recipe.batch_size, recipe.steps, recipe.lr, recipe.warmup_steps) == (
