@@ -36,15 +36,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from server_helpers import MAKE_MODEL, ServerProcess, metric, png, settings_env  # noqa: E402
 
 DEFAULT_WEIGHTS = ROOT / "weights" / "pixelllm-tiny"
-# Random weights. pixelllm-base ships no tokenizer (T5's is not bundled); the tiny preset's stands in.
+# Random weights (`common.random_pixelllm`: pixelllm-base ships no tokenizer, the tiny preset's stands in).
 MAKE_BASE = """
-import sys, torch
-from pixelllm import build_pixelllm
-from pixelllm.build import default_tokenizer
-from pixelllm.config import load_config
-torch.manual_seed(0)
-model = build_pixelllm("pixelllm-base", tokenizer=default_tokenizer(load_config("pixelllm-tiny")))
-model.save_pretrained(sys.argv[1])
+import sys
+sys.path.insert(0, "benchmarks")
+from common import random_pixelllm
+random_pixelllm("pixelllm-base").save_pretrained(sys.argv[1])
 """
 # requests per round at each client count; rounds alternate the order of the client counts
 COUNTS = {
