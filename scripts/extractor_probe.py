@@ -21,6 +21,7 @@ from pixelllm.build import build_pixelllm
 from pixelllm.config import load_config
 from pixelllm.data.independent import render_independent_scene
 from pixelllm.data.synthetic import SHAPES, generate_scene
+from pixelllm.modeling.pixelllm import Prompts
 from pixelllm.transforms import preprocess
 
 
@@ -49,10 +50,7 @@ def probe(anchor_grid: int, train, held_out, steps: int, batch_size: int, seed: 
     def logits(batch) -> torch.Tensor:
         images = torch.stack([b[0] for b in batch])
         boxes = torch.tensor(np.stack([b[1] for b in batch]), dtype=torch.float32).clamp(0, s)
-        fused, _ = model.image_encoder(images)
-        tokens = model.prompt_encoder(boxes=boxes)
-        anchors = model.prompt_encoder.anchor_boxes(cfg.extractor.point_anchor_size, boxes=boxes)
-        visual = model.extractor(fused, tokens, model.prompt_encoder.pe_layer, anchors)
+        visual = model.visual_tokens(model.encode_images(images), Prompts(texts=[""] * len(batch), boxes=boxes))
         return head(visual.flatten(1))
 
     rng = np.random.default_rng(seed)

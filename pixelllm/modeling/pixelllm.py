@@ -120,26 +120,22 @@ class PixelLLM(nn.Module):
         seqs = [tok.encode(t, add_eos=False)[: limit - 1] + [EOS_ID] for t in texts]
         return _pad(seqs, PAD_ID, self.device)
 
-    def encode_prompts(self, features: ImageFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> T5 encoder states (B, Q+P, D) and mask (B, Q+P)."""
-        location = self.prompt_encoder(
-            boxes=_opt(prompts.boxes, self.dtype),
-            box_mask=prompts.box_mask,
-            points=_opt(prompts.points, self.dtype),
-            point_mask=prompts.point_mask,
-            batch_size=len(prompts.texts),
-        )
+    def visual_tokens(self, features: ImageFeatures, prompts: Prompts) -> torch.Tensor:
+        """The location prompts read the image: visual tokens (B, Q, D), (B, Q + 1, D) with anchored queries."""
+        masks = dict(box_mask=prompts.box_mask, point_mask=prompts.point_mask, batch_size=len(prompts.texts))
         anchors = None
         if self.cfg.extractor.anchor_grid:
             anchors = self.prompt_encoder.anchor_boxes(
-                self.cfg.extractor.point_anchor_size,
-                boxes=prompts.boxes,
-                box_mask=prompts.box_mask,
-                points=prompts.points,
-                point_mask=prompts.point_mask,
-                batch_size=len(prompts.texts),
+                self.cfg.extractor.point_anchor_size, boxes=prompts.boxes, points=prompts.points, **masks
             )
-        visual = self.extractor(features.fused, location, self.prompt_encoder.pe_layer, anchors, prompts.image_index)
+        tokens = self.prompt_encoder(
+            boxes=_opt(prompts.boxes, self.dtype), points=_opt(prompts.points, self.dtype), **masks
+        )
+        return self.extractor(features.fused, tokens, self.prompt_encoder.pe_layer, anchors, prompts.image_index)
+
+    def encode_prompts(self, features: ImageFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> T5 encoder states (B, Q+P, D) and mask (B, Q+P)."""
+        visual = self.visual_tokens(features, prompts)
         ids, mask = self.tokenize_prompts(prompts.texts)
         return self.language_model.encode(visual, ids, mask)
 
