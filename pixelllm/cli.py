@@ -111,7 +111,7 @@ def cmd_localize(args) -> None:
     p = _predictor(args)
     p.set_image(image)
     try:
-        result = p.localize(args.text, mask=args.mask)
+        result = p.localize(args.text, mask=args.mask, refine=not args.no_refine)
     except ValueError as e:
         raise CLIError(str(e)) from None
     _print_result(result, args.json)
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("text")
     p.add_argument("--mask", action="store_true", help="also predict a segmentation mask")
+    p.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="answer the point head's own box instead of the nearest object proposal (models with a proposal head)",
+    )
     model_args(p)
     p.set_defaults(func=cmd_localize)
 

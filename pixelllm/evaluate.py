@@ -1,7 +1,9 @@
 """Evaluation on held-out scenes: `pixelllm eval --model DIR [--data DIR | --num-scenes N --seed S]`.
 
 Metrics (written as JSON):
-- referring: Acc@0.5 and mean IoU of the localized box; mask IoU of the predicted mask;
+- referring: Acc@0.5 and mean IoU of the localized box; mask IoU of the predicted mask; as `Predictor.localize`
+  answers by default (box refined with the nearest object proposal, for models with a proposal head) and,
+  suffixed `_regressed`, with the point head's own box;
 - region captions: share whose color and shape words are right (prompted with the object's box, and with
   a point inside the object);
 - caption word points: share of objects whose shape word in the generated caption has its point inside
@@ -110,7 +112,8 @@ def _trace_point_l1(predictor: Predictor, emb, scene: Scene) -> tuple[float, int
 
 
 def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = None) -> dict:
-    stats = {k: [] for k in ("ref_iou", "ref_hit", "mask_iou", "region_box", "region_point", "word_point")}
+    keys = ("ref_iou", "ref_hit", "mask_iou", "ref_iou_regressed", "ref_hit_regressed", "mask_iou_regressed")
+    stats = {k: [] for k in keys + ("region_box", "region_point", "word_point")}
     l1_sum, l1_count = 0.0, 0
     references, candidates = {}, {}
     dense_predictions, dense_truths = [], []
@@ -120,12 +123,14 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         emb = predictor.embed(scene.image)
         objs = scene.objects
         # referring localization + segmentation
-        locs = predictor.localize_embeddings([emb] * len(objs), [o.referring for o in objs], mask=True)
-        for o, loc in zip(objs, locs):
-            iou = box_iou(loc.box, o.box)
-            stats["ref_iou"].append(iou)
-            stats["ref_hit"].append(iou >= 0.5)
-            stats["mask_iou"].append(mask_iou(loc.mask, o.mask))
+        texts = [o.referring for o in objs]
+        for suffix, refine in (("", True), ("_regressed", False)):
+            locs = predictor.localize_embeddings([emb] * len(objs), texts, mask=True, refine=refine)
+            for o, loc in zip(objs, locs):
+                iou = box_iou(loc.box, o.box)
+                stats["ref_iou" + suffix].append(iou)
+                stats["ref_hit" + suffix].append(iou >= 0.5)
+                stats["mask_iou" + suffix].append(mask_iou(loc.mask, o.mask))
         # region captions from the box and from a point inside the object
         points = []
         for o in objs:
@@ -171,6 +176,9 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         "referring_acc@0.5": float(np.mean(stats["ref_hit"])),
         "referring_mean_iou": float(np.mean(stats["ref_iou"])),
         "mask_iou": float(np.mean(stats["mask_iou"])),
+        "referring_acc@0.5_regressed": float(np.mean(stats["ref_hit_regressed"])),
+        "referring_mean_iou_regressed": float(np.mean(stats["ref_iou_regressed"])),
+        "mask_iou_regressed": float(np.mean(stats["mask_iou_regressed"])),
         "region_caption_acc_box": float(np.mean(stats["region_box"])),
         "region_caption_acc_point": float(np.mean(stats["region_point"])),
         "caption_word_point_acc": float(np.mean(stats["word_point"])),

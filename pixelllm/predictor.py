@@ -43,11 +43,15 @@ class Caption:
 
 @dataclass
 class Localization:
+    """Where a text is. `box` is the object proposal nearest the point head's own box when the localization was
+    refined (`regressed_box` then keeps the point head's box), else the point head's box."""
+
     text: str
     box: Box
     score: float
     words: list[Word]
     mask: np.ndarray | None = field(default=None, repr=False)
+    regressed_box: Box | None = None
 
 
 @dataclass
@@ -248,19 +252,24 @@ class Predictor:
         return regions
 
     # ------------------------------------------------------------------ localization
-    def localize(self, text: str, mask: bool = False) -> Localization:
-        """Find what `text` refers to: its box (and mask), and a location for each of its words."""
-        return self.localize_embeddings([self._current()], [text], mask)[0]
+    def localize(self, text: str, mask: bool = False, refine: bool = True) -> Localization:
+        """Find what `text` refers to: its box (and mask), and a location for each of its words.
 
-    def localize_batch(self, texts: Sequence[str], mask: bool = False) -> list[Localization]:
+        With `refine` and a model that has a proposal head, the point head's box is replaced by the nearest
+        object proposal (centre distance; objectness >= `DENSE_SCORE_THRESHOLD`): the language model picks
+        the object, the proposal head draws its box. The point head's box stays in `regressed_box`.
+        """
+        return self.localize_embeddings([self._current()], [text], mask, refine)[0]
+
+    def localize_batch(self, texts: Sequence[str], mask: bool = False, refine: bool = True) -> list[Localization]:
         emb = self._current()
-        return self.localize_embeddings([emb] * len(texts), texts, mask)
+        return self.localize_embeddings([emb] * len(texts), texts, mask, refine)
 
     @torch.no_grad()
     def localize_embeddings(
-        self, embeddings: Sequence[ImageEmbedding], texts: Sequence[str], mask: bool = False
+        self, embeddings: Sequence[ImageEmbedding], texts: Sequence[str], mask: bool = False, refine: bool = True
     ) -> list[Localization]:
-        """Localize texts[i] in embeddings[i], all in one batched forward pass."""
+        """Localize texts[i] in embeddings[i], all in one batched forward pass (see `localize`)."""
         for i, text in enumerate(texts):
             if not text or not text.strip():
                 raise ValueError(f"texts[{i}] is empty")
@@ -275,6 +284,19 @@ class Predictor:
             words = _group_words(text, offsets[:n], g.corners[:n], g.confidence[:n], emb.transform)
             box = _box(g.corners[-1].cpu().numpy().reshape(4), emb.transform)
             results.append(Localization(text=text, box=box, score=float(np.exp(g.score)), words=words))
+        if refine and self.model.proposal_head is not None:
+            size = self.model.cfg.image_size
+            regressed = torch.stack([g.corners[-1].reshape(4) for g in outputs]).float()
+            lo, hi = (
+                torch.minimum(regressed[:, :2], regressed[:, 2:]),
+                torch.maximum(regressed[:, :2], regressed[:, 2:]),
+            )
+            boxes, snapped = self.model.snap_to_proposals(
+                features, torch.cat([lo, hi], dim=1) * size, image_index, DENSE_SCORE_THRESHOLD
+            )
+            for r, emb, box, s in zip(results, embeddings, (boxes / size).cpu().numpy(), snapped.tolist()):
+                if s:
+                    r.regressed_box, r.box = r.box, _box(box, emb.transform)
         if mask:
             model_boxes = torch.from_numpy(
                 np.stack([emb.transform.to_model(np.array(r.box)) for r, emb in zip(results, embeddings)])

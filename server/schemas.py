@@ -152,8 +152,9 @@ class CaptionResult(BaseModel):
 
 class Localization(BaseModel):
     text: str
-    box: Box
+    box: Box = Field(description="The object proposal nearest the point head's box, or that box (no proposal head)")
     box_norm: Box
+    regressed_box: Box | None = Field(None, description="The point head's own box, when a proposal replaced it")
     score: float
     words: list[Word]
     mask: Mask | None = None

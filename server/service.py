@@ -271,6 +271,7 @@ def _localization(loc: Any, fmt: MaskFormat | None, width: int, height: int) -> 
         text=loc.text,
         box=box,
         box_norm=box_norm,
+        regressed_box=_box(loc.regressed_box, width, height)[0] if loc.regressed_box is not None else None,
         score=_num(loc.score, 0.0, 1.0),
         words=word_results(loc.words, width, height),
         mask=mask,

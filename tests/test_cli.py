@@ -103,6 +103,8 @@ def test_eval_writes_metrics_json(capsys, tmp_path, model_dir):
         "referring_acc@0.5",
         "referring_mean_iou",
         "mask_iou",
+        "referring_acc@0.5_regressed",
+        "mask_iou_regressed",
         "region_caption_acc_box",
         "caption_word_point_acc",
     ):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -150,3 +152,53 @@ def test_dense_caption_embeddings_batch_equals_one_by_one(tiny_model):
         alone = predictor.dense_caption_embeddings([emb], score_threshold=0.0, max_regions=4)[0]
         assert [r.caption.text for r in regions] == [r.caption.text for r in alone]
         np.testing.assert_allclose([r.box for r in regions], [r.box for r in alone], atol=1e-3)
+
+
+@contextmanager
+def confident_proposals(model, shift: float = 8.0) -> Iterator[None]:
+    """Raise the random proposal head's objectness so that every peak of its map passes the thresholds."""
+    bias = model.proposal_head.objectness.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias += shift
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
+def test_snap_to_proposals_takes_the_nearest_centre(tiny_model):
+    image = torch.rand(2, 3, tiny_model.cfg.image_size, tiny_model.cfg.image_size)
+    features = tiny_model.encode_images(image)
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 30.0], [100.0, 90.0, 150.0, 160.0], [60.0, 60.0, 70.0, 70.0]])
+    image_index = torch.tensor([0, 0, 1])
+    with confident_proposals(tiny_model), torch.no_grad():
+        proposals = tiny_model.propose(features, 0.3)
+        snapped, done = tiny_model.snap_to_proposals(features, boxes, image_index, 0.3)
+    assert done.all() and all(len(candidates) >= 2 for candidates, _ in proposals)
+    for box, out, u in zip(boxes, snapped, image_index.tolist()):
+        candidates = proposals[u][0]
+        distance = ((candidates[:, :2] + candidates[:, 2:]) / 2 - (box[:2] + box[2:]) / 2).abs().sum(dim=1)
+        assert torch.equal(out, candidates[distance.argmin()])
+    with torch.no_grad():  # the random head proposes nothing at 0.3: boxes stay
+        kept, done = tiny_model.snap_to_proposals(features, boxes, image_index, 0.3)
+    assert not done.any() and torch.equal(kept, boxes)
+
+
+def test_localize_refines_the_box_with_a_proposal(tiny_model):
+    predictor = Predictor(tiny_model)
+    scene = generate_scene(5)
+    predictor.set_image(scene.image)
+    text = "the red circle"
+    plain = predictor.localize(text)  # no proposal of the random head scores 0.3: nothing to snap to
+    assert plain.regressed_box is None
+    with confident_proposals(tiny_model):
+        refined = predictor.localize(text, mask=True)
+        unrefined = predictor.localize(text, refine=False)
+        regions = predictor.dense_caption(max_regions=32)
+    assert unrefined.box == plain.box and unrefined.regressed_box is None
+    assert refined.regressed_box == pytest.approx(plain.box)
+    assert refined.box != pytest.approx(plain.box)
+    assert any(refined.box == pytest.approx(r.box) for r in regions)  # the same proposals dense captioning sees
+    assert refined.words == plain.words and refined.mask.shape == scene.image.shape[:2]

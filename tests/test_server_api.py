@@ -79,6 +79,7 @@ def test_localize_texts_and_masks(service_client: httpx.Client) -> None:
     assert one.status_code == 200, one.text
     (result,) = one.json()["results"]
     assert result["text"] == "a red circle" and result["mask"] is None
+    assert result["regressed_box"] is None  # the random proposal head proposes nothing to refine with
     check_words(result["words"], result["text"])
     assert [w["text"] for w in result["words"]] == ["a", "red", "circle"]
     assert result["box_norm"]["x0"] == pytest.approx(result["box"]["x0"] / W)

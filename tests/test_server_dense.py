@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import io
 import subprocess
 import sys
 import textwrap
 
 import httpx
 import pytest
+from PIL import Image
 from server_helpers import GRACEFUL, ROOT, assert_error, png, start_server
+
+from pixelllm.data.synthetic import generate_scene
 
 pytest_plugins = ["server_fixtures"]
 
@@ -78,3 +82,19 @@ def test_model_without_proposal_head_answers_501(tmp_path_factory: pytest.TempPa
             assert client.post("/v1/caption", files={"image": IMAGE}).status_code == 200
     finally:
         assert proc.stop() in GRACEFUL, proc.log()[-4000:]
+
+
+def test_default_model_localizes_with_a_proposal_box(trained_service) -> None:
+    """The shipped model has a proposal head: /v1/localize answers the proposal nearest its point head's box."""
+    scene = generate_scene(3)
+    image = io.BytesIO()
+    Image.fromarray(scene.image).save(image, format="PNG")
+    with httpx.Client(base_url=trained_service.url, timeout=60) as client:
+        found = client.post(
+            "/v1/localize", files={"image": image.getvalue()}, data={"text": scene.objects[0].referring}
+        )
+        dense = client.post("/v1/dense", files={"image": image.getvalue()})
+    assert found.status_code == 200 and dense.status_code == 200, (found.text, dense.text)
+    (result,) = found.json()["results"]
+    assert result["regressed_box"] is not None and result["regressed_box"] != result["box"]
+    assert any(result["box"] == pytest.approx(g["box"]) for g in dense.json()["regions"])
