@@ -286,14 +286,9 @@ class Predictor:
             results.append(Localization(text=text, box=box, score=float(np.exp(g.score)), words=words))
         if refine and self.model.proposal_head is not None:
             size = self.model.cfg.image_size
-            regressed = torch.stack([g.corners[-1].reshape(4) for g in outputs]).float()
-            lo, hi = (
-                torch.minimum(regressed[:, :2], regressed[:, 2:]),
-                torch.maximum(regressed[:, :2], regressed[:, 2:]),
-            )
-            boxes, snapped = self.model.snap_to_proposals(
-                features, torch.cat([lo, hi], dim=1) * size, image_index, DENSE_SCORE_THRESHOLD
-            )
+            # (B, 4) corners in model-input pixels; snapping reads only their centre, so their order does not matter
+            regressed = torch.stack([g.corners[-1].reshape(4) for g in outputs]).float() * size
+            boxes, snapped = self.model.snap_to_proposals(features, regressed, image_index, DENSE_SCORE_THRESHOLD)
             for r, emb, box, s in zip(results, embeddings, (boxes / size).cpu().numpy(), snapped.tolist()):
                 if s:
                     r.regressed_box, r.box = r.box, _box(box, emb.transform)
