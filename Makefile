@@ -61,6 +61,7 @@ bench-quick: setup
 train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_continue.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage3.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,14 +94,18 @@ def test_shipped_training_configs_parse(path):
     assert cfg.steps > 0 and cfg.batch_size > 0 and sum(cfg.tasks.values()) > 0
 
 
-def test_default_model_recipe_continues_from_its_first_stage():
-    """`make train-default`: tiny_continue.json starts from the model tiny.json saves, on other scenes."""
-    first = TrainConfig.from_json(REPO / "pixelllm/configs/train/tiny.json")
-    second = TrainConfig.from_json(REPO / "pixelllm/configs/train/tiny_continue.json")
-    assert second.init_from == f"{first.out_dir}/final" and second.out_dir != first.out_dir
-    assert {s.seed for s in first.sources}.isdisjoint({s.seed for s in second.sources})
+def test_default_model_recipe_chains_its_stages():
+    """`make train-default`: each stage starts from the model the one before saves, on scenes of its own."""
     makefile = (REPO / "Makefile").read_text()
-    assert makefile.index("configs/train/tiny.json") < makefile.index("configs/train/tiny_continue.json")
+    recipe = makefile[makefile.index("train-default:") :].split("\n\n")[0]
+    paths = re.findall(r"pixelllm train (\S+\.json)", recipe)
+    assert len(paths) >= 2 and paths[0].endswith("/tiny.json")
+    stages = [TrainConfig.from_json(REPO / p) for p in paths]
+    assert stages[0].init_from is None
+    for before, after in zip(stages, stages[1:]):
+        assert after.init_from == f"{before.out_dir}/final" and after.out_dir != before.out_dir
+    seeds = [s.seed for stage in stages for s in stage.sources]
+    assert len(seeds) == len(set(seeds))
 
 
 def test_paper_recipe_runs_its_code_path_at_tiny_scale(tmp_path):
