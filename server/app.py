@@ -92,6 +92,7 @@ def run(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = N
         host=host,
         port=port,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_keep_alive=settings.keep_alive_s,
         log_level="info",
         log_config=None,  # uvicorn's loggers go through configure_logging's handler, with request IDs
         access_log=False,  # server.access logs each request instead

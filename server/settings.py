@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_texts: int = Field(16, ge=1)
     max_regions: int = Field(32, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="Idle keep-alive connections close after this long; keep it above your clients' and proxies'",
+    )
 
     # access control (server/security.py); API keys are on when a keys file or a hash is given
     api_keys_file: Path | None = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 
@@ -123,3 +124,16 @@ def test_graceful_shutdown_answers_requests_in_flight(slow_service) -> None:
     assert slow_service.proc.wait(timeout=30) in GRACEFUL
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_idle_keep_alive_connection_outlives_client_expiry(service) -> None:
+    """PIXELLLM_KEEP_ALIVE_S (75 s by default) keeps an idle connection open past uvicorn's own 5 s, which equals
+    httpx's idle expiry: with equal timeouts a client may send on a connection the server is just closing."""
+    url = httpx.URL(service.url)
+    request = f"GET /healthz HTTP/1.1\r\nHost: {url.host}\r\n\r\n".encode()
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
