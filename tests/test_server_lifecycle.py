@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import socket
+import http.client
 import threading
 import time
 
@@ -130,10 +130,16 @@ def test_idle_keep_alive_connection_outlives_client_expiry(service) -> None:
     """PIXELLLM_KEEP_ALIVE_S (75 s by default) keeps an idle connection open past uvicorn's own 5 s, which equals
     httpx's idle expiry: with equal timeouts a client may send on a connection the server is just closing."""
     url = httpx.URL(service.url)
-    request = f"GET /healthz HTTP/1.1\r\nHost: {url.host}\r\n\r\n".encode()
-    with socket.create_connection((url.host, url.port), timeout=10) as sock:
-        sock.sendall(request)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    conn = http.client.HTTPConnection(url.host, url.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        first = conn.getresponse()
+        assert first.status == 200 and first.read()
+        local = conn.sock.getsockname()
         time.sleep(6)
-        sock.sendall(request)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        conn.request("GET", "/healthz")  # a closed connection raises RemoteDisconnected here
+        second = conn.getresponse()
+        assert second.status == 200 and second.read()
+        assert conn.sock.getsockname() == local  # the same connection, not a new one
+    finally:
+        conn.close()
