@@ -257,7 +257,8 @@ class Predictor:
 
         With `refine` and a model that has a proposal head, the point head's box is replaced by the nearest
         object proposal (centre distance; objectness >= `DENSE_SCORE_THRESHOLD`): the language model picks
-        the object, the proposal head draws its box. The point head's box stays in `regressed_box`.
+        the object, the proposal head draws its box. The point head's box stays in `regressed_box`. A nearest
+        proposal that lies wholly in the padding outside the image is not taken.
         """
         return self.localize_embeddings([self._current()], [text], mask, refine)[0]
 
@@ -290,8 +291,11 @@ class Predictor:
             regressed = torch.stack([g.corners[-1].reshape(4) for g in outputs]).float() * size
             boxes, snapped = self.model.snap_to_proposals(features, regressed, image_index, DENSE_SCORE_THRESHOLD)
             for r, emb, box, s in zip(results, embeddings, (boxes / size).cpu().numpy(), snapped.tolist()):
-                if s:
-                    r.regressed_box, r.box = r.box, _box(box, emb.transform)
+                refined = _box(box, emb.transform)
+                if (
+                    s and refined[2] > refined[0] and refined[3] > refined[1]
+                ):  # a proposal in the padding clips to nothing
+                    r.regressed_box, r.box = r.box, refined
         if mask:
             model_boxes = torch.from_numpy(
                 np.stack([emb.transform.to_model(np.array(r.box)) for r, emb in zip(results, embeddings)])

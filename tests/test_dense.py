@@ -202,3 +202,16 @@ def test_localize_refines_the_box_with_a_proposal(tiny_model):
     assert refined.box != pytest.approx(plain.box)
     assert any(refined.box == pytest.approx(r.box) for r in regions)  # the same proposals dense captioning sees
     assert refined.words == plain.words and refined.mask.shape == scene.image.shape[:2]
+
+
+def test_localize_keeps_its_box_when_the_nearest_proposal_lies_in_the_padding(tiny_model, monkeypatch):
+    predictor = Predictor(tiny_model)
+    predictor.set_image(np.full((40, 320, 3), 128, np.uint8))  # model-input rows below 20 px are padding
+    plain = predictor.localize("the red circle", refine=False)
+
+    def snap_into_padding(features, boxes, image_index, score_threshold):
+        return torch.tensor([[10.0, 100.0, 50.0, 150.0]]).expand(len(boxes), 4), torch.ones(len(boxes), dtype=bool)
+
+    monkeypatch.setattr(tiny_model, "snap_to_proposals", snap_into_padding)
+    refined = predictor.localize("the red circle", mask=True)
+    assert refined.box == plain.box and refined.regressed_box is None
