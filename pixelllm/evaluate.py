@@ -7,7 +7,10 @@ Metrics (written as JSON):
 - region captions: share whose color and shape words are right (prompted with the object's box, and with
   a point inside the object);
 - caption word points: share of objects whose shape word in the generated caption has its point inside
-  the object's box (objects matched to caption phrases by color and shape);
+  the object's box (objects matched to caption phrases "<color> <shape>"; an object the caption does not
+  name counts as a miss). Split into the share of objects the caption names (`caption_object_mention_rate`)
+  and the point-in-box share among them (`_mentioned`); `_teacher_forced` is the point-in-box share with the
+  reference caption teacher-forced, where every object is named (the point head alone, LN-style);
 - point L1 (Localized-Narratives style): teacher-forcing the reference caption, mean L1 between each
   located token's predicted point and its trace point, in pixels of the original image;
 - caption scores (BLEU-4, ROUGE-L, CIDEr, and METEOR when Java runs) via pycocoevalcap, if installed;
@@ -34,7 +37,7 @@ from .data.narratives import read_narratives, token_targets, word_locations
 from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
 from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
-from .predictor import DENSE_SCORE_THRESHOLD, Predictor
+from .predictor import DENSE_SCORE_THRESHOLD, Predictor, Word, _group_words
 
 log = logging.getLogger(__name__)
 
@@ -94,26 +97,47 @@ def generated_scenes(n: int, seed: int, renderer: str) -> Iterator[Scene]:
         yield render(scene_seed(seed, i))
 
 
-def _trace_point_l1(predictor: Predictor, emb, scene: Scene) -> tuple[float, int]:
-    """Sum of L1 (image px) between predicted and trace points over located caption tokens, and their count."""
+def _word_point_hits(words: list[Word], objects: list[SceneObject]) -> list[bool | None]:
+    """Per object (in caption order): is the point of its "<color> <shape>" words' shape word inside its box?
+    None where the words do not name it."""
+    used, hits = set(), []
+    for o in objects:
+        hit = None
+        for j, word in enumerate(words):
+            if j in used or word.text != o.shape or j == 0 or words[j - 1].text != o.color:
+                continue
+            used.add(j)
+            hit = _inside(word.point, o.box)
+            break
+        hits.append(hit)
+    return hits
+
+
+def _teacher_forced(predictor: Predictor, emb, scene: Scene) -> tuple[float, int, list[bool | None]]:
+    """Teacher-forcing the reference caption: the sum of L1 (image px) between predicted and trace points over
+    located tokens, their count, and `_word_point_hits` of the reference caption's words."""
     model, tok = predictor.model, predictor.model.tokenizer
-    targets = token_targets(scene.caption, word_locations(scene.narrative), tok)
-    if not targets.located.any():
-        return 0.0, 0
     prompts = predictor._location_prompts([emb], [None], [None])
     out = model.localize(emb.features, prompts, [scene.caption])[0]
+    ids, spans = tok.encode_with_offsets(scene.caption)
+    n = min(len(ids), len(out.ids) - 1)
+    text = scene.caption[: spans[n - 1][1]] if n else ""
+    words = _group_words(text, spans[:n], out.corners[:n], out.confidence[:n], emb.transform)
+    hits = _word_point_hits(words, scene.objects)
+    targets = token_targets(scene.caption, word_locations(scene.narrative), tok)
+    if not targets.located[:n].any():
+        return 0.0, 0, hits
     h, w = scene.image.shape[:2]
     side = max(h, w)
-    pred = out.corners.float().cpu().numpy().reshape(-1, 2, 2).mean(axis=1) * side  # (T, 2) image px
-    n = min(len(pred), len(targets.ids))
+    pred = out.corners[:n].float().cpu().numpy().reshape(-1, 2, 2).mean(axis=1) * side  # (n, 2) image px
     loc = targets.located[:n]
     target = targets.points[:n] * np.array([w, h])
-    return float(np.abs(pred[:n][loc] - target[loc]).sum(axis=1).sum() / 2), int(loc.sum())
+    return float(np.abs(pred[loc] - target[loc]).sum(axis=1).sum() / 2), int(loc.sum()), hits
 
 
 def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = None) -> dict:
     keys = ("ref_iou", "ref_hit", "mask_iou", "ref_iou_regressed", "ref_hit_regressed", "mask_iou_regressed")
-    stats = {k: [] for k in keys + ("region_box", "region_point", "word_point")}
+    stats = {k: [] for k in keys + ("region_box", "region_point", "word_point", "word_point_teacher_forced")}
     l1_sum, l1_count = 0.0, 0
     references, candidates = {}, {}
     dense_predictions, dense_truths = [], []
@@ -147,18 +171,9 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
             stats["region_point"].append(_color_shape(cap.text) == (o.color, o.shape))
         caption = caps[-1]
         candidates[i], references[i] = [caption.text], [scene.caption]
-        # caption word points: match each object to a phrase "... <color> <shape>" in the caption
-        used = set()
-        for o in objs:
-            hit = False
-            for j, word in enumerate(caption.words):
-                if j in used or word.text != o.shape or j == 0 or caption.words[j - 1].text != o.color:
-                    continue
-                used.add(j)
-                hit = _inside(word.point, o.box)
-                break
-            stats["word_point"].append(hit)
-        s, c = _trace_point_l1(predictor, emb, scene)
+        stats["word_point"] += _word_point_hits(caption.words, objs)
+        s, c, hits = _teacher_forced(predictor, emb, scene)
+        stats["word_point_teacher_forced"] += hits
         l1_sum, l1_count = l1_sum + s, l1_count + c
         if dense:
             regions = predictor.dense_caption_embeddings([emb], score_threshold=0.05)[0]
@@ -181,7 +196,10 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         "mask_iou_regressed": float(np.mean(stats["mask_iou_regressed"])),
         "region_caption_acc_box": float(np.mean(stats["region_box"])),
         "region_caption_acc_point": float(np.mean(stats["region_point"])),
-        "caption_word_point_acc": float(np.mean(stats["word_point"])),
+        "caption_word_point_acc": float(np.mean([h is True for h in stats["word_point"]])),
+        "caption_object_mention_rate": float(np.mean([h is not None for h in stats["word_point"]])),
+        "caption_word_point_acc_mentioned": _share_true(stats["word_point"]),
+        "caption_word_point_acc_teacher_forced": _share_true(stats["word_point_teacher_forced"]),
         "point_l1_px": l1_sum / max(l1_count, 1),
         "caption_exact_match": float(np.mean([candidates[k][0] == references[k][0] for k in candidates])),
         "seconds": round(time.time() - start, 1),
@@ -195,6 +213,12 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         )
         result["dense_regions_per_image"] = float(np.mean([len(p.scores) for p in default]))
     return result
+
+
+def _share_true(hits: list[bool | None]) -> float:
+    """Share of True among the hits that are not None (0.0 when all are None)."""
+    named = [h for h in hits if h is not None]
+    return float(np.mean(named)) if named else 0.0
 
 
 def _above(p: DensePrediction, threshold: float) -> DensePrediction:

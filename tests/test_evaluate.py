@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from pixelllm.evaluate import _color_shape, box_iou, mask_iou
+from pixelllm.data.synthetic import SceneObject
+from pixelllm.evaluate import _color_shape, _share_true, _word_point_hits, box_iou, mask_iou
+from pixelllm.predictor import Word
 
 
 def test_box_iou_known_values():
@@ -24,3 +26,32 @@ def test_mask_iou_known_values():
 def test_color_and_shape_are_read_from_a_region_caption():
     assert _color_shape("a small green star.") == ("green", "star")
     assert _color_shape("a large thing") == (None, None)
+
+
+def _obj(color: str, shape: str, box: tuple[float, float, float, float]) -> SceneObject:
+    return SceneObject(shape, color, "small", "left", box, np.zeros((1, 1), bool), f"the {color} {shape}")
+
+
+def test_word_points_are_matched_to_objects_by_color_and_shape_in_order():
+    def word(text: str, point: tuple[float, float]) -> Word:
+        return Word(text, 0, len(text), point, (point[0], point[1], point[0], point[1]), 1.0)
+
+    words = [
+        word("a", (0, 0)),
+        word("red", (0, 0)),
+        word("circle", (5, 5)),  # inside the first red circle
+        word("and", (0, 0)),
+        word("red", (0, 0)),
+        word("circle", (50, 50)),  # outside the second red circle
+        word("blue", (0, 0)),
+        word("star", (1, 1)),
+    ]
+    objects = [
+        _obj("red", "circle", (0, 0, 10, 10)),
+        _obj("red", "circle", (20, 20, 30, 30)),
+        _obj("green", "star", (0, 0, 10, 10)),  # named with the wrong color: not named
+    ]
+    hits = _word_point_hits(words, objects)
+    assert hits == [True, False, None]
+    assert _share_true(hits) == 0.5
+    assert _share_true([None]) == 0.0
