@@ -1,0 +1,57 @@
+"""The shipped default model reproduces its model card: `pixelllm eval` on the first scenes of the card's
+held-out set (independent renderer, seed 1000) lands within sampling noise of the card's 500-scene figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from server_helpers import ROOT
+
+from pixelllm.build import load_model
+from pixelllm.evaluate import evaluate, generated_scenes
+from pixelllm.predictor import Predictor
+
+MODEL_DIR = ROOT / "weights" / "pixelllm-tiny"
+NUM_SCENES = 100
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def card() -> dict:
+    return json.loads((MODEL_DIR / "eval_independent_seed1000.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def subset(one_thread) -> dict:
+    with torch.no_grad():
+        return evaluate(Predictor(load_model(MODEL_DIR)), generated_scenes(NUM_SCENES, 1000, "independent"))
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        "referring_acc@0.5",
+        "region_caption_acc_box",
+        "caption_word_point_acc",
+        "caption_word_point_acc_teacher_forced",
+        "dense_recall@0.5",
+    ],
+)
+def test_object_shares_match_the_card(card: dict, subset: dict, metric: str) -> None:
+    """A share over the subset's objects is within 3 binomial standard deviations of the card's share."""
+    p, n = card[metric], subset["num_objects"]
+    assert abs(subset[metric] - p) <= 3 * math.sqrt(p * (1 - p) / n), (metric, subset[metric], p)
+
+
+@pytest.mark.parametrize("metric", ["referring_mean_iou", "mask_iou"])
+def test_mean_ious_match_the_card(card: dict, subset: dict, metric: str) -> None:
+    assert abs(subset[metric] - card[metric]) <= 0.05, (metric, subset[metric], card[metric])
+
+
+def test_subset_is_the_start_of_the_card_set(card: dict, subset: dict) -> None:
+    assert card["num_scenes"] >= 500 and card["data"] == "independent renderer, seed 1000"
+    assert subset["num_scenes"] == NUM_SCENES
