@@ -121,8 +121,7 @@ def _teacher_forced(predictor: Predictor, emb, scene: Scene) -> tuple[float, int
     out = model.localize(emb.features, prompts, [scene.caption])[0]
     ids, spans = tok.encode_with_offsets(scene.caption)
     n = min(len(ids), len(out.ids) - 1)
-    text = scene.caption[: spans[n - 1][1]] if n else ""
-    words = _group_words(text, spans[:n], out.corners[:n], out.confidence[:n], emb.transform)
+    words = _group_words(scene.caption, spans[:n], out.corners[:n], out.confidence[:n], emb.transform)
     hits = _word_point_hits(words, scene.objects)
     targets = token_targets(scene.caption, word_locations(scene.narrative), tok)
     if not targets.located[:n].any():

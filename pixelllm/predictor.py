@@ -237,7 +237,7 @@ class Predictor:
         for i, (emb, (model_boxes, scores)) in enumerate(zip(embeddings, proposals)):
             for box, score in zip((model_boxes / size).cpu().numpy(), scores.tolist()):
                 box = _box(box, emb.transform)
-                if box[2] > box[0] and box[3] > box[1]:  # boxes clipped to nothing are dropped
+                if _has_area(box):  # boxes clipped to nothing are dropped
                     found.append((i, box, score))
         captions = (
             self.caption_embeddings(
@@ -292,9 +292,7 @@ class Predictor:
             boxes, snapped = self.model.snap_to_proposals(features, regressed, image_index, DENSE_SCORE_THRESHOLD)
             for r, emb, box, s in zip(results, embeddings, (boxes / size).cpu().numpy(), snapped.tolist()):
                 refined = _box(box, emb.transform)
-                if (
-                    s and refined[2] > refined[0] and refined[3] > refined[1]
-                ):  # a proposal in the padding clips to nothing
+                if s and _has_area(refined):  # a proposal in the padding clips to nothing
                     r.regressed_box, r.box = r.box, refined
         if mask:
             model_boxes = torch.from_numpy(
@@ -391,6 +389,10 @@ def _box(corners: np.ndarray, transform: ImageTransform) -> Box:
     """Normalized corners (4,) in any order -> (x0, y0, x1, y1) image pixels with x0 <= x1, y0 <= y1."""
     x0, y0, x1, y1 = transform.from_normalized(corners).tolist()
     return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def _has_area(box: Box) -> bool:
+    return box[2] > box[0] and box[3] > box[1]
 
 
 def _check_box(box: Sequence[float], width: int, height: int) -> None:
