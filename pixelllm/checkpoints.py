@@ -13,6 +13,7 @@ official files first, then ours.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pickle
@@ -173,6 +174,46 @@ def load_eva_checkpoint(model: nn.Module, path: str | Path) -> None:
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in eva.state_dict()}
     load_into(eva, state, str(path))
     log.info("loaded EVA02 checkpoint %s", path)
+
+
+# ------------------------------------------------------------------------- another input size
+def resize_input(model: nn.Module, image_size: int) -> nn.Module:
+    """`model` rebuilt for `image_size` px input, e.g. to fine-tune a checkpoint at a higher resolution.
+
+    The SAM and EVA02 position embeddings are resampled as for official checkpoints (`sam_checkpoint_filter`,
+    timm's `checkpoint_filter_fn`); every other weight is copied unchanged. Returns `model` itself when it
+    already takes `image_size`.
+    """
+    from .build import build_pixelllm
+
+    if image_size == model.cfg.image_size:
+        return model
+    cfg = copy.deepcopy(model.cfg)
+    if image_size <= 0 or image_size % cfg.sam.patch_size:
+        raise ValueError(
+            f"image_size {image_size} must be a positive multiple of SAM's patch size {cfg.sam.patch_size}"
+        )
+    cfg.image_size = image_size
+    if "img_size" in cfg.eva.overrides:
+        cfg.eva.overrides["img_size"] = image_size
+    resized = build_pixelllm(cfg, tokenizer=model.tokenizer)
+    eva = resized.image_encoder.eva
+    if tuple(eva.patch_embed.grid_size[i] * eva.patch_embed.patch_size[i] for i in (0, 1)) != (image_size,) * 2:
+        raise ValueError(
+            f"image_size {image_size} must be a multiple of EVA02's patch size {eva.patch_embed.patch_size}"
+        )
+    state = model.state_dict()
+    for prefix, module, resample in (
+        ("image_encoder.sam.", resized.image_encoder.sam, sam_checkpoint_filter),
+        ("image_encoder.eva.", eva, eva_checkpoint_filter_fn),
+    ):
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in resample(own, module).items()})
+    resized.load_state_dict(state)
+    resized.sources = dict(model.sources)
+    resized.train(model.training)
+    log.info("resized %s input from %d to %d px", model.name, model.cfg.image_size, image_size)
+    return resized.to(next(model.parameters()).device)
 
 
 # ------------------------------------------------------------------------- T5 (transformers)

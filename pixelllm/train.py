@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .build import build_pixelllm, load_model
+from .checkpoints import resize_input
 from .config import _from_dict, load_config
 from .data.narratives import read_narratives
 from .data.synthetic import generate_scene, scene_seed
@@ -53,6 +54,7 @@ class SourceConfig:
 class TrainConfig:
     model: str = "pixelllm-tiny"
     init_from: str | None = None  # a saved model directory to start from (a second stage), instead of `model`
+    image_size: int | None = None  # train at this input size (position embeddings resampled); default: the model's
     sam_checkpoint: str | None = None
     eva_checkpoint: str | None = None
     t5_path: str | None = None
@@ -170,11 +172,15 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
 
 # ----------------------------------------------------------------------------- the loop
 def initial_model(cfg: TrainConfig) -> PixelLLM:
-    """`cfg.model` built fresh, or the saved model `cfg.init_from`; a proposal head that `cfg.model` has and the
-    saved model lacks starts fresh (fine-tuning a captioner for dense captioning)."""
+    """`cfg.model` built fresh, or the saved model `cfg.init_from`, at `cfg.image_size` when given; a proposal
+    head that `cfg.model` has and the saved model lacks starts fresh (fine-tuning a captioner for dense
+    captioning)."""
     if not cfg.init_from:
-        return build_pixelllm(cfg.model, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
+        model = build_pixelllm(cfg.model, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
+        return resize_input(model, cfg.image_size) if cfg.image_size else model
     model = load_model(cfg.init_from)
+    if cfg.image_size:
+        model = resize_input(model, cfg.image_size)
     wanted = load_config(cfg.model)
     if wanted.proposal_head is not None and model.proposal_head is None:
         log.info("%s has no proposal head: adding a fresh one (%s)", cfg.init_from, wanted.proposal_head)

@@ -23,10 +23,16 @@ from conftest import (
 )
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling.image_encoder import get_rel_pos
-from timm.layers import resample_abs_pos_embed_nhwc
+from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 
 from pixelllm import PixelLLM, Tokenizer, build_pixelllm
-from pixelllm.checkpoints import CheckpointError, load_eva_checkpoint, load_sam_checkpoint, load_t5
+from pixelllm.checkpoints import (
+    CheckpointError,
+    load_eva_checkpoint,
+    load_sam_checkpoint,
+    load_t5,
+    resize_input,
+)
 from pixelllm.modeling.pixelllm import Prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -384,6 +390,39 @@ def test_save_from_official_files_stores_only_non_official_weights(official_file
     for k in own:
         assert torch.equal(own[k], back[k]), k
     assert_same_outputs(outputs(model), outputs(loaded))
+
+
+def test_resize_input_resamples_position_embeddings_and_keeps_the_rest(tiny_model, tmp_path):
+    cfg = tiny_model.cfg
+    assert resize_input(tiny_model, cfg.image_size) is tiny_model
+    resized = resize_input(tiny_model, 224)
+    grid = 224 // cfg.sam.patch_size
+    assert (resized.cfg.image_size, resized.cfg.eva.overrides["img_size"], cfg.image_size) == (224, 224, 160)
+    own, new = tiny_model.state_dict(), resized.state_dict()
+    assert own.keys() == new.keys()
+    global_tables = {
+        f"image_encoder.sam.blocks.{i}.attn.rel_pos_{a}" for i in cfg.sam.global_attn_indexes for a in "hw"
+    }
+    changed = {k for k in own if own[k].shape != new[k].shape}
+    assert changed == {"image_encoder.sam.pos_embed", "image_encoder.eva.pos_embed"} | global_tables
+    for k in own.keys() - changed:
+        assert torch.equal(own[k], new[k]), k
+    torch.testing.assert_close(
+        new["image_encoder.sam.pos_embed"],
+        resample_abs_pos_embed_nhwc(own["image_encoder.sam.pos_embed"], [grid, grid], antialias=False),
+    )
+    torch.testing.assert_close(
+        new["image_encoder.eva.pos_embed"],
+        resample_abs_pos_embed(own["image_encoder.eva.pos_embed"], [grid, grid], num_prefix_tokens=1),
+    )
+    for k in global_tables:  # what SAM's `get_rel_pos` would index at run time from the old table
+        torch.testing.assert_close(get_rel_pos(grid, grid, new[k]), get_rel_pos(grid, grid, own[k]))
+    # the resized model runs at its new size and round-trips through save / load
+    assert resized.encode_images(torch.rand(1, 3, 224, 224)).fused.shape[-2:] == (grid, grid)
+    resized.save_pretrained(tmp_path / "m")
+    assert_same_outputs(outputs(resized), outputs(PixelLLM.from_pretrained(tmp_path / "m")))
+    with pytest.raises(ValueError, match="multiple of SAM's patch size"):
+        resize_input(tiny_model, 164)
 
 
 def test_from_pretrained_errors(tiny_model, tmp_path):

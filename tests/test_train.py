@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pixelllm import PixelLLM
 from pixelllm.data.synthetic import write_dataset
-from pixelllm.train import SourceConfig, TrainConfig, lr_at, train
+from pixelllm.train import SourceConfig, TrainConfig, initial_model, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,18 @@ def test_few_steps_reduce_loss_and_write_logs_and_model(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
     assert {"ce", "point_l1", "confidence_bce", "samples_per_s"} <= set(records[0])
     assert {p.name for p in final.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_a_stage_at_another_image_size_starts_from_the_saved_model_resampled(tmp_path):
+    first = train(tiny_config(tmp_path / "a", steps=2))
+    stage = tiny_config(tmp_path / "b", steps=2, init_from=str(first), image_size=192)
+    saved, start = PixelLLM.from_pretrained(first).state_dict(), initial_model(stage)
+    assert start.cfg.image_size == 192
+    kept = [k for k, v in start.state_dict().items() if v.shape == saved[k].shape]
+    assert len(kept) == len(saved) - 4  # SAM and EVA position embeddings, SAM's global rel-pos tables
+    assert all(torch.equal(start.state_dict()[k], saved[k]) for k in kept)
+    final = PixelLLM.from_pretrained(train(stage))
+    assert final.cfg.image_size == 192 and final.image_encoder.image_size == 192
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
