@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,3 +57,19 @@ def test_mean_ious_match_the_card(card: dict, subset: dict, metric: str) -> None
 def test_subset_is_the_start_of_the_card_set(card: dict, subset: dict) -> None:
     assert card["num_scenes"] >= 500 and card["data"] == "independent renderer, seed 1000"
     assert subset["num_scenes"] == NUM_SCENES
+
+
+def test_card_table_shows_the_shipped_eval_files() -> None:
+    """The card's held-out table, independent and training-renderer columns, is what `scripts/card_table.py`
+    prints from the JSON files beside it."""
+    evals = [str(MODEL_DIR / f"eval_{r}_seed1000.json") for r in ("independent", "synthetic")]
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "card_table.py"), *evals], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    card_rows = {
+        line.split(" | ")[0]: line.split(" | ") for line in (MODEL_DIR / "MODEL_CARD.md").read_text().splitlines()
+    }
+    assert len(printed) == 17
+    for line in printed:
+        cells = line.split(" | ")
+        assert card_rows.get(cells[0], [])[:3] == cells[:3], line

@@ -1,0 +1,89 @@
+"""The held-out metrics table of weights/pixelllm-tiny/MODEL_CARD.md, from `pixelllm eval` JSON files.
+
+python scripts/card_table.py NEW_INDEPENDENT.json NEW_SYNTHETIC.json OLDER_INDEPENDENT.json ...
+
+One column per file, in order; the first column's goal metrics are set in bold. Prints Markdown rows
+(without the header) to paste under the card's header row.
+"""
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+
+def pct(key: str) -> Callable[[dict], str]:
+    return lambda d: f"{100 * d[key]:.1f}%"
+
+
+def num(*keys: str, digits: int = 3) -> Callable[[dict], str]:
+    return lambda d: " / ".join(f"{d[k]:.{digits}f}" for k in keys)
+
+
+# (row label, cell from an eval JSON, goal or "")
+ROWS: list[tuple[str, Callable[[dict], str], str]] = [
+    ("referring Acc@0.5 (box refined with a proposal, the default)", pct("referring_acc@0.5"), ">= 90% (issue 4)"),
+    ("referring Acc@0.5, the point head's own box (`refine=False`)", pct("referring_acc@0.5_regressed"), ""),
+    (
+        "referring mean IoU, refined / point head's box",
+        num("referring_mean_iou", "referring_mean_iou_regressed"),
+        "",
+    ),
+    ("referring mask IoU (mask decoder on the refined box)", num("mask_iou"), ">= 0.80 (issue 4)"),
+    ("referring mask IoU (mask decoder on the point head's box)", num("mask_iou_regressed"), ""),
+    ("region caption, color and shape right (box prompt)", pct("region_caption_acc_box"), ">= 90% (issue 4)"),
+    ("region caption, color and shape right (point prompt)", pct("region_caption_acc_point"), ""),
+    (
+        "caption word point in its object's box (object unnamed = miss)",
+        pct("caption_word_point_acc"),
+        ">= 90% (issue 4)",
+    ),
+    ("objects the whole-image caption names by color and shape", pct("caption_object_mention_rate"), ""),
+    ("word point in its object's box, among named objects", pct("caption_word_point_acc_mentioned"), ""),
+    (
+        "word point in its object's box, reference caption teacher-forced",
+        pct("caption_word_point_acc_teacher_forced"),
+        "",
+    ),
+    ("point L1 vs trace points (teacher-forced, original px)", num("point_l1_px", digits=1), ""),
+    (
+        "BLEU-4 / ROUGE-L / CIDEr / METEOR (vs the scene's caption)",
+        lambda d: f"{d['bleu4']:.3f} / {d['rouge_l']:.3f} / {d['cider']:.2f} / {d['meteor']:.3f}",
+        "",
+    ),
+    (
+        "dense: objects found at IoU >= 0.5 with color and shape right (default threshold 0.3)",
+        pct("dense_recall@0.5"),
+        ">= 90% (issue 9)",
+    ),
+    ("dense: AP at IoU 0.5, any caption (proposals alone)", num("dense_ap@0.5_iou_any_caption"), ""),
+    ("dense: VG densecap mAP (exact-match METEOR, see below)", num("dense_map"), ""),
+    (
+        "dense: regions per image at threshold 0.3 (objects per image: 2.4)",
+        num("dense_regions_per_image", digits=1),
+        "",
+    ),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("evals", nargs="+", type=Path, help="pixelllm eval JSON files, one per column")
+    columns = [json.loads(p.read_text()) for p in parser.parse_args().evals]
+    for label, cell, goal in ROWS:
+        cells = [_cell(cell, d) for d in columns]
+        if goal:
+            cells[0] = f"**{cells[0]}**"
+        print(f"| {label} | {' | '.join(cells)} | {goal} |")
+
+
+def _cell(cell: Callable[[dict], str], d: dict) -> str:
+    """The formatted figure, or "-" where an older JSON lacks the metric."""
+    try:
+        return cell(d)
+    except KeyError:
+        return "-"
+
+
+if __name__ == "__main__":
+    main()
