@@ -13,7 +13,6 @@ official files first, then ours.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import pickle
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
@@ -180,40 +180,34 @@ def load_eva_checkpoint(model: nn.Module, path: str | Path) -> None:
 def resize_input(model: nn.Module, image_size: int) -> nn.Module:
     """`model` rebuilt for `image_size` px input, e.g. to fine-tune a checkpoint at a higher resolution.
 
-    The SAM and EVA02 position embeddings are resampled as for official checkpoints (`sam_checkpoint_filter`,
-    timm's `checkpoint_filter_fn`); every other weight is copied unchanged. Returns `model` itself when it
-    already takes `image_size`.
+    Weights from official files (`model.sources`) are read from those files again, resampled once to the new
+    size; of the others, the SAM and EVA02 position embeddings are resampled as for official checkpoints
+    (`sam_checkpoint_filter`, timm's `checkpoint_filter_fn`) and every other weight is copied unchanged.
+    Returns `model` itself when it already takes `image_size`.
     """
     from .build import build_pixelllm
 
     if image_size == model.cfg.image_size:
         return model
-    cfg = copy.deepcopy(model.cfg)
-    if image_size <= 0 or image_size % cfg.sam.patch_size:
-        raise ValueError(
-            f"image_size {image_size} must be a positive multiple of SAM's patch size {cfg.sam.patch_size}"
-        )
-    cfg.image_size = image_size
-    if "img_size" in cfg.eva.overrides:
-        cfg.eva.overrides["img_size"] = image_size
-    resized = build_pixelllm(cfg, tokenizer=model.tokenizer)
-    eva = resized.image_encoder.eva
-    if tuple(eva.patch_embed.grid_size[i] * eva.patch_embed.patch_size[i] for i in (0, 1)) != (image_size,) * 2:
-        raise ValueError(
-            f"image_size {image_size} must be a multiple of EVA02's patch size {eva.patch_embed.patch_size}"
-        )
-    state = model.state_dict()
+    if any(m.merged for m in model.modules() if isinstance(m, LoraLayer)):
+        raise ValueError("resize_input needs the LoRA weights unmerged: call model.set_lora_merged(False) first")
+    sources = dict(model.sources)
+    resized = build_pixelllm(model.cfg.at_image_size(image_size), tokenizer=model.tokenizer, **sources)
+    state = _saved_state(model, sources)  # what the official files do not provide
     for prefix, module, resample in (
         ("image_encoder.sam.", resized.image_encoder.sam, sam_checkpoint_filter),
-        ("image_encoder.eva.", eva, eva_checkpoint_filter_fn),
+        ("image_encoder.eva.", resized.image_encoder.eva, eva_checkpoint_filter_fn),
     ):
-        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
         state.update({prefix + k: v for k, v in resample(own, module).items()})
-    resized.load_state_dict(state)
-    resized.sources = dict(model.sources)
+    problems = state_mismatches(_saved_state(resized, sources), state)
+    if problems:
+        raise CheckpointError(f"resizing {model.name} to {image_size} px: {problems}")
+    resized.load_state_dict(state, strict=False)
     resized.train(model.training)
     log.info("resized %s input from %d to %d px", model.name, model.cfg.image_size, image_size)
-    return resized.to(next(model.parameters()).device)
+    reference = next(model.parameters())
+    return resized.to(device=reference.device, dtype=reference.dtype)
 
 
 # ------------------------------------------------------------------------- T5 (transformers)

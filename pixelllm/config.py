@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -157,6 +158,18 @@ class PixelLLMConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
+
+    def at_image_size(self, image_size: int) -> PixelLLMConfig:
+        """A copy for `image_size` px input (EVA02's `img_size` override follows)."""
+        if image_size <= 0 or image_size % self.sam.patch_size:
+            raise ValueError(
+                f"image_size {image_size} must be a positive multiple of SAM's patch size {self.sam.patch_size}"
+            )
+        cfg = copy.deepcopy(self)
+        cfg.image_size = image_size
+        if "img_size" in cfg.eva.overrides:
+            cfg.eva.overrides["img_size"] = image_size
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -176,8 +176,9 @@ def initial_model(cfg: TrainConfig) -> PixelLLM:
     head that `cfg.model` has and the saved model lacks starts fresh (fine-tuning a captioner for dense
     captioning)."""
     if not cfg.init_from:
-        model = build_pixelllm(cfg.model, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
-        return resize_input(model, cfg.image_size) if cfg.image_size else model
+        wanted = load_config(cfg.model)
+        wanted = wanted.at_image_size(cfg.image_size) if cfg.image_size else wanted
+        return build_pixelllm(wanted, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
     model = load_model(cfg.init_from)
     if cfg.image_size:
         model = resize_input(model, cfg.image_size)

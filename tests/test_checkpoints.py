@@ -425,6 +425,29 @@ def test_resize_input_resamples_position_embeddings_and_keeps_the_rest(tiny_mode
         resize_input(tiny_model, 164)
 
 
+def test_resize_input_reads_official_weights_again_and_keeps_trained_ones(official_files, tmp_path):
+    """Frozen official weights come from the files, resampled once; what training changed is kept; the
+    resized model saves and loads back exactly (the official files are read again on load)."""
+    files = {"sam_checkpoint": official_files["sam_resized"], "eva_checkpoint": official_files["eva_pth"]}
+    model = build_pixelllm(official_tiny_config(), t5_path=official_files["t5"], **files)
+    perturb_(torch.nn.ParameterList([p for p in model.parameters() if p.requires_grad]), seed=6, scale=0.05)
+    size = model.cfg.image_size + 2 * model.cfg.sam.patch_size
+    resized = resize_input(model, size)
+    direct = build_pixelllm(official_tiny_config().at_image_size(size), t5_path=official_files["t5"], **files)
+    own, new, fresh = model.state_dict(), resized.state_dict(), direct.state_dict()
+    for k, p in model.named_parameters():
+        if not p.requires_grad and k.startswith("image_encoder.sam."):
+            assert torch.equal(new[k], fresh[k]), k  # straight from the file at the new size
+        elif p.requires_grad and own[k].shape == new[k].shape:
+            assert torch.equal(new[k], own[k]), k  # trained, kept
+    assert resized.sources == model.sources
+    resized.save_pretrained(tmp_path / "m")
+    assert_same_outputs(outputs(resized), outputs(PixelLLM.from_pretrained(tmp_path / "m")))
+    model.set_lora_merged(True)
+    with pytest.raises(ValueError, match="set_lora_merged"):
+        resize_input(model, size)
+
+
 def test_from_pretrained_errors(tiny_model, tmp_path):
     good = tmp_path / "good"
     tiny_model.save_pretrained(good)

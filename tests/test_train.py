@@ -71,6 +71,7 @@ def test_a_stage_at_another_image_size_starts_from_the_saved_model_resampled(tmp
     assert len(kept) == len(saved) - 4  # SAM and EVA position embeddings, SAM's global rel-pos tables
     assert all(torch.equal(start.state_dict()[k], saved[k]) for k in kept)
     final = PixelLLM.from_pretrained(train(stage))
+    assert initial_model(tiny_config(tmp_path / "c", steps=1, image_size=192)).cfg.image_size == 192  # fresh
     assert final.cfg.image_size == 192 and final.image_encoder.image_size == 192
 
 
