@@ -175,14 +175,13 @@ def initial_model(cfg: TrainConfig) -> PixelLLM:
     """`cfg.model` built fresh, or the saved model `cfg.init_from`, at `cfg.image_size` when given; a proposal
     head that `cfg.model` has and the saved model lacks starts fresh (fine-tuning a captioner for dense
     captioning)."""
+    wanted = load_config(cfg.model)
     if not cfg.init_from:
-        wanted = load_config(cfg.model)
-        wanted = wanted.at_image_size(cfg.image_size) if cfg.image_size else wanted
-        return build_pixelllm(wanted, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
+        fresh = wanted.at_image_size(cfg.image_size) if cfg.image_size else wanted
+        return build_pixelllm(fresh, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
     model = load_model(cfg.init_from)
     if cfg.image_size:
         model = resize_input(model, cfg.image_size)
-    wanted = load_config(cfg.model)
     if wanted.proposal_head is not None and model.proposal_head is None:
         log.info("%s has no proposal head: adding a fresh one (%s)", cfg.init_from, wanted.proposal_head)
         model.add_proposal_head(wanted.proposal_head)

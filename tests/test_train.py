@@ -67,9 +67,10 @@ def test_a_stage_at_another_image_size_starts_from_the_saved_model_resampled(tmp
     stage = tiny_config(tmp_path / "b", steps=2, init_from=str(first), image_size=192)
     saved, start = PixelLLM.from_pretrained(first).state_dict(), initial_model(stage)
     assert start.cfg.image_size == 192
-    kept = [k for k, v in start.state_dict().items() if v.shape == saved[k].shape]
+    started = start.state_dict()
+    kept = [k for k, v in started.items() if v.shape == saved[k].shape]
     assert len(kept) == len(saved) - 4  # SAM and EVA position embeddings, SAM's global rel-pos tables
-    assert all(torch.equal(start.state_dict()[k], saved[k]) for k in kept)
+    assert all(torch.equal(started[k], saved[k]) for k in kept)
     final = PixelLLM.from_pretrained(train(stage))
     assert initial_model(tiny_config(tmp_path / "c", steps=1, image_size=192)).cfg.image_size == 192  # fresh
     assert final.cfg.image_size == 192 and final.image_encoder.image_size == 192
