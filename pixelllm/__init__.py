@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .build import build_pixelllm, list_presets
     from .config import PixelLLMConfig
+    from .modeling.generation import GenerationCancelled
     from .modeling.pixelllm import PixelLLM
     from .predictor import Caption, ImageEmbedding, Localization, Predictor, Region, Word
     from .tokenizer import Tokenizer
@@ -20,6 +21,7 @@ _EXPORTS = {
     "build_pixelllm": ".build",
     "list_presets": ".build",
     "PixelLLM": ".modeling.pixelllm",
+    "GenerationCancelled": ".modeling.generation",
     "PixelLLMConfig": ".config",
     "Predictor": ".predictor",
     "Caption": ".predictor",
@@ -34,6 +36,7 @@ __all__ = [
     "build_pixelllm",
     "list_presets",
     "PixelLLM",
+    "GenerationCancelled",
     "PixelLLMConfig",
     "Predictor",
     "Caption",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .modeling.generation import Generated
+from .modeling.generation import Generated, ShouldStop
 from .modeling.pixelllm import ImageFeatures, PixelLLM, Prompts
 from .tokenizer import EOS_ID, PAD_ID, words_with_tokens
 from .transforms import ImageTransform, preprocess
@@ -137,11 +137,17 @@ class Predictor:
         points: Sequence[Point | None] | None = None,
         max_new_tokens: int | None = None,
         num_beams: int = 1,
+        should_stop: ShouldStop | None = None,
     ) -> list[Caption]:
-        """Caption many (image embedding, optional box or point) pairs in one batched forward pass."""
+        """Caption many (image embedding, optional box or point) pairs in one batched forward pass.
+
+        `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
+        """
         prompts = self._location_prompts(embeddings, boxes, points)
         features, prompts.image_index = self._distinct(embeddings)
-        outputs = self.model.generate(features, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        outputs = self.model.generate(
+            features, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, should_stop=should_stop
+        )
         return [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
 
     def caption_stream(
@@ -223,8 +229,10 @@ class Predictor:
         max_regions: int = 32,
         max_new_tokens: int | None = None,
         num_beams: int = 1,
+        should_stop: ShouldStop | None = None,
     ) -> list[list[Region]]:
-        """`dense_caption` for many images: one proposal pass, then every region captioned in one batch."""
+        """`dense_caption` for many images: one proposal pass, then every region captioned in one batch
+        (`should_stop` as in `caption_embeddings`)."""
         if not 0 <= score_threshold <= 1 or not 0 < nms_iou <= 1 or max_regions < 1:
             raise ValueError(
                 f"need 0 <= score_threshold <= 1, 0 < nms_iou <= 1 and max_regions >= 1, got {score_threshold}, "
@@ -241,7 +249,12 @@ class Predictor:
                     found.append((i, box, score))
         captions = (
             self.caption_embeddings(
-                [embeddings[i] for i, _, _ in found], [b for _, b, _ in found], None, max_new_tokens, num_beams
+                [embeddings[i] for i, _, _ in found],
+                [b for _, b, _ in found],
+                None,
+                max_new_tokens,
+                num_beams,
+                should_stop,
             )
             if found
             else []

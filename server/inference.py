@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from PIL import Image
@@ -32,6 +34,8 @@ class Job:
     texts: list[str] = field(default_factory=list)
     mask: bool = False
     dense: tuple[float, float, int] | None = None  # score_threshold, nms_iou, max_regions
+    # set when nobody waits for the answer any more (timeout, client gone): `run_jobs` skips or stops its work
+    abandoned: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
 
 @dataclass
@@ -66,9 +70,22 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def run_jobs(predictor: Any, cache: EmbeddingCache, jobs: list[Job], delay_s: float = 0.0) -> list[JobResult]:
+def run_jobs(
+    predictor: Any,
+    cache: EmbeddingCache,
+    jobs: list[Job],
+    delay_s: float = 0.0,
+    on_abandoned: Callable[[int], None] = lambda count: None,
+) -> list[JobResult]:
     """Answer `jobs` with one encoder pass over the images not in the cache, one caption call per
-    (max_new_tokens, num_beams), one localization call per mask flag and one dense-caption call per setting."""
+    (max_new_tokens, num_beams), one localization call per mask flag and one dense-caption call per setting.
+
+    Abandoned jobs (`Job.abandoned`) are left out of every step that starts after they were abandoned, and a
+    caption or dense call whose jobs are all abandoned stops at its next decoder step. Their results stay
+    empty; `on_abandoned(count)` reports how many jobs of the batch were abandoned.
+    """
+    from pixelllm import GenerationCancelled
+
     batch_start = time.perf_counter()
     if delay_s:
         time.sleep(delay_s)
@@ -76,7 +93,7 @@ def run_jobs(predictor: Any, cache: EmbeddingCache, jobs: list[Job], delay_s: fl
 
     embeddings: dict[str, Any] = {}
     to_encode: dict[str, Image.Image] = {}
-    for job in jobs:
+    for job in _live(jobs):
         found = job.embedding if job.embedding is not None else cache.get(job.key)
         if found is not None:
             embeddings[job.key] = found
@@ -98,20 +115,28 @@ def run_jobs(predictor: Any, cache: EmbeddingCache, jobs: list[Job], delay_s: fl
         for p in range(len(job.prompts)):
             caption_groups[(job.max_new_tokens, job.num_beams)].append((j, p))
     for (max_new_tokens, num_beams), members in caption_groups.items():
+        members = [(j, p) for j, p in members if not jobs[j].abandoned.is_set()]
+        if not members:
+            continue
         start = time.perf_counter()
-        captions = predictor.caption_embeddings(
-            [embeddings[jobs[j].key] for j, _ in members],
-            boxes=[jobs[j].prompts[p][0] for j, p in members],
-            points=[jobs[j].prompts[p][1] for j, p in members],
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-        )
+        try:
+            captions = predictor.caption_embeddings(
+                [embeddings[jobs[j].key] for j, _ in members],
+                boxes=[jobs[j].prompts[p][0] for j, p in members],
+                points=[jobs[j].prompts[p][1] for j, p in members],
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                should_stop=partial(_all_abandoned, [jobs[j] for j, _ in members]),
+            )
+        except GenerationCancelled:
+            continue
         _scatter(results, members, captions, "captions", "caption", _ms(start))
 
     localize_groups: dict[bool, list[tuple[int, int]]] = defaultdict(list)
     for j, job in enumerate(jobs):
-        for t in range(len(job.texts)):
-            localize_groups[job.mask].append((j, t))
+        if not job.abandoned.is_set():
+            for t in range(len(job.texts)):
+                localize_groups[job.mask].append((j, t))
     for mask, members in localize_groups.items():
         start = time.perf_counter()
         locs = predictor.localize_embeddings(
@@ -121,21 +146,46 @@ def run_jobs(predictor: Any, cache: EmbeddingCache, jobs: list[Job], delay_s: fl
 
     dense_groups: dict[tuple, list[int]] = defaultdict(list)
     for j, job in enumerate(jobs):
-        if job.dense is not None:
+        if job.dense is not None and not job.abandoned.is_set():
             dense_groups[(job.dense, job.max_new_tokens, job.num_beams)].append(j)
     for ((score_threshold, nms_iou, max_regions), max_new_tokens, num_beams), members in dense_groups.items():
         start = time.perf_counter()
-        found = predictor.dense_caption_embeddings(
-            [embeddings[jobs[j].key] for j in members], score_threshold, nms_iou, max_regions, max_new_tokens, num_beams
-        )
+        try:
+            found = predictor.dense_caption_embeddings(
+                [embeddings[jobs[j].key] for j in members],
+                score_threshold,
+                nms_iou,
+                max_regions,
+                max_new_tokens,
+                num_beams,
+                should_stop=partial(_all_abandoned, [jobs[j] for j in members]),
+            )
+        except GenerationCancelled:
+            continue
         for j, regions in zip(members, found):
             results[j].regions = regions
             results[j].timing_ms["dense"] = _ms(start)
 
+    abandoned = sum(job.abandoned.is_set() for job in jobs)
+    if abandoned:
+        logger.info(
+            "%d of %d jobs in this batch were abandoned by their callers; their work was cut short",
+            abandoned,
+            len(jobs),
+        )
+        on_abandoned(abandoned)
     batch_ms = _ms(batch_start)
     for result in results:
         result.timing_ms["batch"] = batch_ms
     return results
+
+
+def _live(jobs: list[Job]) -> list[Job]:
+    return [job for job in jobs if not job.abandoned.is_set()]
+
+
+def _all_abandoned(jobs: list[Job]) -> bool:
+    return all(job.abandoned.is_set() for job in jobs)
 
 
 def _scatter(

@@ -36,6 +36,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.jobs_abandoned = Counter(
+            "pixelllm_jobs_abandoned",
+            "Batched requests whose client left or timed out before their batch ended: model steps not yet "
+            "started were skipped for them",
+            registry=r,
+        )
         self.streams_cancelled = Counter(
             "pixelllm_streams_cancelled", "Streamed captions stopped early because the client left", registry=r
         )

@@ -81,7 +81,9 @@ class Engine:
             return
         self.predictor = predictor
         delay_s = self.settings.debug_batch_delay_ms / 1000.0
-        process = partial(run_jobs, predictor, self.cache, delay_s=delay_s)
+        process = partial(
+            run_jobs, predictor, self.cache, delay_s=delay_s, on_abandoned=self.metrics.jobs_abandoned.inc
+        )
         if self.settings.debug_fail_model_every:
             process = FailEvery(process, self.settings.debug_fail_model_every)
         self.batcher = self.make_batcher(process)
@@ -135,6 +137,7 @@ class Engine:
         assert self.batcher is not None
         answer = asyncio.ensure_future(self.batcher.submit(job))
         gone = asyncio.ensure_future(_disconnected(request))
+        done: set[asyncio.Future] = set()
         try:
             done, _ = await asyncio.wait(
                 {answer, gone}, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
@@ -142,6 +145,8 @@ class Engine:
         finally:
             gone.cancel()
             answer.cancel()
+            if answer not in done:
+                job.abandoned.set()  # nobody will read the answer: its batch skips or stops the work
         if answer in done:
             try:
                 result = answer.result()

@@ -148,6 +148,15 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
     return body["error"]
 
 
+def wait_for(condition, timeout_s: float) -> float:
+    """Seconds until `condition()` held (polling), or fail."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample in a Prometheus text exposition (0 if absent)."""
     for family in text_string_to_metric_families(text):

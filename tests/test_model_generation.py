@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from pixelllm.modeling.generation import beam_search, greedy
+from pixelllm.modeling.generation import GenerationCancelled, beam_search, greedy
 from pixelllm.tokenizer import EOS_ID, PAD_ID
 
 VOCAB = 4  # PAD, EOS and two words
@@ -129,3 +129,30 @@ def test_greedy_follows_the_argmax_and_trims_after_eos():
             assert g.ids.tolist() == expected
             assert g.score == pytest.approx(lm.score(item, tuple(expected)), abs=1e-5)
             torch.testing.assert_close(g.corners, expected_corners(g.ids))
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_should_stop_cancels_before_the_next_decoder_step(beams):
+    """Asked before every step: decoding that would run MAX_LEN steps stops after the two allowed."""
+    lm = ScriptedLM(2, beams, seed=0)
+    lm.logp[..., EOS_ID] = float("-inf")  # never finishes early: every step up to MAX_LEN would run
+    steps, asked = [], []
+
+    def step(last, cache):
+        steps.append(len(last))
+        return lm.step(last, cache)
+
+    def should_stop() -> bool:
+        asked.append(len(steps))
+        return len(steps) == 2
+
+    def decode(stop):
+        if beams == 1:
+            return greedy(step, lm.logits, lm.points, 2, MAX_LEN, torch.device("cpu"), stop)
+        return beam_search(step, lm.logits, lm.points, 2, beams, MAX_LEN, torch.device("cpu"), should_stop=stop)
+
+    assert all(len(g.ids) == MAX_LEN for g in decode(lambda: False)) and len(steps) == MAX_LEN
+    steps.clear()
+    with pytest.raises(GenerationCancelled):
+        decode(should_stop)
+    assert steps == [2 * beams] * 2 and asked == [0, 1, 2]

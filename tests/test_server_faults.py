@@ -16,7 +16,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import GRACEFUL, ROOT, answers, assert_error, assert_same, free_port, metric, png, start_server
+from server_helpers import (
+    GRACEFUL,
+    ROOT,
+    answers,
+    assert_error,
+    assert_same,
+    free_port,
+    metric,
+    png,
+    start_server,
+    wait_for,
+)
 
 pytest_plugins = ["server_fixtures"]
 
@@ -162,6 +173,24 @@ def test_clients_that_leave_mid_request(slow_service, expected) -> None:
         )
     r = httpx.post(f"{slow_service.url}/v1/caption", files={"image": IMAGES[10]}, data=FORM, timeout=60)
     check(r, IMAGES[10], expected)
+
+
+def test_a_client_that_leaves_mid_batch_cuts_its_work_short(slow_service, expected) -> None:
+    """The batch holding a request whose client left skips the model work it has not started: the image is
+    not encoded (the next request for it misses the cache) and the abandoned job is counted and logged."""
+    image = png(80, 56, seed=77)
+
+    def abandoned() -> float:
+        return metric(httpx.get(f"{slow_service.url}/metrics").text, "pixelllm_jobs_abandoned_total")
+
+    before = abandoned()
+    (response,) = asyncio.run(caption_all(slow_service.url, [image], timeouts=[DELAY_S / 2]))
+    assert isinstance(response, httpx.TimeoutException)  # it left during its batch's 1 s delay
+    wait_for(lambda: abandoned() > before, 10 * DELAY_S)  # the batch ends after its delay
+    assert abandoned() - before == 1
+    assert "1 of 1 jobs in this batch were abandoned by their callers" in slow_service.log()
+    r = httpx.post(f"{slow_service.url}/v1/caption", files={"image": image}, data=FORM, timeout=60)
+    assert r.status_code == 200 and r.json()["cache_hit"] is False
 
 
 def corrupt(model_dir: Path, kind: str) -> None:

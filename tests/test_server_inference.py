@@ -1,17 +1,24 @@
-"""The service's model loading: LoRA folded into the base weights once, outputs unchanged."""
+"""The service's model side: LoRA folded into the base weights once, outputs unchanged; the work of requests
+whose callers left is skipped or stopped."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import perturb_
 from peft.tuners.lora import LoraLayer
+from PIL import Image
 
 from pixelllm import Predictor, build_pixelllm
 from pixelllm.config import load_config
 from pixelllm.data.synthetic import generate_scene
 from server import Settings
-from server.inference import load_predictor
+from server.cache import EmbeddingCache
+from server.inference import Job, load_predictor, run_jobs
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,3 +43,40 @@ def test_service_merges_lora_and_answers_as_the_unmerged_model(tmp_path):
     assert served.text == reference.text
     for a, b in zip(served.words, reference.words):
         assert a.point == pytest.approx(b.point, abs=1e-3)
+
+
+def test_abandoned_jobs_are_skipped_and_their_decoding_stops(monkeypatch):
+    """One job abandoned before its batch (nothing runs for it), one abandoned after two decoder steps (its
+    caption call stops at the next step), one kept (answered exactly as alone)."""
+    predictor, _ = load_predictor(Settings(model=str(DEFAULT_MODEL_DIR), device="cpu"))
+    images = [Image.fromarray(generate_scene(seed).image) for seed in (11, 12, 13)]
+    gone = Job(key="gone", image=images[0], prompts=[(None, None)], texts=["the object"])
+    leaving = Job(key="leaving", image=images[1], prompts=[(None, None)], max_new_tokens=24)
+    staying = Job(key="staying", image=images[2], prompts=[(None, None)], max_new_tokens=12)
+    gone.abandoned.set()
+    predictor.set_image(images[1])
+    assert len(predictor.caption(max_new_tokens=24).words) >= 3  # so two decoder steps do not finish it
+    predictor.set_image(images[2])
+    decode, steps = predictor.model.language_model.decode, []
+
+    def counting_decode(*args, **kwargs):
+        steps.append(len(args[0]))  # decoder rows
+        if len(steps) == 2:
+            leaving.abandoned.set()
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(predictor.model.language_model, "decode", counting_decode)
+    alone, alone_steps = predictor.caption(max_new_tokens=12), len(steps)
+    leaving.abandoned.clear()  # the count above set it
+    steps.clear()
+
+    cache, reported = EmbeddingCache(8, 1 << 30), []
+    results = run_jobs(predictor, cache, [gone, leaving, staying], on_abandoned=reported.append)
+
+    assert cache.get("gone") is None and cache.get("leaving") is not None and cache.get("staying") is not None
+    assert results[0].captions == [None] and results[0].localizations == [None]
+    assert results[1].captions == [None]
+    assert steps == [1] * (2 + alone_steps)  # two steps of `leaving`, then `staying` as when alone
+    served = results[2].captions[0]
+    assert served.text == alone.text and [w.point for w in served.words] == [w.point for w in alone.words]
+    assert reported == [2]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from server_helpers import ROOT, SLOW_WORD_S, assert_error, metric, png
+from server_helpers import ROOT, SLOW_WORD_S, assert_error, metric, png, wait_for
 
 pytest_plugins = ["server_fixtures"]
 
@@ -148,15 +148,6 @@ def test_openapi_documents_the_stream(client: httpx.Client) -> None:
 
 def slow_metrics(service) -> str:
     return httpx.get(f"{service.url}/metrics").text
-
-
-def wait_for(condition, timeout_s: float) -> float:
-    """Seconds until `condition()` held (polling), or fail."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def test_client_disconnect_stops_the_decoding(slow_stream_service, client: httpx.Client) -> None:

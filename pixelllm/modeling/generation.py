@@ -22,6 +22,17 @@ DecodeStep = Callable[[torch.Tensor, EncoderDecoderCache], tuple[torch.Tensor, E
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 # decoder states (..., D) -> corners (..., 2, 2), confidence (...); None decodes text only
 PointsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# asked before every decoder step; True stops decoding with `GenerationCancelled` (nobody wants the result)
+ShouldStop = Callable[[], bool]
+
+
+class GenerationCancelled(Exception):
+    """Decoding stopped because `should_stop()` said so (e.g. every caller of a served batch went away)."""
+
+
+def _check(should_stop: ShouldStop | None) -> None:
+    if should_stop is not None and should_stop():
+        raise GenerationCancelled("decoding stopped: should_stop() returned True")
 
 
 @dataclass
@@ -48,16 +59,23 @@ def new_cache() -> EncoderDecoderCache:
 
 
 def iter_greedy(
-    step: DecodeStep, logits_fn: LogitsFn, batch_size: int, max_new_tokens: int, device: torch.device
+    step: DecodeStep,
+    logits_fn: LogitsFn,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+    should_stop: ShouldStop | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield, per step: next ids (B,), the decoder states (B, D) that emitted them, and their log-probs (B,).
 
-    Sequences that already emitted EOS receive PAD. Stops when all are finished or at `max_new_tokens`.
+    Sequences that already emitted EOS receive PAD. Stops when all are finished or at `max_new_tokens`;
+    raises `GenerationCancelled` before a step if `should_stop()` is True.
     """
     cache = new_cache()
     last = torch.full((batch_size, 1), PAD_ID, dtype=torch.long, device=device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
+        _check(should_stop)
         hidden, cache = step(last, cache)
         logp = torch.log_softmax(logits_fn(hidden).float(), dim=-1)
         next_ids = logp.argmax(dim=-1)
@@ -76,10 +94,11 @@ def greedy(
     batch_size: int,
     max_new_tokens: int,
     device: torch.device,
+    should_stop: ShouldStop | None = None,
 ) -> list[Generated]:
     """Greedy decoding of a batch; each result is trimmed after its EOS."""
     ids, states, logps = [], [], []
-    for next_ids, hidden, lp in iter_greedy(step, logits_fn, batch_size, max_new_tokens, device):
+    for next_ids, hidden, lp in iter_greedy(step, logits_fn, batch_size, max_new_tokens, device, should_stop):
         ids.append(next_ids)
         states.append(hidden)
         logps.append(lp)
@@ -112,12 +131,13 @@ def beam_search(
     max_new_tokens: int,
     device: torch.device,
     length_penalty: float = 1.0,
+    should_stop: ShouldStop | None = None,
 ) -> list[Generated]:
     """Beam search over a batch whose decoder inputs are already repeated `num_beams` times (B*K rows).
 
     Hypotheses are ranked by sum of log-probs / length**length_penalty; a batch item stops once it has
     `num_beams` finished hypotheses. Each beam carries the decoder states of its own tokens, and the point
-    head runs on the winner's states.
+    head runs on the winner's states. Raises `GenerationCancelled` before a step if `should_stop()` is True.
     """
     k = num_beams
     cache = new_cache()
@@ -129,6 +149,7 @@ def beam_search(
     eos = torch.tensor([EOS_ID], device=device)
     finished: list[list[_Hypothesis]] = [[] for _ in range(batch_size)]
     for t in range(max_new_tokens):
+        _check(should_stop)
         hidden, cache = step(last, cache)
         states = hidden[:, None] if states is None else torch.cat([states, hidden[:, None]], dim=1)
         logp = torch.log_softmax(logits_fn(hidden).float(), dim=-1)

@@ -14,7 +14,7 @@ from ..config import PixelLLMConfig, ProposalHeadConfig
 from ..tokenizer import EOS_ID, PAD_ID, Tokenizer
 from .feature_extractor import PromptFeatureExtractor
 from .frozen_block import FrozenLMBlock
-from .generation import Generated, beam_search, greedy, iter_greedy
+from .generation import Generated, ShouldStop, beam_search, greedy, iter_greedy
 from .image_encoder import ImageEncoder
 from .language_model import LanguageModel
 from .mask_head import MaskHead, upsample_masks
@@ -222,8 +222,12 @@ class PixelLLM(nn.Module):
         max_new_tokens: int | None = None,
         num_beams: int = 1,
         with_points: bool = True,
+        should_stop: ShouldStop | None = None,
     ) -> list[Generated]:
-        """Caption a batch. Returns per sample: ids (T,), corners (T, 2, 2) in [0, 1], confidence (T,) in [0, 1]."""
+        """Caption a batch. Returns per sample: ids (T,), corners (T, 2, 2) in [0, 1], confidence (T,) in [0, 1].
+
+        `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
+        """
         max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
         enc, enc_mask = self.encode_prompts(features, prompts)
         b = enc.shape[0]
@@ -232,9 +236,11 @@ class PixelLLM(nn.Module):
             enc = enc.repeat_interleave(num_beams, dim=0)
             enc_mask = enc_mask.repeat_interleave(num_beams, dim=0)
             step, logits_fn = self._decode_fns(enc, enc_mask)
-            return beam_search(step, logits_fn, points_fn, b, num_beams, max_new_tokens, enc.device)
+            return beam_search(
+                step, logits_fn, points_fn, b, num_beams, max_new_tokens, enc.device, should_stop=should_stop
+            )
         step, logits_fn = self._decode_fns(enc, enc_mask)
-        return greedy(step, logits_fn, points_fn, b, max_new_tokens, enc.device)
+        return greedy(step, logits_fn, points_fn, b, max_new_tokens, enc.device, should_stop)
 
     @torch.no_grad()
     def generate_stream(
