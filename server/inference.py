@@ -169,7 +169,7 @@ def run_jobs(
     abandoned = sum(job.abandoned.is_set() for job in jobs)
     if abandoned:
         logger.info(
-            "%d of %d jobs in this batch were abandoned by their callers; their work was cut short",
+            "%d of %d jobs in this batch were abandoned by their callers; steps not yet started were skipped for them",
             abandoned,
             len(jobs),
         )

@@ -38,7 +38,7 @@ class Metrics:
         )
         self.jobs_abandoned = Counter(
             "pixelllm_jobs_abandoned",
-            "Batched requests whose client left or timed out before their batch ended: model steps not yet "
+            "Requests whose client left or timed out while their batch was running: model steps not yet "
             "started were skipped for them",
             registry=r,
         )

@@ -46,14 +46,18 @@ def test_service_merges_lora_and_answers_as_the_unmerged_model(tmp_path):
 
 
 def test_abandoned_jobs_are_skipped_and_their_decoding_stops(monkeypatch):
-    """One job abandoned before its batch (nothing runs for it), one abandoned after two decoder steps (its
-    caption call stops at the next step), one kept (answered exactly as alone)."""
+    """One job abandoned before its batch (nothing runs for it, though a live job shares its image), one
+    abandoned after two decoder steps (its caption call stops at the next step), one kept (answered exactly as
+    alone)."""
     predictor, _ = load_predictor(Settings(model=str(DEFAULT_MODEL_DIR), device="cpu"))
     images = [Image.fromarray(generate_scene(seed).image) for seed in (11, 12, 13)]
     gone = Job(key="gone", image=images[0], prompts=[(None, None)], texts=["the object"])
     leaving = Job(key="leaving", image=images[1], prompts=[(None, None)], max_new_tokens=24)
     staying = Job(key="staying", image=images[2], prompts=[(None, None)], max_new_tokens=12)
+    sharing = Job(key="gone", image=images[0], texts=["the object"])
     gone.abandoned.set()
+    predictor.set_image(images[0])
+    located = predictor.localize("the object")
     predictor.set_image(images[1])
     assert len(predictor.caption(max_new_tokens=24).words) >= 3  # so two decoder steps do not finish it
     predictor.set_image(images[2])
@@ -71,12 +75,14 @@ def test_abandoned_jobs_are_skipped_and_their_decoding_stops(monkeypatch):
     steps.clear()
 
     cache, reported = EmbeddingCache(8, 1 << 30), []
-    results = run_jobs(predictor, cache, [gone, leaving, staying], on_abandoned=reported.append)
+    results = run_jobs(predictor, cache, [gone, leaving, staying, sharing], on_abandoned=reported.append)
 
-    assert cache.get("gone") is None and cache.get("leaving") is not None and cache.get("staying") is not None
+    assert all(cache.get(key) is not None for key in ("gone", "leaving", "staying"))  # "gone" for `sharing`
     assert results[0].captions == [None] and results[0].localizations == [None]
+    assert results[3].localizations[0].box == located.box
     assert results[1].captions == [None]
-    assert steps == [1] * (2 + alone_steps)  # two steps of `leaving`, then `staying` as when alone
+    # two steps of `leaving`, then `staying` as when alone, then one teacher-forced pass localizing for `sharing`
+    assert steps == [1] * (2 + alone_steps + 1)
     served = results[2].captions[0]
     assert served.text == alone.text and [w.point for w in served.words] == [w.point for w in alone.words]
     assert reported == [2]
