@@ -141,14 +141,14 @@ def test_regions_many_prompts_one_call(service_client: httpx.Client) -> None:
 
 
 def test_cache_hit_skips_encoder(service_client: httpx.Client) -> None:
-    image = png(100, 80, seed=42)
+    image = png(1000, 750, seed=42)  # big enough that decoding it clearly outweighs hashing it, even under load
     before = service_client.get("/metrics").text
     first = service_client.post("/v1/caption", files={"image": image}, data={"max_new_tokens": "4"}).json()
     second = service_client.post("/v1/localize", files={"image": image}, data={"text": "a thing"}).json()
     after = service_client.get("/metrics").text
     assert first["cache_hit"] is False and first["timing_ms"]["encode"] > 0
     assert second["cache_hit"] is True and second["timing_ms"]["encode"] == 0
-    assert second["timing_ms"]["decode"] < first["timing_ms"]["decode"] + 1  # no decode on a hit
+    assert second["timing_ms"]["decode"] < first["timing_ms"]["decode"] / 3  # a hit hashes the bytes, no decode
     assert metric(after, "pixelllm_cache_hits_total") == metric(before, "pixelllm_cache_hits_total") + 1
     assert metric(after, "pixelllm_cache_misses_total") == metric(before, "pixelllm_cache_misses_total") + 1
 
