@@ -37,7 +37,7 @@ from .data.narratives import read_narratives, token_targets, word_locations
 from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
 from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
-from .predictor import DENSE_SCORE_THRESHOLD, Predictor, Word, _group_words
+from .predictor import DENSE_SCORE_THRESHOLD, ImageEmbedding, Localization, Predictor, Word, _group_words
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,18 @@ def _word_point_hits(words: list[Word], objects: list[SceneObject]) -> list[bool
     return hits
 
 
+def _regressed_masks(predictor: Predictor, emb: ImageEmbedding, locs: list[Localization]) -> list[np.ndarray]:
+    """The mask of each localization's point-head box: its own mask where refining kept that box."""
+    snapped = [i for i, loc in enumerate(locs) if loc.regressed_box is not None]
+    masks = [loc.mask for loc in locs]
+    if snapped:
+        features = emb.features[[0] * len(snapped)]
+        boxes = [locs[i].regressed_box for i in snapped]
+        for i, m in zip(snapped, predictor.masks_for_boxes(features, [emb] * len(snapped), boxes)):
+            masks[i] = m
+    return masks
+
+
 def _teacher_forced(predictor: Predictor, emb, scene: Scene) -> tuple[float, int, list[bool | None]]:
     """Teacher-forcing the reference caption: the sum of L1 (image px) between predicted and trace points over
     located tokens, their count, and `_word_point_hits` of the reference caption's words."""
@@ -145,15 +157,15 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     for i, scene in enumerate(tqdm(scenes, total=total, desc="eval", unit="scene")):
         emb = predictor.embed(scene.image)
         objs = scene.objects
-        # referring localization + segmentation
-        texts = [o.referring for o in objs]
-        for suffix, refine in (("", True), ("_regressed", False)):
-            locs = predictor.localize_embeddings([emb] * len(objs), texts, mask=True, refine=refine)
-            for o, loc in zip(objs, locs):
-                iou = box_iou(loc.box, o.box)
+        # referring localization + segmentation, with the refined box and with the point head's own box
+        locs = predictor.localize_embeddings([emb] * len(objs), [o.referring for o in objs], mask=True)
+        for o, loc, mask_regressed in zip(objs, locs, _regressed_masks(predictor, emb, locs)):
+            regressed = loc.box if loc.regressed_box is None else loc.regressed_box
+            for suffix, box, mask in (("", loc.box, loc.mask), ("_regressed", regressed, mask_regressed)):
+                iou = box_iou(box, o.box)
                 stats["ref_iou" + suffix].append(iou)
                 stats["ref_hit" + suffix].append(iou >= 0.5)
-                stats["mask_iou" + suffix].append(mask_iou(loc.mask, o.mask))
+                stats["mask_iou" + suffix].append(mask_iou(mask, o.mask))
         # region captions from the box and from a point inside the object
         points = []
         for o in objs:

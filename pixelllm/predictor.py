@@ -308,13 +308,20 @@ class Predictor:
                 if s and _has_area(refined):  # a proposal in the padding clips to nothing
                     r.regressed_box, r.box = r.box, refined
         if mask:
-            model_boxes = torch.from_numpy(
-                np.stack([emb.transform.to_model(np.array(r.box)) for r, emb in zip(results, embeddings)])
-            ).to(self.model.device)
-            logits = self.model.masks(features[image_index], model_boxes)
-            for r, emb, m in zip(results, embeddings, logits):
-                r.mask = emb.transform.mask_from_model(m)
+            masks = self.masks_for_boxes(features[image_index], embeddings, [r.box for r in results])
+            for r, m in zip(results, masks):
+                r.mask = m
         return results
+
+    @torch.no_grad()
+    def masks_for_boxes(
+        self, features: ImageFeatures, embeddings: Sequence[ImageEmbedding], boxes: Sequence[Box]
+    ) -> list[np.ndarray]:
+        """The mask head's mask (H, W) bool, original image pixels, for boxes[i] on the i-th image of `features`
+        (B images, embeddings[i] its resize); boxes are x0, y0, x1, y1 in original image pixels."""
+        model_boxes = np.stack([emb.transform.to_model(np.array(box)) for box, emb in zip(boxes, embeddings)])
+        logits = self.model.masks(features, torch.from_numpy(model_boxes).to(self.model.device))
+        return [emb.transform.mask_from_model(m) for emb, m in zip(embeddings, logits)]
 
     # ------------------------------------------------------------------ helpers
     def _distinct(self, embeddings: Sequence[ImageEmbedding]) -> tuple[ImageFeatures, torch.Tensor]:
