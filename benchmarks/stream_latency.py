@@ -7,8 +7,8 @@ and in a region. For each (image, prompt), side by side and alternating which go
 - first word: `Predictor.caption_stream()` until it yields its first word (a word is complete once the
   first token of the next word is decoded); the stream is then drained, and its total is reported too.
 
-Both start from the image embedding, as for a cached image in the service. That is the harder case: a cold
-image's encoder pass adds the same time to both (`--cold` includes it). Per (image, prompt) the medians over
+Both start from the image embedding, as for a cached image in the service. That is the favourable case for
+the ratio: a cold image's encoder pass adds the same time to both and so raises it (`--cold` includes it). Per (image, prompt) the medians over
 the repeats are taken (and the best-of ratio, min / min, least disturbed by other load on a shared machine);
 the headline gives the median ratio, first word / full, of whole-image captions and of region captions.
 
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         mode="quick" if args.quick else "full",
         machine_info=machine_info,
-        figure=f"first word at {image['first_word_ratio_median']:.0%} of the full caption's latency for whole-image "
+        figure=f"{'cold' if args.cold else 'cached'} image: first word at {image['first_word_ratio_median']:.0%} "
+        f"of the full caption's latency for whole-image "
         f"captions ({image['words_median']:g} words), {box['first_word_ratio_median']:.0%} for region captions "
         f"({box['words_median']:g} words); median of all {len(results)}: {ratio:.0%}; whole stream "
         f"{total_ratio:.2f}x the plain caption",
