@@ -267,3 +267,24 @@ def test_prompts_sharing_images_equal_one_call_each(tiny_model):
         alone = predictor.localize_embeddings([emb], [text], mask=True)[0]
         np.testing.assert_allclose(loc.box, alone.box, atol=1e-3)
         assert (loc.mask != alone.mask).mean() < 0.001
+
+
+def test_masks_for_boxes_segment_image_pixel_boxes_on_their_own_images(tiny_model):
+    """`masks_for_boxes` hands the mask head each box in model-input pixels with its own image's SAM features,
+    and returns each mask in its own image's pixels: what `localize` draws on its box."""
+    from pixelllm.data.synthetic import generate_scene
+
+    predictor = Predictor(tiny_model)
+    a = predictor.embed(generate_scene(21).image[:90])
+    b = predictor.embed(generate_scene(22).image[:, :120])
+    embeddings, boxes = [a, b, a], [(10, 5, 80, 60), (0, 20, 100, 130), (50, 40, 150, 90)]
+    features, index = predictor._distinct(embeddings)
+    with controlled(tiny_model, token=None) as seen:
+        masks = predictor.masks_for_boxes(features[index], embeddings, boxes)
+    sam, model_boxes = seen["mask_head"][0][:2]
+    for i, (emb, box, mask) in enumerate(zip(embeddings, boxes, masks)):
+        assert mask.dtype == bool and mask.shape == emb.original_size
+        torch.testing.assert_close(sam[i], emb.features.sam[0])
+        np.testing.assert_allclose(model_boxes[i].numpy(), np.array(box) * emb.transform.scale, rtol=1e-6)
+    located = predictor.localize_embeddings([b], ["a blue star"], mask=True, refine=False)[0]
+    np.testing.assert_array_equal(predictor.masks_for_boxes(b.features, [b], [located.box])[0], located.mask)
