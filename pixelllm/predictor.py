@@ -167,8 +167,12 @@ class Predictor:
         box: Box | None = None,
         point: Point | None = None,
         max_new_tokens: int | None = None,
+        should_stop: ShouldStop | None = None,
     ) -> Generator[Word, None, Caption]:
-        """`caption_stream` on a given image embedding (no predictor state: safe beside other calls)."""
+        """`caption_stream` on a given image embedding (no predictor state: safe beside other calls).
+
+        `should_stop()` is asked before every decoder step; True raises `GenerationCancelled` from the generator.
+        """
         prompts = self._location_prompts([embedding], [box], [point])
         tokenizer, transform = self.model.tokenizer, embedding.transform
         ids: list[int] = []
@@ -184,7 +188,7 @@ class Predictor:
             return _word(text, start, end, word_corners, word_conf, transform)
 
         for step_ids, step_corners, step_conf, step_logp in self.model.generate_stream(
-            embedding.features, prompts, max_new_tokens
+            embedding.features, prompts, max_new_tokens, should_stop
         ):
             token = int(step_ids[0])
             logps.append(float(step_logp[0]))

@@ -134,10 +134,12 @@ def run_jobs(
 
     localize_groups: dict[bool, list[tuple[int, int]]] = defaultdict(list)
     for j, job in enumerate(jobs):
-        if not job.abandoned.is_set():
-            for t in range(len(job.texts)):
-                localize_groups[job.mask].append((j, t))
+        for t in range(len(job.texts)):
+            localize_groups[job.mask].append((j, t))
     for mask, members in localize_groups.items():
+        members = [(j, t) for j, t in members if not jobs[j].abandoned.is_set()]
+        if not members:
+            continue
         start = time.perf_counter()
         locs = predictor.localize_embeddings(
             [embeddings[jobs[j].key] for j, _ in members], texts=[jobs[j].texts[t] for j, t in members], mask=mask
@@ -146,9 +148,12 @@ def run_jobs(
 
     dense_groups: dict[tuple, list[int]] = defaultdict(list)
     for j, job in enumerate(jobs):
-        if job.dense is not None and not job.abandoned.is_set():
+        if job.dense is not None:
             dense_groups[(job.dense, job.max_new_tokens, job.num_beams)].append(j)
     for ((score_threshold, nms_iou, max_regions), max_new_tokens, num_beams), members in dense_groups.items():
+        members = [j for j in members if not jobs[j].abandoned.is_set()]
+        if not members:
+            continue
         start = time.perf_counter()
         try:
             found = predictor.dense_caption_embeddings(

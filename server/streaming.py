@@ -2,8 +2,8 @@
 
 Decoding is greedy: a beam's words are only known once the search ends, so `num_beams` > 1 is refused (422).
 Each stream decodes in a thread of the engine's stream pool while holding a queue slot (429 when none is
-free), on the image embedding from the cache. The client leaving, or the request timeout, stops the decoding
-between two words.
+free), on the image embedding from the cache. The client leaving (even before the first event), or the request
+timeout, stops the decoding before its next decoder step.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pixelllm import GenerationCancelled
 
 from .errors import ApiError, invalid
 from .inference import Job
@@ -67,36 +70,48 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
 
     async def events() -> AsyncIterator[str]:
         first_word_ms = None
-        try:
-            while True:
-                kind, *item = await items.get()
-                if kind == "word":
-                    if first_word_ms is None:
-                        first_word_ms = _ms(start)
-                        engine.metrics.stream_first_word.observe(first_word_ms / 1000.0)
-                    yield sse("word", word_results(item, width, height)[0].model_dump_json())
-                    if await request.is_disconnected():
-                        return
-                elif kind == "done":
-                    caption, cache_hit, encode_ms = item
-                    timing = {"decode": decode_ms, "encode": encode_ms}
-                    timing |= {"first_word": first_word_ms} if first_word_ms is not None else {}
-                    response = CaptionResponse(
-                        **caption_result(caption, params.box, params.point, width, height).model_dump(),
-                        image=ImageInfo(width=width, height=height),
-                        model=engine.model_name,
-                        cache_hit=cache_hit,
-                        timing_ms=timing | {"total": _ms(start)},
-                    )
-                    yield sse("done", response.model_dump_json())
+        while True:
+            kind, *item = await items.get()
+            if kind == "word":
+                if first_word_ms is None:
+                    first_word_ms = _ms(start)
+                    engine.metrics.stream_first_word.observe(first_word_ms / 1000.0)
+                yield sse("word", word_results(item, width, height)[0].model_dump_json())
+                if await request.is_disconnected():
                     return
-                else:
-                    yield sse("error", json.dumps({"error": _error(item[0])}))
-                    return
-        finally:
-            stop.set()  # the client left (or we are done): the decoding thread stops before its next word
+            elif kind == "done":
+                caption, cache_hit, encode_ms = item
+                timing = {"decode": decode_ms, "encode": encode_ms}
+                timing |= {"first_word": first_word_ms} if first_word_ms is not None else {}
+                response = CaptionResponse(
+                    **caption_result(caption, params.box, params.point, width, height).model_dump(),
+                    image=ImageInfo(width=width, height=height),
+                    model=engine.model_name,
+                    cache_hit=cache_hit,
+                    timing_ms=timing | {"total": _ms(start)},
+                )
+                yield sse("done", response.model_dump_json())
+                return
+            else:
+                yield sse("error", json.dumps({"error": _error(item[0])}))
+                return
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StoppingStream(stop, events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+class StoppingStream(StreamingResponse):
+    """A `StreamingResponse` that sets `stop` once it ends for any reason: done, the client gone (even before the
+    first event, when Starlette cancels the response before it iterates the events at all), or an error."""
+
+    def __init__(self, stop: threading.Event, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop = stop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stop.set()
 
 
 def _decode(
@@ -119,23 +134,31 @@ def _decode(
             engine.cache.put(job.key, embedding)
         (engine.metrics.cache_hits if cache_hit else engine.metrics.cache_misses).inc()
         encode_ms = 0.0 if cache_hit else _ms(start)
-        words = engine.predictor.caption_stream_embedding(embedding, box, point, max_new_tokens)
+
+        def should_stop() -> bool:
+            return stop.is_set() or time.monotonic() > deadline
+
+        words = engine.predictor.caption_stream_embedding(embedding, box, point, max_new_tokens, should_stop)
         delay_s = engine.settings.debug_batch_delay_ms / 1000.0
         try:
             while True:
-                if stop.wait(delay_s):
-                    engine.metrics.streams_cancelled.inc()
-                    logger.info("streamed caption cancelled: the client left")
-                    return
-                if time.monotonic() > deadline:
-                    timeout = engine.settings.request_timeout_s
-                    emit(("error", ApiError(504, "timeout", f"no complete caption within {timeout:g} s")))
-                    return
+                stop.wait(delay_s)  # test only: each word comes this late (returns at once when stopped)
                 try:
-                    emit(("word", next(words)))
+                    if should_stop():
+                        raise GenerationCancelled("stopped between two words")
+                    word = next(words)
                 except StopIteration as end:
                     emit(("done", end.value, cache_hit, encode_ms))
                     return
+                except GenerationCancelled:
+                    if stop.is_set():
+                        engine.metrics.streams_cancelled.inc()
+                        logger.info("streamed caption cancelled: the client left")
+                    else:
+                        timeout = engine.settings.request_timeout_s
+                        emit(("error", ApiError(504, "timeout", f"no complete caption within {timeout:g} s")))
+                    return
+                emit(("word", word))
         finally:
             words.close()
     except Exception as exc:  # noqa: BLE001 - reported to the client as an `error` event, logged here

@@ -288,3 +288,24 @@ def test_masks_for_boxes_segment_image_pixel_boxes_on_their_own_images(tiny_mode
         np.testing.assert_allclose(model_boxes[i].numpy(), np.array(box) * emb.transform.scale, rtol=1e-6)
     located = predictor.localize_embeddings([b], ["a blue star"], mask=True, refine=False)[0]
     np.testing.assert_array_equal(predictor.masks_for_boxes(b.features, [b], [located.box])[0], located.mask)
+
+
+def test_caption_stream_asks_should_stop_before_every_decoder_step(tiny_model):
+    """The stream stops inside a word: `should_stop()` is asked before each decoder step, not once per word."""
+    from pixelllm import GenerationCancelled
+
+    predictor = Predictor(tiny_model)
+    emb = predictor.embed(np.zeros((64, 64, 3), np.uint8))
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(len(asked))
+        return len(asked) > 3
+
+    with controlled(tiny_model, token="circle"):  # every token is the word "circle", never EOS
+        words = predictor.caption_stream_embedding(emb, max_new_tokens=10, should_stop=should_stop)
+        assert next(words).text == "circle"  # complete once the second token is decoded: two steps, two asks
+        assert next(words).text == "circle"  # the third step
+        with pytest.raises(GenerationCancelled):
+            next(words)
+    assert len(asked) == 4

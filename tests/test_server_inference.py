@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import perturb_
@@ -85,4 +86,39 @@ def test_abandoned_jobs_are_skipped_and_their_decoding_stops(monkeypatch):
     assert steps == [1] * (2 + alone_steps + 1)
     served = results[2].captions[0]
     assert served.text == alone.text and [w.point for w in served.words] == [w.point for w in alone.words]
+    assert reported == [2]
+
+
+def test_a_call_runs_on_for_its_live_jobs_and_later_calls_drop_the_abandoned(monkeypatch):
+    """`leaving` shares `partner`'s caption call and is abandoned after two decoder steps: the call goes on
+    for `partner`, answered as alone. `late` is abandoned during `partner`'s localization: its own
+    localization (another mask flag, so another call) and its dense captions do not run at all."""
+    predictor, _ = load_predictor(Settings(model=str(DEFAULT_MODEL_DIR), device="cpu"))
+    images = [Image.fromarray(generate_scene(seed).image) for seed in (12, 13, 14)]
+    partner = Job(key="partner", image=images[0], prompts=[(None, None)], texts=["the object"], max_new_tokens=24)
+    leaving = Job(key="leaving", image=images[1], prompts=[(None, None)], max_new_tokens=24)
+    late = Job(key="late", image=images[2], texts=["the object"], mask=True, dense=(0.3, 0.5, 8))
+    predictor.set_image(images[0])
+    caption, located = predictor.caption(max_new_tokens=24), predictor.localize("the object")
+    decode, rows = predictor.model.language_model.decode, []
+
+    def counting_decode(*args, **kwargs):
+        rows.append(len(args[0]))  # decoder rows of this call
+        if len(rows) == 2:
+            leaving.abandoned.set()
+        if rows[-1] == 1:  # the first localization call: `partner`'s
+            late.abandoned.set()
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(predictor.model.language_model, "decode", counting_decode)
+    monkeypatch.setattr(predictor, "dense_caption_embeddings", lambda *a, **k: pytest.fail("dense call ran"))
+    reported = []
+    results = run_jobs(predictor, EmbeddingCache(8, 1 << 30), [partner, leaving, late], on_abandoned=reported.append)
+
+    served = results[0].captions[0]  # batched with another row: the same words, points equal to float precision
+    assert served.text == caption.text
+    np.testing.assert_allclose([w.point for w in served.words], [w.point for w in caption.words], atol=1e-3)
+    assert results[0].localizations[0].box == pytest.approx(located.box, abs=1e-3)
+    assert len(rows) > 3 and rows[:-1] == [2] * (len(rows) - 1) and rows[-1] == 1  # no second localization call
+    assert results[2].localizations == [None] and results[2].regions == []
     assert reported == [2]

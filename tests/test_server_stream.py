@@ -208,3 +208,48 @@ def test_a_stream_past_the_timeout_ends_with_an_error_event(slow_stream_service)
     kinds = [kind for kind, _ in answer]
     assert kinds[-1] == "error" and set(kinds[:-1]) == {"word"} and len(kinds) > 5, kinds
     assert answer[-1][1] == {"error": {"code": "timeout", "message": "no complete caption within 4 s"}}
+
+
+def test_a_client_gone_before_the_first_event_stops_the_decoding() -> None:
+    """Starlette cancels a streamed response whose client is already gone before it iterates the events at all
+    (uvicorn answers `receive()` with `http.disconnect` at once then): the decoding thread must stop anyway.
+    Driven in-process through the ASGI interface, so the disconnect is there before the response starts."""
+    from starlette.testclient import TestClient
+
+    from server import Settings, create_app
+
+    settings = Settings(model=str(ROOT / "weights" / "pixelllm-tiny"), debug_batch_delay_ms=SLOW_WORD_S * 1000)
+    body = json.dumps({"image": base64.b64encode(SAMPLE).decode(), "stream": True}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},  # uvicorn's: the response listens for the disconnect
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/caption",
+        "raw_path": b"/v1/caption",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:  # the body, then the client is gone: answered at once, as uvicorn does
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    app = create_app(settings)
+    with TestClient(app) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, 120.0)  # the model loads after start-up
+        started = time.monotonic()
+        client.portal.call(app, scope, receive, send)
+        assert not any(m["type"] == "http.response.body" and m.get("body") for m in sent)  # no event went out
+        # the thread stops at its next word (0.25 s each); unstopped it would decode all ~22 words (5.5 s)
+        wait_for(lambda: metric(client.get("/metrics").text, "pixelllm_streams_cancelled_total") == 1, 3.0)
+        wait_for(lambda: metric(client.get("/metrics").text, "pixelllm_queue_depth") == 0, 1.0)
+        assert time.monotonic() - started < 3.0

@@ -244,13 +244,20 @@ class PixelLLM(nn.Module):
 
     @torch.no_grad()
     def generate_stream(
-        self, features: ImageFeatures, prompts: Prompts, max_new_tokens: int | None = None
+        self,
+        features: ImageFeatures,
+        prompts: Prompts,
+        max_new_tokens: int | None = None,
+        should_stop: ShouldStop | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Greedy decoding that yields each step's ids (B,), corners (B, 2, 2), confidence (B,) and log-probs (B,)."""
+        """Greedy decoding that yields each step's ids (B,), corners (B, 2, 2), confidence (B,) and log-probs (B,).
+
+        `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
+        """
         max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
         enc, enc_mask = self.encode_prompts(features, prompts)
         step, logits_fn = self._decode_fns(enc, enc_mask)
-        for ids, hidden, logp in iter_greedy(step, logits_fn, enc.shape[0], max_new_tokens, enc.device):
+        for ids, hidden, logp in iter_greedy(step, logits_fn, enc.shape[0], max_new_tokens, enc.device, should_stop):
             corners, confidence = self._points(hidden)
             yield ids, corners, confidence, logp
 
