@@ -8,9 +8,10 @@ and in a region. For each (image, prompt), side by side and alternating which go
   first token of the next word is decoded); the stream is then drained, and its total is reported too.
 
 Both start from the image embedding, as for a cached image in the service. That is the favourable case for
-the ratio: a cold image's encoder pass adds the same time to both and so raises it (`--cold` includes it). Per (image, prompt) the medians over
-the repeats are taken (and the best-of ratio, min / min, least disturbed by other load on a shared machine);
-the headline gives the median ratio, first word / full, of whole-image captions and of region captions.
+the ratio: a cold image's encoder pass adds the same time to both and so raises it (`--cold` includes it).
+Per (image, prompt) the medians over the repeats are taken (and the best-of ratio, min / min, least disturbed
+by other load on a shared machine); the headline gives the median ratio, first word / full, of whole-image
+captions and of region captions.
 
     python benchmarks/stream_latency.py                 # CPU, 9 repeats, 4 scenes
     python benchmarks/stream_latency.py --quick         # 3 repeats, 2 scenes
