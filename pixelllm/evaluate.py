@@ -10,7 +10,9 @@ Metrics (written as JSON):
   the object's box (objects matched to caption phrases "<color> <shape>"; an object the caption does not
   name counts as a miss). Split into the share of objects the caption names (`caption_object_mention_rate`)
   and the point-in-box share among them (`_mentioned`); `_teacher_forced` is the point-in-box share with the
-  reference caption teacher-forced, where every object is named (the point head alone, LN-style);
+  reference caption teacher-forced, where every object is named (the point head alone, LN-style). The same
+  with any shape word after the object's color (`caption_object_color_rate`, `_color_named`) separates a
+  wrong shape word from an object left out;
 - point L1 (Localized-Narratives style): teacher-forcing the reference caption, mean L1 between each
   located token's predicted point and its trace point, in pixels of the original image;
 - caption scores (BLEU-4, ROUGE-L, CIDEr, and METEOR when Java runs) via pycocoevalcap, if installed;
@@ -97,14 +99,15 @@ def generated_scenes(n: int, seed: int, renderer: str) -> Iterator[Scene]:
         yield render(scene_seed(seed, i))
 
 
-def _word_point_hits(words: list[Word], objects: list[SceneObject]) -> list[bool | None]:
+def _word_point_hits(words: list[Word], objects: list[SceneObject], match_shape: bool = True) -> list[bool | None]:
     """Per object (in caption order): is the point of its "<color> <shape>" words' shape word inside its box?
-    None where the words do not name it."""
+    None where the words do not name it. With `match_shape=False` any shape word after its color names it."""
     used, hits = set(), []
     for o in objects:
         hit = None
         for j, word in enumerate(words):
-            if j in used or word.text != o.shape or j == 0 or words[j - 1].text != o.color:
+            shape_ok = word.text == o.shape if match_shape else word.text in SHAPES
+            if j in used or not shape_ok or j == 0 or words[j - 1].text != o.color:
                 continue
             used.add(j)
             hit = _inside(word.point, o.box)
@@ -148,7 +151,8 @@ def _teacher_forced(predictor: Predictor, emb, scene: Scene) -> tuple[float, int
 
 def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = None) -> dict:
     keys = ("ref_iou", "ref_hit", "mask_iou", "ref_iou_regressed", "ref_hit_regressed", "mask_iou_regressed")
-    stats = {k: [] for k in keys + ("region_box", "region_point", "word_point", "word_point_teacher_forced")}
+    keys += ("region_box", "region_point", "word_point", "word_point_any_shape", "word_point_teacher_forced")
+    stats = {k: [] for k in keys}
     l1_sum, l1_count = 0.0, 0
     references, candidates = {}, {}
     dense_predictions, dense_truths = [], []
@@ -183,6 +187,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         caption = caps[-1]
         candidates[i], references[i] = [caption.text], [scene.caption]
         stats["word_point"] += _word_point_hits(caption.words, objs)
+        stats["word_point_any_shape"] += _word_point_hits(caption.words, objs, match_shape=False)
         s, c, hits = _teacher_forced(predictor, emb, scene)
         stats["word_point_teacher_forced"] += hits
         l1_sum, l1_count = l1_sum + s, l1_count + c
@@ -210,6 +215,8 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         "caption_word_point_acc": float(np.mean([h is True for h in stats["word_point"]])),
         "caption_object_mention_rate": float(np.mean([h is not None for h in stats["word_point"]])),
         "caption_word_point_acc_mentioned": _share_true(stats["word_point"]),
+        "caption_object_color_rate": float(np.mean([h is not None for h in stats["word_point_any_shape"]])),
+        "caption_word_point_acc_color_named": _share_true(stats["word_point_any_shape"]),
         "caption_word_point_acc_teacher_forced": _share_true(stats["word_point_teacher_forced"]),
         "point_l1_px": l1_sum / max(l1_count, 1),
         "caption_exact_match": float(np.mean([candidates[k][0] == references[k][0] for k in candidates])),

@@ -53,5 +53,11 @@ def test_word_points_are_matched_to_objects_by_color_and_shape_in_order():
     ]
     hits = _word_point_hits(words, objects)
     assert hits == [True, False, None]
+    # any shape after the color: the blue star still names nothing (its color is wrong), and a "red star"
+    # would name a red circle
+    assert _word_point_hits(words, objects, match_shape=False) == [True, False, None]
+    red_star = [word("a", (0, 0)), word("red", (0, 0)), word("star", (25, 25))]
+    assert _word_point_hits(red_star, objects) == [None, None, None]
+    assert _word_point_hits(red_star, objects, match_shape=False) == [False, None, None]
     assert _share_true(hits) == 0.5
     assert _share_true([None]) == 0.0
