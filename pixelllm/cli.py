@@ -33,11 +33,13 @@ def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
 def _load_image(path: str):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from .transforms import to_rgb
+
     if not Path(path).is_file():
         raise CLIError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, OSError) as e:
         raise CLIError(f"cannot read image {path}: {e}") from None
 

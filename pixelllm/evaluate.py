@@ -40,6 +40,7 @@ from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
 from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
 from .predictor import DENSE_SCORE_THRESHOLD, ImageEmbedding, Localization, Predictor, Word, _group_words
+from .transforms import to_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def load_scenes(data_dir: str | Path) -> Iterator[Scene]:
             if not line.strip():
                 continue
             ann = json.loads(line)
-            image = np.asarray(Image.open(data_dir / "images" / ann["file_name"]).convert("RGB"))
+            image = to_rgb_array(Image.open(data_dir / "images" / ann["file_name"]))
             objects = [
                 SceneObject(
                     shape=o["shape"],

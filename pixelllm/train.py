@@ -31,6 +31,7 @@ from .data.synthetic import generate_scene, scene_seed
 from .data.tasks import TASKS, PreparedScene, collate, make_sample, prepare_record, prepare_scene
 from .modeling.pixelllm import PixelLLM
 from .tokenizer import Tokenizer
+from .transforms import to_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class SceneSource:
         if self.cfg.kind == "synthetic":
             return self.scenes[i]
         record = self.records[i]
-        image = np.asarray(Image.open(Path(self.cfg.image_root) / f"{record['image_id']}.jpg").convert("RGB"))
+        image = to_rgb_array(Image.open(Path(self.cfg.image_root) / f"{record['image_id']}.jpg"))
         return prepare_record(image, record, self.image_size, self.tokenizer)
 
 

@@ -47,10 +47,28 @@ class ImageTransform:
         return (full[0, 0] > 0).cpu().numpy()
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: 16/32-bit and float scaled to 8 bits, transparency composited onto white.
+
+    One rule for every way in (Python API, CLI, service), so a transparent or 16-bit PNG gives the same answer.
+    """
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            top = max(float(arr.max(initial=0)), 1e-12)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    """A PIL image or an (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB array."""
+    """A PIL image (any mode, see `to_rgb`) or an (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB array."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}")

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .predictor import Caption, Localization, Region
+from .transforms import to_rgb_array
 
 
 def word_colors(n: int) -> list[tuple[int, int, int]]:
@@ -22,7 +23,7 @@ def word_colors(n: int) -> list[tuple[int, int, int]]:
 
 def render_overlay(image: Image.Image | np.ndarray, result: Caption | Localization) -> Image.Image:
     """`image` with `result`'s words (points and boxes), its box and mask if any, and its text below."""
-    base = Image.fromarray(np.asarray(image)).convert("RGB") if isinstance(image, np.ndarray) else image.convert("RGB")
+    base = Image.fromarray(to_rgb_array(image))
     w, h = base.size
     scale = max(w, h) / 512
     line = max(1, round(2 * scale))
@@ -45,7 +46,7 @@ def render_overlay(image: Image.Image | np.ndarray, result: Caption | Localizati
 
 def render_dense(image: Image.Image | np.ndarray, regions: list[Region]) -> Image.Image:
     """`image` with each dense-caption region's box in its color and number; numbered captions below."""
-    base = Image.fromarray(np.asarray(image)).convert("RGB") if isinstance(image, np.ndarray) else image.convert("RGB")
+    base = Image.fromarray(to_rgb_array(image))
     scale = max(base.size) / 512
     line = max(1, round(2 * scale))
     font = ImageFont.load_default(size=max(10, round(14 * scale)))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pixelllm.transforms import to_rgb
 
 from .errors import ApiError
 
@@ -37,21 +38,6 @@ def check_size(width: int, height: int, max_pixels: int, max_aspect: float) -> N
         raise _bad(f"image is {width}x{height}; the longest side may be at most {max_aspect:g}x the shortest")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any mode: 16/32-bit and float scaled to 8 bits, alpha composited onto white."""
-    if img.mode.startswith("I") or img.mode == "F":
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        if img.mode == "F":
-            top = max(float(arr.max(initial=0)), 1e-12)
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image:
     """An RGB image from PNG/JPEG/WEBP/BMP/GIF bytes (GIF: first frame), EXIF orientation applied.
 
@@ -65,7 +51,7 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image
         check_size(*img.size, max_pixels, max_aspect)
         img.load()
         img = ImageOps.exif_transpose(img)
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
     except ApiError:
         raise
     except UnidentifiedImageError as exc:
