@@ -356,7 +356,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="reliability-fuzz-") as tmp:
         work = Path(tmp)
-        # random weights, as the CI schema test: the shipped weights have no proposal head (/v1/dense is 501)
+        # random weights, as the CI schema test: fast to build, and every head (so /v1/dense runs too)
         model = make_model(MAKE_MODEL, work / "pixelllm-tiny-random")
         with serve(model, work, device, args.threads) as server:
             corpus = run_corpus(server.url)

@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests are gathered into one call of a batched function.
 
-`submit(item)` waits for a slot in a bounded queue (full -> `QueueFull`); a single loop gathers queued
+`submit(item)` takes a slot in a bounded queue (full -> `QueueFull` at once, no waiting); a single loop gathers queued
 items until `max_batch_size` or until the oldest has waited `max_wait_s`, then runs `process(items)` once,
 in a worker thread. A caller that goes away (cancelled: timeout or client disconnect) frees its slot at once
 and its item is dropped if the batch has not started (`run_jobs` cuts short the work of one whose batch has).

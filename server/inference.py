@@ -66,7 +66,8 @@ def load_predictor(settings: Settings) -> tuple[Any, str]:
     return Predictor(model), model.name
 
 
-def _ms(start: float) -> float:
+def ms_since(start: float) -> float:
+    """Milliseconds since `start`, a `time.perf_counter()` reading."""
     return (time.perf_counter() - start) * 1000.0
 
 
@@ -105,7 +106,7 @@ def run_jobs(
         for key, emb in zip(to_encode, predictor.embed_batch(list(to_encode.values()))):
             embeddings[key] = emb
             cache.put(key, emb)
-        encode_ms = _ms(start)
+        encode_ms = ms_since(start)
     for job, result in zip(jobs, results):
         result.cache_hit = job.key not in to_encode
         result.timing_ms["encode"] = 0.0 if result.cache_hit else encode_ms
@@ -130,7 +131,7 @@ def run_jobs(
             )
         except GenerationCancelled:
             continue
-        _scatter(results, members, captions, "captions", "caption", _ms(start))
+        _scatter(results, members, captions, "captions", "caption", ms_since(start))
 
     localize_groups: dict[bool, list[tuple[int, int]]] = defaultdict(list)
     for j, job in enumerate(jobs):
@@ -144,7 +145,7 @@ def run_jobs(
         locs = predictor.localize_embeddings(
             [embeddings[jobs[j].key] for j, _ in members], texts=[jobs[j].texts[t] for j, t in members], mask=mask
         )
-        _scatter(results, members, locs, "localizations", "localize", _ms(start))
+        _scatter(results, members, locs, "localizations", "localize", ms_since(start))
 
     dense_groups: dict[tuple, list[int]] = defaultdict(list)
     for j, job in enumerate(jobs):
@@ -169,7 +170,7 @@ def run_jobs(
             continue
         for j, regions in zip(members, found):
             results[j].regions = regions
-            results[j].timing_ms["dense"] = _ms(start)
+            results[j].timing_ms["dense"] = ms_since(start)
 
     abandoned = sum(job.abandoned.is_set() for job in jobs)
     if abandoned:
@@ -179,7 +180,7 @@ def run_jobs(
             len(jobs),
         )
         on_abandoned(abandoned)
-    batch_ms = _ms(batch_start)
+    batch_ms = ms_since(batch_start)
     for result in results:
         result.timing_ms["batch"] = batch_ms
     return results

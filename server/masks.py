@@ -7,7 +7,8 @@ import io
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
+
+from pixelllm.data import rle
 
 from .schemas import Mask, MaskFormat
 
@@ -17,7 +18,7 @@ def encode_mask(mask: np.ndarray, fmt: MaskFormat) -> Mask:
     mask = np.asarray(mask, dtype=bool)
     counts = png = None
     if fmt in ("rle", "both"):
-        counts = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+        counts = rle.encode_mask(mask)["counts"]
     if fmt in ("png", "both"):
         buffer = io.BytesIO()
         Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")

@@ -19,7 +19,7 @@ from .batching import Batcher, BatcherClosed, DynamicBatcher, QueueFull
 from .cache import EmbeddingCache
 from .errors import ApiError, invalid
 from .images import decode_image, image_key
-from .inference import FailEvery, Job, JobResult, load_predictor, run_jobs
+from .inference import FailEvery, Job, JobResult, load_predictor, ms_since, run_jobs
 from .masks import encode_mask
 from .metrics import Metrics
 from .schemas import (
@@ -54,6 +54,8 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.cache = EmbeddingCache(settings.cache_entries, settings.cache_bytes)
+        metrics.cache_bytes.set_function(lambda: self.cache.nbytes)  # read at each scrape, whoever filled it
+        metrics.cache_entries.set_function(lambda: len(self.cache))
         self.batcher: Batcher[Job, JobResult] | None = None
         self.model_name: str | None = None
         self.load_error: str | None = None
@@ -105,8 +107,6 @@ class Engine:
     def on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
         self.metrics.batch_seconds.observe(seconds)
-        self.metrics.cache_bytes.set(self.cache.nbytes)
-        self.metrics.cache_entries.set(len(self.cache))
 
     async def stop(self) -> None:
         """Finish queued work, then stop the batcher."""
@@ -189,7 +189,7 @@ def _open_image(engine: Engine, data: bytes) -> tuple[Job, int, int]:
 async def open_image(engine: Engine, data: bytes) -> tuple[Job, int, int, float]:
     start = time.perf_counter()
     job, width, height = await run_in_threadpool(_open_image, engine, data)
-    return job, width, height, (time.perf_counter() - start) * 1000.0
+    return job, width, height, ms_since(start)
 
 
 def check_box(field: str, box: BoxPrompt, width: int, height: int) -> tuple[float, float, float, float]:
@@ -287,7 +287,7 @@ def _common(
     engine: Engine, result: JobResult, width: int, height: int, decode_ms: float, run_ms: float, start: float
 ) -> dict[str, Any]:
     timing = {"decode": decode_ms, "queue": max(run_ms - result.timing_ms["batch"], 0.0), **result.timing_ms}
-    timing["total"] = (time.perf_counter() - start) * 1000.0
+    timing["total"] = ms_since(start)
     return dict(
         image=ImageInfo(width=width, height=height),
         model=engine.model_name,
@@ -299,7 +299,7 @@ def _common(
 async def _answer(engine: Engine, request: Request, job: Job) -> tuple[JobResult, float]:
     start = time.perf_counter()
     result = await engine.run(request, job)
-    return result, (time.perf_counter() - start) * 1000.0
+    return result, ms_since(start)
 
 
 async def caption(engine: Engine, request: Request, data: bytes, params: CaptionParams) -> CaptionResponse:

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from pixelllm import GenerationCancelled
 
 from .errors import ApiError, invalid
-from .inference import Job
+from .inference import Job, ms_since
 from .schemas import CaptionParams, CaptionResponse, ImageInfo
 from .service import Engine, caption_result, check_box, check_point, open_image, word_results
 
@@ -40,10 +40,6 @@ Emit = Callable[[tuple[Any, ...]], None]
 def sse(event: str, data: str) -> str:
     """One Server-Sent Event whose data is one line (JSON)."""
     return f"event: {event}\ndata: {data}\n\n"
-
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 async def caption_stream(engine: Engine, request: Request, data: bytes, params: CaptionParams) -> StreamingResponse:
@@ -74,7 +70,7 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
             kind, *item = await items.get()
             if kind == "word":
                 if first_word_ms is None:
-                    first_word_ms = _ms(start)
+                    first_word_ms = ms_since(start)
                     engine.metrics.stream_first_word.observe(first_word_ms / 1000.0)
                 yield sse("word", word_results(item, width, height)[0].model_dump_json())
                 if await request.is_disconnected():
@@ -88,7 +84,7 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
                     image=ImageInfo(width=width, height=height),
                     model=engine.model_name,
                     cache_hit=cache_hit,
-                    timing_ms=timing | {"total": _ms(start)},
+                    timing_ms=timing | {"total": ms_since(start)},
                 )
                 yield sse("done", response.model_dump_json())
                 return
@@ -133,7 +129,7 @@ def _decode(
             embedding = engine.predictor.embed(job.image)
             engine.cache.put(job.key, embedding)
         (engine.metrics.cache_hits if cache_hit else engine.metrics.cache_misses).inc()
-        encode_ms = 0.0 if cache_hit else _ms(start)
+        encode_ms = 0.0 if cache_hit else ms_since(start)
 
         def should_stop() -> bool:
             return stop.is_set() or time.monotonic() > deadline

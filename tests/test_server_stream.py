@@ -110,8 +110,10 @@ def test_json_body_stream_field_and_cache(client: httpx.Client) -> None:
     """`"stream": true` in a JSON body streams too; streams fill and reuse the image embedding cache."""
     image = png(160, 120, seed=11)
     body = {"image": base64.b64encode(image).decode(), "stream": True, "max_new_tokens": 12}
+    entries = metric(client.get("/metrics").text, "pixelllm_cache_entries")
     words, first = split(stream(client, json=body))
     assert first["cache_hit"] is False and first["timing_ms"]["encode"] > 0
+    assert metric(client.get("/metrics").text, "pixelllm_cache_entries") == entries + 1  # the gauge sees it
     plain = client.post("/v1/caption", files={"image": image}, data={"max_new_tokens": "12"}).json()
     assert plain["cache_hit"] is True  # the stream cached the embedding
     assert_same_words(words, plain["words"])
