@@ -221,9 +221,20 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import run_eval
+    from .evaluate import run_eval, run_refexp_eval
 
-    result = run_eval(args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device)
+    if args.refcoco:
+        if args.data:
+            raise CLIError("--refcoco and --data are two different datasets: pass one")
+        try:
+            result = run_refexp_eval(
+                args.model, args.out, args.refcoco, args.dataset, args.split_by, args.split, args.image_dir,
+                args.max_images, args.device,
+            )  # fmt: skip
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(str(e)) from None
+    else:
+        result = run_eval(args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device)
     print(json.dumps(result, indent=2))
 
 
@@ -338,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--renderer", choices=["independent", "synthetic"], default="independent")
     p.add_argument("--out", help="write the metrics JSON here")
+    g = p.add_argument_group("RefCOCO / RefCOCO+ / RefCOCOg (referring metrics only)")
+    g.add_argument("--refcoco", metavar="DATA_ROOT", help="folder with <dataset>/refs(<split-by>).p, instances.json")
+    g.add_argument("--dataset", default="refcoco", help="refcoco, refcoco+ or refcocog (default refcoco)")
+    g.add_argument("--split-by", default="unc", help="unc, google or umd (default unc)")
+    g.add_argument("--split", default="val", help="val, testA, testB, test, ... (default val)")
+    g.add_argument("--image-dir", help="the COCO train2014 images (default DATA_ROOT/images/mscoco/images/train2014)")
+    g.add_argument("--max-images", type=int, help="evaluate the first N images only")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="datasets")

@@ -1,4 +1,5 @@
-"""Evaluation on held-out scenes: `pixelllm eval --model DIR [--data DIR | --num-scenes N --seed S]`.
+"""Evaluation on held-out scenes: `pixelllm eval --model DIR [--data DIR | --num-scenes N --seed S]`, and
+referring metrics on RefCOCO/+/g for those who have it: `pixelllm eval --refcoco DATA_ROOT [--split val]`.
 
 Metrics (written as JSON):
 - referring: Acc@0.5 and mean IoU of the localized box; mask IoU of the predicted mask; as `Predictor.localize`
@@ -27,6 +28,7 @@ import json
 import logging
 import re
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data.narratives import read_narratives, token_targets, word_locations
+from .data.refexp import RefExample, load_refexp, ref_mask
 from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
 from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
@@ -162,15 +165,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     for i, scene in enumerate(tqdm(scenes, total=total, desc="eval", unit="scene")):
         emb = predictor.embed(scene.image)
         objs = scene.objects
-        # referring localization + segmentation, with the refined box and with the point head's own box
-        locs = predictor.localize_embeddings([emb] * len(objs), [o.referring for o in objs], mask=True)
-        for o, loc, mask_regressed in zip(objs, locs, _regressed_masks(predictor, emb, locs)):
-            regressed = loc.box if loc.regressed_box is None else loc.regressed_box
-            for suffix, box, mask in (("", loc.box, loc.mask), ("_regressed", regressed, mask_regressed)):
-                iou = box_iou(box, o.box)
-                stats["ref_iou" + suffix].append(iou)
-                stats["ref_hit" + suffix].append(iou >= 0.5)
-                stats["mask_iou" + suffix].append(mask_iou(mask, o.mask))
+        _score_referring(predictor, emb, [(o.referring, o.box, o.mask) for o in objs], stats)
         # region captions from the box and from a point inside the object
         points = []
         for o in objs:
@@ -205,12 +200,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     result = {
         "num_scenes": len(candidates),
         "num_objects": len(stats["ref_hit"]),
-        "referring_acc@0.5": float(np.mean(stats["ref_hit"])),
-        "referring_mean_iou": float(np.mean(stats["ref_iou"])),
-        "mask_iou": float(np.mean(stats["mask_iou"])),
-        "referring_acc@0.5_regressed": float(np.mean(stats["ref_hit_regressed"])),
-        "referring_mean_iou_regressed": float(np.mean(stats["ref_iou_regressed"])),
-        "mask_iou_regressed": float(np.mean(stats["mask_iou_regressed"])),
+        **_referring_metrics(stats),
         "region_caption_acc_box": float(np.mean(stats["region_box"])),
         "region_caption_acc_point": float(np.mean(stats["region_point"])),
         "caption_word_point_acc": float(np.mean([h is True for h in stats["word_point"]])),
@@ -232,6 +222,69 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         )
         result["dense_regions_per_image"] = float(np.mean([len(p.scores) for p in default]))
     return result
+
+
+def _score_referring(
+    predictor: Predictor,
+    emb: ImageEmbedding,
+    targets: list[tuple[str, tuple[float, float, float, float], np.ndarray]],
+    stats: dict[str, list],
+) -> None:
+    """Localize (text, true box, true HxW mask) targets on one image: box IoU, hit at 0.5 and mask IoU, with the
+    refined box (`Predictor.localize`'s default) and, suffixed `_regressed`, with the point head's own box."""
+    locs = predictor.localize_embeddings([emb] * len(targets), [text for text, _, _ in targets], mask=True)
+    for (_, true_box, true_mask), loc, mask_regressed in zip(targets, locs, _regressed_masks(predictor, emb, locs)):
+        regressed = loc.box if loc.regressed_box is None else loc.regressed_box
+        for suffix, box, mask in (("", loc.box, loc.mask), ("_regressed", regressed, mask_regressed)):
+            iou = box_iou(box, true_box)
+            stats["ref_iou" + suffix].append(iou)
+            stats["ref_hit" + suffix].append(iou >= 0.5)
+            stats["mask_iou" + suffix].append(mask_iou(mask, true_mask))
+
+
+def _referring_metrics(stats: dict[str, list]) -> dict[str, float]:
+    return {
+        "referring_acc@0.5": float(np.mean(stats["ref_hit"])),
+        "referring_mean_iou": float(np.mean(stats["ref_iou"])),
+        "mask_iou": float(np.mean(stats["mask_iou"])),
+        "referring_acc@0.5_regressed": float(np.mean(stats["ref_hit_regressed"])),
+        "referring_mean_iou_regressed": float(np.mean(stats["ref_iou_regressed"])),
+        "mask_iou_regressed": float(np.mean(stats["mask_iou_regressed"])),
+    }
+
+
+def evaluate_refexp(predictor: Predictor, examples: list[RefExample], max_images: int | None = None) -> dict:
+    """Referring localization and segmentation on RefCOCO-family examples (`pixelllm.data.refexp.load_refexp`).
+
+    Each image is embedded once and all its sentences localized together; `max_images` keeps the first ones.
+    Returns the referring metrics of `evaluate`, over sentences.
+    """
+    by_image: dict[Path, list[RefExample]] = {}
+    for example in examples:
+        by_image.setdefault(example.image_path, []).append(example)
+    images = list(by_image.items())[:max_images]
+    stats: dict[str, list] = defaultdict(list)
+    start = time.time()
+    for path, group in tqdm(images, desc="eval refexp", unit="image"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass the folder of the COCO images as image_dir")
+        with Image.open(path) as im:
+            image = to_rgb_array(im)
+        if image.shape[:2] != (group[0].height, group[0].width):
+            raise ValueError(
+                f"{path} is {image.shape[1]}x{image.shape[0]} but instances.json says "
+                f"{group[0].width}x{group[0].height}: the images do not belong to these annotations"
+            )
+        targets = [(e.sentence, e.box, ref_mask(e)) for e in group]
+        _score_referring(predictor, predictor.embed(image), targets, stats)
+    if not images:
+        raise ValueError("no examples to evaluate")
+    return {
+        "num_images": len(images),
+        "num_sentences": len(stats["ref_hit"]),
+        **_referring_metrics(stats),
+        "seconds": round(time.time() - start, 1),
+    }
 
 
 def _share_true(hits: list[bool | None]) -> float:
@@ -288,10 +341,37 @@ def run_eval(
     with torch.no_grad():
         result = evaluate(predictor, scenes, total)
     result.update(model=str(model_dir), data=data or f"{renderer} renderer, seed {seed}")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    _write(result, out)
     return result
 
 
-__all__ = ["evaluate", "run_eval", "box_iou", "mask_iou"]
+def run_refexp_eval(
+    model_dir: str,
+    out: str | None,
+    data_root: str,
+    dataset: str = "refcoco",
+    split_by: str = "unc",
+    split: str = "val",
+    image_dir: str | None = None,
+    max_images: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """`pixelllm eval --refcoco DATA_ROOT`: `evaluate_refexp` on one split of a RefCOCO-family dataset."""
+    from .build import load_model
+
+    examples = load_refexp(data_root, dataset, split_by, split, image_dir)
+    predictor = Predictor(load_model(model_dir, device=device))
+    with torch.no_grad():
+        result = evaluate_refexp(predictor, examples, max_images)
+    result.update(model=str(model_dir), data=f"{dataset} ({split_by}) {split}, {data_root}")
+    _write(result, out)
+    return result
+
+
+def _write(result: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+__all__ = ["evaluate", "evaluate_refexp", "run_eval", "run_refexp_eval", "box_iou", "mask_iou"]

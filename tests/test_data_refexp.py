@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +100,63 @@ def test_refs_pickle_refuses_code(tmp_path):
     path.write_bytes(pickle.dumps([{"ref_id": 1, "evil": _Payload()}]))
     with pytest.raises(pickle.UnpicklingError, match="only plain builtins"):
         load_refs(path)
+
+
+def write_refer_layout(root, scenes) -> None:
+    """Scenes as a RefCOCO-style dataset: PNG images, instances.json (RLE masks), refs(unc).p, all in "val"."""
+    from PIL import Image
+
+    image_dir = root / "images" / "mscoco" / "images" / "train2014"
+    image_dir.mkdir(parents=True)
+    images, annotations, refs = [], [], []
+    for i, scene in enumerate(scenes, start=1):
+        h, w = scene.image.shape[:2]
+        file_name = f"COCO_train2014_{i:012d}.png"
+        Image.fromarray(scene.image).save(image_dir / file_name)
+        images.append({"id": i, "file_name": file_name, "width": w, "height": h})
+        for j, o in enumerate(scene.objects):
+            ann_id = 100 * i + j
+            x0, y0, x1, y1 = o.box
+            segmentation = encode_mask(o.mask)
+            annotations.append({"id": ann_id, "image_id": i, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                "segmentation": segmentation})  # fmt: skip
+            sentence = {"sent": o.referring, "raw": o.referring, "tokens": o.referring.split(), "sent_id": ann_id}
+            refs.append({"ref_id": ann_id, "ann_id": ann_id, "image_id": i, "split": "val", "sentences": [sentence],
+                         "sent_ids": [ann_id], "category_id": 1, "file_name": file_name})  # fmt: skip
+    (root / "refcoco").mkdir()
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    instances = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "shape"}]}
+    (root / "refcoco" / "instances.json").write_text(json.dumps(instances))
+
+
+def test_eval_on_the_refer_layout_equals_the_scene_eval(tmp_path, capsys, one_thread):
+    """`pixelllm eval --refcoco` on scenes written in the refer layout gives the scene eval's referring figures."""
+    import torch
+
+    from pixelllm import Predictor
+    from pixelllm.build import load_model
+    from pixelllm.cli import main
+    from pixelllm.evaluate import evaluate, generated_scenes
+
+    model = str(Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny")
+    scenes = list(generated_scenes(3, 1000, "independent"))
+    write_refer_layout(tmp_path, scenes)
+    out = tmp_path / "refcoco.json"
+    assert main(["eval", "--model", model, "--refcoco", str(tmp_path), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    with torch.no_grad():
+        expected = evaluate(Predictor(load_model(model)), iter(scenes))
+    assert got["num_images"] == 3 and got["num_sentences"] == expected["num_objects"]
+    for key in (
+        "referring_acc@0.5",
+        "referring_mean_iou",
+        "mask_iou",
+        "referring_acc@0.5_regressed",
+        "mask_iou_regressed",
+    ):
+        assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+    assert got["referring_acc@0.5"] > 0.5  # the default model finds these objects
+
+    code = main(["eval", "--model", model, "--refcoco", str(tmp_path), "--split", "testA"])
+    assert code == 2 and "split 'testA' not in" in capsys.readouterr().err
