@@ -77,7 +77,7 @@ def run_scripts(quick: bool, device: str, note: str, results_dir: Path) -> tuple
 
 
 def machine_text(m: dict[str, Any]) -> str:
-    load = m.get("load_average") or m.get("load_average_at_start") or [None]
+    load = m.get("load_average") or [None]
     text = f"{m.get('cpu_count')}-core {m.get('cpu', m.get('device_name'))}"
     if str(m.get("device", "cpu")).startswith("cuda"):
         text = f"{m['device_name']}, {text}"

@@ -60,9 +60,8 @@ def validation_message(errors: Sequence[Any]) -> str:
     return "; ".join(f"{_field(e.get('loc', ()))}: {_msg(e)}" for e in errors[:10])
 
 
-def from_validation(exc: ValidationError, prefix: Sequence[str | int] = ()) -> ApiError:
-    errors = [{**e, "loc": (*prefix, *e["loc"])} for e in exc.errors(include_url=False)]
-    return ApiError(422, "invalid_request", validation_message(errors))
+def from_validation(exc: ValidationError) -> ApiError:
+    return ApiError(422, "invalid_request", validation_message(exc.errors(include_url=False)))
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
