@@ -7,12 +7,9 @@ import itertools
 import string
 from pathlib import Path
 
+from pixelllm.data.synthetic import COLORS, POSITIONS, SHAPES, SIZES
 from pixelllm.tokenizer import Tokenizer
 
-SHAPES = ["circle", "square", "triangle", "star", "diamond"]
-COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SIZES = ["small", "large"]
-POSITIONS = ["on the left", "on the right", "at the top", "at the bottom", "in the middle"]
 PROMPTS = ["a short image caption:", "a long image caption:", "an object of", "where is", "a photo of"]
 
 
