@@ -53,6 +53,12 @@ class ExtractorConfig:
     own content through the first self-attention, and one more visual token is made from all the samples
     (the layout inside the box). 0 is the paper's free queries. `scripts/extractor_probe.py` shows why the
     CPU-trained `pixelllm-tiny` needs anchors.
+
+    `object_tokens` k > 0 (needs `anchor_grid` and a proposal head) gives every prompt without a box or point
+    (whole-image captions, referring expressions) up to k more visual tokens, one per object the model's own
+    proposal head finds in the image (best first): the layout of the proposal's box, made as a box prompt's
+    layout token is, plus the box's prompt-encoder embedding. A whole-image caption then reads each object as a
+    region caption reads its box. 0: none (the paper).
     """
 
     num_queries: int = 32
@@ -63,8 +69,11 @@ class ExtractorConfig:
     query_dim: int = 1024
     anchor_grid: int = 0
     point_anchor_size: float = 0.25
+    object_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.object_tokens and not self.anchor_grid:
+            raise ValueError("extractor.object_tokens needs extractor.anchor_grid > 0 (object tokens are box layouts)")
         if self.anchor_grid**2 > self.num_queries:
             raise ValueError(
                 f"extractor.anchor_grid {self.anchor_grid} needs {self.anchor_grid**2} queries, "
@@ -143,6 +152,10 @@ class PixelLLMConfig:
     caption_prompt: str = "A long image caption: "
     region_prompt: str = "an object of "
     localize_prompt: str = "where is "
+
+    def __post_init__(self) -> None:
+        if self.extractor.object_tokens and self.proposal_head is None:
+            raise ValueError("extractor.object_tokens needs a proposal_head: the object tokens are its proposals")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PixelLLMConfig:

@@ -56,6 +56,7 @@ class TrainConfig:
     model: str = "pixelllm-tiny"
     init_from: str | None = None  # a saved model directory to start from (a second stage), instead of `model`
     image_size: int | None = None  # train at this input size (position embeddings resampled); default: the model's
+    object_tokens: int | None = None  # give the model up to this many object tokens (`ExtractorConfig`) if it has none
     sam_checkpoint: str | None = None
     eva_checkpoint: str | None = None
     t5_path: str | None = None
@@ -175,18 +176,22 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
 def initial_model(cfg: TrainConfig) -> PixelLLM:
     """`cfg.model` built fresh, or the saved model `cfg.init_from`, at `cfg.image_size` when given; a proposal
     head that `cfg.model` has and the saved model lacks starts fresh (fine-tuning a captioner for dense
-    captioning)."""
+    captioning), and so do `cfg.object_tokens` object tokens."""
     wanted = load_config(cfg.model)
     if not cfg.init_from:
         fresh = wanted.at_image_size(cfg.image_size) if cfg.image_size else wanted
-        return build_pixelllm(fresh, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
-    model = load_model(cfg.init_from)
-    if cfg.image_size:
-        model = resize_input(model, cfg.image_size)
-    if wanted.proposal_head is not None and model.proposal_head is None:
-        log.info("%s has no proposal head: adding a fresh one (%s)", cfg.init_from, wanted.proposal_head)
-        model.add_proposal_head(wanted.proposal_head)
-        model.cfg.loss.proposal_weight = wanted.loss.proposal_weight
+        model = build_pixelllm(fresh, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
+    else:
+        model = load_model(cfg.init_from)
+        if cfg.image_size:
+            model = resize_input(model, cfg.image_size)
+        if wanted.proposal_head is not None and model.proposal_head is None:
+            log.info("%s has no proposal head: adding a fresh one (%s)", cfg.init_from, wanted.proposal_head)
+            model.add_proposal_head(wanted.proposal_head)
+            model.cfg.loss.proposal_weight = wanted.loss.proposal_weight
+    if cfg.object_tokens and cfg.object_tokens != model.cfg.extractor.object_tokens:
+        log.info("%s: up to %d object tokens per prompt", model.name, cfg.object_tokens)
+        model.add_object_tokens(cfg.object_tokens)
     return model
 
 

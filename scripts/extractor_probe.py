@@ -50,7 +50,7 @@ def probe(anchor_grid: int, train, held_out, steps: int, batch_size: int, seed: 
     def logits(batch) -> torch.Tensor:
         images = torch.stack([b[0] for b in batch])
         boxes = torch.tensor(np.stack([b[1] for b in batch]), dtype=torch.float32).clamp(0, s)
-        visual = model.visual_tokens(model.encode_images(images), Prompts(texts=[""] * len(batch), boxes=boxes))
+        visual, _ = model.visual_tokens(model.encode_images(images), Prompts(texts=[""] * len(batch), boxes=boxes))
         return head(visual.flatten(1))
 
     rng = np.random.default_rng(seed)

@@ -124,9 +124,34 @@ class PromptFeatureExtractor(nn.Module):
                 nn.Linear(cfg.query_dim, lm_dim),
                 nn.LayerNorm(lm_dim),
             )
+        self.object_box_proj = self._object_box_proj(prompt_dim, lm_dim) if cfg.object_tokens else None
         self.num_queries = cfg.num_queries
         self.anchor_grid = cfg.anchor_grid
         self.image_size = image_size
+
+    @staticmethod
+    def _object_box_proj(prompt_dim: int, lm_dim: int) -> nn.Linear:
+        """A box's two prompt-encoder tokens -> an offset to its object token; starts at zero, so a model given
+        object tokens to fine-tune first sees each object as the layout token a box prompt would give it."""
+        proj = nn.Linear(2 * prompt_dim, lm_dim)
+        nn.init.zeros_(proj.weight)
+        nn.init.zeros_(proj.bias)
+        return proj
+
+    def add_object_tokens(self, prompt_dim: int, lm_dim: int) -> None:
+        """Give an extractor made without them the (zero) box projection of object tokens."""
+        reference = self.queries
+        self.object_box_proj = self._object_box_proj(prompt_dim, lm_dim).to(reference.device, reference.dtype)
+
+    def _anchor_samples(
+        self, x: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features x (U, width, h, w) at the anchor grid of boxes (B, 4) in model-input pixels, box b on image
+        image_index[b] (default: b) -> samples (B, g*g, width) and the anchor points (B, g*g, 2)."""
+        points = anchor_grid_points(boxes.to(x.dtype), self.anchor_grid)
+        grid = (points / self.image_size * 2 - 1).unsqueeze(2)
+        sampled = F.grid_sample(x if image_index is None else x[image_index], grid, align_corners=False)
+        return sampled.squeeze(-1).transpose(1, 2), points
 
     def forward(
         self,
@@ -135,8 +160,10 @@ class PromptFeatureExtractor(nn.Module):
         pe_layer: PositionEmbeddingRandom,
         anchor_boxes: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        object_boxes: torch.Tensor | None = None,
+        object_box_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Visual tokens (B, Q, D_lm); (B, Q + 1, D_lm) with anchors.
+        """Visual tokens (B, Q, D_lm); (B, Q + 1, D_lm) with anchors; (B, Q + 1 + K, D_lm) with object tokens.
 
         Args:
             features: fused image features (U, C_in, h, w).
@@ -146,6 +173,8 @@ class PromptFeatureExtractor(nn.Module):
                 when `anchor_grid` > 0.
             image_index: (B,) the image of `features` each prompt reads (default: the i-th); the image-only
                 projection runs once per image, however many prompts read it.
+            object_boxes: (U, K, 4) model-input pixels, the objects of each image (`object_tokens` > 0).
+            object_box_tokens: (U, K, 2, C_p) their prompt-encoder box tokens.
         """
         x = self.input_proj(features)
         _, _, h, w = x.shape
@@ -160,11 +189,8 @@ class PromptFeatureExtractor(nn.Module):
             if anchor_boxes is None:
                 raise ValueError("an extractor with anchor_grid > 0 needs anchor_boxes")
             queries = queries.clone()
-            points = anchor_grid_points(anchor_boxes.to(x.dtype), self.anchor_grid)
-            grid = (points / self.image_size * 2 - 1).unsqueeze(2)
-            sampled = F.grid_sample(x if image_index is None else x[image_index], grid, align_corners=False)
+            sampled, points = self._anchor_samples(x, anchor_boxes, image_index)
             anchor_pe = self.prompt_proj(pe_layer.forward_with_coords(points, (self.image_size, self.image_size)))
-            sampled = sampled.squeeze(-1).transpose(1, 2)  # (B, g*g, width)
             n = points.shape[1]
             queries[:, :n] = queries[:, :n] + sampled + anchor_pe.to(x.dtype)
             layout = self.layout_proj(sampled.flatten(1)).unsqueeze(1)
@@ -172,4 +198,20 @@ class PromptFeatureExtractor(nn.Module):
         image, image_pe = (t.flatten(2).transpose(1, 2) for t in (x, pe))
         out = two_way_forward(self.transformer, image, image_pe, tokens, image_index)
         visual = self.output_proj(self.query_proj(out[:, : self.num_queries]))
-        return visual if layout is None else torch.cat([visual, layout], dim=1)
+        if layout is None:
+            return visual
+        visual = torch.cat([visual, layout], dim=1)
+        if object_boxes is None:
+            return visual
+        objects = self.object_tokens(x, object_boxes, object_box_tokens)
+        return torch.cat([visual, objects if image_index is None else objects[image_index]], dim=1)
+
+    def object_tokens(self, x: torch.Tensor, boxes: torch.Tensor, box_tokens: torch.Tensor) -> torch.Tensor:
+        """Positioned features x (U, width, h, w), boxes (U, K, 4), box tokens (U, K, 2, C_p) -> (U, K, D_lm)."""
+        if self.object_box_proj is None:
+            raise ValueError("this extractor has no object tokens (extractor.object_tokens is 0)")
+        u, k = boxes.shape[:2]
+        image_index = torch.arange(u, device=boxes.device).repeat_interleave(k)
+        sampled, _ = self._anchor_samples(x, boxes.flatten(0, 1), image_index)
+        layout = self.layout_proj(sampled.flatten(1)).view(u, k, -1)
+        return layout + self.object_box_proj(box_tokens.flatten(2).to(layout.dtype))

@@ -52,13 +52,19 @@ class LanguageModel(nn.Module):
         return self.t5.config.vocab_size
 
     def encode(
-        self, visual_tokens: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        visual_tokens: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        visual_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visual tokens (B, Q, D) + prompt ids (B, P) -> encoder states (B, Q+P, D) and their mask (B, Q+P)."""
+        """Visual tokens (B, Q, D) (where `visual_mask` (B, Q), default all) + prompt ids (B, P) -> encoder states
+        (B, Q+P, D) and their mask (B, Q+P)."""
         text = self.t5.get_input_embeddings()(prompt_ids)
         embeds = torch.cat([visual_tokens.to(text.dtype), text], dim=1)
-        visual_mask = torch.ones(visual_tokens.shape[:2], dtype=prompt_mask.dtype, device=prompt_mask.device)
-        mask = torch.cat([visual_mask, prompt_mask], dim=1)
+        if visual_mask is None:
+            visual_mask = torch.ones(visual_tokens.shape[:2], device=prompt_mask.device)
+        mask = torch.cat([visual_mask.to(prompt_mask.dtype), prompt_mask], dim=1)
         states = self.t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return states, mask
 

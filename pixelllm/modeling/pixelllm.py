@@ -120,8 +120,13 @@ class PixelLLM(nn.Module):
         seqs = [tok.encode(t, add_eos=False)[: limit - 1] + [EOS_ID] for t in texts]
         return _pad(seqs, PAD_ID, self.device)
 
-    def visual_tokens(self, features: ImageFeatures, prompts: Prompts) -> torch.Tensor:
-        """The location prompts read the image: visual tokens (B, Q, D), (B, Q + 1, D) with anchored queries."""
+    def visual_tokens(self, features: ImageFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The location prompts read the image: visual tokens (B, V, D) and their mask (B, V).
+
+        V is Q, Q + 1 with anchored queries (the layout token), Q + 1 + K with K object tokens; the mask is
+        False on object tokens an image has no proposal for, and on all of them for a prompt with a box or point
+        (a region caption reads its own region).
+        """
         masks = dict(box_mask=prompts.box_mask, point_mask=prompts.point_mask, batch_size=len(prompts.texts))
         anchors = None
         if self.cfg.extractor.anchor_grid:
@@ -131,13 +136,38 @@ class PixelLLM(nn.Module):
         tokens = self.prompt_encoder(
             boxes=_opt(prompts.boxes, self.dtype), points=_opt(prompts.points, self.dtype), **masks
         )
-        return self.extractor(features.fused, tokens, self.prompt_encoder.pe_layer, anchors, prompts.image_index)
+        objects = {}
+        valid = None
+        if self.cfg.extractor.object_tokens:
+            boxes, valid = self.object_proposals(features)
+            box_tokens = self.prompt_encoder(boxes=boxes.flatten(0, 1).to(self.dtype))
+            objects = dict(object_boxes=boxes, object_box_tokens=box_tokens.unflatten(0, boxes.shape[:2]))
+        visual = self.extractor(
+            features.fused, tokens, self.prompt_encoder.pe_layer, anchors, prompts.image_index, **objects
+        )
+        mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
+        if valid is not None:
+            valid = valid if prompts.image_index is None else valid[prompts.image_index]
+            mask[:, -valid.shape[1] :] = valid & ~_located(prompts, len(visual))[:, None]
+        return visual, mask
+
+    def object_proposals(self, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objects the object tokens describe: boxes (U, K, 4) in model-input pixels, best first, padded
+        with the whole image, and valid (U, K); K = `extractor.object_tokens`. Not differentiated."""
+        k, size = self.cfg.extractor.object_tokens, self.cfg.image_size
+        found = self.propose(features, max_proposals=k)
+        boxes = torch.tensor([0.0, 0.0, size, size], device=self.device).repeat(len(found), k, 1)
+        valid = torch.zeros(len(found), k, dtype=torch.bool, device=self.device)
+        for u, (b, _) in enumerate(found):
+            boxes[u, : len(b)] = b.float()
+            valid[u, : len(b)] = True
+        return boxes, valid
 
     def encode_prompts(self, features: ImageFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> T5 encoder states (B, Q+P, D) and mask (B, Q+P)."""
-        visual = self.visual_tokens(features, prompts)
+        """-> T5 encoder states (B, V+P, D) and mask (B, V+P)."""
+        visual, visual_mask = self.visual_tokens(features, prompts)
         ids, mask = self.tokenize_prompts(prompts.texts)
-        return self.language_model.encode(visual, ids, mask)
+        return self.language_model.encode(visual, ids, mask, visual_mask)
 
     # ----------------------------------------------------------------- training
     def forward(self, batch: dict[str, torch.Tensor | list[str]]) -> dict[str, torch.Tensor]:
@@ -345,6 +375,17 @@ class PixelLLM(nn.Module):
         self.cfg.proposal_head = cfg
         self.proposal_head = ProposalHead(cfg, self.image_encoder.out_dim).to(self.device, self.dtype)
 
+    def add_object_tokens(self, k: int) -> None:
+        """Give a model made without them up to `k` object tokens per prompt (see `ExtractorConfig`), to
+        fine-tune; the new box projection starts at zero."""
+        if self.proposal_head is None:
+            raise ValueError(f"model {self.name!r} has no proposal head to find the objects of its object tokens")
+        if not self.cfg.extractor.anchor_grid:
+            raise ValueError(f"model {self.name!r} has no anchor grid: object tokens are box layouts")
+        if self.extractor.object_box_proj is None:
+            self.extractor.add_object_tokens(self.cfg.sam.out_chans, self.language_model.dim)
+        self.cfg.extractor.object_tokens = k
+
     def set_lora_merged(self, merged: bool) -> None:
         self.language_model.set_lora_merged(merged)
 
@@ -367,6 +408,15 @@ class PixelLLM(nn.Module):
         from ..checkpoints import from_pretrained
 
         return from_pretrained(directory, device=device)
+
+
+def _located(prompts: Prompts, b: int) -> torch.Tensor:
+    """(B,) True where the prompt has a box or a point (a mask of None with values given: every row has one)."""
+    out = torch.zeros(b, dtype=torch.bool)
+    for values, mask in ((prompts.boxes, prompts.box_mask), (prompts.points, prompts.point_mask)):
+        if values is not None:
+            out = out.to(values.device) | (mask if mask is not None else True)
+    return out
 
 
 def _opt(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,0 +1,142 @@
+"""Object tokens: one visual token per object the model's own proposal head finds (`ExtractorConfig`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, perturb_
+from test_model_tiny import prompts_of
+
+from pixelllm import PixelLLM, build_pixelllm
+from pixelllm.config import ExtractorConfig, PixelLLMConfig, load_config
+from pixelllm.modeling.feature_extractor import PromptFeatureExtractor
+from pixelllm.modeling.pixelllm import Prompts
+from pixelllm.modeling.prompt_encoder import LocationPromptEncoder
+from pixelllm.train import TrainConfig, initial_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+K = 4
+
+
+def objects_model(objectness_bias: float = 3.0, seed: int = 0) -> PixelLLM:
+    """A random tiny model with up to K object tokens, its box projection made nonzero, and an objectness
+    bias that decides which proposals pass the 0.3 threshold (3.0: every peak NMS keeps; -10: none)."""
+    torch.manual_seed(seed)
+    model = build_pixelllm("pixelllm-tiny")
+    model.add_object_tokens(K)
+    perturb_(model.extractor.object_box_proj, seed=seed, scale=0.5)
+    model.proposal_head.objectness.bias.data.fill_(objectness_bias)
+    return model.eval()
+
+
+def test_object_tokens_need_anchors_and_a_proposal_head():
+    with pytest.raises(ValueError, match="needs extractor.anchor_grid"):
+        ExtractorConfig(num_queries=4, anchor_grid=0, object_tokens=2)
+    data = load_config("pixelllm-tiny").to_dict()
+    data["extractor"]["object_tokens"] = 2
+    assert PixelLLMConfig.from_dict(data).extractor.object_tokens == 2
+    data["proposal_head"] = None
+    with pytest.raises(ValueError, match="needs a proposal_head"):
+        PixelLLMConfig.from_dict(data)
+    cfg = load_config("pixelllm-tiny")
+    cfg.proposal_head = None
+    with pytest.raises(ValueError, match="no proposal head"):
+        build_pixelllm(cfg).add_object_tokens(2)
+
+
+def test_untrained_object_token_is_the_layout_token_of_a_box_prompt():
+    """The box projection starts at zero, so an object's token is exactly what a region prompt on its box
+    makes as its layout token (what region captions already read the object's color and shape from)."""
+    torch.manual_seed(0)
+    cfg = ExtractorConfig(num_queries=4, width=32, depth=2, num_heads=2, mlp_dim=64, query_dim=32, anchor_grid=2)
+    extractor = PromptFeatureExtractor(cfg, in_dim=8, prompt_dim=16, lm_dim=24, image_size=80).eval()
+    extractor.add_object_tokens(prompt_dim=16, lm_dim=24)
+    encoder = LocationPromptEncoder(16, 10, 80)
+    features = torch.randn(1, 8, 10, 10)
+    boxes = torch.tensor([[8.0, 12.0, 40.0, 30.0], [44.0, 40.0, 76.0, 78.0]])
+    box_tokens = encoder(boxes=boxes)
+    with torch.no_grad():
+        region = extractor(features.expand(2, -1, -1, -1), box_tokens, encoder.pe_layer, boxes)
+        out = extractor(
+            features, encoder(batch_size=1), encoder.pe_layer, torch.tensor([[0.0, 0.0, 80.0, 80.0]]),
+            object_boxes=boxes[None], object_box_tokens=box_tokens[None],
+        )  # fmt: skip
+    assert out.shape == (1, 4 + 1 + 2, 24)
+    torch.testing.assert_close(out[0, 5:], region[:, 4])
+    assert not torch.allclose(out[0, 5], out[0, 6])
+
+
+@pytest.mark.parametrize("objectness_bias", [3.0, -10.0])
+def test_visual_mask_marks_the_proposals_each_image_has(objectness_bias):
+    model = objects_model(objectness_bias)
+    images = make_batch(model)["images"][:2]
+    with torch.no_grad():
+        features = model.encode_images(images)
+        boxes, valid = model.object_proposals(features)
+        found = model.propose(features, max_proposals=K)
+        boxed = Prompts(
+            texts=["a", "b", "c"],
+            boxes=torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [10.0, 10.0, 90.0, 90.0]]),
+            box_mask=torch.tensor([False, False, True]),
+            image_index=torch.tensor([1, 0, 1]),
+        )
+        visual, mask = model.visual_tokens(features, boxed)
+    assert boxes.shape == (2, K, 4) and valid.shape == (2, K)
+    assert valid.sum(1).tolist() == [len(b) for b, _ in found]
+    for u, (b, _) in enumerate(found):
+        torch.testing.assert_close(boxes[u, : len(b)], b.float())
+    q = model.cfg.extractor.num_queries + 1
+    assert visual.shape == (3, q + K, model.language_model.dim)
+    assert mask[:, :q].all()
+    assert torch.equal(mask[:2, q:], valid[torch.tensor([1, 0])])
+    assert not mask[2, q:].any()  # a region prompt reads its own box, not the image's objects
+    if objectness_bias > 0:
+        assert 0 < valid.sum() < valid.numel()  # this seed's images: some object tokens real, some masked
+    else:
+        assert not valid.any()
+
+
+def test_captions_read_their_own_image_objects_when_images_share_a_batch():
+    """Prompts on two images in one call (image_index) caption as each image alone does."""
+    model = objects_model()
+    perturb_(model.language_model.t5.decoder, seed=1, scale=0.3)
+    batch = make_batch(model, seed=1)
+    with torch.no_grad():
+        features = model.encode_images(batch["images"][:2])
+        index = torch.tensor([0, 1, 1, 0])
+        prompts = Prompts(texts=["a short image caption: "] * 4, image_index=index)
+        together = model.generate(features, prompts, max_new_tokens=6)
+        alone = [model.generate(features[u : u + 1], Prompts(texts=["a short image caption: "]), 6)[0] for u in (0, 1)]
+    for g, u in zip(together, index.tolist()):
+        assert torch.equal(g.ids, alone[u].ids)
+        torch.testing.assert_close(g.corners, alone[u].corners, rtol=1e-4, atol=1e-5)
+    boxes, _ = model.object_proposals(features)
+    assert not torch.equal(boxes[0], boxes[1])  # the two images have different objects
+
+
+def test_training_step_reaches_the_object_box_projection():
+    model = objects_model().train()
+    out = model(make_batch(model))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grad = model.extractor.object_box_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_object_tokens_survive_save_load_and_a_training_stage_adds_them(tmp_path):
+    model = objects_model()
+    model.save_pretrained(tmp_path / "with")
+    loaded = PixelLLM.from_pretrained(tmp_path / "with").eval()
+    assert loaded.cfg.extractor.object_tokens == K
+    batch = make_batch(model)
+    with torch.no_grad():
+        features = model.encode_images(batch["images"])
+        a, _ = model.encode_prompts(features, prompts_of(batch))
+        b, _ = loaded.encode_prompts(loaded.encode_images(batch["images"]), prompts_of(batch))
+    torch.testing.assert_close(a, b)
+
+    torch.manual_seed(0)
+    build_pixelllm("pixelllm-tiny").save_pretrained(tmp_path / "without")
+    staged = initial_model(TrainConfig(init_from=str(tmp_path / "without"), object_tokens=3))
+    assert staged.cfg.extractor.object_tokens == 3
+    assert not staged.extractor.object_box_proj.weight.any()
