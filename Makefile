@@ -69,6 +69,7 @@ train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage8.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage9.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage10.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage11.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json
