@@ -19,7 +19,7 @@ from .image_encoder import ImageEncoder
 from .language_model import LanguageModel
 from .mask_head import MaskHead, upsample_masks
 from .point_head import PointHead
-from .prompt_encoder import LocationPromptEncoder
+from .prompt_encoder import LocationPromptEncoder, _where
 from .proposal_head import ProposalHead
 
 IGNORE_INDEX = -100
@@ -148,7 +148,7 @@ class PixelLLM(nn.Module):
         mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
         if valid is not None:
             valid = valid if prompts.image_index is None else valid[prompts.image_index]
-            mask[:, -valid.shape[1] :] = valid & ~_located(prompts, len(visual))[:, None]
+            mask[:, -valid.shape[1] :] = valid & ~_located(prompts, len(visual), visual.device)[:, None]
         return visual, mask
 
     def object_proposals(self, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,12 +410,13 @@ class PixelLLM(nn.Module):
         return from_pretrained(directory, device=device)
 
 
-def _located(prompts: Prompts, b: int) -> torch.Tensor:
-    """(B,) True where the prompt has a box or a point (a mask of None with values given: every row has one)."""
-    out = torch.zeros(b, dtype=torch.bool)
+def _located(prompts: Prompts, b: int, device: torch.device) -> torch.Tensor:
+    """(B,) True where the prompt has a box or a point, by the prompt encoder's own rule (`_where`)."""
+    out = torch.zeros(b, dtype=torch.bool, device=device)
     for values, mask in ((prompts.boxes, prompts.box_mask), (prompts.points, prompts.point_mask)):
-        if values is not None:
-            out = out.to(values.device) | (mask if mask is not None else True)
+        rows = _where(mask, values, b)
+        if rows is not None:
+            out |= rows
     return out
 
 
