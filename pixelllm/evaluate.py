@@ -8,8 +8,8 @@ Metrics (written as JSON):
 - region captions: share whose color and shape words are right (prompted with the object's box, and with
   a point inside the object);
 - caption word points: share of objects whose shape word in the generated caption has its point inside
-  the object's box (objects matched to caption phrases "<color> <shape>"; an object the caption does not
-  name counts as a miss). Split into the share of objects the caption names (`caption_object_mention_rate`)
+  the object's box (objects paired one to one with caption phrases "<color> <shape>" that name them, as
+  many points inside their object's box as can be; an object the caption does not name counts as a miss). Split into the share of objects the caption names (`caption_object_mention_rate`)
   and the point-in-box share among them (`_mentioned`); `_teacher_forced` is the point-in-box share with the
   reference caption teacher-forced, where every object is named (the point head alone, LN-style). The same
   with any shape word after the object's color (`caption_object_color_rate`, `_color_named`) separates a
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from .data.narratives import read_narratives, token_targets, word_locations
@@ -104,19 +105,24 @@ def generated_scenes(n: int, seed: int, renderer: str) -> Iterator[Scene]:
 
 
 def _word_point_hits(words: list[Word], objects: list[SceneObject], match_shape: bool = True) -> list[bool | None]:
-    """Per object (in caption order): is the point of its "<color> <shape>" words' shape word inside its box?
-    None where the words do not name it. With `match_shape=False` any shape word after its color names it."""
-    used, hits = set(), []
-    for o in objects:
-        hit = None
-        for j, word in enumerate(words):
-            shape_ok = word.text == o.shape if match_shape else word.text in SHAPES
-            if j in used or not shape_ok or j == 0 or words[j - 1].text != o.color:
-                continue
-            used.add(j)
-            hit = _inside(word.point, o.box)
-            break
-        hits.append(hit)
+    """Per object: is the point of the caption phrase naming it ("<color> <shape>", the shape word's point)
+    inside its box? None where no phrase names it. With `match_shape=False` any shape word after its color
+    names it. Phrases and objects are paired one to one, as many points inside their object's box as can be
+    (then as many objects named as can be): objects the words cannot tell apart are interchangeable, so the
+    order of the phrases does not decide which is which."""
+    phrases = [j for j in range(1, len(words)) if words[j].text in SHAPES and words[j - 1].text in COLORS]
+    if not objects or not phrases:
+        return [None] * len(objects)
+    # weights: a point inside the box outweighs any number of named objects, so hits are maximized first
+    weight = np.zeros((len(objects), len(phrases)))
+    for i, o in enumerate(objects):
+        for k, j in enumerate(phrases):
+            if words[j - 1].text == o.color and (words[j].text == o.shape or not match_shape):
+                weight[i, k] = len(objects) + 1 if _inside(words[j].point, o.box) else 1
+    hits: list[bool | None] = [None] * len(objects)
+    for i, k in zip(*linear_sum_assignment(weight, maximize=True)):
+        if weight[i, k]:
+            hits[i] = bool(weight[i, k] > 1)
     return hits
 
 

@@ -32,7 +32,7 @@ def _obj(color: str, shape: str, box: tuple[float, float, float, float]) -> Scen
     return SceneObject(shape, color, "small", "left", box, np.zeros((1, 1), bool), f"the {color} {shape}")
 
 
-def test_word_points_are_matched_to_objects_by_color_and_shape_in_order():
+def test_word_points_are_matched_to_objects_by_color_and_shape():
     def word(text: str, point: tuple[float, float]) -> Word:
         return Word(text, 0, len(text), point, (point[0], point[1], point[0], point[1]), 1.0)
 
@@ -58,6 +58,13 @@ def test_word_points_are_matched_to_objects_by_color_and_shape_in_order():
     assert _word_point_hits(words, objects, match_shape=False) == [True, False, None]
     red_star = [word("a", (0, 0)), word("red", (0, 0)), word("star", (25, 25))]
     assert _word_point_hits(red_star, objects) == [None, None, None]
-    assert _word_point_hits(red_star, objects, match_shape=False) == [False, None, None]
+    # the red star names one of the two red circles: the one its point is inside
+    assert _word_point_hits(red_star, objects, match_shape=False) == [None, True, None]
     assert _share_true(hits) == 0.5
+    # identical objects named in the other order: each phrase pairs with the object its point is inside
+    swapped = [word("red", (0, 0)), word("circle", (25, 25)), word("red", (0, 0)), word("circle", (5, 5))]
+    assert _word_point_hits(swapped, objects) == [True, True, None]
+    # one phrase for two identical objects: one named (a hit, if its point is in either), one not
+    assert _word_point_hits(swapped[:2], objects) == [None, True, None]
+    assert _word_point_hits([word("red", (0, 0)), word("circle", (90, 90))], objects).count(None) == 2
     assert _share_true([None]) == 0.0
