@@ -114,6 +114,34 @@ def test_captions_read_their_own_image_objects_when_images_share_a_batch():
     assert not torch.equal(boxes[0], boxes[1])  # the two images have different objects
 
 
+def test_region_prompts_skip_the_proposal_pass_and_caption_the_same(monkeypatch):
+    """A prompt with a box or point masks the object tokens, so an image whose prompts all have one is not
+    searched for objects; its captions equal those made beside a whole-image prompt on the same image, which
+    has it searched."""
+    model = objects_model()
+    perturb_(model.language_model.t5.decoder, seed=1, scale=0.3)
+    searched = []
+    propose = model.propose
+    monkeypatch.setattr(
+        model, "propose", lambda features, **kw: searched.append(len(features.fused)) or propose(features, **kw)
+    )
+    batch = make_batch(model, seed=1)
+    box = torch.tensor([[10.0, 10.0, 90.0, 90.0]])
+    with torch.no_grad():
+        features = model.encode_images(batch["images"][:2])
+        region = Prompts(texts=["a"], boxes=box, box_mask=torch.tensor([True]), image_index=torch.tensor([1]))
+        alone = model.generate(features, region, max_new_tokens=6)[0]
+        assert searched == []
+        mixed = Prompts(
+            texts=["a", "a"], boxes=box.repeat(2, 1), box_mask=torch.tensor([True, False]),
+            image_index=torch.tensor([1, 1]),
+        )  # fmt: skip
+        beside = model.generate(features, mixed, max_new_tokens=6)[0]
+    assert searched == [1]  # only image 1, the one with a whole-image prompt
+    assert torch.equal(alone.ids, beside.ids)
+    torch.testing.assert_close(alone.corners, beside.corners, rtol=1e-4, atol=1e-5)
+
+
 def test_training_step_reaches_the_object_box_projection():
     model = objects_model().train()
     out = model(make_batch(model))

@@ -127,7 +127,8 @@ class PixelLLM(nn.Module):
         False on object tokens an image has no proposal for, and on all of them for a prompt with a box or point
         (a region caption reads its own region).
         """
-        masks = dict(box_mask=prompts.box_mask, point_mask=prompts.point_mask, batch_size=len(prompts.texts))
+        b = len(prompts.texts)
+        masks = dict(box_mask=prompts.box_mask, point_mask=prompts.point_mask, batch_size=b)
         anchors = None
         if self.cfg.extractor.anchor_grid:
             anchors = self.prompt_encoder.anchor_boxes(
@@ -138,8 +139,12 @@ class PixelLLM(nn.Module):
         )
         objects = {}
         valid = None
+        located = _located(prompts, b, self.device)
         if self.cfg.extractor.object_tokens:
-            boxes, valid = self.object_proposals(features)
+            image_index = torch.arange(b, device=self.device) if prompts.image_index is None else prompts.image_index
+            needed = torch.zeros(len(features.fused), dtype=torch.bool, device=self.device)
+            needed[image_index[~located]] = True
+            boxes, valid = self.object_proposals(features, needed)
             box_tokens = self.prompt_encoder(boxes=boxes.flatten(0, 1).to(self.dtype))
             objects = dict(object_boxes=boxes, object_box_tokens=box_tokens.unflatten(0, boxes.shape[:2]))
         visual = self.extractor(
@@ -148,19 +153,27 @@ class PixelLLM(nn.Module):
         mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
         if valid is not None:
             valid = valid if prompts.image_index is None else valid[prompts.image_index]
-            mask[:, -valid.shape[1] :] = valid & ~_located(prompts, len(visual), visual.device)[:, None]
+            mask[:, -valid.shape[1] :] = valid & ~located[:, None]
         return visual, mask
 
-    def object_proposals(self, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    def object_proposals(
+        self, features: ImageFeatures, needed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The objects the object tokens describe: boxes (U, K, 4) in model-input pixels, best first, padded
-        with the whole image, and valid (U, K); K = `extractor.object_tokens`. Not differentiated."""
-        k, size = self.cfg.extractor.object_tokens, self.cfg.image_size
-        found = self.propose(features, max_proposals=k)
-        boxes = torch.tensor([0.0, 0.0, size, size], device=self.device).repeat(len(found), k, 1)
-        valid = torch.zeros(len(found), k, dtype=torch.bool, device=self.device)
-        for u, (b, _) in enumerate(found):
-            boxes[u, : len(b)] = b.float()
-            valid[u, : len(b)] = True
+        with the whole image, and valid (U, K); K = `extractor.object_tokens`. Not differentiated.
+
+        Only images where `needed` (U,) is True (default: all) are searched; the others (their prompts all read
+        a region of their own, which masks the object tokens) get none.
+        """
+        k, size, u = self.cfg.extractor.object_tokens, self.cfg.image_size, len(features.fused)
+        boxes = torch.tensor([0.0, 0.0, size, size], device=self.device).repeat(u, k, 1)
+        valid = torch.zeros(u, k, dtype=torch.bool, device=self.device)
+        index = list(range(u)) if needed is None else needed.nonzero()[:, 0].tolist()
+        if index:
+            searched = features if len(index) == u else features[index]
+            for i, (b, _) in zip(index, self.propose(searched, max_proposals=k)):
+                boxes[i, : len(b)] = b.float()
+                valid[i, : len(b)] = True
         return boxes, valid
 
     def encode_prompts(self, features: ImageFeatures, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
