@@ -7,11 +7,12 @@ import torch
 from conftest import make_batch, perturb_
 from test_model_tiny import prompts_of
 
-from pixelllm import PixelLLM, build_pixelllm
+from pixelllm import PixelLLM, Predictor, build_pixelllm
 from pixelllm.config import ExtractorConfig, PixelLLMConfig, load_config
 from pixelllm.modeling.feature_extractor import PromptFeatureExtractor
-from pixelllm.modeling.pixelllm import Prompts
+from pixelllm.modeling.pixelllm import ImageFeatures, Prompts
 from pixelllm.modeling.prompt_encoder import LocationPromptEncoder
+from pixelllm.predictor import ImageEmbedding
 from pixelllm.train import TrainConfig, initial_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,6 +141,38 @@ def test_region_prompts_skip_the_proposal_pass_and_caption_the_same(monkeypatch)
     assert searched == [1]  # only image 1, the one with a whole-image prompt
     assert torch.equal(alone.ids, beside.ids)
     torch.testing.assert_close(alone.corners, beside.corners, rtol=1e-4, atol=1e-5)
+
+
+def test_predictor_embeddings_hold_their_objects_for_every_prompt(monkeypatch):
+    """`Predictor.embed` finds the image's objects once; captions on the embedding then do not search again
+    and equal captions made from the bare features, which search in the call."""
+    model = objects_model()
+    perturb_(model.language_model.t5.decoder, seed=1, scale=0.3)
+    image = (make_batch(model, seed=1)["images"][0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+    predictor = Predictor(model)
+    emb = predictor.embed(image)
+    features = emb.features
+    assert features.object_boxes is not None and features.object_valid is not None
+    boxes, valid = model.object_proposals(ImageFeatures(features.fused, features.sam))
+    assert torch.equal(features.object_boxes, boxes) and torch.equal(features.object_valid, valid)
+    assert valid.any() and emb.nbytes > features.fused.nbytes + features.sam.nbytes
+    calls = []
+    propose = model.propose
+    monkeypatch.setattr(model, "propose", lambda f, **kw: calls.append(1) or propose(f, **kw))
+    with torch.no_grad():
+        held = predictor.caption_embeddings([emb, emb], max_new_tokens=6)
+        assert calls == []
+        bare = predictor.caption_embeddings(
+            [ImageEmbedding(ImageFeatures(features.fused, features.sam), emb.transform)], max_new_tokens=6
+        )
+    assert calls == [1]
+    assert held[0].text == held[1].text == bare[0].text and len(bare[0].words) > 1
+    torch.testing.assert_close(
+        torch.tensor([w.point for w in held[0].words]),
+        torch.tensor([w.point for w in bare[0].words]),
+        atol=1e-3,
+        rtol=0,
+    )
 
 
 def test_training_step_reaches_the_object_box_projection():

@@ -27,21 +27,33 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ImageFeatures:
-    """Encoder outputs for a batch: fused features (B, C, h, w) and SAM features (B, C_sam, h', w')."""
+    """Encoder outputs for a batch: fused features (B, C, h, w) and SAM features (B, C_sam, h', w'); and, where
+    found with them (`encode_images(find_objects=True)`), the objects of the object tokens: boxes (B, K, 4) and
+    valid (B, K), as `PixelLLM.object_proposals` gives them."""
 
     fused: torch.Tensor
     sam: torch.Tensor
+    object_boxes: torch.Tensor | None = None
+    object_valid: torch.Tensor | None = None
 
     def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageFeatures:
-        return ImageFeatures(self.fused[index], self.sam[index])
+        if self.object_boxes is None or self.object_valid is None:
+            return ImageFeatures(self.fused[index], self.sam[index])
+        return ImageFeatures(self.fused[index], self.sam[index], self.object_boxes[index], self.object_valid[index])
 
     @staticmethod
     def cat(items: list[ImageFeatures]) -> ImageFeatures:
-        return ImageFeatures(torch.cat([f.fused for f in items]), torch.cat([f.sam for f in items]))
+        """One batch of the items' images; with objects where every item has them."""
+        fused, sam = torch.cat([f.fused for f in items]), torch.cat([f.sam for f in items])
+        boxes, valid = [f.object_boxes for f in items], [f.object_valid for f in items]
+        if any(b is None for b in boxes) or any(v is None for v in valid):
+            return ImageFeatures(fused, sam)
+        return ImageFeatures(fused, sam, torch.cat(boxes), torch.cat(valid))
 
     @property
     def nbytes(self) -> int:
-        return self.fused.numel() * self.fused.element_size() + self.sam.numel() * self.sam.element_size()
+        tensors = (self.fused, self.sam, self.object_boxes, self.object_valid)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -104,14 +116,21 @@ class PixelLLM(nn.Module):
         return self.extractor.queries.dtype
 
     # ----------------------------------------------------------------- encoders
-    def encode_images(self, images: torch.Tensor) -> ImageFeatures:
-        """Images (B, 3, S, S) in [0, 1] (see `pixelllm.transforms`) -> `ImageFeatures`."""
+    def encode_images(self, images: torch.Tensor, find_objects: bool = False) -> ImageFeatures:
+        """Images (B, 3, S, S) in [0, 1] (see `pixelllm.transforms`) -> `ImageFeatures`.
+
+        `find_objects`: also find each image's objects for the object tokens (models with them), once per image
+        instead of once per call that reads them; for features kept to answer many prompts.
+        """
         fused, sam = self.image_encoder(images.to(self.dtype))
         if self.frozen_block is not None:
             b, c, h, w = fused.shape
             tokens = self.frozen_block(fused.flatten(2).transpose(1, 2))
             fused = tokens.transpose(1, 2).reshape(b, c, h, w)
-        return ImageFeatures(fused, sam)
+        features = ImageFeatures(fused, sam)
+        if find_objects and self.cfg.extractor.object_tokens:
+            features.object_boxes, features.object_valid = self.object_proposals(features)
+        return features
 
     def tokenize_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt texts -> ids (B, P) and mask (B, P), truncated to `max_prompt_tokens` (EOS kept)."""
@@ -141,10 +160,15 @@ class PixelLLM(nn.Module):
         valid = None
         located = _located(prompts, b, self.device)
         if self.cfg.extractor.object_tokens:
-            image_index = torch.arange(b, device=self.device) if prompts.image_index is None else prompts.image_index
-            needed = torch.zeros(len(features.fused), dtype=torch.bool, device=self.device)
-            needed[image_index[~located]] = True
-            boxes, valid = self.object_proposals(features, needed)
+            if features.object_boxes is not None and features.object_valid is not None:
+                boxes, valid = features.object_boxes, features.object_valid
+            else:
+                image_index = (
+                    torch.arange(b, device=self.device) if prompts.image_index is None else prompts.image_index
+                )
+                needed = torch.zeros(len(features.fused), dtype=torch.bool, device=self.device)
+                needed[image_index[~located]] = True
+                boxes, valid = self.object_proposals(features, needed)
             box_tokens = self.prompt_encoder(boxes=boxes.flatten(0, 1).to(self.dtype))
             objects = dict(object_boxes=boxes, object_box_tokens=box_tokens.unflatten(0, boxes.shape[:2]))
         visual = self.extractor(
