@@ -9,7 +9,8 @@ Metrics (written as JSON):
   a point inside the object);
 - caption word points: share of objects whose shape word in the generated caption has its point inside
   the object's box (objects paired one to one with caption phrases "<color> <shape>" that name them, as
-  many points inside their object's box as can be; an object the caption does not name counts as a miss). Split into the share of objects the caption names (`caption_object_mention_rate`)
+  many points inside their object's box as can be; an object the caption does not name counts as a miss).
+  Split into the share of objects the caption names (`caption_object_mention_rate`)
   and the point-in-box share among them (`_mentioned`); `_teacher_forced` is the point-in-box share with the
   reference caption teacher-forced, where every object is named (the point head alone, LN-style). The same
   with any shape word after the object's color (`caption_object_color_rate`, `_color_named`) separates a
