@@ -8,11 +8,13 @@ Metrics (written as JSON):
 - region captions: share whose color and shape words are right (prompted with the object's box, and with
   a point inside the object);
 - caption word points: share of objects whose shape word in the generated caption has its point inside
-  the object's box (objects paired one to one with caption phrases "<color> <shape>" that name them, as
-  many points inside their object's box as can be; an object the caption does not name counts as a miss).
-  Split into the share of objects the caption names (`caption_object_mention_rate`)
-  and the point-in-box share among them (`_mentioned`); `_teacher_forced` is the point-in-box share with the
-  reference caption teacher-forced, where every object is named (the point head alone, LN-style). The same
+  the object's box (objects paired one to one with the caption's "<color> <shape>" phrases that name them, by
+  their size and position words first, see `_word_point_hits`; an object the caption does not name counts as
+  a miss). Split into the share of objects the caption names (`caption_object_mention_rate`) and the
+  point-in-box share among them (`_mentioned`); `caption_phrase_precision` is the share of the captions'
+  phrases paired with an object (the rest name none, or repeat one); `_teacher_forced` is the point-in-box
+  share with the reference caption teacher-forced, where every object is named (the point head alone,
+  LN-style). The same
   with any shape word after the object's color (`caption_object_color_rate`, `_color_named`) separates a
   wrong shape word from an object left out;
 - point L1 (Localized-Narratives style): teacher-forcing the reference caption, mean L1 between each
@@ -105,25 +107,42 @@ def generated_scenes(n: int, seed: int, renderer: str) -> Iterator[Scene]:
         yield render(scene_seed(seed, i))
 
 
+def _phrases(words: list[Word]) -> list[int]:
+    """Indices of the shape words that end a "<color> <shape>" phrase."""
+    return [j for j in range(1, len(words)) if words[j].text in SHAPES and words[j - 1].text in COLORS]
+
+
 def _word_point_hits(words: list[Word], objects: list[SceneObject], match_shape: bool = True) -> list[bool | None]:
-    """Per object: is the point of the caption phrase naming it ("<color> <shape>", the shape word's point)
-    inside its box? None where no phrase names it. With `match_shape=False` any shape word after its color
-    names it. Phrases and objects are paired one to one, as many points inside their object's box as can be
-    (then as many objects named as can be): objects the words cannot tell apart are interchangeable, so the
-    order of the phrases does not decide which is which."""
-    phrases = [j for j in range(1, len(words)) if words[j].text in SHAPES and words[j - 1].text in COLORS]
+    """Per object: is the point of the caption phrase naming it (its shape word's point) inside its box? None
+    where no phrase names it.
+
+    A phrase "<size> <color> <shape> <position>" can name an object of its color and shape (with
+    `match_shape=False`, of its color, whatever the shape word). Phrases and objects are paired one to one by
+    the words first: as many objects named as can be, then as many size and position words right as can be.
+    Only between pairings the words rate the same do the points decide (as many inside their object's box as
+    can be), so caption order does not decide which of two like objects a phrase names, and a point cannot
+    move a phrase to an object its words fit worse.
+    """
+    phrases = _phrases(words)
     if not objects or not phrases:
         return [None] * len(objects)
-    # weights: a point inside the box outweighs any number of named objects, so hits are maximized first
-    weight = np.zeros((len(objects), len(phrases)))
+    n = len(objects)
+    # lexicographic weights: any pairing outweighs all word scores, any word score all points inside
+    point, word = 1, n + 1
+    pair = n * (2 * word + point) + 1
+    weight = np.zeros((n, len(phrases)))
     for i, o in enumerate(objects):
         for k, j in enumerate(phrases):
-            if words[j - 1].text == o.color and (words[j].text == o.shape or not match_shape):
-                weight[i, k] = len(objects) + 1 if _inside(words[j].point, o.box) else 1
-    hits: list[bool | None] = [None] * len(objects)
+            if words[j - 1].text != o.color or (match_shape and words[j].text != o.shape):
+                continue
+            size_right = j >= 2 and words[j - 2].text == o.size
+            position_right = " ".join(w.text for w in words[j + 1 : j + 4]) == o.position
+            inside = _inside(words[j].point, o.box)
+            weight[i, k] = pair + word * (size_right + position_right) + point * inside
+    hits: list[bool | None] = [None] * n
     for i, k in zip(*linear_sum_assignment(weight, maximize=True)):
         if weight[i, k]:
-            hits[i] = bool(weight[i, k] > 1)
+            hits[i] = _inside(words[phrases[k]].point, objects[i].box)
     return hits
 
 
@@ -165,6 +184,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     keys += ("region_box", "region_point", "word_point", "word_point_any_shape", "word_point_teacher_forced")
     stats = {k: [] for k in keys}
     l1_sum, l1_count = 0.0, 0
+    phrases_total, phrases_paired = 0, 0
     references, candidates = {}, {}
     dense_predictions, dense_truths = [], []
     dense = predictor.model.proposal_head is not None
@@ -189,7 +209,10 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
             stats["region_point"].append(_color_shape(cap.text) == (o.color, o.shape))
         caption = caps[-1]
         candidates[i], references[i] = [caption.text], [scene.caption]
-        stats["word_point"] += _word_point_hits(caption.words, objs)
+        hits = _word_point_hits(caption.words, objs)
+        stats["word_point"] += hits
+        phrases_total += len(_phrases(caption.words))
+        phrases_paired += sum(h is not None for h in hits)
         stats["word_point_any_shape"] += _word_point_hits(caption.words, objs, match_shape=False)
         s, c, hits = _teacher_forced(predictor, emb, scene)
         stats["word_point_teacher_forced"] += hits
@@ -213,6 +236,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         "caption_word_point_acc": float(np.mean([h is True for h in stats["word_point"]])),
         "caption_object_mention_rate": float(np.mean([h is not None for h in stats["word_point"]])),
         "caption_word_point_acc_mentioned": _share_true(stats["word_point"]),
+        "caption_phrase_precision": phrases_paired / max(phrases_total, 1),
         "caption_object_color_rate": float(np.mean([h is not None for h in stats["word_point_any_shape"]])),
         "caption_word_point_acc_color_named": _share_true(stats["word_point_any_shape"]),
         "caption_word_point_acc_teacher_forced": _share_true(stats["word_point_teacher_forced"]),

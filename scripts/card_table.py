@@ -40,6 +40,11 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
     ),
     ("objects the whole-image caption names by color and shape", pct("caption_object_mention_rate"), ""),
     ("word point in its object's box, among named objects", pct("caption_word_point_acc_mentioned"), ""),
+    (
+        'caption phrases "<color> <shape>" that name an object (the rest: none, or one named before)',
+        pct("caption_phrase_precision"),
+        "",
+    ),
     ("objects the whole-image caption names by color (any shape word)", pct("caption_object_color_rate"), ""),
     ("word point in its object's box, among objects named by color", pct("caption_word_point_acc_color_named"), ""),
     (

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pixelllm.data.synthetic import SceneObject
-from pixelllm.evaluate import _color_shape, _share_true, _word_point_hits, box_iou, mask_iou
+from pixelllm.evaluate import _color_shape, _phrases, _share_true, _word_point_hits, box_iou, mask_iou
 from pixelllm.predictor import Word
 
 
@@ -67,4 +67,25 @@ def test_word_points_are_matched_to_objects_by_color_and_shape():
     # one phrase for two identical objects: one named (a hit, if its point is in either), one not
     assert _word_point_hits(swapped[:2], objects) == [None, True, None]
     assert _word_point_hits([word("red", (0, 0)), word("circle", (90, 90))], objects).count(None) == 2
+
+
+def test_word_points_pair_phrases_by_size_and_position_before_points():
+    def words_of(text: str, point: tuple[float, float]) -> list[Word]:
+        return [Word(t, 0, len(t), point, (point[0], point[1], point[0], point[1]), 1.0) for t in text.split()]
+
+    small_left = SceneObject("circle", "red", "small", "on the left", (0, 0, 10, 10), np.zeros((1, 1), bool), "")
+    large_right = SceneObject("circle", "red", "large", "on the right", (50, 0, 90, 40), np.zeros((1, 1), bool), "")
+    objects = [small_left, large_right]
+    # the words name the large circle on the right; a point inside the small one does not move the phrase to it
+    assert _word_point_hits(words_of("a large red circle on the right", (5, 5)), objects) == [None, False]
+    assert _word_point_hits(words_of("a large red circle on the right", (60, 20)), objects) == [None, True]
+    # size alone decides too, and a phrase whose words fit neither better goes where its point is
+    assert _word_point_hits(words_of("a small red circle", (60, 20)), objects) == [False, None]
+    assert _word_point_hits(words_of("a red circle", (60, 20)), objects) == [None, True]
+    # a repeated phrase names one object; the share of phrases paired reports the other
+    twice = words_of("a small red circle on the left", (60, 20)) + words_of(
+        "and a small red circle on the left", (5, 5)
+    )
+    assert _word_point_hits(twice, [small_left]) == [True]
+    assert len(_phrases(twice)) == 2
     assert _share_true([None]) == 0.0
