@@ -118,29 +118,38 @@ def test_captions_read_their_own_image_objects_when_images_share_a_batch():
 def test_region_prompts_skip_the_proposal_pass_and_caption_the_same(monkeypatch):
     """A prompt with a box or point masks the object tokens, so an image whose prompts all have one is not
     searched for objects; its captions equal those made beside a whole-image prompt on the same image, which
-    has it searched."""
+    has it searched. Only the images of whole-image prompts are searched, whatever the prompts' order."""
     model = objects_model()
     perturb_(model.language_model.t5.decoder, seed=1, scale=0.3)
     searched = []
     propose = model.propose
     monkeypatch.setattr(
-        model, "propose", lambda features, **kw: searched.append(len(features.fused)) or propose(features, **kw)
+        model, "propose", lambda features, **kw: searched.append(features.fused) or propose(features, **kw)
     )
     batch = make_batch(model, seed=1)
     box = torch.tensor([[10.0, 10.0, 90.0, 90.0]])
+
+    def mixed(image_index: list[int]) -> Prompts:
+        """A region prompt and a whole-image prompt, on the images `image_index`."""
+        return Prompts(
+            texts=["a", "a"], boxes=box.repeat(2, 1), box_mask=torch.tensor([True, False]),
+            image_index=torch.tensor(image_index),
+        )  # fmt: skip
+
     with torch.no_grad():
         features = model.encode_images(batch["images"][:2])
         region = Prompts(texts=["a"], boxes=box, box_mask=torch.tensor([True]), image_index=torch.tensor([1]))
         alone = model.generate(features, region, max_new_tokens=6)[0]
         assert searched == []
-        mixed = Prompts(
-            texts=["a", "a"], boxes=box.repeat(2, 1), box_mask=torch.tensor([True, False]),
-            image_index=torch.tensor([1, 1]),
-        )  # fmt: skip
-        beside = model.generate(features, mixed, max_new_tokens=6)[0]
-    assert searched == [1]  # only image 1, the one with a whole-image prompt
-    assert torch.equal(alone.ids, beside.ids)
+        beside = model.generate(features, mixed([1, 1]), max_new_tokens=6)[0]
+        assert len(searched) == 1 and torch.equal(searched[0], features.fused[1:])
+        crossed = model.generate(features, mixed([1, 0]), max_new_tokens=6)
+        assert len(searched) == 2 and torch.equal(searched[1], features.fused[:1])  # image 0, not prompt 1's index
+        whole = model.generate(features[:1], Prompts(texts=["a"]), max_new_tokens=6)[0]
+    assert torch.equal(alone.ids, beside.ids) and torch.equal(alone.ids, crossed[0].ids)
     torch.testing.assert_close(alone.corners, beside.corners, rtol=1e-4, atol=1e-5)
+    assert torch.equal(crossed[1].ids, whole.ids)  # the whole-image prompt read image 0's objects
+    torch.testing.assert_close(crossed[1].corners, whole.corners, rtol=1e-4, atol=1e-5)
 
 
 def test_predictor_embeddings_hold_their_objects_for_every_prompt(monkeypatch):
