@@ -161,9 +161,9 @@ def test_predictor_embeddings_hold_their_objects_for_every_prompt(monkeypatch):
     predictor = Predictor(model)
     emb = predictor.embed(image)
     features = emb.features
-    assert features.object_boxes is not None and features.object_valid is not None
+    assert features.objects is not None
     boxes, valid = model.object_proposals(ImageFeatures(features.fused, features.sam))
-    assert torch.equal(features.object_boxes, boxes) and torch.equal(features.object_valid, valid)
+    assert torch.equal(features.objects[0], boxes) and torch.equal(features.objects[1], valid)
     assert valid.any() and emb.nbytes > features.fused.nbytes + features.sam.nbytes
     calls = []
     propose = model.propose

@@ -33,27 +33,23 @@ class ImageFeatures:
 
     fused: torch.Tensor
     sam: torch.Tensor
-    object_boxes: torch.Tensor | None = None
-    object_valid: torch.Tensor | None = None
+    objects: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageFeatures:
-        if self.object_boxes is None or self.object_valid is None:
-            return ImageFeatures(self.fused[index], self.sam[index])
-        return ImageFeatures(self.fused[index], self.sam[index], self.object_boxes[index], self.object_valid[index])
+        objects = None if self.objects is None else (self.objects[0][index], self.objects[1][index])
+        return ImageFeatures(self.fused[index], self.sam[index], objects)
 
     @staticmethod
     def cat(items: list[ImageFeatures]) -> ImageFeatures:
         """One batch of the items' images; with objects where every item has them."""
-        fused, sam = torch.cat([f.fused for f in items]), torch.cat([f.sam for f in items])
-        boxes, valid = [f.object_boxes for f in items], [f.object_valid for f in items]
-        if any(b is None for b in boxes) or any(v is None for v in valid):
-            return ImageFeatures(fused, sam)
-        return ImageFeatures(fused, sam, torch.cat(boxes), torch.cat(valid))
+        found = [f.objects for f in items]
+        objects = None if any(f is None for f in found) else tuple(torch.cat(t) for t in zip(*found))
+        return ImageFeatures(torch.cat([f.fused for f in items]), torch.cat([f.sam for f in items]), objects)
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.fused, self.sam, self.object_boxes, self.object_valid)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = (self.fused, self.sam, *(self.objects or ()))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -129,7 +125,7 @@ class PixelLLM(nn.Module):
             fused = tokens.transpose(1, 2).reshape(b, c, h, w)
         features = ImageFeatures(fused, sam)
         if find_objects and self.cfg.extractor.object_tokens:
-            features.object_boxes, features.object_valid = self.object_proposals(features)
+            features.objects = self.object_proposals(features)
         return features
 
     def tokenize_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,8 +156,8 @@ class PixelLLM(nn.Module):
         valid = None
         located = _located(prompts, b, self.device)
         if self.cfg.extractor.object_tokens:
-            if features.object_boxes is not None and features.object_valid is not None:
-                boxes, valid = features.object_boxes, features.object_valid
+            if features.objects is not None:
+                boxes, valid = features.objects
             else:
                 image_index = (
                     torch.arange(b, device=self.device) if prompts.image_index is None else prompts.image_index
