@@ -71,6 +71,7 @@ train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage10.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage11.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage12.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage13.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json
