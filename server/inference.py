@@ -53,7 +53,10 @@ def load_predictor(settings: Settings) -> tuple[Any, str]:
 
     from pixelllm import Predictor
     from pixelllm.build import load_model
+    from pixelllm.memory import keep_freed_memory
 
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     spec = settings.resolved_model()
     paths = {k: getattr(settings, k) for k in ("sam_checkpoint", "eva_checkpoint", "t5_path")}
     model = load_model(spec, **{k: v for k, v in paths.items() if v})

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     t5_path: str | None = None
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    keep_freed_memory: bool = Field(
+        True,
+        description="Reuse freed memory instead of returning it to the kernel (glibc malloc, pixelllm/memory.py): "
+        "no page faults on the large tensors of many-prompt calls; the resident size stays near its peak",
+    )
 
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_wait_ms: float = Field(5.0, ge=0)

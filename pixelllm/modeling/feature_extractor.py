@@ -195,7 +195,9 @@ class PromptFeatureExtractor(nn.Module):
             queries[:, :n] = queries[:, :n] + sampled + anchor_pe.to(x.dtype)
             layout = self.layout_proj(sampled.flatten(1)).unsqueeze(1)
         tokens = torch.cat([queries, self.prompt_proj(prompt_tokens)], dim=1)
-        image, image_pe = (t.flatten(2).transpose(1, 2) for t in (x, pe))
+        # token-major, as the per-prompt image tokens that grow from them: channel-major ones would make every
+        # per-prompt add and norm over (B, h*w, C) copy
+        image, image_pe = (t.flatten(2).transpose(1, 2).contiguous() for t in (x, pe))
         out = two_way_forward(self.transformer, image, image_pe, tokens, image_index)
         visual = self.output_proj(self.query_proj(out[:, : self.num_queries]))
         if layout is None:
