@@ -89,10 +89,10 @@ class Predictor:
     # ------------------------------------------------------------------ embeddings
     @torch.no_grad()
     def embed_batch(self, images: Sequence[Image.Image | np.ndarray]) -> list[ImageEmbedding]:
-        """Encode images (PIL or HxWx3 uint8) in one batched encoder pass, with the objects of the object tokens
-        (models with them), so the prompts on an embedding do not search the image again."""
+        """Encode images (PIL or HxWx3 uint8) in one batched encoder pass, with what every prompt would compute
+        again of an image alone (`encode_images(keep=True)`): the prompts on an embedding do not."""
         tensors, transforms = zip(*(preprocess(im, self.model.cfg.image_size) for im in images))
-        features = self.model.encode_images(torch.stack(tensors).to(self.model.device), find_objects=True)
+        features = self.model.encode_images(torch.stack(tensors).to(self.model.device), keep=True)
         return [ImageEmbedding(features[i : i + 1], t) for i, t in enumerate(transforms)]
 
     def embed(self, image: Image.Image | np.ndarray) -> ImageEmbedding:

@@ -210,3 +210,39 @@ def test_object_tokens_survive_save_load_and_a_training_stage_adds_them(tmp_path
     staged = initial_model(TrainConfig(init_from=str(tmp_path / "without"), object_tokens=3))
     assert staged.cfg.extractor.object_tokens == 3
     assert not staged.extractor.object_box_proj.weight.any()
+
+
+def test_kept_features_read_each_image_once_and_give_the_same_visual_tokens(monkeypatch):
+    """`encode_images(keep=True)` finds the objects and reads the images for the extractor once; prompts on the
+    kept features (whole-image, box and point, two images in one call) then neither search nor read again,
+    and their visual tokens and mask equal those computed from the plain features."""
+    model = objects_model()
+    images = make_batch(model, seed=1)["images"][:2]
+    prompts = Prompts(
+        texts=["a", "b", "c", "d"],
+        boxes=torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 10.0, 90.0, 90.0], [0.0] * 4, [0.0] * 4]),
+        box_mask=torch.tensor([False, True, False, False]),
+        points=torch.tensor([[0.0, 0.0], [0.0, 0.0], [40.0, 60.0], [0.0, 0.0]]),
+        point_mask=torch.tensor([False, False, True, False]),
+        image_index=torch.tensor([1, 0, 1, 0]),
+    )
+    with torch.no_grad():
+        kept = model.encode_images(images, keep=True)
+        plain = model.encode_images(images)
+        calls = []
+        for name in ("read", "object_tokens"):
+            method = getattr(model.extractor, name)
+            monkeypatch.setattr(
+                model.extractor, name, lambda *a, m=method, n=name, **kw: calls.append(n) or m(*a, **kw)
+            )
+        monkeypatch.setattr(model, "propose", lambda *a, **kw: calls.append("propose"))
+        visual, mask = model.visual_tokens(kept, prompts)
+        assert calls == []
+        monkeypatch.undo()
+        expected, expected_mask = model.visual_tokens(plain, prompts)
+    assert kept.reading is not None and kept.reading.objects.shape == (2, K, model.language_model.dim)
+    torch.testing.assert_close(visual, expected, rtol=0, atol=0)
+    assert torch.equal(mask, expected_mask)
+    reordered = ImageFeatures.cat([kept[1:], kept[:1]])  # the reading is indexed and concatenated with the features
+    torch.testing.assert_close(reordered.reading.x, kept.reading.x.flip(0), rtol=0, atol=0)
+    assert kept.nbytes > plain.nbytes + kept.reading.x.numel() * 4

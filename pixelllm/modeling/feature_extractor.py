@@ -7,6 +7,8 @@ encoder's own Fourier basis, as SAM does, so a prompt token and the image cells 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import TwoWayTransformer
@@ -44,24 +46,39 @@ def _attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return _attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v))
 
 
+def first_layer_projections(
+    transformer: TwoWayTransformer, image: torch.Tensor, image_pe: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the first layer projects of the image tokens (U, N, C) alone, before any prompt changes them: the
+    keys and values the tokens read (token-to-image) and the image tokens' own queries (image-to-token), each
+    (U, N, C_int)."""
+    layer = transformer.layers[0]
+    positioned = image + image_pe
+    to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    return to_image.k_proj(positioned), to_image.v_proj(image), to_token.q_proj(positioned)
+
+
 def two_way_forward(
     transformer: TwoWayTransformer,
     image: torch.Tensor,
     image_pe: torch.Tensor,
     tokens: torch.Tensor,
     image_index: torch.Tensor | None = None,
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SAM's `TwoWayTransformer.forward` for many prompts per image; returns the processed tokens (B, T, C).
 
     Until the first layer updates the image tokens they are the image's own, so that layer's key, value and
-    image-side query projections run once per image (U) instead of once per prompt (B), and the attention
-    runs through `scaled_dot_product_attention`. Same arithmetic as SAM's modules, same weights.
+    image-side query projections run once per image (U) instead of once per prompt (B), or not at all when
+    given (`first`, from `first_layer_projections`), and the attention runs through
+    `scaled_dot_product_attention`. Same arithmetic as SAM's modules, same weights.
 
     Args:
         image: image tokens (U, N, C).
         image_pe: their position encoding (1, N, C).
         tokens: prompt tokens (B, T, C), also their own position encoding (as in SAM).
         image_index: (B,) the image each prompt reads; default: the i-th (U == B).
+        first: `first_layer_projections(transformer, image, image_pe)`, when kept from an earlier call.
     """
 
     def per_prompt(t: torch.Tensor) -> torch.Tensor:
@@ -79,12 +96,16 @@ def two_way_forward(
         queries = layer.norm1(queries)
 
         to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        source = image if keys is None else keys
-        positioned = source + image_pe
-        image_k, image_v = to_image.k_proj(positioned), to_image.v_proj(source)
-        image_q = to_token.q_proj(positioned)
         if keys is None:
-            image_k, image_v, image_q, source = map(per_prompt, (image_k, image_v, image_q, source))
+            image_k, image_v, image_q = first or first_layer_projections(transformer, image, image_pe)
+            image_k, image_v, image_q, source = map(per_prompt, (image_k, image_v, image_q, image))
+        else:
+            source, positioned = keys, keys + image_pe
+            image_k, image_v, image_q = (
+                to_image.k_proj(positioned),
+                to_image.v_proj(source),
+                to_token.q_proj(positioned),
+            )
 
         queries = layer.norm2(queries + _attend(to_image, to_image.q_proj(queries + tokens), image_k, image_v))
         queries = layer.norm3(queries + layer.mlp(queries))
@@ -95,6 +116,40 @@ def two_way_forward(
     final = transformer.final_attn_token_to_image
     queries = queries + _attention(final, queries + tokens, keys + image_pe, keys)
     return transformer.norm_final_attn(queries)
+
+
+@dataclass
+class ImageReading:
+    """What the extractor takes from U images before any prompt reads them; computed once for features kept to
+    answer many prompts (`PromptFeatureExtractor.read`).
+
+    x: input-projected features plus their position encoding (U, width, h, w); tokens: the same token-major
+    (U, h*w, width); pe: the position encoding (1, h*w, width); first: `first_layer_projections` of the tokens,
+    each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them.
+    """
+
+    x: torch.Tensor
+    tokens: torch.Tensor
+    pe: torch.Tensor
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    objects: torch.Tensor | None = None
+
+    def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageReading:
+        objects = None if self.objects is None else self.objects[index]
+        first = tuple(t[index] for t in self.first)
+        return ImageReading(self.x[index], self.tokens[index], self.pe, first, objects)  # type: ignore[arg-type]
+
+    @staticmethod
+    def cat(items: list[ImageReading]) -> ImageReading:
+        objects = None if any(r.objects is None for r in items) else torch.cat([r.objects for r in items])
+        first = tuple(torch.cat(t) for t in zip(*(r.first for r in items)))
+        x, tokens = (torch.cat([getattr(r, k) for r in items]) for k in ("x", "tokens"))
+        return ImageReading(x, tokens, items[0].pe, first, objects)  # type: ignore[arg-type]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.x, self.tokens, self.pe, *self.first, *([self.objects] if self.objects is not None else []))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class PromptFeatureExtractor(nn.Module):
@@ -149,13 +204,41 @@ class PromptFeatureExtractor(nn.Module):
         """Features x (U, width, h, w) at the anchor grid of boxes (B, 4) in model-input pixels, box b on image
         image_index[b] (default: b) -> samples (B, g*g, width) and the anchor points (B, g*g, 2)."""
         points = anchor_grid_points(boxes.to(x.dtype), self.anchor_grid)
-        grid = (points / self.image_size * 2 - 1).unsqueeze(2)
-        sampled = F.grid_sample(x if image_index is None else x[image_index], grid, align_corners=False)
-        return sampled.squeeze(-1).transpose(1, 2), points
+        grid = points / self.image_size * 2 - 1
+        if image_index is None:
+            return _sample(x, grid), points
+        # all boxes on one image in one call: the image's features are not copied per box
+        sampled = x.new_empty(*points.shape[:2], x.shape[1])
+        for u in image_index.unique().tolist():
+            rows = (image_index == u).nonzero()[:, 0]
+            sampled[rows] = _sample(x[u : u + 1], grid[rows].flatten(0, 1)[None]).view(len(rows), -1, x.shape[1])
+        return sampled, points
+
+    def read(
+        self,
+        features: torch.Tensor,
+        pe_layer: PositionEmbeddingRandom,
+        object_boxes: torch.Tensor | None = None,
+        object_box_tokens: torch.Tensor | None = None,
+    ) -> ImageReading:
+        """Fused features (U, C_in, h, w) -> what every prompt on these images reads of them (`ImageReading`);
+        with the object tokens of object_boxes (U, K, 4) and their box tokens (U, K, 2, C_p), if given."""
+        x = self.input_proj(features)
+        _, _, h, w = x.shape
+        pe = self.prompt_proj(pe_layer((h, w)).permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(0).to(x.dtype)
+        # SAM's attention adds the encoding to keys only; adding it to the features too puts absolute
+        # position into the values the queries read, which the coordinates regressed later need.
+        x = x + pe
+        # token-major, as the per-prompt image tokens that grow from them: channel-major ones would make every
+        # per-prompt add and norm over (B, h*w, C) copy
+        tokens, image_pe = (t.flatten(2).transpose(1, 2).contiguous() for t in (x, pe))
+        first = first_layer_projections(self.transformer, tokens, image_pe)
+        objects = None if object_boxes is None else self.object_tokens(x, object_boxes, object_box_tokens)
+        return ImageReading(x, tokens, image_pe, first, objects)
 
     def forward(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | ImageReading,
         prompt_tokens: torch.Tensor,
         pe_layer: PositionEmbeddingRandom,
         anchor_boxes: torch.Tensor | None = None,
@@ -166,7 +249,8 @@ class PromptFeatureExtractor(nn.Module):
         """Visual tokens (B, Q, D_lm); (B, Q + 1, D_lm) with anchors; (B, Q + 1 + K, D_lm) with object tokens.
 
         Args:
-            features: fused image features (U, C_in, h, w).
+            features: fused image features (U, C_in, h, w), or what `read` took of them (with the object tokens
+                already, if any: then object_boxes and object_box_tokens are not given).
             prompt_tokens: location prompt tokens (B, P, C_p).
             pe_layer: the prompt encoder's position encoding (its Fourier basis encodes image cells and anchors).
             anchor_boxes: (B, 4) model-input pixels, the box each prompt's anchored queries tile; needed
@@ -176,12 +260,10 @@ class PromptFeatureExtractor(nn.Module):
             object_boxes: (U, K, 4) model-input pixels, the objects of each image (`object_tokens` > 0).
             object_box_tokens: (U, K, 2, C_p) their prompt-encoder box tokens.
         """
-        x = self.input_proj(features)
-        _, _, h, w = x.shape
-        pe = self.prompt_proj(pe_layer((h, w)).permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(0).to(x.dtype)
-        # SAM's attention adds the encoding to keys only; adding it to the features too puts absolute
-        # position into the values the queries read, which the coordinates regressed later need.
-        x = x + pe
+        if isinstance(features, ImageReading):
+            image = features
+        else:
+            image = self.read(features, pe_layer, object_boxes, object_box_tokens)
         b = prompt_tokens.shape[0]
         queries = self.queries.expand(b, -1, -1)
         layout = None
@@ -189,31 +271,32 @@ class PromptFeatureExtractor(nn.Module):
             if anchor_boxes is None:
                 raise ValueError("an extractor with anchor_grid > 0 needs anchor_boxes")
             queries = queries.clone()
-            sampled, points = self._anchor_samples(x, anchor_boxes, image_index)
+            sampled, points = self._anchor_samples(image.x, anchor_boxes, image_index)
             anchor_pe = self.prompt_proj(pe_layer.forward_with_coords(points, (self.image_size, self.image_size)))
             n = points.shape[1]
-            queries[:, :n] = queries[:, :n] + sampled + anchor_pe.to(x.dtype)
+            queries[:, :n] = queries[:, :n] + sampled + anchor_pe.to(image.x.dtype)
             layout = self.layout_proj(sampled.flatten(1)).unsqueeze(1)
         tokens = torch.cat([queries, self.prompt_proj(prompt_tokens)], dim=1)
-        # token-major, as the per-prompt image tokens that grow from them: channel-major ones would make every
-        # per-prompt add and norm over (B, h*w, C) copy
-        image, image_pe = (t.flatten(2).transpose(1, 2).contiguous() for t in (x, pe))
-        out = two_way_forward(self.transformer, image, image_pe, tokens, image_index)
+        out = two_way_forward(self.transformer, image.tokens, image.pe, tokens, image_index, image.first)
         visual = self.output_proj(self.query_proj(out[:, : self.num_queries]))
         if layout is None:
             return visual
         visual = torch.cat([visual, layout], dim=1)
-        if object_boxes is None:
+        if image.objects is None:
             return visual
-        objects = self.object_tokens(x, object_boxes, object_box_tokens)
-        return torch.cat([visual, objects if image_index is None else objects[image_index]], dim=1)
+        return torch.cat([visual, image.objects if image_index is None else image.objects[image_index]], dim=1)
 
     def object_tokens(self, x: torch.Tensor, boxes: torch.Tensor, box_tokens: torch.Tensor) -> torch.Tensor:
         """Positioned features x (U, width, h, w), boxes (U, K, 4), box tokens (U, K, 2, C_p) -> (U, K, D_lm)."""
         if self.object_box_proj is None:
             raise ValueError("this extractor has no object tokens (extractor.object_tokens is 0)")
         u, k = boxes.shape[:2]
-        image_index = torch.arange(u, device=boxes.device).repeat_interleave(k)
-        sampled, _ = self._anchor_samples(x, boxes.flatten(0, 1), image_index)
-        layout = self.layout_proj(sampled.flatten(1)).view(u, k, -1)
+        points = anchor_grid_points(boxes.flatten(0, 1).to(x.dtype), self.anchor_grid)  # (U*K, g*g, 2)
+        sampled = _sample(x, (points / self.image_size * 2 - 1).view(u, -1, 2))  # each image's boxes in one call
+        layout = self.layout_proj(sampled.reshape(u, k, -1))
         return layout + self.object_box_proj(box_tokens.flatten(2).to(layout.dtype))
+
+
+def _sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Features x (U, C, h, w) at points grid (U, P, 2) in [-1, 1] (x, y) -> (U, P, C), bilinear."""
+    return F.grid_sample(x, grid.unsqueeze(2), align_corners=False)[..., 0].transpose(1, 2)

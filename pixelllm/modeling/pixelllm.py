@@ -12,7 +12,7 @@ from transformers import T5ForConditionalGeneration
 
 from ..config import PixelLLMConfig, ProposalHeadConfig
 from ..tokenizer import EOS_ID, PAD_ID, Tokenizer
-from .feature_extractor import PromptFeatureExtractor
+from .feature_extractor import ImageReading, PromptFeatureExtractor
 from .frozen_block import FrozenLMBlock
 from .generation import Generated, ShouldStop, beam_search, greedy, iter_greedy
 from .image_encoder import ImageEncoder
@@ -27,29 +27,35 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ImageFeatures:
-    """Encoder outputs for a batch: fused features (B, C, h, w) and SAM features (B, C_sam, h', w'); and, where
-    found with them (`encode_images(find_objects=True)`), the objects of the object tokens: boxes (B, K, 4) and
-    valid (B, K), as `PixelLLM.object_proposals` gives them."""
+    """Encoder outputs for a batch: fused features (B, C, h, w) and SAM features (B, C_sam, h', w'); and, for
+    features kept to answer many prompts (`encode_images(keep=True)`), the objects of the object tokens, boxes
+    (B, K, 4) and valid (B, K) as `PixelLLM.object_proposals` gives them, and what the prompt feature extractor
+    reads of the images before any prompt (`ImageReading`)."""
 
     fused: torch.Tensor
     sam: torch.Tensor
     objects: tuple[torch.Tensor, torch.Tensor] | None = None
+    reading: ImageReading | None = None
 
     def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageFeatures:
         objects = None if self.objects is None else (self.objects[0][index], self.objects[1][index])
-        return ImageFeatures(self.fused[index], self.sam[index], objects)
+        reading = None if self.reading is None else self.reading[index]
+        return ImageFeatures(self.fused[index], self.sam[index], objects, reading)
 
     @staticmethod
     def cat(items: list[ImageFeatures]) -> ImageFeatures:
-        """One batch of the items' images; with objects where every item has them."""
+        """One batch of the items' images; with objects and readings where every item has them."""
         found = [f.objects for f in items]
         objects = None if any(f is None for f in found) else tuple(torch.cat(t) for t in zip(*found))
-        return ImageFeatures(torch.cat([f.fused for f in items]), torch.cat([f.sam for f in items]), objects)
+        readings = [f.reading for f in items]
+        reading = None if any(r is None for r in readings) else ImageReading.cat(readings)  # type: ignore[arg-type]
+        fused, sam = torch.cat([f.fused for f in items]), torch.cat([f.sam for f in items])
+        return ImageFeatures(fused, sam, objects, reading)  # type: ignore[arg-type]
 
     @property
     def nbytes(self) -> int:
         tensors = (self.fused, self.sam, *(self.objects or ()))
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + (self.reading.nbytes if self.reading else 0)
 
 
 @dataclass
@@ -112,11 +118,11 @@ class PixelLLM(nn.Module):
         return self.extractor.queries.dtype
 
     # ----------------------------------------------------------------- encoders
-    def encode_images(self, images: torch.Tensor, find_objects: bool = False) -> ImageFeatures:
+    def encode_images(self, images: torch.Tensor, keep: bool = False) -> ImageFeatures:
         """Images (B, 3, S, S) in [0, 1] (see `pixelllm.transforms`) -> `ImageFeatures`.
 
-        `find_objects`: also find each image's objects for the object tokens (models with them), once per image
-        instead of once per call that reads them; for features kept to answer many prompts.
+        `keep`: the features are kept to answer many prompts, so do once per image what every prompt would do
+        again: find the objects of the object tokens (models with them) and read the image for the extractor.
         """
         fused, sam = self.image_encoder(images.to(self.dtype))
         if self.frozen_block is not None:
@@ -124,8 +130,12 @@ class PixelLLM(nn.Module):
             tokens = self.frozen_block(fused.flatten(2).transpose(1, 2))
             fused = tokens.transpose(1, 2).reshape(b, c, h, w)
         features = ImageFeatures(fused, sam)
-        if find_objects and self.cfg.extractor.object_tokens:
-            features.objects = self.object_proposals(features)
+        if keep:
+            objects = {}
+            if self.cfg.extractor.object_tokens:
+                features.objects = self.object_proposals(features)
+                objects = self._object_boxes(features.objects[0])
+            features.reading = self.extractor.read(fused, self.prompt_encoder.pe_layer, **objects)
         return features
 
     def tokenize_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,9 +162,10 @@ class PixelLLM(nn.Module):
         tokens = self.prompt_encoder(
             boxes=_opt(prompts.boxes, self.dtype), points=_opt(prompts.points, self.dtype), **masks
         )
-        objects = {}
         valid = None
         located = _located(prompts, b, self.device)
+        image: torch.Tensor | ImageReading = features.fused if features.reading is None else features.reading
+        objects = {}
         if self.cfg.extractor.object_tokens:
             if features.objects is not None:
                 boxes, valid = features.objects
@@ -165,16 +176,19 @@ class PixelLLM(nn.Module):
                 needed = torch.zeros(len(features.fused), dtype=torch.bool, device=self.device)
                 needed[image_index[~located]] = True
                 boxes, valid = self.object_proposals(features, needed)
-            box_tokens = self.prompt_encoder(boxes=boxes.flatten(0, 1).to(self.dtype))
-            objects = dict(object_boxes=boxes, object_box_tokens=box_tokens.unflatten(0, boxes.shape[:2]))
-        visual = self.extractor(
-            features.fused, tokens, self.prompt_encoder.pe_layer, anchors, prompts.image_index, **objects
-        )
+            if features.reading is None:  # a reading has its object tokens already
+                objects = self._object_boxes(boxes)
+        visual = self.extractor(image, tokens, self.prompt_encoder.pe_layer, anchors, prompts.image_index, **objects)
         mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
         if valid is not None:
             valid = valid if prompts.image_index is None else valid[prompts.image_index]
             mask[:, -valid.shape[1] :] = valid & ~located[:, None]
         return visual, mask
+
+    def _object_boxes(self, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The extractor's object arguments for object boxes (U, K, 4): the boxes and their box tokens."""
+        box_tokens = self.prompt_encoder(boxes=boxes.flatten(0, 1).to(self.dtype))
+        return dict(object_boxes=boxes, object_box_tokens=box_tokens.unflatten(0, boxes.shape[:2]))
 
     def object_proposals(
         self, features: ImageFeatures, needed: torch.Tensor | None = None
