@@ -214,8 +214,9 @@ def test_object_tokens_survive_save_load_and_a_training_stage_adds_them(tmp_path
 
 def test_kept_features_read_each_image_once_and_give_the_same_visual_tokens(monkeypatch):
     """`encode_images(keep=True)` finds the objects and reads the images for the extractor once; prompts on the
-    kept features (whole-image, box and point, two images in one call) then neither search nor read again,
-    and their visual tokens and mask equal those computed from the plain features."""
+    kept features (whole-image, box and point, two images in one call) then neither search nor read again, and
+    only the prompts with a box or point run the extractor. Their visual tokens and mask equal those computed
+    from the plain features."""
     model = objects_model()
     images = make_batch(model, seed=1)["images"][:2]
     prompts = Prompts(
@@ -229,20 +230,25 @@ def test_kept_features_read_each_image_once_and_give_the_same_visual_tokens(monk
     with torch.no_grad():
         kept = model.encode_images(images, keep=True)
         plain = model.encode_images(images)
-        calls = []
+        calls, extracted = [], []
         for name in ("read", "object_tokens"):
             method = getattr(model.extractor, name)
             monkeypatch.setattr(
                 model.extractor, name, lambda *a, m=method, n=name, **kw: calls.append(n) or m(*a, **kw)
             )
         monkeypatch.setattr(model, "propose", lambda *a, **kw: calls.append("propose"))
+        extract = model._extract
+        monkeypatch.setattr(model, "_extract", lambda f, p: extracted.append(p.texts) or extract(f, p))
         visual, mask = model.visual_tokens(kept, prompts)
-        assert calls == []
+        whole_image, _ = model.visual_tokens(kept, Prompts(texts=["x", "y"], image_index=torch.tensor([1, 1])))
+        assert calls == [] and extracted == [["b", "c"]]  # the located prompts only, and only in the first call
         monkeypatch.undo()
         expected, expected_mask = model.visual_tokens(plain, prompts)
     assert kept.reading is not None and kept.reading.objects.shape == (2, K, model.language_model.dim)
-    torch.testing.assert_close(visual, expected, rtol=0, atol=0)
+    torch.testing.assert_close(visual, expected)
+    torch.testing.assert_close(whole_image, expected[[0, 0]])  # prompts "a" and "y" both read image 1 unlocated
     assert torch.equal(mask, expected_mask)
     reordered = ImageFeatures.cat([kept[1:], kept[:1]])  # the reading is indexed and concatenated with the features
     torch.testing.assert_close(reordered.reading.x, kept.reading.x.flip(0), rtol=0, atol=0)
+    torch.testing.assert_close(reordered.reading.unlocated, kept.reading.unlocated.flip(0), rtol=0, atol=0)
     assert kept.nbytes > plain.nbytes + kept.reading.x.numel() * 4

@@ -174,9 +174,9 @@ def test_box_and_point_prompts_map_into_model_input_pixels(predictor, size):
         assert kw["points"][0].tolist() == pytest.approx([c * scale for c in point], abs=1e-3)
 
         predictor.caption_batch([box, point, None], max_new_tokens=1)
-        kw = seen["prompt_encoder"][1]
-        assert kw["box_mask"].tolist() == [True, False, False]
-        assert kw["point_mask"].tolist() == [False, True, False]
+        kw = seen["prompt_encoder"][1]  # the whole-image prompt reads the embedding's unlocated visual tokens
+        assert kw["box_mask"].tolist() == [True, False]
+        assert kw["point_mask"].tolist() == [False, True]
         assert kw["boxes"][0].tolist() == pytest.approx([c * scale for c in box], abs=1e-3)
         assert kw["points"][1].tolist() == pytest.approx([c * scale for c in point], abs=1e-3)
 

@@ -125,7 +125,9 @@ class ImageReading:
 
     x: input-projected features plus their position encoding (U, width, h, w); tokens: the same token-major
     (U, h*w, width); pe: the position encoding (1, h*w, width); first: `first_layer_projections` of the tokens,
-    each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them.
+    each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them; unlocated: the visual
+    tokens (U, V, D_lm) of a prompt without box or point, the same for every such prompt on the image (set by
+    `PixelLLM.encode_images(keep=True)`).
     """
 
     x: torch.Tensor
@@ -133,23 +135,27 @@ class ImageReading:
     pe: torch.Tensor
     first: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     objects: torch.Tensor | None = None
+    unlocated: torch.Tensor | None = None
 
     def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageReading:
-        objects = None if self.objects is None else self.objects[index]
         first = tuple(t[index] for t in self.first)
-        return ImageReading(self.x[index], self.tokens[index], self.pe, first, objects)  # type: ignore[arg-type]
+        objects, unlocated = (None if t is None else t[index] for t in (self.objects, self.unlocated))
+        return ImageReading(self.x[index], self.tokens[index], self.pe, first, objects, unlocated)  # type: ignore[arg-type]
 
     @staticmethod
     def cat(items: list[ImageReading]) -> ImageReading:
-        objects = None if any(r.objects is None for r in items) else torch.cat([r.objects for r in items])
+        def cat_all(name: str) -> torch.Tensor | None:
+            found = [getattr(r, name) for r in items]
+            return None if any(t is None for t in found) else torch.cat(found)
+
         first = tuple(torch.cat(t) for t in zip(*(r.first for r in items)))
-        x, tokens = (torch.cat([getattr(r, k) for r in items]) for k in ("x", "tokens"))
-        return ImageReading(x, tokens, items[0].pe, first, objects)  # type: ignore[arg-type]
+        x, tokens, objects, unlocated = map(cat_all, ("x", "tokens", "objects", "unlocated"))
+        return ImageReading(x, tokens, items[0].pe, first, objects, unlocated)  # type: ignore[arg-type]
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.x, self.tokens, self.pe, *self.first, *([self.objects] if self.objects is not None else []))
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = (self.x, self.tokens, self.pe, *self.first, self.objects, self.unlocated)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class PromptFeatureExtractor(nn.Module):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,18 @@ class Prompts:
     point_mask: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
 
+    def select(self, rows: torch.Tensor) -> Prompts:
+        """The prompts at rows (R,), reading the same images as before."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        image_index = rows if self.image_index is None else self.image_index[rows]
+        texts = [self.texts[i] for i in rows.tolist()]
+        return Prompts(
+            texts, pick(self.boxes), pick(self.box_mask), pick(self.points), pick(self.point_mask), image_index
+        )
+
 
 class PixelLLM(nn.Module):
     def __init__(
@@ -136,6 +148,7 @@ class PixelLLM(nn.Module):
                 features.objects = self.object_proposals(features)
                 objects = self._object_boxes(features.objects[0])
             features.reading = self.extractor.read(fused, self.prompt_encoder.pe_layer, **objects)
+            features.reading.unlocated = self._extract(features, Prompts(texts=[""] * len(fused)))
         return features
 
     def tokenize_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +163,35 @@ class PixelLLM(nn.Module):
 
         V is Q, Q + 1 with anchored queries (the layout token), Q + 1 + K with K object tokens; the mask is
         False on object tokens an image has no proposal for, and on all of them for a prompt with a box or point
-        (a region caption reads its own region).
+        (a region caption reads its own region). Prompts without a box or point on kept features
+        (`encode_images(keep=True)`) take the image's `ImageReading.unlocated` tokens: the same for all of them.
         """
+        b = len(prompts.texts)
+        located = _located(prompts, b, self.device)
+        image_index = torch.arange(b, device=self.device) if prompts.image_index is None else prompts.image_index
+        valid = None
+        if self.cfg.extractor.object_tokens:
+            if features.objects is None:
+                needed = torch.zeros(len(features.fused), dtype=torch.bool, device=self.device)
+                needed[image_index[~located]] = True
+                features = replace(features, objects=self.object_proposals(features, needed))
+            valid = features.objects[1]
+        unlocated = None if features.reading is None else features.reading.unlocated
+        if unlocated is None:
+            visual = self._extract(features, prompts)
+        else:
+            visual = unlocated[image_index]
+            rows = located.nonzero()[:, 0]
+            if len(rows):
+                visual[rows] = self._extract(features, prompts.select(rows))
+        mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
+        if valid is not None:
+            mask[:, -valid.shape[1] :] = valid[image_index] & ~located[:, None]
+        return visual, mask
+
+    def _extract(self, features: ImageFeatures, prompts: Prompts) -> torch.Tensor:
+        """The prompt feature extractor on `prompts` -> visual tokens (B, V, D); the objects of the object tokens
+        are `features.objects` (models with them)."""
         b = len(prompts.texts)
         masks = dict(box_mask=prompts.box_mask, point_mask=prompts.point_mask, batch_size=b)
         anchors = None
@@ -162,28 +202,11 @@ class PixelLLM(nn.Module):
         tokens = self.prompt_encoder(
             boxes=_opt(prompts.boxes, self.dtype), points=_opt(prompts.points, self.dtype), **masks
         )
-        valid = None
-        located = _located(prompts, b, self.device)
         image: torch.Tensor | ImageReading = features.fused if features.reading is None else features.reading
         objects = {}
-        if self.cfg.extractor.object_tokens:
-            if features.objects is not None:
-                boxes, valid = features.objects
-            else:
-                image_index = (
-                    torch.arange(b, device=self.device) if prompts.image_index is None else prompts.image_index
-                )
-                needed = torch.zeros(len(features.fused), dtype=torch.bool, device=self.device)
-                needed[image_index[~located]] = True
-                boxes, valid = self.object_proposals(features, needed)
-            if features.reading is None:  # a reading has its object tokens already
-                objects = self._object_boxes(boxes)
-        visual = self.extractor(image, tokens, self.prompt_encoder.pe_layer, anchors, prompts.image_index, **objects)
-        mask = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
-        if valid is not None:
-            valid = valid if prompts.image_index is None else valid[prompts.image_index]
-            mask[:, -valid.shape[1] :] = valid & ~located[:, None]
-        return visual, mask
+        if features.objects is not None and features.reading is None:  # a reading has its object tokens already
+            objects = self._object_boxes(features.objects[0])
+        return self.extractor(image, tokens, self.prompt_encoder.pe_layer, anchors, prompts.image_index, **objects)
 
     def _object_boxes(self, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
         """The extractor's object arguments for object boxes (U, K, 4): the boxes and their box tokens."""
