@@ -72,6 +72,8 @@ train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage11.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage12.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage13.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage14.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage15.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json
