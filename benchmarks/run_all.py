@@ -30,7 +30,7 @@ SCRIPTS = {
     "point_head_overhead.py": ["point_head_overhead"],
     "service_bench.py": ["batching_speedup", "latency", "regions_scaling", "cache_speedup"],
     "stream_latency.py": ["stream_latency"],
-    "train_throughput.py": ["train_throughput", "train_keep_freed_memory"],  # the second with --compare-memory
+    "train_throughput.py": ["train_throughput"],
     "vs_kosmos2.py": ["vs_kosmos2"],
     "reliability_fuzz.py": ["reliability_fuzz"],
     "reliability_overload.py": ["reliability_overload"],

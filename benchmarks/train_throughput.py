@@ -7,11 +7,6 @@ includes making each step's batch, forward, backward and the optimizer step, as 
 
     python benchmarks/train_throughput.py --quick              # 2 + 8 steps on CPU
     python benchmarks/train_throughput.py --device cuda        # on a GPU
-    python benchmarks/train_throughput.py --compare-memory 3   # kept vs returned freed memory, 3 pairs
-
-`--compare-memory N` runs N pairs of child runs, one keeping freed memory for reuse (the default,
-`TrainConfig.keep_freed_memory`, pixelllm/memory.py) and one not, alternating which goes first, and reports
-the median samples/s of each, their ratio and the page faults of each (`train_keep_freed_memory`).
 """
 
 from __future__ import annotations
@@ -19,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -45,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--note", default="", help="recorded with the machine, e.g. what else ran on it")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--no-keep-freed-memory", action="store_true", help="return freed memory to the kernel")
-    parser.add_argument("--compare-memory", type=int, metavar="N", help="N pairs of runs: freed memory kept or not")
     args = parser.parse_args(argv)
-    if args.compare_memory:
-        return compare_memory(args)
     mode = "quick" if args.quick else "full"
     warmup = args.warmup if args.warmup is not None else STEPS[mode][0]
     timed_steps = args.steps or STEPS[mode][1]
@@ -60,15 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.from_json(CONFIG)
     cfg.steps, cfg.warmup_steps = warmup + timed_steps, 1
     cfg.log_every, cfg.ckpt_every, cfg.threads = 1, 10**9, args.threads
-    cfg.keep_freed_memory = not args.no_keep_freed_memory
     for source in cfg.sources:
         source.num_scenes = args.scenes
     machine_info = machine(args.device, args.threads, args.note)
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:
         cfg.out_dir = tmp
-        before, faults = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = os.times()
         train(cfg)
-        after, faults = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        after = os.times()
         records = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines()]
     timed = records[warmup - 1 :] if warmup else records  # the first timed step ends at records[warmup]
     seconds = timed[-1]["time"] - timed[0]["time"]
@@ -91,61 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             "step_s_median": statistics.median(b["time"] - a["time"] for a, b in zip(timed, timed[1:])),
             "memory": memory,
             "cpu_utilization": cpu_utilization,
-            "system_time_share": (after.system - before.system)
-            / (after.user + after.system - before.user - before.system),
-            "page_faults": faults,
-            "keep_freed_memory": cfg.keep_freed_memory,
             "final_loss": timed[-1]["loss"],
         },
         mode=mode,
         machine_info=machine_info,
         figure=figure + f" (batch {cfg.batch_size}, {len(timed) - 1} steps; the run got {cpu_utilization:.0%} of "
         f"{args.threads} threads' CPU time)",
-        results_dir=args.results_dir,
-    )
-    return 0
-
-
-def compare_memory(args: argparse.Namespace) -> int:
-    """Alternate child runs with freed memory kept and returned; write `train_keep_freed_memory`."""
-    child = ["--device", args.device, "--scenes", str(args.scenes), "--threads", str(args.threads), "--note", args.note]
-    child += ["--quick"] if args.quick else []
-    child += ["--steps", str(args.steps)] if args.steps else []
-    child += ["--warmup", str(args.warmup)] if args.warmup is not None else []
-    runs: dict[str, list[dict]] = {"kept": [], "returned": []}
-    with tempfile.TemporaryDirectory(prefix="train-memory-") as tmp:
-        for pair in range(args.compare_memory):
-            for kind in ("kept", "returned") if pair % 2 == 0 else ("returned", "kept"):
-                out = Path(tmp) / f"{kind}{pair}"
-                flags = ["--no-keep-freed-memory"] if kind == "returned" else []
-                cmd = [sys.executable, __file__, *child, *flags, "--results-dir", str(out)]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                result = json.loads(next(out.glob("train_throughput*.json")).read_text())
-                runs[kind].append(result)
-                print(
-                    f"{kind:>8}: {result['samples_per_s']:.2f} samples/s, {result['page_faults']} page faults, "
-                    f"{result['system_time_share']:.0%} of CPU time in the kernel",
-                    flush=True,
-                )
-    median = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in runs.items()}
-    ratio = median["kept"] / median["returned"]
-    write_result(
-        "train_keep_freed_memory",
-        {
-            "settings": runs["kept"][0]["settings"],
-            "pairs": args.compare_memory,
-            "samples_per_s_median": median,
-            "speedup": ratio,
-            "runs": {
-                k: [{key: r[key] for key in ("samples_per_s", "page_faults", "system_time_share", "memory")} for r in v]
-                for k, v in runs.items()
-            },
-        },
-        mode="quick" if args.quick else "full",
-        machine_info=machine(args.device, args.threads, args.note),
-        figure=f"{ratio:.2f}x samples/s with freed memory kept ({median['kept']:.2f} vs {median['returned']:.2f}; "
-        f"page faults per run {statistics.median(r['page_faults'] for r in runs['kept']):.0f} vs "
-        f"{statistics.median(r['page_faults'] for r in runs['returned']):.0f})",
         results_dir=args.results_dir,
     )
     return 0

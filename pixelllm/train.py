@@ -29,7 +29,6 @@ from .config import _from_dict, load_config
 from .data.narratives import read_narratives
 from .data.synthetic import generate_scene, scene_seed
 from .data.tasks import TASKS, PreparedScene, collate, make_sample, prepare_record, prepare_scene
-from .memory import keep_freed_memory
 from .modeling.pixelllm import PixelLLM
 from .tokenizer import Tokenizer
 from .transforms import to_rgb_array
@@ -76,7 +75,6 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 0
     threads: int | None = None
-    keep_freed_memory: bool = True  # see pixelllm/memory.py: each step's large tensors reuse freed pages
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -205,8 +203,6 @@ def train(cfg: TrainConfig) -> Path:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

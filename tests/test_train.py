@@ -62,14 +62,6 @@ def test_few_steps_reduce_loss_and_write_logs_and_model(tmp_path):
     assert {p.name for p in final.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_training_keeps_freed_memory_unless_told_not_to(tmp_path, monkeypatch, keep):
-    calls = []
-    monkeypatch.setattr("pixelllm.train.keep_freed_memory", lambda: calls.append(True) or True)
-    train(tiny_config(tmp_path, steps=1, keep_freed_memory=keep))
-    assert calls == [True] * keep
-
-
 def test_a_stage_at_another_image_size_starts_from_the_saved_model_resampled(tmp_path):
     first = train(tiny_config(tmp_path / "a", steps=2))
     stage = tiny_config(tmp_path / "b", steps=2, init_from=str(first), image_size=192)
