@@ -4,7 +4,7 @@ glibc serves a large block (above its mmap threshold) from a fresh mapping and u
 returns free memory at the top of its heap to the kernel once that exceeds its trim threshold. Either way
 the next tensor of that size lands on new pages, and every page costs a fault and a zeroing in the kernel.
 Inference over many prompts allocates and frees tensors of many MiB per call (32 region prompts give
-(32, 1024, 128) float32 image tokens, 16 MiB, several times a call), and so does every training step.
+(32, 1024, 128) float32 image tokens, 16 MiB, several times a call).
 Raising both thresholds keeps that memory mapped; the price is a resident size that stays near its peak.
 """
 
