@@ -48,8 +48,7 @@ def test_service_merges_lora_and_answers_as_the_unmerged_model(tmp_path):
 
 def test_abandoned_jobs_are_skipped_and_their_decoding_stops(monkeypatch):
     """One job abandoned before its batch (nothing runs for it, though a live job shares its image), one
-    abandoned after two decoder steps (its caption call stops at the next step), one kept (answered exactly as
-    alone)."""
+    abandoned after two decoder steps (its caption call stops at the next step), one kept (answered as alone)."""
     predictor, _ = load_predictor(Settings(model=str(DEFAULT_MODEL_DIR), device="cpu"))
     images = [Image.fromarray(generate_scene(seed).image) for seed in (11, 12, 13)]
     gone = Job(key="gone", image=images[0], prompts=[(None, None)], texts=["the object"])
@@ -85,7 +84,9 @@ def test_abandoned_jobs_are_skipped_and_their_decoding_stops(monkeypatch):
     # two steps of `leaving`, then `staying` as when alone, then one teacher-forced pass localizing for `sharing`
     assert steps == [1] * (2 + alone_steps + 1)
     served = results[2].captions[0]
-    assert served.text == alone.text and [w.point for w in served.words] == [w.point for w in alone.words]
+    assert served.text == alone.text
+    # the served embedding came from an encoder batch of two: its visual tokens may differ in the last float bits
+    np.testing.assert_allclose([w.point for w in served.words], [w.point for w in alone.words], rtol=0, atol=1e-3)
     assert reported == [2]
 
 
