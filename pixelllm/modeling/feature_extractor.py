@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import TwoWayTransformer
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
-from segment_anything.modeling.transformer import Attention
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import nn
 
 from ..config import ExtractorConfig
@@ -46,13 +46,11 @@ def _attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return _attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v))
 
 
-def first_layer_projections(
-    transformer: TwoWayTransformer, image: torch.Tensor, image_pe: torch.Tensor
+def image_projections(
+    layer: TwoWayAttentionBlock, image: torch.Tensor, image_pe: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the first layer projects of the image tokens (U, N, C) alone, before any prompt changes them: the
-    keys and values the tokens read (token-to-image) and the image tokens' own queries (image-to-token), each
-    (U, N, C_int)."""
-    layer = transformer.layers[0]
+    """What a layer projects of the image tokens (B, N, C): the keys and values the prompt tokens read
+    (token-to-image) and the image tokens' own queries (image-to-token), each (B, N, C_int)."""
     positioned = image + image_pe
     to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     return to_image.k_proj(positioned), to_image.v_proj(image), to_token.q_proj(positioned)
@@ -70,7 +68,7 @@ def two_way_forward(
 
     Until the first layer updates the image tokens they are the image's own, so that layer's key, value and
     image-side query projections run once per image (U) instead of once per prompt (B), or not at all when
-    given (`first`, from `first_layer_projections`), and the attention runs through
+    given (`first`, that layer's `image_projections`), and the attention runs through
     `scaled_dot_product_attention`. Same arithmetic as SAM's modules, same weights.
 
     Args:
@@ -78,7 +76,7 @@ def two_way_forward(
         image_pe: their position encoding (1, N, C).
         tokens: prompt tokens (B, T, C), also their own position encoding (as in SAM).
         image_index: (B,) the image each prompt reads; default: the i-th (U == B).
-        first: `first_layer_projections(transformer, image, image_pe)`, when kept from an earlier call.
+        first: `image_projections(transformer.layers[0], image, image_pe)`, when kept from an earlier call.
     """
 
     def per_prompt(t: torch.Tensor) -> torch.Tensor:
@@ -97,15 +95,11 @@ def two_way_forward(
 
         to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         if keys is None:
-            image_k, image_v, image_q = first or first_layer_projections(transformer, image, image_pe)
-            image_k, image_v, image_q, source = map(per_prompt, (image_k, image_v, image_q, image))
+            projected = first or image_projections(layer, image, image_pe)
+            image_k, image_v, image_q, source = map(per_prompt, (*projected, image))
         else:
-            source, positioned = keys, keys + image_pe
-            image_k, image_v, image_q = (
-                to_image.k_proj(positioned),
-                to_image.v_proj(source),
-                to_token.q_proj(positioned),
-            )
+            source = keys
+            image_k, image_v, image_q = image_projections(layer, keys, image_pe)
 
         queries = layer.norm2(queries + _attend(to_image, to_image.q_proj(queries + tokens), image_k, image_v))
         queries = layer.norm3(queries + layer.mlp(queries))
@@ -124,7 +118,7 @@ class ImageReading:
     answer many prompts (`PromptFeatureExtractor.read`).
 
     x: input-projected features plus their position encoding (U, width, h, w); tokens: the same token-major
-    (U, h*w, width); pe: the position encoding (1, h*w, width); first: `first_layer_projections` of the tokens,
+    (U, h*w, width); pe: the position encoding (1, h*w, width); first: the first layer's `image_projections` of the tokens,
     each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them; unlocated: the visual
     tokens (U, V, D_lm) of a prompt without box or point, the same for every such prompt on the image (set by
     `PixelLLM.encode_images(keep=True)`).
@@ -210,14 +204,13 @@ class PromptFeatureExtractor(nn.Module):
         """Features x (U, width, h, w) at the anchor grid of boxes (B, 4) in model-input pixels, box b on image
         image_index[b] (default: b) -> samples (B, g*g, width) and the anchor points (B, g*g, 2)."""
         points = anchor_grid_points(boxes.to(x.dtype), self.anchor_grid)
-        grid = points / self.image_size * 2 - 1
         if image_index is None:
-            return _sample(x, grid), points
+            return self._sample(x, points), points
         # all boxes on one image in one call: the image's features are not copied per box
         sampled = x.new_empty(*points.shape[:2], x.shape[1])
         for u in image_index.unique().tolist():
             rows = (image_index == u).nonzero()[:, 0]
-            sampled[rows] = _sample(x[u : u + 1], grid[rows].flatten(0, 1)[None]).view(len(rows), -1, x.shape[1])
+            sampled[rows] = self._sample(x[u : u + 1], points[rows].flatten(0, 1)[None]).view(len(rows), -1, x.shape[1])
         return sampled, points
 
     def read(
@@ -238,7 +231,7 @@ class PromptFeatureExtractor(nn.Module):
         # token-major, as the per-prompt image tokens that grow from them: channel-major ones would make every
         # per-prompt add and norm over (B, h*w, C) copy
         tokens, image_pe = (t.flatten(2).transpose(1, 2).contiguous() for t in (x, pe))
-        first = first_layer_projections(self.transformer, tokens, image_pe)
+        first = image_projections(self.transformer.layers[0], tokens, image_pe)
         objects = None if object_boxes is None else self.object_tokens(x, object_boxes, object_box_tokens)
         return ImageReading(x, tokens, image_pe, first, objects)
 
@@ -298,11 +291,11 @@ class PromptFeatureExtractor(nn.Module):
             raise ValueError("this extractor has no object tokens (extractor.object_tokens is 0)")
         u, k = boxes.shape[:2]
         points = anchor_grid_points(boxes.flatten(0, 1).to(x.dtype), self.anchor_grid)  # (U*K, g*g, 2)
-        sampled = _sample(x, (points / self.image_size * 2 - 1).view(u, -1, 2))  # each image's boxes in one call
+        sampled = self._sample(x, points.view(u, -1, 2))  # each image's boxes in one call
         layout = self.layout_proj(sampled.reshape(u, k, -1))
         return layout + self.object_box_proj(box_tokens.flatten(2).to(layout.dtype))
 
-
-def _sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Features x (U, C, h, w) at points grid (U, P, 2) in [-1, 1] (x, y) -> (U, P, C), bilinear."""
-    return F.grid_sample(x, grid.unsqueeze(2), align_corners=False)[..., 0].transpose(1, 2)
+    def _sample(self, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Features x (U, C, h, w) at points (U, P, 2) x, y in model-input pixels -> (U, P, C), bilinear."""
+        grid = points / self.image_size * 2 - 1
+        return F.grid_sample(x, grid.unsqueeze(2), align_corners=False)[..., 0].transpose(1, 2)
