@@ -234,7 +234,11 @@ def cmd_eval(args) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise CLIError(str(e)) from None
     else:
-        result = run_eval(args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device)
+        if args.num_beams < 1:
+            raise CLIError(f"--num-beams must be at least 1 (1 is greedy decoding), got {args.num_beams}")
+        result = run_eval(
+            args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device, args.num_beams
+        )
     print(json.dumps(result, indent=2))
 
 
@@ -348,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-scenes", type=int, default=500)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--renderer", choices=["independent", "synthetic"], default="independent")
+    p.add_argument("--num-beams", type=int, default=1, help="beam width of every generated caption (1: greedy)")
     p.add_argument("--out", help="write the metrics JSON here")
     g = p.add_argument_group("RefCOCO / RefCOCO+ / RefCOCOg (referring metrics only)")
     g.add_argument("--refcoco", metavar="DATA_ROOT", help="folder with <dataset>/refs(<split-by>).p, instances.json")

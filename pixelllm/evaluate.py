@@ -179,7 +179,9 @@ def _teacher_forced(predictor: Predictor, emb, scene: Scene) -> tuple[float, int
     return float(np.abs(pred[loc] - target[loc]).sum(axis=1).sum() / 2), int(loc.sum()), hits
 
 
-def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = None) -> dict:
+def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = None, num_beams: int = 1) -> dict:
+    """The metrics of the module docstring over `scenes`; every generated caption (whole image, region, dense)
+    decodes with `num_beams` (1: greedy)."""
     keys = ("ref_iou", "ref_hit", "mask_iou", "ref_iou_regressed", "ref_hit_regressed", "mask_iou_regressed")
     keys += ("region_box", "region_point", "word_point", "word_point_any_shape", "word_point_teacher_forced")
     stats = {k: [] for k in keys}
@@ -201,7 +203,10 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
             points.append((float(xs[k]) + 0.5, float(ys[k]) + 0.5))
         n = len(objs)
         caps = predictor.caption_embeddings(
-            [emb] * (2 * n + 1), boxes=[o.box for o in objs] + [None] * (n + 1), points=[None] * n + points + [None]
+            [emb] * (2 * n + 1),
+            boxes=[o.box for o in objs] + [None] * (n + 1),
+            points=[None] * n + points + [None],
+            num_beams=num_beams,
         )
         for o, cap in zip(objs, caps[:n]):
             stats["region_box"].append(_color_shape(cap.text) == (o.color, o.shape))
@@ -218,7 +223,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         stats["word_point_teacher_forced"] += hits
         l1_sum, l1_count = l1_sum + s, l1_count + c
         if dense:
-            regions = predictor.dense_caption_embeddings([emb], score_threshold=0.05)[0]
+            regions = predictor.dense_caption_embeddings([emb], score_threshold=0.05, num_beams=num_beams)[0]
             dense_predictions.append(
                 DensePrediction(
                     boxes=np.array([r.box for r in regions], np.float64).reshape(-1, 4),
@@ -242,6 +247,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         "caption_word_point_acc_teacher_forced": _share_true(stats["word_point_teacher_forced"]),
         "point_l1_px": l1_sum / max(l1_count, 1),
         "caption_exact_match": float(np.mean([candidates[k][0] == references[k][0] for k in candidates])),
+        "num_beams": num_beams,
         "seconds": round(time.time() - start, 1),
     }
     result.update(caption_scores(references, candidates))
@@ -360,6 +366,7 @@ def run_eval(
     seed: int,
     renderer: str,
     device: str | None = None,
+    num_beams: int = 1,
 ) -> dict:
     from .build import load_model
 
@@ -370,7 +377,7 @@ def run_eval(
     else:
         scenes, total = generated_scenes(num_scenes, seed, renderer), num_scenes
     with torch.no_grad():
-        result = evaluate(predictor, scenes, total)
+        result = evaluate(predictor, scenes, total, num_beams)
     result.update(model=str(model_dir), data=data or f"{renderer} renderer, seed {seed}")
     _write(result, out)
     return result

@@ -109,8 +109,18 @@ def test_eval_writes_metrics_json(capsys, tmp_path, model_dir):
         "caption_word_point_acc",
     ):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["num_scenes"] == 2 and metrics["num_objects"] >= 2
+    assert metrics["num_scenes"] == 2 and metrics["num_objects"] >= 2 and metrics["num_beams"] == 1
     assert torch.is_grad_enabled(), "eval must not switch autograd off for the rest of the process"
+
+
+def test_eval_num_beams(capsys, tmp_path, model_dir):
+    out_file = tmp_path / "eval.json"
+    code, _, _ = run(
+        capsys, "eval", "--model", model_dir, "--num-scenes", "1", "--num-beams", "2", "--out", str(out_file)
+    )
+    assert code == 0 and json.loads(out_file.read_text())["num_beams"] == 2
+    code, _, err = run(capsys, "eval", "--model", model_dir, "--num-scenes", "1", "--num-beams", "0")
+    assert code == 2 and "--num-beams must be at least 1" in err
 
 
 def test_dense_lists_regions_in_image_pixels(capsys, model_dir):
