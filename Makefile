@@ -74,6 +74,8 @@ train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage13.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage14.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage15.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage16.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage17.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json

@@ -50,6 +50,26 @@ def test_object_shares_match_the_card(card: dict, subset: dict, metric: str) -> 
     assert abs(subset[metric] - p) <= 3 * math.sqrt(p * (1 - p) / n), (metric, subset[metric], p)
 
 
+@pytest.fixture(scope="module")
+def beam_card() -> dict:
+    return json.loads((MODEL_DIR / "eval_independent_seed1000_beams3.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def beam_subset(one_thread) -> dict:
+    with torch.no_grad():
+        scenes = generated_scenes(NUM_SCENES, 1000, "independent")
+        return evaluate(Predictor(load_model(MODEL_DIR)), scenes, num_beams=3)
+
+
+@pytest.mark.parametrize("metric", ["caption_word_point_acc", "caption_object_mention_rate", "region_caption_acc_box"])
+def test_beam_search_shares_match_the_card(beam_card: dict, beam_subset: dict, metric: str) -> None:
+    """The card's `--num-beams 3` figures, reproduced the same way on the subset."""
+    assert beam_card["num_beams"] == beam_subset["num_beams"] == 3
+    p, n = beam_card[metric], beam_subset["num_objects"]
+    assert abs(beam_subset[metric] - p) <= 3 * math.sqrt(p * (1 - p) / n), (metric, beam_subset[metric], p)
+
+
 @pytest.mark.parametrize("metric", ["referring_mean_iou", "mask_iou"])
 def test_mean_ious_match_the_card(card: dict, subset: dict, metric: str) -> None:
     assert abs(subset[metric] - card[metric]) <= 0.05, (metric, subset[metric], card[metric])
