@@ -76,6 +76,7 @@ train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage15.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage16.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage17.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage18.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json
