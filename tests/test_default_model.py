@@ -23,6 +23,19 @@ NUM_SCENES = 100
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def evaluate_subset(num_beams: int) -> dict:
+    """`pixelllm eval`'s figures on the first `NUM_SCENES` of the card's held-out scenes."""
+    with torch.no_grad():
+        scenes = generated_scenes(NUM_SCENES, 1000, "independent")
+        return evaluate(Predictor(load_model(MODEL_DIR)), scenes, num_beams=num_beams)
+
+
+def assert_share_matches(card: dict, subset: dict, metric: str) -> None:
+    """A share over the subset's objects is within 3 binomial standard deviations of the card's share."""
+    p, n = card[metric], subset["num_objects"]
+    assert abs(subset[metric] - p) <= 3 * math.sqrt(p * (1 - p) / n), (metric, subset[metric], p)
+
+
 @pytest.fixture(scope="module")
 def card() -> dict:
     return json.loads((MODEL_DIR / "eval_independent_seed1000.json").read_text())
@@ -30,8 +43,7 @@ def card() -> dict:
 
 @pytest.fixture(scope="module")
 def subset(one_thread) -> dict:
-    with torch.no_grad():
-        return evaluate(Predictor(load_model(MODEL_DIR)), generated_scenes(NUM_SCENES, 1000, "independent"))
+    return evaluate_subset(num_beams=1)
 
 
 @pytest.mark.parametrize(
@@ -45,9 +57,7 @@ def subset(one_thread) -> dict:
     ],
 )
 def test_object_shares_match_the_card(card: dict, subset: dict, metric: str) -> None:
-    """A share over the subset's objects is within 3 binomial standard deviations of the card's share."""
-    p, n = card[metric], subset["num_objects"]
-    assert abs(subset[metric] - p) <= 3 * math.sqrt(p * (1 - p) / n), (metric, subset[metric], p)
+    assert_share_matches(card, subset, metric)
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +67,14 @@ def beam_card() -> dict:
 
 @pytest.fixture(scope="module")
 def beam_subset(one_thread) -> dict:
-    with torch.no_grad():
-        scenes = generated_scenes(NUM_SCENES, 1000, "independent")
-        return evaluate(Predictor(load_model(MODEL_DIR)), scenes, num_beams=3)
+    return evaluate_subset(num_beams=3)
 
 
 @pytest.mark.parametrize("metric", ["caption_word_point_acc", "caption_object_mention_rate", "region_caption_acc_box"])
 def test_beam_search_shares_match_the_card(beam_card: dict, beam_subset: dict, metric: str) -> None:
     """The card's `--num-beams 3` figures, reproduced the same way on the subset."""
     assert beam_card["num_beams"] == beam_subset["num_beams"] == 3
-    p, n = beam_card[metric], beam_subset["num_objects"]
-    assert abs(beam_subset[metric] - p) <= 3 * math.sqrt(p * (1 - p) / n), (metric, beam_subset[metric], p)
+    assert_share_matches(beam_card, beam_subset, metric)
 
 
 @pytest.mark.parametrize("metric", ["referring_mean_iou", "mask_iou"])
