@@ -4,8 +4,8 @@ python scripts/caption_errors.py --model weights/pixelllm-tiny --num-scenes 150 
 
 Per object, as `pixelllm eval` pairs it (`_word_point_hits`): named by color and shape with its word point inside
 its box (hit) or outside; else unnamed because a phrase gives its color with another shape (shape wrong), its
-shape with another color (color wrong), or neither (absent). A caption with more "<color> <shape>" phrases than
-objects names some object twice or one that is not there.
+shape with another color (color wrong), or neither (absent); in all and per object size. A caption with more
+"<color> <shape>" phrases than objects names some object twice or one that is not there.
 """
 
 import argparse
@@ -29,6 +29,7 @@ def main() -> None:
     torch.set_num_threads(1)
     predictor = Predictor(load_model(args.model))
     objects, captions = Counter(), Counter()
+    by_size: dict[str, Counter] = {}
     with torch.no_grad():
         for scene in generated_scenes(args.num_scenes, args.seed, args.renderer):
             emb = predictor.embed(scene.image)
@@ -36,17 +37,22 @@ def main() -> None:
             named = [(words[j - 1].text, words[j].text) for j in _phrases(words)]
             for obj, hit in zip(scene.objects, _word_point_hits(words, scene.objects)):
                 if hit is not None:
-                    objects["hit" if hit else "point outside"] += 1
+                    outcome = "hit" if hit else "point outside"
                 elif any(color == obj.color for color, _ in named):
-                    objects["shape wrong"] += 1
+                    outcome = "shape wrong"
                 elif any(shape == obj.shape for _, shape in named):
-                    objects["color wrong"] += 1
+                    outcome = "color wrong"
                 else:
-                    objects["absent"] += 1
+                    outcome = "absent"
+                objects[outcome] += 1
+                by_size.setdefault(obj.size, Counter())[outcome] += 1
             excess = len(named) - len(scene.objects)
             captions["more phrases than objects" if excess > 0 else "fewer" if excess < 0 else "as many"] += 1
     n, m = sum(objects.values()), sum(captions.values())
     print(f"objects {n}: " + ", ".join(f"{k} {v / n:.1%}" for k, v in objects.most_common()))
+    for size, outcomes in sorted(by_size.items()):
+        k = sum(outcomes.values())
+        print(f"  {size} {k}: " + ", ".join(f"{o} {outcomes[o] / k:.1%}" for o, _ in objects.most_common()))
     print(f"captions {m}: " + ", ".join(f"{k} {v / m:.1%}" for k, v in captions.most_common()))
 
 
