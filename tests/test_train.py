@@ -110,16 +110,27 @@ def test_shipped_training_configs_parse(path):
 
 
 def test_default_model_recipe_chains_its_stages():
-    """`make train-default`: each stage starts from the model the one before saves, on scenes of its own."""
+    """`make train-default`: each stage starts from the model the step before saves (a stage, or the mean of stages
+    saved before it), on scenes of its own."""
     makefile = (REPO / "Makefile").read_text()
     recipe = makefile[makefile.index("train-default:") :].split("\n\n")[0]
-    paths = re.findall(r"pixelllm train (\S+\.json)", recipe)
+    saved: list[str] = []  # the models the recipe's steps save, in order
+    paths = []
+    for line in recipe.splitlines()[1:]:
+        if train := re.search(r"pixelllm train (\S+\.json)$", line):
+            stage = TrainConfig.from_json(REPO / train[1])
+            assert stage.init_from == (saved[-1] if saved else None), train[1]
+            assert f"{stage.out_dir}/final" not in saved, train[1]
+            saved.append(f"{stage.out_dir}/final")
+            paths.append(train[1])
+        elif average := re.search(r"scripts/average_weights\.py (.+) --out (\S+)$", line):
+            inputs = average[1].split()
+            assert len(inputs) >= 2 and set(inputs) <= set(saved) and average[2] not in saved, line
+            saved.append(average[2])
+        else:
+            pytest.fail(f"train-default has a step this test does not know: {line.strip()}")
     assert len(paths) >= 2 and paths[0].endswith("/tiny.json")
-    stages = [TrainConfig.from_json(REPO / p) for p in paths]
-    assert stages[0].init_from is None
-    for before, after in zip(stages, stages[1:]):
-        assert after.init_from == f"{before.out_dir}/final" and after.out_dir != before.out_dir
-    seeds = [s.seed for stage in stages for s in stage.sources]
+    seeds = [s.seed for p in paths for s in TrainConfig.from_json(REPO / p).sources]
     assert len(seeds) == len(set(seeds))
 
 
