@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{total_ratio:.2f}x the plain caption",
         goal=f"< {GOAL:.0%} for whole-image captions",
         met=image["first_word_ratio_median"] < GOAL,
-        limits=f"judged on whole-image captions; a first word needs the prompt's encoder pass and 2 decoder steps, the whole caption the same pass "
-        f"and one step per token: a {box['tokens_median']:g}-token region caption cannot stream its first word in "
+        limits=f"judged on whole-image captions; a first word needs the prompt's encoder pass and 2 decoder steps, "
+        f"the whole caption the same pass and one step per token: a {box['tokens_median']:g}-token region caption cannot stream its first word in "
         f"under {GOAL:.0%} of its time",
         results_dir=args.results_dir,
     )

@@ -115,22 +115,22 @@ def test_default_model_recipe_chains_its_stages():
     makefile = (REPO / "Makefile").read_text()
     recipe = makefile[makefile.index("train-default:") :].split("\n\n")[0]
     saved: list[str] = []  # the models the recipe's steps save, in order
-    paths = []
+    stages: dict[str, TrainConfig] = {}  # config path: its stage
     for line in recipe.splitlines()[1:]:
         if train := re.search(r"pixelllm train (\S+\.json)$", line):
             stage = TrainConfig.from_json(REPO / train[1])
             assert stage.init_from == (saved[-1] if saved else None), train[1]
             assert f"{stage.out_dir}/final" not in saved, train[1]
             saved.append(f"{stage.out_dir}/final")
-            paths.append(train[1])
+            stages[train[1]] = stage
         elif average := re.search(r"scripts/average_weights\.py (.+) --out (\S+)$", line):
             inputs = average[1].split()
             assert len(inputs) >= 2 and set(inputs) <= set(saved) and average[2] not in saved, line
             saved.append(average[2])
         else:
             pytest.fail(f"train-default has a step this test does not know: {line.strip()}")
-    assert len(paths) >= 2 and paths[0].endswith("/tiny.json")
-    seeds = [s.seed for p in paths for s in TrainConfig.from_json(REPO / p).sources]
+    assert len(stages) >= 2 and next(iter(stages)).endswith("/tiny.json")
+    seeds = [s.seed for stage in stages.values() for s in stage.sources]
     assert len(seeds) == len(set(seeds))
 
 
