@@ -74,7 +74,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None  # torch threads; unset: torch's default, or on resume the checkpoint's count
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -158,17 +158,36 @@ def save_checkpoint(path: Path, model, optimizer, step: int) -> None:
             "optimizer": optimizer.state_dict(),
             "step": step,
             "torch_rng": torch.get_rng_state(),
+            "threads": torch.get_num_threads(),
         },
         tmp,
     )
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path: Path, model, optimizer) -> int:
+def load_checkpoint(path: Path, model, optimizer, threads: int | None = None) -> int:
+    """Restore `path` into `model` and `optimizer`; returns the step to resume at. CPU kernels may sum in another
+    order on another thread count, so with `threads` unset the run resumes at the count that wrote the checkpoint."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
+    saved_threads = state.get("threads")  # absent in checkpoints written before it was stored
+    if saved_threads and saved_threads != torch.get_num_threads():
+        if threads is None:
+            torch.set_num_threads(saved_threads)
+            log.info(
+                "resuming at %d threads, the count the checkpoint was written at (set `threads` to choose)",
+                saved_threads,
+            )
+        else:
+            log.warning(
+                "%s was written at %d threads and this run uses %d (`threads`): the weights may differ in their last "
+                "bits from those of an uninterrupted run",
+                path,
+                saved_threads,
+                torch.get_num_threads(),
+            )
     return int(state["step"])
 
 
@@ -224,7 +243,7 @@ def train(cfg: TrainConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = out / "checkpoint.pt"
-    start = load_checkpoint(ckpt, model, optimizer) if ckpt.is_file() else 0
+    start = load_checkpoint(ckpt, model, optimizer, cfg.threads) if ckpt.is_file() else 0
     if start:
         log.info("resumed from %s at step %d", ckpt, start)
     net = DistributedDataParallel(model, find_unused_parameters=True) if distributed else model

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import single_thread
 from safetensors.torch import load_file
 
 from pixelllm import PixelLLM
@@ -78,15 +79,17 @@ def test_a_stage_at_another_image_size_starts_from_the_saved_model_resampled(tmp
 
 @pytest.mark.usefixtures("one_thread")
 def test_resume_after_sigkill_is_exact(tmp_path):
-    """Both runs set the same thread count (`threads`): CPU kernels may sum in another order on another count, which
-    changes the last bits of the weights (measured on an Intel Xeon: 1 against 2 threads)."""
+    """The config leaves `threads` unset; the killed run starts at 1 thread and the resumed one at 2, and the resumed
+    run goes back to the checkpoint's count: CPU kernels may sum in another order on another count, which changes the
+    last bits of the weights (measured on an Intel Xeon: 1 against 2 threads)."""
     steps = 6
-    straight = train(tiny_config(tmp_path / "straight", steps=steps, threads=1))
+    straight = train(tiny_config(tmp_path / "straight", steps=steps))
 
     killed_dir = tmp_path / "killed"
-    config = write_config(tiny_config(killed_dir, steps=steps, threads=1), tmp_path / "killed.json")
+    config = write_config(tiny_config(killed_dir, steps=steps), tmp_path / "killed.json")
     cmd = [sys.executable, "-m", "pixelllm.train", str(config)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed_dir / "checkpoint.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -94,16 +97,33 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists(), "the first run never wrote a checkpoint"
-    step_at_kill = torch.load(ckpt, weights_only=True)["step"]
-    assert step_at_kill < steps, "the run finished before it was killed; nothing was resumed"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] < steps, "the run finished before it was killed; nothing was resumed"
+    assert state["threads"] == 1
     assert not (killed_dir / "final").exists()
 
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = subprocess.run(
+        cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "2"}, check=True, capture_output=True, text=True
+    )
+    assert "resuming at 1 threads" in resumed.stderr
     a = load_file(str(straight / "model.safetensors"))
     b = load_file(str(killed_dir / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_resume_at_another_thread_count_than_the_config_says_warns(tmp_path, caplog):
+    first = tiny_config(tmp_path, steps=2, ckpt_every=1, threads=1)
+    with single_thread():
+        train(first)
+        state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert state["threads"] == 1
+        state["step"] = 1
+        torch.save(state, tmp_path / "checkpoint.pt")
+        with caplog.at_level("WARNING", logger="pixelllm.train"):
+            train(dataclasses.replace(first, threads=2))
+    assert any("written at 1 threads and this run uses 2" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "pixelllm/configs/train").glob("*.json")), ids=lambda p: p.name)
