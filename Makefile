@@ -81,6 +81,7 @@ train-default: setup
 	$(BIN)/python scripts/average_weights.py runs/tiny-stage17/final runs/tiny-stage18/final runs/tiny-stage19/final --out runs/tiny-soup17-19
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage20.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage21.json
+	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage23.json
 
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json
