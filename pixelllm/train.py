@@ -174,7 +174,7 @@ def load_checkpoint(path: Path, model, optimizer, threads: int | None = None) ->
     torch.set_rng_state(state["torch_rng"])
     saved_threads = state.get("threads")  # absent in checkpoints written before it was stored
     if saved_threads and saved_threads != torch.get_num_threads():
-        if threads is None:
+        if not threads:  # unset, as `train` reads it (0 sets nothing either)
             torch.set_num_threads(saved_threads)
             log.info(
                 "resuming at %d threads, the count the checkpoint was written at (set `threads` to choose)",

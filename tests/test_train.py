@@ -81,7 +81,7 @@ def test_a_stage_at_another_image_size_starts_from_the_saved_model_resampled(tmp
 def test_resume_after_sigkill_is_exact(tmp_path):
     """The config leaves `threads` unset; the killed run starts at 1 thread and the resumed one at 2, and the resumed
     run goes back to the checkpoint's count: CPU kernels may sum in another order on another count, which changes the
-    last bits of the weights (measured on an Intel Xeon: 1 against 2 threads)."""
+    last bits of the weights (measured on an Intel Xeon and an AMD EPYC: 1 against 2 threads)."""
     steps = 6
     straight = train(tiny_config(tmp_path / "straight", steps=steps))
 
