@@ -8,9 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import GRACEFUL, MAKE_MODEL, ROOT, SLOW_WORD_S, start_server
-
-DEFAULT_MODEL_DIR = ROOT / "weights" / "pixelllm-tiny"
+from server_helpers import DEFAULT_MODEL_DIR, GRACEFUL, MAKE_MODEL, ROOT, SLOW_WORD_S, start_server
 
 
 @pytest.fixture(scope="session")

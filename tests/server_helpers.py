@@ -25,6 +25,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = ROOT / "weights" / "pixelllm-tiny"  # the shipped default model
 GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a graceful shutdown
 SLOW_WORD_S = 0.25  # `slow_stream_service`: each streamed word (and each batch) this much later
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import perturb_, single_thread
+from server_helpers import ROOT
 
 from pixelllm.build import build_pixelllm
 from pixelllm.checkpoints import from_pretrained, save_pretrained
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def average(*args: Path | str) -> subprocess.CompletedProcess:

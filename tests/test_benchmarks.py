@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from server_helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import run_all  # noqa: E402
 from common import machine, write_result  # noqa: E402

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from server_helpers import DEFAULT_MODEL_DIR, ROOT
 
 from pixelllm import PixelLLM, Predictor
 from pixelllm.cli import main
@@ -17,8 +17,7 @@ from pixelllm.tokenizer import EOS_ID, words_with_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = str(ROOT / "weights" / "pixelllm-tiny")
+MODEL = str(DEFAULT_MODEL_DIR)
 SAMPLE = str(ROOT / "assets" / "sample.jpg")
 PROMPTS = [{}, {"box": (40, 60, 300, 320)}, {"point": (120, 260)}]
 

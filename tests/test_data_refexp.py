@@ -1,10 +1,10 @@
 import json
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
+from server_helpers import DEFAULT_MODEL_DIR
 
 from pixelllm.data.refexp import load_refexp, load_refs, ref_mask
 from pixelllm.data.rle import encode_mask
@@ -139,7 +139,7 @@ def test_eval_on_the_refer_layout_equals_the_scene_eval(tmp_path, capsys, one_th
     from pixelllm.cli import main
     from pixelllm.evaluate import evaluate, generated_scenes
 
-    model = str(Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny")
+    model = str(DEFAULT_MODEL_DIR)
     scenes = list(generated_scenes(3, 1000, "independent"))
     write_refer_layout(tmp_path, scenes)
     out = tmp_path / "refcoco.json"

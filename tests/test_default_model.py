@@ -11,13 +11,12 @@ import sys
 
 import pytest
 import torch
-from server_helpers import ROOT
+from server_helpers import DEFAULT_MODEL_DIR, ROOT
 
 from pixelllm.build import load_model
 from pixelllm.evaluate import evaluate, generated_scenes
 from pixelllm.predictor import Predictor
 
-MODEL_DIR = ROOT / "weights" / "pixelllm-tiny"
 NUM_SCENES = 100
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +26,7 @@ def evaluate_subset(num_beams: int) -> dict:
     """`pixelllm eval`'s figures on the first `NUM_SCENES` of the card's held-out scenes."""
     with torch.no_grad():
         scenes = generated_scenes(NUM_SCENES, 1000, "independent")
-        return evaluate(Predictor(load_model(MODEL_DIR)), scenes, num_beams=num_beams)
+        return evaluate(Predictor(load_model(DEFAULT_MODEL_DIR)), scenes, num_beams=num_beams)
 
 
 def assert_share_matches(card: dict, subset: dict, metric: str) -> None:
@@ -38,7 +37,7 @@ def assert_share_matches(card: dict, subset: dict, metric: str) -> None:
 
 @pytest.fixture(scope="module")
 def card() -> dict:
-    return json.loads((MODEL_DIR / "eval_independent_seed1000.json").read_text())
+    return json.loads((DEFAULT_MODEL_DIR / "eval_independent_seed1000.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_object_shares_match_the_card(card: dict, subset: dict, metric: str) -> 
 
 @pytest.fixture(scope="module")
 def beam_card() -> dict:
-    return json.loads((MODEL_DIR / "eval_independent_seed1000_beams3.json").read_text())
+    return json.loads((DEFAULT_MODEL_DIR / "eval_independent_seed1000_beams3.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +89,11 @@ def test_subset_is_the_start_of_the_card_set(card: dict, subset: dict) -> None:
 def test_card_table_shows_the_shipped_eval_files() -> None:
     """The card's held-out table (labels, the shipped model's two columns, goals) is what
     `scripts/card_table.py` prints from the JSON files beside it."""
-    evals = [str(MODEL_DIR / f"eval_{r}_seed1000.json") for r in ("independent", "synthetic")]
+    evals = [str(DEFAULT_MODEL_DIR / f"eval_{r}_seed1000.json") for r in ("independent", "synthetic")]
     printed = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "card_table.py"), *evals], capture_output=True, text=True, check=True
     ).stdout.splitlines()
-    lines = (MODEL_DIR / "MODEL_CARD.md").read_text().splitlines()
+    lines = (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text().splitlines()
     card_rows = {line.split(" | ")[0]: line.split(" | ") for line in lines}
     header = next(i for i, line in enumerate(lines) if line.startswith("| metric | independent | training renderer"))
     table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[header + 2 :]))

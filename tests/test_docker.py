@@ -24,7 +24,7 @@ import httpx
 import pytest
 from conftest import single_thread
 from PIL import Image
-from server_helpers import MAKE_MODEL, ROOT, free_port
+from server_helpers import DEFAULT_MODEL_DIR, MAKE_MODEL, ROOT, free_port
 
 from pixelllm import Predictor
 from pixelllm.build import load_model
@@ -33,7 +33,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 ENGINE = os.environ.get("DOCKER") or shutil.which("podman") or shutil.which("docker")
 IMAGE = os.environ.get("DOCKER_IMAGE", "pixelllm:cpu")
-BAKED_MODEL = ROOT / "weights" / "pixelllm-tiny"
 UID = "10001"  # the image's user
 # what podman and docker print when the base image cannot be pulled (no registry access)
 PULL_FAILED = ("initializing source docker://", "failed to resolve source metadata", "pull access denied")
@@ -60,7 +59,7 @@ def expected(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, list]:
     subprocess.run([sys.executable, "-c", MAKE_MODEL, str(random_dir)], cwd=ROOT, check=True, timeout=300)
     subprocess.run(["chmod", "-R", "a+rX", str(random_dir)], check=True)  # readable by the container's user
     data = sample_png()
-    return {BAKED_MODEL: host_caption(BAKED_MODEL, data), random_dir: host_caption(random_dir, data)}
+    return {DEFAULT_MODEL_DIR: host_caption(DEFAULT_MODEL_DIR, data), random_dir: host_caption(random_dir, data)}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +151,7 @@ def test_image_serves_baked_model_read_only_as_non_root(image: str, expected: di
         assert client.get("/readyz").json() == {"status": "ready", "model": "pixelllm-tiny"}
         served = served_caption(client, sample_png())
         assert served, "empty caption"
-        assert_same_caption(served, expected[BAKED_MODEL])
+        assert_same_caption(served, expected[DEFAULT_MODEL_DIR])
 
         assert engine("exec", cid, "id", "-u").stdout.strip() == UID
         root_flags = engine("exec", cid, "python", "-c", "import os; print(os.statvfs('/').f_flag)").stdout
@@ -170,8 +169,8 @@ def test_image_serves_baked_model_read_only_as_non_root(image: str, expected: di
 
 
 def test_mounted_model_replaces_baked_one(image: str, expected: dict[Path, list]) -> None:
-    random_dir = next(path for path in expected if path != BAKED_MODEL)
-    assert expected[random_dir] != expected[BAKED_MODEL], "the two models must caption differently"
+    random_dir = next(path for path in expected if path != DEFAULT_MODEL_DIR)
+    assert expected[random_dir] != expected[DEFAULT_MODEL_DIR], "the two models must caption differently"
     mount = ("-v", f"{random_dir}:/models/random-tiny:ro", "-e", "PIXELLLM_MODEL=/models/random-tiny")
     with container(image, *mount) as (_, client):
         assert_same_caption(served_caption(client, sample_png()), expected[random_dir])

@@ -12,11 +12,20 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from server_fixtures import MAIN_SETTINGS
-from server_helpers import GRACEFUL, ROOT, ServerProcess, answers, assert_same, metric, send_all, settings_env
+from server_helpers import (
+    DEFAULT_MODEL_DIR,
+    GRACEFUL,
+    ROOT,
+    ServerProcess,
+    answers,
+    assert_same,
+    metric,
+    send_all,
+    settings_env,
+)
 
 pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install -e '.[ray]'")
 
-MODEL = ROOT / "weights" / "pixelllm-tiny"
 REPLICA_LINE = re.compile(r"\(ServeReplica:pixelllm:PixelLLM pid=(\d+)\).* POST /v1/\w+ 200 ")
 
 
@@ -25,11 +34,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     """`pixelllm serve --ray` with 2 replicas of the default model on a new local Ray of its own, and the
     single-process server of the same model and settings; started together."""
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    env = settings_env(MODEL, **MAIN_SETTINGS, ray_replicas=2, ray_num_cpus=1)
+    env = settings_env(DEFAULT_MODEL_DIR, **MAIN_SETTINGS, ray_replicas=2, ray_num_cpus=1)
     env |= {"RAY_TMPDIR": ray_dir, "RAY_DEDUP_LOGS": "0"}
     start = time.monotonic()
     on_ray = ServerProcess(env, tmp_path_factory.mktemp("ray") / "serve.log", ("-m", "pixelllm.cli", "serve", "--ray"))
-    alone = ServerProcess(settings_env(MODEL, **MAIN_SETTINGS), tmp_path_factory.mktemp("single") / "server.log")
+    alone = ServerProcess(
+        settings_env(DEFAULT_MODEL_DIR, **MAIN_SETTINGS), tmp_path_factory.mktemp("single") / "server.log"
+    )
     try:
         alone.wait_ready()
         on_ray.wait_ready(timeout_s=240)

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_helpers import encode, png
+from server_helpers import ROOT, encode, png
 
 pytest_plugins = ["server_fixtures"]
 
@@ -275,7 +275,7 @@ def test_words_and_markers_appear_live(driver, slow_stream_service, tmp_path: Pa
     decodes (here every word takes 0.25 s more), and the page ends with the service's caption."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    sample = (Path(__file__).resolve().parents[1] / "assets" / "sample.jpg").read_bytes()
+    sample = (ROOT / "assets" / "sample.jpg").read_bytes()
     assert Image.open(io.BytesIO(sample)).size == SAMPLE_SIZE
     expected = httpx.post(
         f"{slow_stream_service.url}/v1/caption", files={"image": sample}, data={"max_new_tokens": TOKENS}, timeout=60

@@ -3,14 +3,13 @@ whose callers left is skipped or stopped."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from conftest import perturb_
 from peft.tuners.lora import LoraLayer
 from PIL import Image
+from server_helpers import DEFAULT_MODEL_DIR
 
 from pixelllm import Predictor, build_pixelllm
 from pixelllm.config import load_config
@@ -18,8 +17,6 @@ from pixelllm.data.synthetic import generate_scene
 from server import Settings
 from server.cache import EmbeddingCache
 from server.inference import Job, load_predictor, run_jobs
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

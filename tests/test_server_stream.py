@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from server_helpers import ROOT, SLOW_WORD_S, assert_error, metric, png, wait_for
+from server_helpers import DEFAULT_MODEL_DIR, ROOT, SLOW_WORD_S, assert_error, metric, png, wait_for
 
 pytest_plugins = ["server_fixtures"]
 
@@ -96,7 +96,7 @@ def test_default_model_words_of_several_tokens_stream_whole(client: httpx.Client
     """Sub-word tokens are grouped: a word the tokenizer splits ('bottom' is 'bot' + 'tom') streams as one word."""
     from pixelllm import Tokenizer
 
-    tokenizer = Tokenizer.from_file(ROOT / "weights" / "pixelllm-tiny" / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(DEFAULT_MODEL_DIR / "tokenizer.json")
     words, done = split(stream(client, params={"stream": "true"}, files={"image": SAMPLE}))
     texts = [w["text"] for w in words]
     assert texts == re.findall(r"[a-z]+", done["caption"])  # whole words, punctuation apart
@@ -220,7 +220,7 @@ def test_a_client_gone_before_the_first_event_stops_the_decoding() -> None:
 
     from server import Settings, create_app
 
-    settings = Settings(model=str(ROOT / "weights" / "pixelllm-tiny"), debug_batch_delay_ms=SLOW_WORD_S * 1000)
+    settings = Settings(model=str(DEFAULT_MODEL_DIR), debug_batch_delay_ms=SLOW_WORD_S * 1000)
     body = json.dumps({"image": base64.b64encode(SAMPLE).decode(), "stream": True}).encode()
     scope = {
         "type": "http",

@@ -16,12 +16,11 @@ import pytest
 import torch
 from conftest import single_thread
 from safetensors.torch import load_file
+from server_helpers import ROOT
 
 from pixelllm import PixelLLM
 from pixelllm.data.synthetic import write_dataset
 from pixelllm.train import SourceConfig, TrainConfig, initial_model, lr_at, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(out_dir: Path, steps: int, **overrides) -> TrainConfig:
@@ -89,7 +88,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     config = write_config(tiny_config(killed_dir, steps=steps), tmp_path / "killed.json")
     cmd = [sys.executable, "-m", "pixelllm.train", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed_dir / "checkpoint.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -103,7 +102,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert not (killed_dir / "final").exists()
 
     resumed = subprocess.run(
-        cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "2"}, check=True, capture_output=True, text=True
+        cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "2"}, check=True, capture_output=True, text=True
     )
     assert "resuming at 1 threads" in resumed.stderr
     a = load_file(str(straight / "model.safetensors"))
@@ -126,7 +125,7 @@ def test_resume_at_another_thread_count_than_the_config_says_warns(tmp_path, cap
     assert any("written at 1 threads and this run uses 2" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "pixelllm/configs/train").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "pixelllm/configs/train").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_training_configs_parse(path):
     cfg = TrainConfig.from_json(path)
     assert cfg.steps > 0 and cfg.batch_size > 0 and sum(cfg.tasks.values()) > 0
@@ -135,13 +134,13 @@ def test_shipped_training_configs_parse(path):
 def test_default_model_recipe_chains_its_stages():
     """`make train-default`: each stage starts from the model the step before saves (a stage, or the mean of stages
     saved before it), on scenes of its own."""
-    makefile = (REPO / "Makefile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
     recipe = makefile[makefile.index("train-default:") :].split("\n\n")[0]
     saved: list[str] = []  # the models the recipe's steps save, in order
     stages: dict[str, TrainConfig] = {}  # config path: its stage
     for line in recipe.splitlines()[1:]:
         if train := re.search(r"pixelllm train (\S+\.json)$", line):
-            stage = TrainConfig.from_json(REPO / train[1])
+            stage = TrainConfig.from_json(ROOT / train[1])
             assert stage.init_from == (saved[-1] if saved else None), train[1]
             assert f"{stage.out_dir}/final" not in saved, train[1]
             saved.append(f"{stage.out_dir}/final")
@@ -158,7 +157,7 @@ def test_default_model_recipe_chains_its_stages():
 
 
 def test_paper_recipe_runs_its_code_path_at_tiny_scale(tmp_path):
-    recipe = TrainConfig.from_json(REPO / "pixelllm/configs/train/t5xl_ln_coco.json")
+    recipe = TrainConfig.from_json(ROOT / "pixelllm/configs/train/t5xl_ln_coco.json")
     assert (recipe.model, recipe.batch_size, recipe.steps, recipe.lr, recipe.warmup_steps) == (
         "pixelllm-t5xl",
         256,
@@ -197,7 +196,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
         [*torchrun, "-m", "pixelllm.train", str(config)],
-        cwd=REPO,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
