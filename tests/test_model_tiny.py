@@ -111,6 +111,7 @@ def _row(batch: dict, row: int) -> Prompts:
     )
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # e.g. a KV-cache keyword transformers deprecated
 @torch.no_grad()
 def test_generation_gives_one_point_pair_per_token(lively_model):
     model = lively_model

@@ -80,10 +80,10 @@ class LanguageModel(nn.Module):
             input_ids=input_ids,
             encoder_hidden_states=encoder_states,
             encoder_attention_mask=encoder_mask,
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, out.cache
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder states (B, T, D) -> vocabulary logits (B, T, V), as `T5ForConditionalGeneration` does."""
