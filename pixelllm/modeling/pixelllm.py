@@ -310,9 +310,9 @@ class PixelLLM(nn.Module):
         return step, logits_fn
 
     def _points(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder states (..., D) -> corners (..., 2, 2) in [0, 1] and confidence (...) in [0, 1]."""
+        """Decoder states (..., D) -> corners (..., 2, 2) in [0, 1] and confidence (...) in [0, 1], float32."""
         corners, confidence = self.point_head(hidden)
-        return corners.clamp(0, 1), torch.sigmoid(confidence.float())
+        return corners.float().clamp(0, 1), torch.sigmoid(confidence.float())
 
     @torch.no_grad()
     def generate(

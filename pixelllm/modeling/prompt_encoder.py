@@ -6,11 +6,33 @@ point; none: two learned tokens), so captions, region captions and point prompts
 
 from __future__ import annotations
 
+import math
+
 import torch
 from segment_anything.modeling import PromptEncoder
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
 PROMPT_TOKENS = 2
+
+
+class PositionEmbedding(PositionEmbeddingRandom):
+    """SAM's random Fourier position encoding, computed in float32 and returned in the model's dtype.
+
+    SAM's own casts the coordinates to float32 and multiplies them by its Gaussian matrix, which fails once the
+    model is in bfloat16 or float16. It takes over the Gaussian matrix (2, C // 2) of the SAM layer it replaces,
+    so the state dict key stays and building one draws no random numbers.
+    """
+
+    def __init__(self, gaussian_matrix: torch.Tensor):
+        nn.Module.__init__(self)
+        self.register_buffer("positional_encoding_gaussian_matrix", gaussian_matrix)
+
+    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
+        """Coordinates (..., 2) in [0, 1] -> encoding (..., C)."""
+        matrix = self.positional_encoding_gaussian_matrix
+        angles = 2 * math.pi * ((2 * coords.float() - 1) @ matrix.float())
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).to(matrix.dtype)
 
 
 class LocationPromptEncoder(nn.Module):
@@ -24,6 +46,7 @@ class LocationPromptEncoder(nn.Module):
             input_image_size=(image_size, image_size),
             mask_in_chans=16,
         )
+        self.sam.pe_layer = PositionEmbedding(self.sam.pe_layer.positional_encoding_gaussian_matrix)
         self.no_prompt = nn.Parameter(torch.randn(1, PROMPT_TOKENS, embed_dim) * 0.02)
 
     def forward(

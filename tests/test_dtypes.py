@@ -1,0 +1,90 @@
+"""Half precision (`PIXELLLM_DTYPE=bfloat16 / float16`): the shipped default model answers every kind of prompt,
+close to its float32 answers, in the library and over HTTP."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from server_helpers import DEFAULT_MODEL_DIR, GRACEFUL, ROOT, start_server
+
+from pixelllm import PixelLLM, Predictor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SAMPLE = ROOT / "assets" / "sample.jpg"
+TEXT = "the red circle"
+
+
+def predictor(dtype: torch.dtype) -> Predictor:
+    model = PixelLLM.from_pretrained(DEFAULT_MODEL_DIR).to(dtype=dtype).eval()
+    predictor = Predictor(model)
+    predictor.set_image(Image.open(SAMPLE))
+    return predictor
+
+
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return w * h / (area - w * h)
+
+
+@pytest.fixture(scope="module")
+def answers_fp32() -> dict:
+    return answers(predictor(torch.float32))
+
+
+def answers(p: Predictor) -> dict:
+    height, width = p.embedding.original_size  # (H, W), as SAM
+    return {
+        "caption": p.caption(),
+        "box": p.caption(box=(0, 0, width / 2, height)),
+        "point": p.caption(point=(width / 3, height / 3)),
+        "beams": p.caption(num_beams=3),
+        "stream": list(p.caption_stream()),
+        "localize": p.localize(TEXT, mask=True),
+        "dense": p.dense_caption(),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_answers_every_prompt_like_float32(dtype: torch.dtype, answers_fp32: dict) -> None:
+    p = predictor(dtype)
+    assert p.model.dtype == dtype
+    got = answers(p)
+    height, width = p.embedding.original_size  # (H, W), as SAM
+    for caption in (got["caption"], got["box"], got["point"], got["beams"]):
+        assert caption.words
+        for word in caption.words:
+            assert all(isinstance(v, float) and np.isfinite(v) for v in (*word.point, *word.box, word.score))
+            assert 0 <= word.point[0] <= width and 0 <= word.point[1] <= height
+    assert [w.text for w in got["stream"]] == [w.text for w in got["caption"].words]
+    # a region caption is short and confident: the same words, each located within a few pixels
+    assert got["box"].text == answers_fp32["box"].text
+    for half, full in zip(got["box"].words, answers_fp32["box"].words):
+        assert np.hypot(half.point[0] - full.point[0], half.point[1] - full.point[1]) < 0.02 * width
+    found, expected = got["localize"], answers_fp32["localize"]
+    assert iou(found.box, expected.box) > 0.9
+    assert found.mask.shape == (height, width) and found.mask.dtype == bool
+    assert (found.mask & expected.mask).sum() / (found.mask | expected.mask).sum() > 0.9
+    assert len(got["dense"]) == len(answers_fp32["dense"])
+    assert max(iou(got["dense"][0].box, r.box) for r in answers_fp32["dense"]) > 0.9
+
+
+def test_server_in_bfloat16_answers_caption_and_localize(tmp_path_factory: pytest.TempPathFactory) -> None:
+    server = start_server(tmp_path_factory, DEFAULT_MODEL_DIR, dtype="bfloat16")
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            image = {"image": ("sample.jpg", SAMPLE.read_bytes(), "image/jpeg")}
+            caption = client.post("/v1/caption", files=image)
+            assert caption.status_code == 200, caption.text
+            assert caption.json()["words"]
+            found = client.post("/v1/localize", files=image, data={"text": TEXT, "mask": "true"})
+            assert found.status_code == 200, found.text
+            assert found.json()["results"][0]["mask"]["size"] == list(reversed(Image.open(SAMPLE).size))
+    finally:
+        assert server.stop() in GRACEFUL, server.log()[-4000:]
+    assert "Traceback" not in server.log(), server.log()[-4000:]
