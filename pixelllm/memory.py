@@ -6,6 +6,10 @@ the next tensor of that size lands on new pages, and every page costs a fault an
 Inference over many prompts allocates and frees tensors of many MiB per call (32 region prompts give
 (32, 1024, 128) float32 image tokens, 16 MiB, several times a call).
 Raising both thresholds keeps that memory mapped; the price is a resident size that stays near its peak.
+
+Every malloc arena keeps its own freed memory, and glibc gives threads up to 8 arenas per core, so each thread that
+once held a large block (a worker thread decoding a large image) would keep its own peak. The arenas are capped
+(2: the main thread's and one the worker threads share), so the process keeps one peak, not one per thread.
 """
 
 from __future__ import annotations
@@ -18,24 +22,28 @@ logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 
 
-def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """Serve blocks up to `mmap_threshold` bytes from the heap (32 MiB: the most glibc before 2.35 takes) and
-    keep up to `trim_threshold` bytes of free heap, for the whole process. Returns False where the C library
-    has no `mallopt` (not glibc) or refuses a value."""
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, arenas: int = 2) -> bool:
+    """Serve blocks up to `mmap_threshold` bytes from the heap (32 MiB: the most glibc before 2.35 takes), keep up
+    to `trim_threshold` bytes of free heap, and let threads share at most `arenas` malloc arenas, for the whole
+    process; call it before starting threads. Returns False where the C library has no `mallopt` (not glibc) or
+    refuses a value."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         logger.info("this C library has no mallopt: freed memory goes back to the kernel as it decides")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1 or mallopt(M_TRIM_THRESHOLD, trim_threshold) != 1:
-        logger.warning("mallopt refused mmap threshold %d / trim threshold %d bytes", mmap_threshold, trim_threshold)
+    settings = {M_MMAP_THRESHOLD: mmap_threshold, M_TRIM_THRESHOLD: trim_threshold, M_ARENA_MAX: arenas}
+    if not all(mallopt(param, value) == 1 for param, value in settings.items()):
+        logger.warning("mallopt refused one of %s (mmap threshold, trim threshold, arenas)", list(settings.values()))
         return False
     logger.info(
-        "malloc keeps freed memory: blocks up to %d MiB from the heap, up to %d MiB of free heap kept",
+        "malloc keeps freed memory: blocks up to %d MiB from the heap, up to %d MiB of free heap kept, %d arenas",
         mmap_threshold >> 20,
         trim_threshold >> 20,
+        arenas,
     )
     return True

@@ -59,3 +59,42 @@ def test_the_service_keeps_freed_memory_unless_told_not_to(keep):
     )
     faults = faults_per_call(load)
     assert faults < FEW_FAULTS if keep else faults > MANY_FAULTS, faults
+
+
+# Eight threads each hold an 80 KiB array at once (below any mmap threshold: from the thread's arena), then the
+# number of malloc arenas is read from glibc's `malloc_info` report (one <heap> element per arena).
+ARENAS = """
+import ctypes, ctypes.util, sys, tempfile, threading
+import numpy as np
+{setup}
+together = threading.Barrier(8)
+def hold():
+    block = np.ones(10_000)
+    together.wait()
+    del block
+threads = [threading.Thread(target=hold) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+with tempfile.NamedTemporaryFile("r") as report:
+    stream = libc.fopen(report.name.encode(), b"w")
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(report.read().count("<heap nr="))
+"""
+
+
+def arenas_after_eight_threads(setup: str) -> int:
+    out = subprocess.run([sys.executable, "-c", ARENAS.format(setup=setup)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def test_threads_share_two_arenas_when_freed_memory_is_kept():
+    plain = arenas_after_eight_threads("")
+    kept = arenas_after_eight_threads("from pixelllm.memory import keep_freed_memory\nassert keep_freed_memory()")
+    assert plain >= 5, f"expected glibc to give concurrent threads arenas of their own: {plain} arenas"
+    assert kept <= 2, f"{kept} arenas with freed memory kept (without: {plain})"
