@@ -12,6 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
 
 from ..config import EvaEncoderConfig, SamEncoderConfig
@@ -22,9 +23,45 @@ EVA_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 EVA_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class RelPosAttention(Attention):
+    """SAM's `Attention` through `scaled_dot_product_attention`, its relative position terms the additive mask,
+    built for a block of query rows at a time (at most `MASK_BYTES`).
+
+    SAM's own writes the whole attention map (B * heads, N, N) three times (scores, scores plus position terms,
+    softmax): for the tiny preset's 36x36 global block and 8 images, 107 MB each, on fresh pages every call. Same
+    parameters and arithmetic; `build_sam_image_encoder` switches the ViT's blocks to it.
+    """
+
+    MASK_BYTES = 8 << 20
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, _ = x.shape
+        # q, k, v (B, heads, H * W, C / heads)
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            r_q = q.reshape(b * self.num_heads, h, w, -1)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h)).unflatten(0, (b, -1))
+            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w)).unflatten(0, (b, -1))
+            rows = max(1, self.MASK_BYTES // (q.element_size() * b * self.num_heads * w * h * w))
+            blocks = []
+            for r in range(0, h, rows):
+                # (B, heads, rows, W, H, W) -> (B, heads, rows * W, H * W): query cell (row, col), key cell
+                mask = rel_h[:, :, r : r + rows, :, :, None] + rel_w[:, :, r : r + rows, :, None, :]
+                queries = q[:, :, r * w : (r + rows) * w]
+                blocks.append(
+                    F.scaled_dot_product_attention(queries, k, v, mask.flatten(2, 3).flatten(3), scale=self.scale)
+                )
+            out = torch.cat(blocks, dim=2)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+
 def build_sam_image_encoder(cfg: SamEncoderConfig, image_size: int) -> ImageEncoderViT:
-    """SAM's `ImageEncoderViT` with the arguments `segment_anything.build_sam` uses, at `image_size`."""
-    return ImageEncoderViT(
+    """SAM's `ImageEncoderViT` with the arguments `segment_anything.build_sam` uses, at `image_size`, its
+    attention computed by `RelPosAttention`."""
+    vit = ImageEncoderViT(
         depth=cfg.depth,
         embed_dim=cfg.embed_dim,
         img_size=image_size,
@@ -38,6 +75,9 @@ def build_sam_image_encoder(cfg: SamEncoderConfig, image_size: int) -> ImageEnco
         window_size=cfg.window_size,
         out_chans=cfg.out_chans,
     )
+    for block in vit.blocks:
+        block.attn.__class__ = RelPosAttention  # the same module and parameters; building anew would draw new ones
+    return vit
 
 
 def build_eva_encoder(cfg: EvaEncoderConfig, image_size: int) -> nn.Module:
