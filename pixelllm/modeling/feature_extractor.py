@@ -117,24 +117,29 @@ class ImageReading:
     """What the extractor takes from U images before any prompt reads them; computed once for features kept to
     answer many prompts (`PromptFeatureExtractor.read`).
 
-    x: input-projected features plus their position encoding (U, width, h, w); tokens: the same token-major
-    (U, h*w, width); pe: the position encoding (1, h*w, width); first: the first layer's `image_projections` of the tokens,
-    each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them; unlocated: the visual
-    tokens (U, V, D_lm) of a prompt without box or point, the same for every such prompt on the image (set by
-    `PixelLLM.encode_images(keep=True)`).
+    tokens: input-projected features plus their position encoding, token-major (U, h*w, width), on a `grid` of
+    (h, w) cells; pe: the position encoding (1, h*w, width); first: the first layer's `image_projections` of the
+    tokens, each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them; unlocated: the
+    visual tokens (U, V, D_lm) of a prompt without box or point, the same for every such prompt on the image (set
+    by `PixelLLM.encode_images(keep=True)`).
     """
 
-    x: torch.Tensor
     tokens: torch.Tensor
+    grid: tuple[int, int]
     pe: torch.Tensor
     first: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     objects: torch.Tensor | None = None
     unlocated: torch.Tensor | None = None
 
+    @property
+    def x(self) -> torch.Tensor:
+        """The tokens channel-major (U, width, h, w), for sampling: a view, not a copy."""
+        return self.tokens.transpose(1, 2).unflatten(2, self.grid)
+
     def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageReading:
         first = tuple(t[index] for t in self.first)
         objects, unlocated = (None if t is None else t[index] for t in (self.objects, self.unlocated))
-        return ImageReading(self.x[index], self.tokens[index], self.pe, first, objects, unlocated)  # type: ignore[arg-type]
+        return ImageReading(self.tokens[index], self.grid, self.pe, first, objects, unlocated)  # type: ignore[arg-type]
 
     @staticmethod
     def cat(items: list[ImageReading]) -> ImageReading:
@@ -143,12 +148,12 @@ class ImageReading:
             return None if any(t is None for t in found) else torch.cat(found)
 
         first = tuple(torch.cat(t) for t in zip(*(r.first for r in items)))
-        x, tokens, objects, unlocated = map(cat_all, ("x", "tokens", "objects", "unlocated"))
-        return ImageReading(x, tokens, items[0].pe, first, objects, unlocated)  # type: ignore[arg-type]
+        tokens, objects, unlocated = map(cat_all, ("tokens", "objects", "unlocated"))
+        return ImageReading(tokens, items[0].grid, items[0].pe, first, objects, unlocated)  # type: ignore[arg-type]
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.x, self.tokens, self.pe, *self.first, self.objects, self.unlocated)
+        tensors = (self.tokens, self.pe, *self.first, self.objects, self.unlocated)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -233,7 +238,7 @@ class PromptFeatureExtractor(nn.Module):
         tokens, image_pe = (t.flatten(2).transpose(1, 2).contiguous() for t in (x, pe))
         first = image_projections(self.transformer.layers[0], tokens, image_pe)
         objects = None if object_boxes is None else self.object_tokens(x, object_boxes, object_box_tokens)
-        return ImageReading(x, tokens, image_pe, first, objects)
+        return ImageReading(tokens, (h, w), image_pe, first, objects)
 
     def forward(
         self,
