@@ -20,13 +20,8 @@ class PositionEmbedding(PositionEmbeddingRandom):
     """SAM's random Fourier position encoding, computed in float32 and returned in the model's dtype.
 
     SAM's own casts the coordinates to float32 and multiplies them by its Gaussian matrix, which fails once the
-    model is in bfloat16 or float16. It takes over the Gaussian matrix (2, C // 2) of the SAM layer it replaces,
-    so the state dict key stays and building one draws no random numbers.
+    model is in bfloat16 or float16. Same buffer; `LocationPromptEncoder` switches SAM's layer to it.
     """
-
-    def __init__(self, gaussian_matrix: torch.Tensor):
-        nn.Module.__init__(self)
-        self.register_buffer("positional_encoding_gaussian_matrix", gaussian_matrix)
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """Coordinates (..., 2) in [0, 1] -> encoding (..., C)."""
@@ -46,7 +41,7 @@ class LocationPromptEncoder(nn.Module):
             input_image_size=(image_size, image_size),
             mask_in_chans=16,
         )
-        self.sam.pe_layer = PositionEmbedding(self.sam.pe_layer.positional_encoding_gaussian_matrix)
+        self.sam.pe_layer.__class__ = PositionEmbedding  # the same module and matrix; building anew would draw new ones
         self.no_prompt = nn.Parameter(torch.randn(1, PROMPT_TOKENS, embed_dim) * 0.02)
 
     def forward(
