@@ -303,4 +303,6 @@ class PromptFeatureExtractor(nn.Module):
     def _sample(self, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Features x (U, C, h, w) at points (U, P, 2) x, y in model-input pixels -> (U, P, C), bilinear."""
         grid = points / self.image_size * 2 - 1
-        return F.grid_sample(x, grid.unsqueeze(2), align_corners=False)[..., 0].transpose(1, 2)
+        # contiguous: x is mostly `ImageReading.x`, a channels-last view, which grid_sample on CPU reads wrongly in
+        # bfloat16 and float16 (torch 2.14: values of 1e37 or NaN; tests/test_dtypes.py)
+        return F.grid_sample(x.contiguous(), grid.unsqueeze(2), align_corners=False)[..., 0].transpose(1, 2)
