@@ -11,6 +11,7 @@ from PIL import Image
 from server_helpers import DEFAULT_MODEL_DIR, GRACEFUL, ROOT, start_server
 
 from pixelllm import PixelLLM, Predictor
+from pixelllm.evaluate import box_iou, mask_iou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,13 +24,6 @@ def predictor(dtype: torch.dtype) -> Predictor:
     predictor = Predictor(model)
     predictor.set_image(Image.open(SAMPLE))
     return predictor
-
-
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
-    return w * h / (area - w * h)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +61,11 @@ def test_half_precision_answers_every_prompt_like_float32(dtype: torch.dtype, an
     for half, full in zip(got["box"].words, answers_fp32["box"].words):
         assert np.hypot(half.point[0] - full.point[0], half.point[1] - full.point[1]) < 0.02 * width
     found, expected = got["localize"], answers_fp32["localize"]
-    assert iou(found.box, expected.box) > 0.9
+    assert box_iou(found.box, expected.box) > 0.9
     assert found.mask.shape == (height, width) and found.mask.dtype == bool
-    assert (found.mask & expected.mask).sum() / (found.mask | expected.mask).sum() > 0.9
+    assert mask_iou(found.mask, expected.mask) > 0.9
     assert len(got["dense"]) == len(answers_fp32["dense"])
-    assert max(iou(got["dense"][0].box, r.box) for r in answers_fp32["dense"]) > 0.9
+    assert max(box_iou(got["dense"][0].box, r.box) for r in answers_fp32["dense"]) > 0.9
 
 
 def test_server_in_bfloat16_answers_caption_and_localize(tmp_path_factory: pytest.TempPathFactory) -> None:
