@@ -2,7 +2,8 @@
 
 - `batching_speedup`: caption throughput with 8 concurrent clients / 1 client, same server, default model
   (goal >= 3x). Clients 1, 4, 8 and 16 are measured in alternating rounds, side by side.
-- `latency`: p50 / p95 per endpoint (serial requests), and requests/s at 1, 4 and 16 clients, default model.
+- `latency`: p50 / p95 per endpoint (serial requests), and requests/s at 1, 4 and 16 clients, default model;
+  with a 12-megapixel JPEG (a phone photo's size), and the time to decode one in full / at reduced scale.
 - `regions_scaling`: one /v1/regions call with 32 boxes / with 1 box, same cached image (goal < 4x).
 - `cache_speedup`: a second prompt on a cached image / the first prompt on that image, `pixelllm-base` with
   random weights, median over images (goal >= 5x).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import itertools
 import json
 import os
@@ -31,6 +33,9 @@ from typing import Any
 import httpx
 import numpy as np
 from common import RESULTS_DIR, ROOT, machine, resolve_device, write_result
+from PIL import Image
+
+from pixelllm.transforms import decode
 
 sys.path.insert(0, str(ROOT / "tests"))
 from server_helpers import MAKE_MODEL, ServerProcess, metric, png, settings_env  # noqa: E402
@@ -51,6 +56,7 @@ COUNTS = {
 BATCH_CLIENTS = 8
 BATCHING_GOAL, CACHE_GOAL, REGIONS_GOAL = 3.0, 5.0, 4.0
 IMAGE_SIZE = (640, 480)
+PHOTO_SIZE = (4000, 3000)
 BOX_A, BOX_B = (40, 40, 400, 300), (200, 150, 600, 460)
 
 
@@ -62,6 +68,32 @@ class Images:
 
     def next(self) -> str:
         return base64.b64encode(png(*IMAGE_SIZE, seed=next(self._seeds))).decode()
+
+    def next_photo(self) -> str:
+        return base64.b64encode(photo(next(self._seeds))).decode()
+
+
+def photo(seed: int) -> bytes:
+    """A smooth photo-like JPEG of `PHOTO_SIZE` (bicubic-upscaled noise, quality 90): about 3 MB, as a phone's."""
+    noise = np.random.default_rng(seed).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).resize(PHOTO_SIZE, Image.BICUBIC).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def photo_decode_ms(image_size: int, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds (best of `repeats`) to decode a `PHOTO_SIZE` JPEG in full and reduced for `image_size`."""
+    data = photo(0)
+
+    def best(size: int | None) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            decode(Image.open(io.BytesIO(data)), size)
+            times.append(1000 * (time.perf_counter() - start))
+        return min(times)
+
+    return {"full": best(None), "reduced": best(image_size), "image_size": image_size}
 
 
 def box(b: tuple[int, int, int, int]) -> dict[str, int]:
@@ -226,6 +258,7 @@ async def latencies(url: str, images: Images, counts: dict[str, Any], tokens: in
     cases = {
         "POST /v1/caption": lambda: {"image": images.next(), "max_new_tokens": tokens},
         "POST /v1/caption (cached image, box)": lambda: {"image": cached, "box": box(BOX_A), "max_new_tokens": tokens},
+        "POST /v1/caption (4000x3000 JPEG)": lambda: {"image": images.next_photo(), "max_new_tokens": tokens},
         "POST /v1/localize (mask png)": lambda: {
             "image": images.next(),
             "text": "the red car",
@@ -245,8 +278,8 @@ async def latencies(url: str, images: Images, counts: dict[str, Any], tokens: in
         for name, make in cases.items():
             bodies = [make() for _ in range(counts["latency"])]
             path = name.split()[1]
-            times = [(await post(client, path, body))[0] for body in bodies]
-            out[name] = summary(times)
+            times, answers = zip(*[await post(client, path, body) for body in bodies])
+            out[name] = {**summary(list(times)), "server_timing_ms": median_timings(list(answers))}
         for path in ("/healthz", "/readyz", "/metrics"):
             times = []
             for _ in range(counts["latency"]):
@@ -301,6 +334,7 @@ def report_default_model(
     sweep: dict[str, Any],
     latency: dict[str, Any],
     regions: dict[str, Any],
+    decoding: dict[str, float],
     header: dict[str, Any],
     common: dict[str, Any],
 ) -> None:
@@ -320,12 +354,19 @@ def report_default_model(
     print(f"{'endpoint':42s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s}")
     for name, s in latency.items():
         print(f"{name:42s} {s['n']:4d} {s['p50_ms']:9.1f} {s['p95_ms']:9.1f}")
-    caption = latency["POST /v1/caption"]
+    caption, photo_caption = latency["POST /v1/caption"], latency["POST /v1/caption (4000x3000 JPEG)"]
+    print(
+        "decoding a 4000x3000 JPEG: in full {full:.0f} ms, reduced for {image_size} px {reduced:.0f} ms".format(
+            **decoding
+        )
+    )
     write_result(
         "latency",
-        {**header, "endpoints": latency, "rps_by_clients": rps},
+        {**header, "endpoints": latency, "rps_by_clients": rps, "photo_decode_ms": decoding},
         figure=f"caption p50 {caption['p50_ms']:.0f} ms, p95 {caption['p95_ms']:.0f} ms; "
-        + ", ".join(f"{rps[n]:.1f} req/s at {n}" for n in ("1", "4", "16")),
+        + ", ".join(f"{rps[n]:.1f} req/s at {n}" for n in ("1", "4", "16"))
+        + f"; 4000x3000 JPEG caption p50 {photo_caption['p50_ms']:.0f} ms (decoding one: in full "
+        f"{decoding['full']:.0f} ms, reduced {decoding['reduced']:.0f} ms)",
         **common,
     )
     write_result(
@@ -368,7 +409,8 @@ def main() -> None:
             regions = asyncio.run(regions_scaling(server.url, images, counts, tokens))
         machine_info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         common = dict(mode=mode, machine_info=machine_info, results_dir=args.results_dir)
-        report_default_model(sweep, latency, regions, {"model": model, "settings": settings}, common)
+        decoding = photo_decode_ms(json.loads((default / "config.json").read_text())["image_size"])
+        report_default_model(sweep, latency, regions, decoding, {"model": model, "settings": settings}, common)
 
         print("building pixelllm-base (random weights)", flush=True)
         base = make_model(MAKE_BASE, work / "pixelllm-base-random")

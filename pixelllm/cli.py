@@ -30,16 +30,18 @@ def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
     return values
 
 
-def _load_image(path: str):
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _load_image(path: str, image_size: int | None = None):
+    """The image at `path` as the service decodes it (`pixelllm.transforms.decode`): reduced for the model input
+    side `image_size` if given, else in full (to draw on)."""
+    from PIL import Image, UnidentifiedImageError
 
-    from .transforms import to_rgb
+    from .transforms import decode
 
     if not Path(path).is_file():
         raise CLIError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return to_rgb(ImageOps.exif_transpose(im))
+            return decode(im, image_size)
     except (UnidentifiedImageError, OSError) as e:
         raise CLIError(f"cannot read image {path}: {e}") from None
 
@@ -53,6 +55,15 @@ def _predictor(args):
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from None
     return Predictor(model)
+
+
+def _predictor_on_image(args):
+    """The predictor with `args.image` set, decoded for the model's input size (a photo at reduced scale)."""
+    if not Path(args.image).is_file():
+        raise CLIError(f"image not found: {args.image}")  # before the model loads
+    p = _predictor(args)
+    p.set_image(_load_image(args.image, p.model.cfg.image_size))
+    return p
 
 
 def _print_result(result, as_json: bool) -> None:
@@ -92,9 +103,7 @@ def cmd_caption(args) -> None:
     point = _floats(args.point, 2, "point") if args.point else None
     if args.stream and args.num_beams != 1:
         raise CLIError("--stream decodes greedily (beam search knows its words only at the end): drop --num-beams")
-    image = _load_image(args.image)
-    p = _predictor(args)
-    p.set_image(image)
+    p = _predictor_on_image(args)
     try:
         if args.stream:
             result = _print_stream(p.caption_stream(box, point, args.max_new_tokens), args.json)
@@ -109,9 +118,7 @@ def cmd_caption(args) -> None:
 
 
 def cmd_localize(args) -> None:
-    image = _load_image(args.image)
-    p = _predictor(args)
-    p.set_image(image)
+    p = _predictor_on_image(args)
     try:
         result = p.localize(args.text, mask=args.mask, refine=not args.no_refine)
     except ValueError as e:
@@ -127,9 +134,7 @@ def _dense(p, args) -> list:
 
 
 def cmd_dense(args) -> None:
-    image = _load_image(args.image)
-    p = _predictor(args)
-    p.set_image(image)
+    p = _predictor_on_image(args)
     regions = _dense(p, args)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in regions]))
@@ -147,9 +152,8 @@ def cmd_visualize(args) -> None:
     if sum(map(bool, (args.box, args.text, args.dense))) > 1:
         raise CLIError("give one of --box, --text and --dense")
     box = _floats(args.box, 4, "box") if args.box else None
-    image = _load_image(args.image)
-    p = _predictor(args)
-    p.set_image(image)
+    p = _predictor_on_image(args)
+    image = _load_image(args.image).image  # in full, to draw on
     if args.dense:
         render_dense(image, _dense(p, args)).save(args.output)
     else:

@@ -16,7 +16,7 @@ from PIL import Image
 from .modeling.generation import Generated, ShouldStop
 from .modeling.pixelllm import ImageFeatures, PixelLLM, Prompts
 from .tokenizer import EOS_ID, PAD_ID, words_with_tokens
-from .transforms import ImageTransform, preprocess
+from .transforms import DecodedImage, ImageTransform, preprocess
 
 DENSE_SCORE_THRESHOLD = 0.3  # default objectness a dense-caption region needs
 
@@ -88,17 +88,18 @@ class Predictor:
 
     # ------------------------------------------------------------------ embeddings
     @torch.no_grad()
-    def embed_batch(self, images: Sequence[Image.Image | np.ndarray]) -> list[ImageEmbedding]:
-        """Encode images (PIL or HxWx3 uint8) in one batched encoder pass, with what every prompt would compute
+    def embed_batch(self, images: Sequence[Image.Image | np.ndarray | DecodedImage]) -> list[ImageEmbedding]:
+        """Encode images (PIL, HxWx3 uint8, or `transforms.decode`'s, maybe reduced: coordinates are then in the
+        file's pixels) in one batched encoder pass, with what every prompt would compute
         again of an image alone (`encode_images(keep=True)`): the prompts on an embedding do not."""
         tensors, transforms = zip(*(preprocess(im, self.model.cfg.image_size) for im in images))
         features = self.model.encode_images(torch.stack(tensors).to(self.model.device), keep=True)
         return [ImageEmbedding(features[i : i + 1], t) for i, t in enumerate(transforms)]
 
-    def embed(self, image: Image.Image | np.ndarray) -> ImageEmbedding:
+    def embed(self, image: Image.Image | np.ndarray | DecodedImage) -> ImageEmbedding:
         return self.embed_batch([image])[0]
 
-    def set_image(self, image: Image.Image | np.ndarray) -> None:
+    def set_image(self, image: Image.Image | np.ndarray | DecodedImage) -> None:
         """Encode `image` and keep its embedding for the calls that follow."""
         self.embedding = self.embed(image)
 

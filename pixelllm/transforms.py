@@ -4,16 +4,21 @@ An image of H x W is resized so its longer side is S (the model's `image_size`),
 ratio, and padded at the right/bottom to S x S (as SAM does). So a point (x, y) in image pixels is
 (x * s, y * s) in model-input pixels with s = S / max(H, W), and a normalized model output u in [0, 1]
 is u * max(H, W) in image pixels.
+
+A photo much larger than the model input can be decoded at reduced size (`decode`: JPEG at 1/2, 1/4 or 1/8 scale,
+never below the model input); its `DecodedImage` keeps the file's size, and every coordinate stays in the file's
+pixels.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,33 @@ class ImageTransform:
         return (full[0, 0] > 0).cpu().numpy()
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image decoded from a file of `height` x `width` pixels (EXIF orientation applied), possibly at a
+    reduced size (`decode`): boxes, points and masks are in the file's pixels, not `image`'s."""
+
+    image: Image.Image
+    height: int
+    width: int
+
+
+def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
+    """An opened, not yet loaded image -> RGB (`to_rgb`), EXIF orientation applied.
+
+    With `image_size` (the model input side S) a JPEG is decoded at the smallest of 1/2, 1/4 and 1/8 scale whose
+    longer side is still at least S (libjpeg's DCT scaling: a 12-megapixel photo decodes about 4x faster), as the
+    model input is resized from it anyway; other formats decode in full. `img` is changed by the decode.
+    """
+    width, height = img.size
+    if image_size is not None:
+        scale = image_size / max(width, height)
+        img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+    img.load()
+    if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # a quarter turn: the sides swap
+        width, height = height, width
+    return DecodedImage(to_rgb(ImageOps.exif_transpose(img)), height, width)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB from any PIL mode: 16/32-bit and float scaled to 8 bits, transparency composited onto white.
 
@@ -77,10 +109,14 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return array
 
 
-def preprocess(image: Image.Image | np.ndarray, image_size: int) -> tuple[torch.Tensor, ImageTransform]:
-    """Image -> model input (3, S, S) in [0, 1] (resized longest side, zero-padded) and its transform."""
-    array = to_rgb_array(image)
-    h, w = array.shape[:2]
+def preprocess(image: Image.Image | np.ndarray | DecodedImage, image_size: int) -> tuple[torch.Tensor, ImageTransform]:
+    """Image -> model input (3, S, S) in [0, 1] (resized longest side, zero-padded) and its transform (of the
+    file's size, for a `DecodedImage`)."""
+    if isinstance(image, DecodedImage):
+        array, (h, w) = to_rgb_array(image.image), (image.height, image.width)
+    else:
+        array = to_rgb_array(image)
+        h, w = array.shape[:2]
     transform = ImageTransform(h, w, image_size)
     nh, nw = max(1, round(h * transform.scale)), max(1, round(w * transform.scale))
     resized = np.asarray(Image.fromarray(array).resize((nw, nh), Image.BILINEAR), dtype=np.float32) / 255.0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from pixelllm.transforms import to_rgb
+from pixelllm.transforms import DecodedImage, decode
 
 from .errors import ApiError
 
@@ -38,8 +38,9 @@ def check_size(width: int, height: int, max_pixels: int, max_aspect: float) -> N
         raise _bad(f"image is {width}x{height}; the longest side may be at most {max_aspect:g}x the shortest")
 
 
-def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image:
-    """An RGB image from PNG/JPEG/WEBP/BMP/GIF bytes (GIF: first frame), EXIF orientation applied.
+def decode_image(data: bytes, max_pixels: int, max_aspect: float, image_size: int | None = None) -> DecodedImage:
+    """An RGB image from PNG/JPEG/WEBP/BMP/GIF bytes (GIF: first frame), EXIF orientation applied; with the model
+    input side `image_size`, a large JPEG decoded at reduced scale (`pixelllm.transforms.decode`).
 
     Raises `ApiError`: 415 for an unknown format, 413 for too many pixels (checked from the header,
     before decoding), 422 for empty, corrupt, truncated or degenerate images.
@@ -49,9 +50,7 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         check_size(*img.size, max_pixels, max_aspect)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        rgb = to_rgb(img)
+        decoded = decode(img, image_size)
     except ApiError:
         raise
     except UnidentifiedImageError as exc:
@@ -60,5 +59,5 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image
         raise _too_large(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt input
         raise _bad(f"could not decode image: {type(exc).__name__}: {exc}") from exc
-    check_size(*rgb.size, max_pixels, max_aspect)
-    return rgb
+    check_size(decoded.width, decoded.height, max_pixels, max_aspect)
+    return decoded

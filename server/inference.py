@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from PIL import Image
+from pixelllm.transforms import DecodedImage
 
 from .cache import EmbeddingCache
 from .settings import Settings
@@ -24,7 +24,7 @@ class Job:
     """Everything one request asks about one image: caption prompts and texts to localize."""
 
     key: str
-    image: Image.Image | None = None
+    image: DecodedImage | None = None
     embedding: Any = None
     prompts: list[tuple[tuple[float, float, float, float] | None, tuple[float, float] | None]] = field(
         default_factory=list
@@ -96,7 +96,7 @@ def run_jobs(
     results = [JobResult([None] * len(j.prompts), [None] * len(j.texts), True, {}) for j in jobs]
 
     embeddings: dict[str, Any] = {}
-    to_encode: dict[str, Image.Image] = {}
+    to_encode: dict[str, DecodedImage] = {}
     for job in _live(jobs):
         found = job.embedding if job.embedding is not None else cache.get(job.key)
         if found is not None:

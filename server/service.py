@@ -182,7 +182,8 @@ def _open_image(engine: Engine, data: bytes) -> tuple[Job, int, int]:
         height, width = embedding.original_size
         return Job(key=key, embedding=embedding), int(width), int(height)
     s = engine.settings
-    image = decode_image(data, s.max_image_pixels, s.max_image_aspect)
+    image_size = engine.predictor.model.cfg.image_size if engine.predictor is not None else None
+    image = decode_image(data, s.max_image_pixels, s.max_image_aspect, image_size)
     return Job(key=key, image=image), image.width, image.height
 
 

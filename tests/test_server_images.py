@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 
@@ -12,6 +13,8 @@ import pytest
 from PIL import Image
 from server_helpers import assert_error, encode, png, random_image
 
+from pixelllm.data.synthetic import generate_scene
+from pixelllm.evaluate import box_iou
 from server.errors import ApiError
 from server.images import decode_image
 
@@ -118,13 +121,13 @@ def test_gif_uses_first_frame(service_client: httpx.Client) -> None:
 
 
 def test_decode_converts_modes() -> None:
-    rgb = decode_image(sixteen_bit_png(), 10**6, 100)
+    rgb = decode_image(sixteen_bit_png(), 10**6, 100).image
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((63, 47)) == (255, 255, 255)
     clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    assert decode_image(encode(clear), 10**6, 100).getpixel((3, 3)) == (255, 255, 255)  # onto white
-    cmyk = decode_image(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG"), 10**6, 100)
+    assert decode_image(encode(clear), 10**6, 100).image.getpixel((3, 3)) == (255, 255, 255)  # onto white
+    cmyk = decode_image(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG"), 10**6, 100).image
     assert cmyk.mode == "RGB" and min(cmyk.getpixel((3, 3))) > 240
-    assert decode_image(exif_rotated_jpeg(), 10**6, 100).size == (80, 160)
+    assert decode_image(exif_rotated_jpeg(), 10**6, 100).image.size == (80, 160)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -133,3 +136,25 @@ def test_decode_keeps_pillow_bomb_limit(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ApiError) as err:
         decode_image(png(40, 30), 10**9, 100)  # 1200 pixels: over Pillow's limit though under ours
     assert err.value.status == 413
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_answered_in_its_own_pixels(trained_service) -> None:
+    """A JPEG 8x the model input decodes at 1/8 scale: the shipped model finds the object as on the small
+    original, in the large file's pixels."""
+    scene = generate_scene(3)
+    height, width = scene.image.shape[:2]
+    k = math.ceil(8 * 288 / max(width, height))  # the shipped model's input side is 288
+    large = encode(Image.fromarray(scene.image).resize((width * k, height * k), Image.BICUBIC), "JPEG", quality=95)
+    obj = scene.objects[0]
+    with httpx.Client(base_url=trained_service.url, timeout=60) as client:
+        answers = [
+            client.post("/v1/localize", files={"image": data}, data={"text": obj.referring})
+            for data in (large, encode(Image.fromarray(scene.image)))
+        ]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    large_body, small_body = (r.json() for r in answers)
+    assert large_body["image"] == {"width": width * k, "height": height * k}
+    large_box = [v / k for v in large_body["results"][0]["box"].values()]
+    small_box = list(small_body["results"][0]["box"].values())
+    assert box_iou(large_box, obj.box) > 0.7 and box_iou(small_box, obj.box) > 0.7
+    assert large_box == pytest.approx(small_box, abs=3)

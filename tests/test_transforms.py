@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pixelllm.cli import _load_image
-from pixelllm.transforms import preprocess, to_rgb, to_rgb_array
+from pixelllm.transforms import ImageTransform, decode, preprocess, to_rgb, to_rgb_array
 from server.images import decode_image
 
 
@@ -45,3 +45,39 @@ def test_python_api_cli_and_service_feed_the_model_the_same_pixels(tmp_path, mak
     assert torch.equal(api, cli) and torch.equal(api, service)
     with Image.open(io.BytesIO(data)) as im:
         assert not torch.equal(api, preprocess(im.convert("RGB"), 64)[0])  # the rule changes what the model sees
+
+
+def photo(width: int, height: int, orientation: int = 1) -> bytes:
+    """A smooth photo-like JPEG: a colour gradient with a dark disc; `orientation` its EXIF orientation tag."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([x, y, 1 - x], axis=-1) * 255
+    rgb[(x - 0.3) ** 2 + (y - 0.25) ** 2 < 0.01] = 20
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("image_size, decoded_size", [(160, (200, 150)), (512, (800, 600)), (1024, (1600, 1200))])
+def test_decode_reads_a_large_jpeg_at_the_smallest_scale_above_the_model_input(image_size, decoded_size) -> None:
+    data = photo(1600, 1200)
+    decoded = decode(Image.open(io.BytesIO(data)), image_size)
+    assert decoded.image.size == decoded_size and (decoded.height, decoded.width) == (1200, 1600)
+    full = decode(Image.open(io.BytesIO(data)))
+    assert full.image.size == (1600, 1200) and (full.height, full.width) == (1200, 1600)
+    reduced_input, reduced_transform = preprocess(decoded, image_size)
+    full_input, full_transform = preprocess(full, image_size)
+    assert reduced_transform == full_transform == ImageTransform(1200, 1600, image_size)
+    assert (reduced_input - full_input).abs().mean() < 0.0015  # the same picture resampled (1 px off: 0.0016+)
+    assert (reduced_input[:, 3 * image_size // 4 :] == 0).all()  # padded below the 4:3 image, as from a full decode
+
+
+def test_decode_swaps_the_sides_of_a_quarter_turned_jpeg_and_leaves_png_whole() -> None:
+    decoded = decode(Image.open(io.BytesIO(photo(1600, 1200, orientation=6))), 160)
+    assert decoded.image.size == (150, 200) and (decoded.height, decoded.width) == (1600, 1200)
+    full = decode(Image.open(io.BytesIO(photo(1600, 1200, orientation=6))))
+    assert (preprocess(decoded, 160)[0] - preprocess(full, 160)[0]).abs().mean() < 0.0015
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200)).save(buf, "PNG")
+    assert decode(Image.open(buf), 160).image.size == (1600, 1200)  # only JPEG decodes at reduced scale
