@@ -10,6 +10,8 @@ Raising both thresholds keeps that memory mapped; the price is a resident size t
 Every malloc arena keeps its own freed memory, and glibc gives threads up to 8 arenas per core, so each thread that
 once held a large block (a worker thread decoding a large image) would keep its own peak. The arenas are capped
 (2: the main thread's and one the worker threads share), so the process keeps one peak, not one per thread.
+
+So the resident size says little about what the process uses; `malloc_stats` tells memory in use from memory kept.
 """
 
 from __future__ import annotations
@@ -25,14 +27,44 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (2.33+): every field a size_t."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def _libc_function(name: str):
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_mallinfo2 = _libc_function("mallinfo2")
+if _mallinfo2 is not None:
+    _mallinfo2.argtypes, _mallinfo2.restype = [], _MallInfo2
+
+
+def malloc_stats() -> tuple[int, int] | None:
+    """(bytes in use, bytes kept free) of malloc over all its arenas: in use counts blocks handed out and not freed
+    (mapped ones too), free what it holds for reuse; None where the C library has no `mallinfo2` (glibc < 2.33,
+    musl, macOS)."""
+    if _mallinfo2 is None:
+        return None
+    info = _mallinfo2()
+    return info.uordblks + info.hblkhd, info.fordblks
+
+
 def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, arenas: int = 2) -> bool:
     """Serve blocks up to `mmap_threshold` bytes from the heap (32 MiB: the most glibc before 2.35 takes), keep up
     to `trim_threshold` bytes of free heap, and let threads share at most `arenas` malloc arenas, for the whole
     process; call it before starting threads. Returns False where the C library has no `mallopt` (not glibc) or
     refuses a value."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         logger.info("this C library has no mallopt: freed memory goes back to the kernel as it decides")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pixelllm.memory import malloc_stats
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -45,6 +47,11 @@ class Metrics:
         self.streams_cancelled = Counter(
             "pixelllm_streams_cancelled", "Streamed captions stopped early because the client left", registry=r
         )
+        if malloc_stats() is not None:  # glibc: what the process uses, apart from what malloc keeps for reuse
+            in_use = Gauge("pixelllm_malloc_in_use_bytes", "Bytes malloc has handed out, not yet freed", registry=r)
+            kept = Gauge("pixelllm_malloc_free_bytes", "Freed bytes malloc keeps for reuse", registry=r)
+            in_use.set_function(lambda: malloc_stats()[0])  # type: ignore[index]
+            kept.set_function(lambda: malloc_stats()[1])  # type: ignore[index]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

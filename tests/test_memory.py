@@ -98,3 +98,24 @@ def test_threads_share_two_arenas_when_freed_memory_is_kept():
     kept = arenas_after_eight_threads("from pixelllm.memory import keep_freed_memory\nassert keep_freed_memory()")
     assert plain >= 5, f"expected glibc to give concurrent threads arenas of their own: {plain} arenas"
     assert kept <= 2, f"{kept} arenas with freed memory kept (without: {plain})"
+
+
+STATS = """
+import numpy as np
+from pixelllm.memory import keep_freed_memory, malloc_stats
+assert keep_freed_memory()
+before = malloc_stats()
+block = np.ones(16 << 20, np.uint8)  # below the 32 MiB mmap threshold: from the heap
+held = malloc_stats()
+del block
+print(*before, *held, *malloc_stats())
+"""
+
+
+def test_malloc_stats_tell_memory_in_use_from_memory_kept():
+    out = subprocess.run([sys.executable, "-c", STATS], capture_output=True, text=True, check=True)
+    used_before, free_before, used_held, _, used_after, free_after = map(int, out.stdout.split())
+    mib = 1 << 20
+    assert used_held - used_before >= 16 * mib  # handed out
+    assert abs(used_after - used_before) < mib  # and back
+    assert free_before < 4 * mib <= 16 * mib <= free_after  # kept for reuse (with the free space it was cut from)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import platform
 
 import httpx
 import numpy as np
@@ -165,6 +166,9 @@ def test_metrics(service_client: httpx.Client) -> None:
     assert metric(text, "pixelllm_batch_size_count") >= 1
     assert "pixelllm_queue_depth 0.0" in text
     assert metric(text, "pixelllm_cache_entries") >= 1 and metric(text, "pixelllm_cache_bytes") > 0
+    if platform.libc_ver()[0] == "glibc":  # the model's weights and the cache are in use; free is what malloc keeps
+        assert metric(text, "pixelllm_malloc_in_use_bytes") > metric(text, "pixelllm_cache_bytes")
+        assert metric(text, "pixelllm_malloc_free_bytes") >= 0
 
 
 def test_docs_and_openapi(service_client: httpx.Client) -> None:
