@@ -118,15 +118,14 @@ class ImageReading:
     answer many prompts (`PromptFeatureExtractor.read`).
 
     tokens: input-projected features plus their position encoding, token-major (U, h*w, width), on a `grid` of
-    (h, w) cells; pe: the position encoding (1, h*w, width); first: the first layer's `image_projections` of the
-    tokens, each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them; unlocated: the
+    (h, w) cells (the encoding, the same for every image, is not kept: `PromptFeatureExtractor.image_pe`); first:
+    the first layer's `image_projections` of the tokens, each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them; unlocated: the
     visual tokens (U, V, D_lm) of a prompt without box or point, the same for every such prompt on the image (set
     by `PixelLLM.encode_images(keep=True)`).
     """
 
     tokens: torch.Tensor
     grid: tuple[int, int]
-    pe: torch.Tensor
     first: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     objects: torch.Tensor | None = None
     unlocated: torch.Tensor | None = None
@@ -139,7 +138,7 @@ class ImageReading:
     def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageReading:
         first = tuple(t[index] for t in self.first)
         objects, unlocated = (None if t is None else t[index] for t in (self.objects, self.unlocated))
-        return ImageReading(self.tokens[index], self.grid, self.pe, first, objects, unlocated)  # type: ignore[arg-type]
+        return ImageReading(self.tokens[index], self.grid, first, objects, unlocated)  # type: ignore[arg-type]
 
     @staticmethod
     def cat(items: list[ImageReading]) -> ImageReading:
@@ -149,11 +148,11 @@ class ImageReading:
 
         first = tuple(torch.cat(t) for t in zip(*(r.first for r in items)))
         tokens, objects, unlocated = map(cat_all, ("tokens", "objects", "unlocated"))
-        return ImageReading(tokens, items[0].grid, items[0].pe, first, objects, unlocated)  # type: ignore[arg-type]
+        return ImageReading(tokens, items[0].grid, first, objects, unlocated)  # type: ignore[arg-type]
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.tokens, self.pe, *self.first, self.objects, self.unlocated)
+        tensors = (self.tokens, *self.first, self.objects, self.unlocated)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -218,6 +217,10 @@ class PromptFeatureExtractor(nn.Module):
             sampled[rows] = self._sample(x[u : u + 1], points[rows].flatten(0, 1)[None]).view(len(rows), -1, x.shape[1])
         return sampled, points
 
+    def image_pe(self, pe_layer: PositionEmbeddingRandom, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The position encoding of the image tokens on a `grid` of (h, w) cells: (1, width, h, w)."""
+        return self.prompt_proj(pe_layer(grid).permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(0).to(dtype)
+
     def read(
         self,
         features: torch.Tensor,
@@ -227,9 +230,19 @@ class PromptFeatureExtractor(nn.Module):
     ) -> ImageReading:
         """Fused features (U, C_in, h, w) -> what every prompt on these images reads of them (`ImageReading`);
         with the object tokens of object_boxes (U, K, 4) and their box tokens (U, K, 2, C_p), if given."""
+        return self._read(features, pe_layer, object_boxes, object_box_tokens)[0]
+
+    def _read(
+        self,
+        features: torch.Tensor,
+        pe_layer: PositionEmbeddingRandom,
+        object_boxes: torch.Tensor | None,
+        object_box_tokens: torch.Tensor | None,
+    ) -> tuple[ImageReading, torch.Tensor]:
+        """`read`, and the image tokens' position encoding (1, h*w, width)."""
         x = self.input_proj(features)
         _, _, h, w = x.shape
-        pe = self.prompt_proj(pe_layer((h, w)).permute(1, 2, 0)).permute(2, 0, 1).unsqueeze(0).to(x.dtype)
+        pe = self.image_pe(pe_layer, (h, w), x.dtype)
         # SAM's attention adds the encoding to keys only; adding it to the features too puts absolute
         # position into the values the queries read, which the coordinates regressed later need.
         x = x + pe
@@ -238,7 +251,7 @@ class PromptFeatureExtractor(nn.Module):
         tokens, image_pe = (t.flatten(2).transpose(1, 2).contiguous() for t in (x, pe))
         first = image_projections(self.transformer.layers[0], tokens, image_pe)
         objects = None if object_boxes is None else self.object_tokens(x, object_boxes, object_box_tokens)
-        return ImageReading(tokens, (h, w), image_pe, first, objects)
+        return ImageReading(tokens, (h, w), first, objects), image_pe
 
     def forward(
         self,
@@ -266,8 +279,9 @@ class PromptFeatureExtractor(nn.Module):
         """
         if isinstance(features, ImageReading):
             image = features
+            image_pe = self.image_pe(pe_layer, image.grid, image.tokens.dtype).flatten(2).transpose(1, 2)
         else:
-            image = self.read(features, pe_layer, object_boxes, object_box_tokens)
+            image, image_pe = self._read(features, pe_layer, object_boxes, object_box_tokens)
         b = prompt_tokens.shape[0]
         queries = self.queries.expand(b, -1, -1)
         layout = None
@@ -281,7 +295,7 @@ class PromptFeatureExtractor(nn.Module):
             queries[:, :n] = queries[:, :n] + sampled + anchor_pe.to(image.x.dtype)
             layout = self.layout_proj(sampled.flatten(1)).unsqueeze(1)
         tokens = torch.cat([queries, self.prompt_proj(prompt_tokens)], dim=1)
-        out = two_way_forward(self.transformer, image.tokens, image.pe, tokens, image_index, image.first)
+        out = two_way_forward(self.transformer, image.tokens, image_pe, tokens, image_index, image.first)
         visual = self.output_proj(self.query_proj(out[:, : self.num_queries]))
         if layout is None:
             return visual
