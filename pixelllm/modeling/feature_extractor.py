@@ -119,9 +119,9 @@ class ImageReading:
 
     tokens: input-projected features plus their position encoding, token-major (U, h*w, width), on a `grid` of
     (h, w) cells (the encoding, the same for every image, is not kept: `PromptFeatureExtractor.image_pe`); first:
-    the first layer's `image_projections` of the tokens, each (U, h*w, C_int); objects: the object tokens (U, K, D_lm), for models with them; unlocated: the
-    visual tokens (U, V, D_lm) of a prompt without box or point, the same for every such prompt on the image (set
-    by `PixelLLM.encode_images(keep=True)`).
+    the first layer's `image_projections` of the tokens, each (U, h*w, C_int); objects: the object tokens
+    (U, K, D_lm), for models with them; unlocated: the visual tokens (U, V, D_lm) of a prompt without box or point,
+    the same for every such prompt on the image (set by `PixelLLM.encode_images(keep=True)`).
     """
 
     tokens: torch.Tensor
