@@ -59,5 +59,4 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float, image_size: in
         raise _too_large(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt input
         raise _bad(f"could not decode image: {type(exc).__name__}: {exc}") from exc
-    check_size(decoded.width, decoded.height, max_pixels, max_aspect)
     return decoded
