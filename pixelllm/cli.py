@@ -30,6 +30,11 @@ def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
     return values
 
 
+def _require_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise CLIError(f"image not found: {path}")
+
+
 def _load_image(path: str, image_size: int | None = None):
     """The image at `path` as the service decodes it (`pixelllm.transforms.decode`): reduced for the model input
     side `image_size` if given, else in full (to draw on)."""
@@ -37,8 +42,7 @@ def _load_image(path: str, image_size: int | None = None):
 
     from .transforms import decode
 
-    if not Path(path).is_file():
-        raise CLIError(f"image not found: {path}")
+    _require_file(path)
     try:
         with Image.open(path) as im:
             return decode(im, image_size)
@@ -59,8 +63,7 @@ def _predictor(args):
 
 def _predictor_on_image(args):
     """The predictor with `args.image` set, decoded for the model's input size (a photo at reduced scale)."""
-    if not Path(args.image).is_file():
-        raise CLIError(f"image not found: {args.image}")  # before the model loads
+    _require_file(args.image)  # before the model loads
     p = _predictor(args)
     p.set_image(_load_image(args.image, p.model.cfg.image_size))
     return p
