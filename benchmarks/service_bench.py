@@ -57,6 +57,8 @@ BATCH_CLIENTS = 8
 BATCHING_GOAL, CACHE_GOAL, REGIONS_GOAL = 3.0, 5.0, 4.0
 IMAGE_SIZE = (640, 480)
 PHOTO_SIZE = (4000, 3000)
+PHOTO = f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG"
+PHOTO_CASE = f"POST /v1/caption ({PHOTO})"
 BOX_A, BOX_B = (40, 40, 400, 300), (200, 150, 600, 460)
 
 
@@ -258,7 +260,7 @@ async def latencies(url: str, images: Images, counts: dict[str, Any], tokens: in
     cases = {
         "POST /v1/caption": lambda: {"image": images.next(), "max_new_tokens": tokens},
         "POST /v1/caption (cached image, box)": lambda: {"image": cached, "box": box(BOX_A), "max_new_tokens": tokens},
-        "POST /v1/caption (4000x3000 JPEG)": lambda: {"image": images.next_photo(), "max_new_tokens": tokens},
+        PHOTO_CASE: lambda: {"image": images.next_photo(), "max_new_tokens": tokens},
         "POST /v1/localize (mask png)": lambda: {
             "image": images.next(),
             "text": "the red car",
@@ -354,18 +356,17 @@ def report_default_model(
     print(f"{'endpoint':42s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s}")
     for name, s in latency.items():
         print(f"{name:42s} {s['n']:4d} {s['p50_ms']:9.1f} {s['p95_ms']:9.1f}")
-    caption, photo_caption = latency["POST /v1/caption"], latency["POST /v1/caption (4000x3000 JPEG)"]
+    caption, photo_caption = latency["POST /v1/caption"], latency[PHOTO_CASE]
     print(
-        "decoding a 4000x3000 JPEG: in full {full:.0f} ms, reduced for {image_size} px {reduced:.0f} ms".format(
-            **decoding
-        )
+        f"decoding a {PHOTO}: in full {decoding['full']:.0f} ms, reduced for {decoding['image_size']} px "
+        f"{decoding['reduced']:.0f} ms"
     )
     write_result(
         "latency",
         {**header, "endpoints": latency, "rps_by_clients": rps, "photo_decode_ms": decoding},
         figure=f"caption p50 {caption['p50_ms']:.0f} ms, p95 {caption['p95_ms']:.0f} ms; "
         + ", ".join(f"{rps[n]:.1f} req/s at {n}" for n in ("1", "4", "16"))
-        + f"; 4000x3000 JPEG caption p50 {photo_caption['p50_ms']:.0f} ms (decoding one: in full "
+        + f"; {PHOTO} caption p50 {photo_caption['p50_ms']:.0f} ms (decoding one: in full "
         f"{decoding['full']:.0f} ms, reduced {decoding['reduced']:.0f} ms)",
         **common,
     )
