@@ -109,9 +109,11 @@ def cmd_caption(args) -> None:
     p = _predictor_on_image(args)
     try:
         if args.stream:
-            result = _print_stream(p.caption_stream(box, point, args.max_new_tokens), args.json)
+            result = _print_stream(
+                p.caption_stream(box, point, args.max_new_tokens, refine=not args.no_refine), args.json
+            )
         else:
-            result = p.caption(box=box, point=point, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+            result = p.caption(box, point, args.max_new_tokens, args.num_beams, refine=not args.no_refine)
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.stream and not args.json:
@@ -277,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream",
         action="store_true",
         help="print each word as soon as it is decoded, then the caption (greedy; --json: a JSON line per word)",
+    )
+    p.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="give words the point head's own boxes instead of the nearest object proposals (models with a proposal head)",
     )
     model_args(p)
     p.set_defaults(func=cmd_caption)

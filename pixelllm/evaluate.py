@@ -10,7 +10,9 @@ Metrics (written as JSON):
 - caption word points: share of objects whose shape word in the generated caption has its point inside
   the object's box (objects paired one to one with the caption's "<color> <shape>" phrases that name them, by
   their size and position words first, see `_word_point_hits`; an object the caption does not name counts as
-  a miss). Split into the share of objects the caption names (`caption_object_mention_rate`) and the
+  a miss). As `Predictor.caption` answers by default (every located word snapped to its nearest object
+  proposal, for models with a proposal head) and, suffixed `_regressed`, with the point head's own word boxes.
+  Split into the share of objects the caption names (`caption_object_mention_rate`) and the
   point-in-box share among them (`_mentioned`); `caption_phrase_precision` is the share of the captions'
   phrases paired with an object (the rest name none, or repeat one); `_teacher_forced` is the point-in-box
   share with the reference caption teacher-forced, where every object is named (the point head alone,
@@ -33,6 +35,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +49,7 @@ from .data.refexp import RefExample, load_refexp, ref_mask
 from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
 from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
-from .predictor import DENSE_SCORE_THRESHOLD, ImageEmbedding, Localization, Predictor, Word, _group_words
+from .predictor import DENSE_SCORE_THRESHOLD, ImageEmbedding, Localization, Predictor, Word, _group_words, centre
 from .transforms import to_rgb_array
 
 log = logging.getLogger(__name__)
@@ -146,6 +149,16 @@ def _word_point_hits(words: list[Word], objects: list[SceneObject], match_shape:
     return hits
 
 
+def _regressed_words(words: list[Word]) -> list[Word]:
+    """A refined caption's words where the point head put them (`Word.regressed_box`, see `Predictor.caption`)."""
+    return [
+        w
+        if w.regressed_box is None
+        else replace(w, box=w.regressed_box, point=centre(w.regressed_box), regressed_box=None)
+        for w in words
+    ]
+
+
 def _regressed_masks(predictor: Predictor, emb: ImageEmbedding, locs: list[Localization]) -> list[np.ndarray]:
     """The mask of each localization's point-head box: its own mask where refining kept that box."""
     snapped = [i for i, loc in enumerate(locs) if loc.regressed_box is not None]
@@ -183,7 +196,8 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     """The metrics of the module docstring over `scenes`; every generated caption (whole image, region, dense)
     decodes with `num_beams` (1: greedy)."""
     keys = ("ref_iou", "ref_hit", "mask_iou", "ref_iou_regressed", "ref_hit_regressed", "mask_iou_regressed")
-    keys += ("region_box", "region_point", "word_point", "word_point_any_shape", "word_point_teacher_forced")
+    keys += ("region_box", "region_point", "word_point", "word_point_regressed", "word_point_any_shape")
+    keys += ("word_point_teacher_forced",)
     stats = {k: [] for k in keys}
     l1_sum, l1_count = 0.0, 0
     phrases_total, phrases_paired = 0, 0
@@ -216,6 +230,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         candidates[i], references[i] = [caption.text], [scene.caption]
         hits = _word_point_hits(caption.words, objs)
         stats["word_point"] += hits
+        stats["word_point_regressed"] += _word_point_hits(_regressed_words(caption.words), objs)
         phrases_total += len(_phrases(caption.words))
         phrases_paired += sum(h is not None for h in hits)
         stats["word_point_any_shape"] += _word_point_hits(caption.words, objs, match_shape=False)
@@ -241,6 +256,8 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         "caption_word_point_acc": float(np.mean([h is True for h in stats["word_point"]])),
         "caption_object_mention_rate": float(np.mean([h is not None for h in stats["word_point"]])),
         "caption_word_point_acc_mentioned": _share_true(stats["word_point"]),
+        "caption_word_point_acc_regressed": float(np.mean([h is True for h in stats["word_point_regressed"]])),
+        "caption_word_point_acc_mentioned_regressed": _share_true(stats["word_point_regressed"]),
         "caption_phrase_precision": phrases_paired / max(phrases_total, 1),
         "caption_object_color_rate": float(np.mean([h is not None for h in stats["word_point_any_shape"]])),
         "caption_word_point_acc_color_named": _share_true(stats["word_point_any_shape"]),

@@ -7,7 +7,7 @@ boxes are x0, y0, x1, y1). Word `start`/`end` are character offsets into the ret
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from .tokenizer import EOS_ID, PAD_ID, words_with_tokens
 from .transforms import DecodedImage, ImageTransform, preprocess
 
 DENSE_SCORE_THRESHOLD = 0.3  # default objectness a dense-caption region needs
+LOCATED_SCORE = 0.5  # least confidence of a word that has a location (refined captions snap only those)
 
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]
@@ -26,12 +27,17 @@ Point = tuple[float, float]
 
 @dataclass
 class Word:
+    """A word of a caption and where it is: `box` and its centre `point`, and `score`, the point head's
+    confidence that the word has a location. Where a refined caption snapped the word to an object proposal,
+    `regressed_box` keeps the point head's own box."""
+
     text: str
     start: int
     end: int
     point: Point
     box: Box
     score: float
+    regressed_box: Box | None = None
 
 
 @dataclass
@@ -118,18 +124,29 @@ class Predictor:
         point: Point | None = None,
         max_new_tokens: int | None = None,
         num_beams: int = 1,
+        refine: bool = True,
     ) -> Caption:
-        """Caption the image, or the region given by `box` or `point`, with a location for every word."""
-        return self.caption_embeddings([self._current()], [box], [point], max_new_tokens, num_beams)[0]
+        """Caption the image, or the region given by `box` or `point`, with a location for every word.
+
+        With `refine` and a model that has a proposal head, every word that has a location (score >=
+        `LOCATED_SCORE`) is snapped to the object proposal nearest its box, as `localize` snaps its box: the
+        word's box becomes the proposal's, its point that box's centre, and `Word.regressed_box` keeps the
+        point head's box.
+        """
+        return self.caption_embeddings([self._current()], [box], [point], max_new_tokens, num_beams, refine=refine)[0]
 
     def caption_batch(
-        self, regions: Sequence[Box | Point | None], max_new_tokens: int | None = None, num_beams: int = 1
+        self,
+        regions: Sequence[Box | Point | None],
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        refine: bool = True,
     ) -> list[Caption]:
         """Caption many regions of the current image in one batched pass: each a box, a point, or None."""
         boxes = [tuple(r) if r is not None and len(r) == 4 else None for r in regions]
         points = [tuple(r) if r is not None and len(r) == 2 else None for r in regions]
         emb = self._current()
-        return self.caption_embeddings([emb] * len(regions), boxes, points, max_new_tokens, num_beams)
+        return self.caption_embeddings([emb] * len(regions), boxes, points, max_new_tokens, num_beams, refine=refine)
 
     @torch.no_grad()
     def caption_embeddings(
@@ -140,8 +157,10 @@ class Predictor:
         max_new_tokens: int | None = None,
         num_beams: int = 1,
         should_stop: ShouldStop | None = None,
+        refine: bool = True,
     ) -> list[Caption]:
-        """Caption many (image embedding, optional box or point) pairs in one batched forward pass.
+        """Caption many (image embedding, optional box or point) pairs in one batched forward pass (`refine` as
+        in `caption`).
 
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
         """
@@ -150,18 +169,27 @@ class Predictor:
         outputs = self.model.generate(
             features, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, should_stop=should_stop
         )
-        return [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
+        captions = [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
+        if refine and self.model.proposal_head is not None:
+            proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
+            for caption, emb, u in zip(captions, embeddings, prompts.image_index.tolist()):
+                caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
+        return captions
 
     def caption_stream(
-        self, box: Box | None = None, point: Point | None = None, max_new_tokens: int | None = None
+        self,
+        box: Box | None = None,
+        point: Point | None = None,
+        max_new_tokens: int | None = None,
+        refine: bool = True,
     ) -> Generator[Word, None, Caption]:
         """Greedy caption of the current image (or a region), yielding each word as soon as it is complete.
 
         The words equal those of `caption(..., num_beams=1)`, and the generator returns that `Caption`
         (`caption = yield from p.caption_stream()`, or `StopIteration.value`). Beam search cannot stream:
-        a beam's words are only known once the search ends.
+        a beam's words are only known once the search ends. `refine` as in `caption`.
         """
-        return self.caption_stream_embedding(self._current(), box, point, max_new_tokens)
+        return self.caption_stream_embedding(self._current(), box, point, max_new_tokens, refine=refine)
 
     def caption_stream_embedding(
         self,
@@ -170,6 +198,7 @@ class Predictor:
         point: Point | None = None,
         max_new_tokens: int | None = None,
         should_stop: ShouldStop | None = None,
+        refine: bool = True,
     ) -> Generator[Word, None, Caption]:
         """`caption_stream` on a given image embedding (no predictor state: safe beside other calls).
 
@@ -177,6 +206,10 @@ class Predictor:
         """
         prompts = self._location_prompts([embedding], [box], [point])
         tokenizer, transform = self.model.tokenizer, embedding.transform
+        proposals = None
+        if refine and self.model.proposal_head is not None:
+            with torch.no_grad():
+                proposals = self.model.propose(embedding.features, DENSE_SCORE_THRESHOLD)[0]
         ids: list[int] = []
         corners: list[np.ndarray] = []  # (4,) per token
         confidence: list[np.ndarray] = []  # () per token
@@ -187,7 +220,8 @@ class Predictor:
         def located(start: int, end: int, members: list[int]) -> Word:  # a word of the text decoded so far
             word_corners = np.stack([corners[i] for i in members])
             word_conf = np.stack([confidence[i] for i in members])
-            return _word(text, start, end, word_corners, word_conf, transform)
+            word = _word(text, start, end, word_corners, word_conf, transform)
+            return word if proposals is None else self._snap_words([word], proposals, transform)[0]
 
         for step_ids, step_corners, step_conf, step_logp in self.model.generate_stream(
             embedding.features, prompts, max_new_tokens, should_stop
@@ -305,13 +339,10 @@ class Predictor:
             box = _box(g.corners[-1].cpu().numpy().reshape(4), emb.transform)
             results.append(Localization(text=text, box=box, score=float(np.exp(g.score)), words=words))
         if refine and self.model.proposal_head is not None:
-            size = self.model.cfg.image_size
-            # (B, 4) corners in model-input pixels; snapping reads only their centre, so their order does not matter
-            regressed = torch.stack([g.corners[-1].reshape(4) for g in outputs]).float() * size
-            boxes, snapped = self.model.snap_to_proposals(features, regressed, image_index, DENSE_SCORE_THRESHOLD)
-            for r, emb, box, s in zip(results, embeddings, (boxes / size).cpu().numpy(), snapped.tolist()):
-                refined = _box(box, emb.transform)
-                if s and _has_area(refined):  # a proposal in the padding clips to nothing
+            proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
+            for r, g, emb, u in zip(results, outputs, embeddings, image_index.tolist()):
+                refined = self._nearest_proposal(g.corners[-1].reshape(4).float(), proposals[u], emb.transform)
+                if refined is not None:
                     r.regressed_box, r.box = r.box, refined
         if mask:
             masks = self.masks_for_boxes(features[image_index], embeddings, [r.box for r in results])
@@ -373,6 +404,37 @@ class Predictor:
             point_mask=torch.tensor([p is not None for p in points], device=device),
         )
 
+    def _nearest_proposal(
+        self, corners: torch.Tensor, proposals: tuple[torch.Tensor, torch.Tensor], transform: ImageTransform
+    ) -> Box | None:
+        """The proposal (`PixelLLM.propose`'s boxes (N, 4) and scores, model-input pixels) whose centre is nearest
+        (L1) the centre of normalized corners (4,) in any order, in image pixels; None without proposals, or where
+        the nearest lies wholly in the padding outside the image."""
+        boxes = proposals[0]
+        if len(boxes) == 0:
+            return None
+        size = self.model.cfg.image_size
+        centre = corners.to(boxes.device).view(2, 2).mean(dim=0) * size
+        nearest = ((boxes[:, :2] + boxes[:, 2:]) / 2 - centre).abs().sum(dim=1).argmin()
+        refined = _box((boxes[nearest] / size).cpu().numpy(), transform)
+        return refined if _has_area(refined) else None
+
+    def _snap_words(
+        self, words: list[Word], proposals: tuple[torch.Tensor, torch.Tensor], transform: ImageTransform
+    ) -> list[Word]:
+        """`words` with every located one (score >= `LOCATED_SCORE`) moved to its nearest proposal (see `caption`)."""
+        snapped = []
+        for word in words:
+            refined = None
+            if word.score >= LOCATED_SCORE:
+                corners = torch.from_numpy(transform.to_model(np.array(word.box)) / self.model.cfg.image_size)
+                refined = self._nearest_proposal(corners.float(), proposals, transform)
+            if refined is None:
+                snapped.append(word)
+            else:
+                snapped.append(replace(word, box=refined, point=centre(refined), regressed_box=word.box))
+        return snapped
+
     def _caption(self, g: Generated, transform: ImageTransform) -> Caption:
         ids = [int(i) for i in g.ids if int(i) not in (EOS_ID, PAD_ID)]
         n = len(ids)
@@ -407,8 +469,11 @@ def _word(
 ) -> Word:
     """The word text[start:end] with the mean box of its tokens' corners (N, 4) and their mean confidence (N,)."""
     box = _box(corners.mean(axis=0), transform)
-    point = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    return Word(text[start:end], start, end, point, box, float(confidence.mean()))
+    return Word(text[start:end], start, end, centre(box), box, float(confidence.mean()))
+
+
+def centre(box: Box) -> Point:
+    return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
 
 
 def _box(corners: np.ndarray, transform: ImageTransform) -> Box:

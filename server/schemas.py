@@ -125,11 +125,15 @@ class Word(BaseModel):
     text: str
     start: int = Field(description="Character offset of the word in the caption")
     end: int
-    point: Point
+    point: Point = Field(description="The centre of `box`")
     point_norm: Point
-    box: Box
+    box: Box = Field(
+        description="In captions, the object proposal nearest the point head's box for a word that has a location "
+        "(score >= 0.5, models with a proposal head), else that box"
+    )
     box_norm: Box
-    score: float
+    regressed_box: Box | None = Field(None, description="The point head's own box, when a proposal replaced it")
+    score: float = Field(description="The point head's confidence that the word has a location")
 
 
 class ImageInfo(BaseModel):

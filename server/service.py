@@ -258,6 +258,7 @@ def word_results(words: list[Any], width: int, height: int) -> list[Word]:
                 point_norm=point_norm,
                 box=box,
                 box_norm=box_norm,
+                regressed_box=_box(w.regressed_box, width, height)[0] if w.regressed_box is not None else None,
                 score=_num(w.score, 0.0, 1.0),
             )
         )

@@ -168,22 +168,32 @@ def confident_proposals(model, shift: float = 8.0) -> Iterator[None]:
             bias.copy_(saved)
 
 
-def test_snap_to_proposals_takes_the_nearest_centre(tiny_model):
-    image = torch.rand(2, 3, tiny_model.cfg.image_size, tiny_model.cfg.image_size)
-    features = tiny_model.encode_images(image)
-    boxes = torch.tensor([[0.0, 0.0, 40.0, 30.0], [100.0, 90.0, 150.0, 160.0], [60.0, 60.0, 70.0, 70.0]])
-    image_index = torch.tensor([0, 0, 1])
-    with confident_proposals(tiny_model), torch.no_grad():
-        proposals = tiny_model.propose(features, 0.3)
-        snapped, done = tiny_model.snap_to_proposals(features, boxes, image_index, 0.3)
-    assert done.all() and all(len(candidates) >= 2 for candidates, _ in proposals)
-    for box, out, u in zip(boxes, snapped, image_index.tolist()):
-        candidates = proposals[u][0]
-        distance = ((candidates[:, :2] + candidates[:, 2:]) / 2 - (box[:2] + box[2:]) / 2).abs().sum(dim=1)
-        assert torch.equal(out, candidates[distance.argmin()])
-    with torch.no_grad():  # the random head proposes nothing at 0.3: boxes stay
-        kept, done = tiny_model.snap_to_proposals(features, boxes, image_index, 0.3)
-    assert not done.any() and torch.equal(kept, boxes)
+# hand-made proposals (model-input pixels) on a 160x120 image, which the 160 px model takes unscaled; the last one
+# lies in the padding below row 120
+PROPOSALS = (
+    torch.tensor(
+        [[0.0, 0.0, 40.0, 30.0], [100.0, 80.0, 150.0, 110.0], [60.0, 60.0, 70.0, 70.0], [10.0, 125.0, 50.0, 155.0]]
+    ),
+    torch.tensor([0.9, 0.8, 0.7, 0.6]),
+)
+IMAGE = np.full((120, 160, 3), 128, np.uint8)
+
+
+def test_nearest_proposal_takes_the_nearest_centre(tiny_model):
+    assert tiny_model.cfg.image_size == 160
+    predictor = Predictor(tiny_model)
+    transform = predictor.embed(IMAGE).transform
+    nearest = {  # normalized corners in any order -> the proposal whose centre is nearest theirs (L1), image pixels
+        (0.0, 0.0, 0.2, 0.2): (0.0, 0.0, 40.0, 30.0),
+        (0.9, 0.7, 0.7, 0.5): (100.0, 80.0, 150.0, 110.0),
+        (0.35, 0.35, 0.45, 0.45): (60.0, 60.0, 70.0, 70.0),
+        (0.15, 0.85, 0.25, 0.95): None,  # nearest the one in the padding, which clips to nothing
+    }
+    for corners, expected in nearest.items():
+        got = predictor._nearest_proposal(torch.tensor(corners), PROPOSALS, transform)
+        assert got == (expected if expected is None else pytest.approx(expected))
+    nothing = (PROPOSALS[0][:0], PROPOSALS[1][:0])
+    assert predictor._nearest_proposal(torch.tensor([0.1, 0.1, 0.2, 0.2]), nothing, transform) is None
 
 
 def test_localize_refines_the_box_with_a_proposal(tiny_model):
@@ -209,9 +219,9 @@ def test_localize_keeps_its_box_when_the_nearest_proposal_lies_in_the_padding(ti
     predictor.set_image(np.full((40, 320, 3), 128, np.uint8))  # model-input rows below 20 px are padding
     plain = predictor.localize("the red circle", refine=False)
 
-    def snap_into_padding(features, boxes, image_index, score_threshold):
-        return torch.tensor([[10.0, 100.0, 50.0, 150.0]]).expand(len(boxes), 4), torch.ones(len(boxes), dtype=bool)
+    def propose_in_padding(features, score_threshold=0.3, nms_iou=0.5, max_proposals=32):
+        return [(torch.tensor([[10.0, 100.0, 50.0, 150.0]]), torch.tensor([0.9]))] * len(features.fused)
 
-    monkeypatch.setattr(tiny_model, "snap_to_proposals", snap_into_padding)
+    monkeypatch.setattr(tiny_model, "propose", propose_in_padding)
     refined = predictor.localize("the red circle", mask=True)
     assert refined.box == plain.box and refined.regressed_box is None

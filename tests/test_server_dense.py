@@ -98,3 +98,23 @@ def test_default_model_localizes_with_a_proposal_box(trained_service) -> None:
     (result,) = found.json()["results"]
     assert result["regressed_box"] is not None and result["regressed_box"] != result["box"]
     assert any(result["box"] == pytest.approx(g["box"]) for g in dense.json()["regions"])
+
+
+def test_default_model_snaps_caption_words_to_proposal_boxes(trained_service) -> None:
+    """/v1/caption (and its stream) answer each located word with the proposal nearest its point head's box, which
+    stays in `regressed_box`."""
+    scene = generate_scene(3)
+    image = io.BytesIO()
+    Image.fromarray(scene.image).save(image, format="PNG")
+    with httpx.Client(base_url=trained_service.url, timeout=60) as client:
+        caption = client.post("/v1/caption", files={"image": image.getvalue()})
+        dense = client.post("/v1/dense", files={"image": image.getvalue()})
+    assert caption.status_code == 200 and dense.status_code == 200, (caption.text, dense.text)
+    located = [w for w in caption.json()["words"] if w["score"] >= 0.5]
+    assert located and all(w["regressed_box"] is not None for w in located)
+    regions = [g["box"] for g in dense.json()["regions"]]
+    assert all(any(w["box"] == pytest.approx(box) for box in regions) for w in located)
+    assert any(w["box"] != pytest.approx(w["regressed_box"]) for w in located)
+    for w in located:
+        box, point = w["box"], w["point"]
+        assert point == pytest.approx({"x": (box["x0"] + box["x1"]) / 2, "y": (box["y0"] + box["y1"]) / 2})

@@ -56,7 +56,8 @@ def assert_same_words(streamed: list[dict], plain: list[dict]) -> None:
     assert [(w["text"], w["start"], w["end"]) for w in streamed] == [(w["text"], w["start"], w["end"]) for w in plain]
     for s, p in zip(streamed, plain):
         assert set(s) == set(p)
-        for key in ("point", "point_norm", "box", "box_norm"):
+        assert (s["regressed_box"] is None) == (p["regressed_box"] is None)
+        for key in ("point", "point_norm", "box", "box_norm", "regressed_box"):
             assert s[key] == pytest.approx(p[key], abs=1e-3), (key, s, p)
         assert s["score"] == pytest.approx(p["score"], abs=1e-5)
 

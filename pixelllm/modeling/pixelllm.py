@@ -407,31 +407,6 @@ class PixelLLM(nn.Module):
         return [(boxes * self.cfg.image_size, scores) for boxes, scores in found]
 
     @torch.no_grad()
-    def snap_to_proposals(
-        self, features: ImageFeatures, boxes: torch.Tensor, image_index: torch.Tensor, score_threshold: float = 0.3
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace each box by the object proposal whose centre is nearest its centre (L1 distance).
-
-        Args:
-            features: U images.
-            boxes: (B, 4) x0, y0, x1, y1 in model-input pixels, boxes[b] on image image_index[b] (B,).
-            score_threshold: least objectness a proposal needs.
-        Returns boxes (B, 4) and snapped (B,) bool; a box on an image without proposals stays as it is.
-        """
-        out = boxes.clone()
-        snapped = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
-        centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-        for u, (candidates, _) in enumerate(self.propose(features, score_threshold)):
-            rows = (image_index == u).nonzero()[:, 0]
-            if len(rows) == 0 or len(candidates) == 0:
-                continue
-            candidates = candidates.to(boxes.dtype)
-            nearest = torch.cdist(centers[rows], (candidates[:, :2] + candidates[:, 2:]) / 2, p=1).argmin(dim=1)
-            out[rows] = candidates[nearest]
-            snapped[rows] = True
-        return out, snapped
-
-    @torch.no_grad()
     def masks(self, features: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
         """Mask logits (B, S, S) of the model input for boxes (B, 4) in model-input pixels."""
         return self.predict_masks(features, boxes.to(self.dtype))
