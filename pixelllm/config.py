@@ -59,6 +59,10 @@ class ExtractorConfig:
     proposal head finds in the image (best first): the layout of the proposal's box, made as a box prompt's
     layout token is, plus the box's prompt-encoder embedding. A whole-image caption then reads each object as a
     region caption reads its box. 0: none (the paper).
+
+    `object_readings` (needs `object_tokens`) adds to each object token what a box prompt on the object's box reads:
+    the extractor's visual tokens for that box (as a region caption gets them), through a projection that starts at
+    zero, so a model given them to fine-tune begins as it was.
     """
 
     num_queries: int = 32
@@ -70,8 +74,11 @@ class ExtractorConfig:
     anchor_grid: int = 0
     point_anchor_size: float = 0.25
     object_tokens: int = 0
+    object_readings: bool = False
 
     def __post_init__(self) -> None:
+        if self.object_readings and not self.object_tokens:
+            raise ValueError("extractor.object_readings needs extractor.object_tokens > 0 (they add to object tokens)")
         if self.object_tokens and not self.anchor_grid:
             raise ValueError("extractor.object_tokens needs extractor.anchor_grid > 0 (object tokens are box layouts)")
         if self.anchor_grid**2 > self.num_queries:

@@ -57,6 +57,7 @@ class TrainConfig:
     init_from: str | None = None  # a saved model directory to start from (a second stage), instead of `model`
     image_size: int | None = None  # train at this input size (position embeddings resampled); default: the model's
     object_tokens: int | None = None  # give the model up to this many object tokens (`ExtractorConfig`) if it has none
+    object_readings: bool = False  # give the model object readings (`ExtractorConfig`) if it has none
     sam_checkpoint: str | None = None
     eva_checkpoint: str | None = None
     t5_path: str | None = None
@@ -195,7 +196,7 @@ def load_checkpoint(path: Path, model, optimizer, threads: int | None = None) ->
 def initial_model(cfg: TrainConfig) -> PixelLLM:
     """`cfg.model` built fresh, or the saved model `cfg.init_from`, at `cfg.image_size` when given; a proposal
     head that `cfg.model` has and the saved model lacks starts fresh (fine-tuning a captioner for dense
-    captioning), and so do `cfg.object_tokens` object tokens."""
+    captioning), and so do `cfg.object_tokens` object tokens and `cfg.object_readings`."""
     wanted = load_config(cfg.model)
     if not cfg.init_from:
         fresh = wanted.at_image_size(cfg.image_size) if cfg.image_size else wanted
@@ -211,6 +212,9 @@ def initial_model(cfg: TrainConfig) -> PixelLLM:
     if cfg.object_tokens and cfg.object_tokens != model.cfg.extractor.object_tokens:
         log.info("%s: up to %d object tokens per prompt", model.name, cfg.object_tokens)
         model.add_object_tokens(cfg.object_tokens)
+    if cfg.object_readings and not model.cfg.extractor.object_readings:
+        log.info("%s: object readings added to its object tokens", model.name)
+        model.add_object_readings()
     return model
 
 

@@ -169,10 +169,10 @@ def test_predictor_embeddings_hold_their_objects_for_every_prompt(monkeypatch):
     propose = model.propose
     monkeypatch.setattr(model, "propose", lambda f, **kw: calls.append(1) or propose(f, **kw))
     with torch.no_grad():
-        held = predictor.caption_embeddings([emb, emb], max_new_tokens=6)
+        held = predictor.caption_embeddings([emb, emb], max_new_tokens=6, refine=False)  # refining proposes too
         assert calls == []
         bare = predictor.caption_embeddings(
-            [ImageEmbedding(ImageFeatures(features.fused, features.sam), emb.transform)], max_new_tokens=6
+            [ImageEmbedding(ImageFeatures(features.fused, features.sam), emb.transform)], max_new_tokens=6, refine=False
         )
     assert calls == [1]
     assert held[0].text == held[1].text == bare[0].text and len(bare[0].words) > 1
@@ -252,3 +252,64 @@ def test_kept_features_read_each_image_once_and_give_the_same_visual_tokens(monk
     torch.testing.assert_close(reordered.reading.x, kept.reading.x.flip(0), rtol=0, atol=0)
     torch.testing.assert_close(reordered.reading.unlocated, kept.reading.unlocated.flip(0), rtol=0, atol=0)
     assert kept.nbytes > plain.nbytes + kept.reading.tokens.numel() * 4
+
+
+def test_object_readings_need_object_tokens():
+    with pytest.raises(ValueError, match="needs extractor.object_tokens"):
+        ExtractorConfig(num_queries=4, anchor_grid=2, object_readings=True)
+    with pytest.raises(ValueError, match="no object tokens"):
+        build_pixelllm("pixelllm-tiny").add_object_readings()
+
+
+def test_object_reading_adds_what_a_box_prompt_reads_of_the_object():
+    """Zero at first (a model given them begins as it was); then each valid object's token gains the projection of
+    the visual tokens a box prompt on its box gets (what a region caption reads), and padding boxes gain nothing."""
+    torch.manual_seed(0)
+    cfg = ExtractorConfig(num_queries=4, width=32, depth=2, num_heads=2, mlp_dim=64, query_dim=32, anchor_grid=2)
+    extractor = PromptFeatureExtractor(cfg, in_dim=8, prompt_dim=16, lm_dim=24, image_size=80).eval()
+    extractor.add_object_tokens(prompt_dim=16, lm_dim=24)
+    encoder = LocationPromptEncoder(16, 10, 80)
+    features = torch.randn(1, 8, 10, 10)
+    boxes = torch.tensor([[8.0, 12.0, 40.0, 30.0], [44.0, 40.0, 76.0, 78.0], [0.0, 0.0, 80.0, 80.0]])
+    box_tokens = encoder(boxes=boxes)
+    valid = torch.tensor([[True, True, False]])
+    objects = dict(object_boxes=boxes[None], object_box_tokens=box_tokens[None], object_valid=valid)
+    whole = (encoder(batch_size=1), encoder.pe_layer, torch.tensor([[0.0, 0.0, 80.0, 80.0]]))
+    with torch.no_grad():
+        before = extractor(features, *whole, **objects)
+        extractor.add_object_readings(lm_dim=24)
+        assert not extractor.object_reading_proj.weight.any()
+        torch.testing.assert_close(extractor(features, *whole, **objects), before)
+        perturb_(extractor.object_reading_proj, seed=2, scale=0.5)
+        after = extractor(features, *whole, **objects)
+        region = extractor(features.expand(3, -1, -1, -1), box_tokens, encoder.pe_layer, boxes)  # (3, Q + 1, D)
+    added = after[0, 5:] - before[0, 5:]
+    torch.testing.assert_close(added[:2], extractor.object_reading_proj(region[:2].flatten(1)), rtol=1e-4, atol=1e-5)
+    assert added[:2].abs().sum() > 0 and not added[2].any()
+    torch.testing.assert_close(after[0, :5], before[0, :5])  # the prompt's own visual tokens are untouched
+
+
+def test_object_readings_train_survive_save_load_and_a_training_stage_adds_them(tmp_path):
+    model = objects_model()
+    model.add_object_readings()
+    perturb_(model.extractor.object_reading_proj, seed=3, scale=0.5)
+    out = model.train()(make_batch(model))
+    out["loss"].backward()
+    assert model.extractor.object_reading_proj.weight.grad.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path / "with")
+    loaded = PixelLLM.from_pretrained(tmp_path / "with").eval()
+    assert loaded.cfg.extractor.object_readings
+    batch = make_batch(model)
+    prompts = prompts_of(batch)
+    with torch.no_grad():
+        a, _ = model.encode_prompts(model.encode_images(batch["images"]), prompts)
+        b, _ = loaded.encode_prompts(loaded.encode_images(batch["images"]), prompts)
+        kept, kept_mask = loaded.visual_tokens(loaded.encode_images(batch["images"], keep=True), prompts)
+        plain, plain_mask = loaded.visual_tokens(loaded.encode_images(batch["images"]), prompts)
+    torch.testing.assert_close(a, b)
+    assert torch.equal(kept_mask, plain_mask) and kept_mask[:, -K:].any()
+    torch.testing.assert_close(kept[kept_mask], plain[plain_mask], rtol=1e-4, atol=1e-5)  # read once per image
+
+    objects_model().save_pretrained(tmp_path / "without")
+    staged = initial_model(TrainConfig(init_from=str(tmp_path / "without"), object_readings=True))
+    assert staged.cfg.extractor.object_readings and not staged.extractor.object_reading_proj.weight.any()

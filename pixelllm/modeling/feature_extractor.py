@@ -183,8 +183,9 @@ class PromptFeatureExtractor(nn.Module):
                 nn.Linear(cfg.query_dim, lm_dim),
                 nn.LayerNorm(lm_dim),
             )
-        self.object_box_proj = self._object_box_proj(prompt_dim, lm_dim) if cfg.object_tokens else None
         self.num_queries = cfg.num_queries
+        self.object_box_proj = self._object_box_proj(prompt_dim, lm_dim) if cfg.object_tokens else None
+        self.object_reading_proj = self._object_reading_proj(lm_dim) if cfg.object_readings else None
         self.anchor_grid = cfg.anchor_grid
         self.image_size = image_size
 
@@ -196,6 +197,19 @@ class PromptFeatureExtractor(nn.Module):
         nn.init.zeros_(proj.weight)
         nn.init.zeros_(proj.bias)
         return proj
+
+    def _object_reading_proj(self, lm_dim: int) -> nn.Linear:
+        """A box prompt's visual tokens (Q + 1 of them, flattened) -> an offset to the object token of its box;
+        starts at zero, so a model given object readings to fine-tune begins as it was."""
+        proj = nn.Linear((self.num_queries + 1) * lm_dim, lm_dim)
+        nn.init.zeros_(proj.weight)
+        nn.init.zeros_(proj.bias)
+        return proj
+
+    def add_object_readings(self, lm_dim: int) -> None:
+        """Give an extractor with object tokens the (zero) projection of object readings."""
+        reference = self.queries
+        self.object_reading_proj = self._object_reading_proj(lm_dim).to(reference.device, reference.dtype)
 
     def add_object_tokens(self, prompt_dim: int, lm_dim: int) -> None:
         """Give an extractor made without them the (zero) box projection of object tokens."""
@@ -227,10 +241,12 @@ class PromptFeatureExtractor(nn.Module):
         pe_layer: PositionEmbeddingRandom,
         object_boxes: torch.Tensor | None = None,
         object_box_tokens: torch.Tensor | None = None,
+        object_valid: torch.Tensor | None = None,
     ) -> ImageReading:
         """Fused features (U, C_in, h, w) -> what every prompt on these images reads of them (`ImageReading`);
-        with the object tokens of object_boxes (U, K, 4) and their box tokens (U, K, 2, C_p), if given."""
-        return self._read(features, pe_layer, object_boxes, object_box_tokens)[0]
+        with the object tokens of object_boxes (U, K, 4), their box tokens (U, K, 2, C_p) and which are objects
+        (U, K) (the others are padding no prompt reads), if given."""
+        return self._read(features, pe_layer, object_boxes, object_box_tokens, object_valid)[0]
 
     def _read(
         self,
@@ -238,6 +254,7 @@ class PromptFeatureExtractor(nn.Module):
         pe_layer: PositionEmbeddingRandom,
         object_boxes: torch.Tensor | None,
         object_box_tokens: torch.Tensor | None,
+        object_valid: torch.Tensor | None,
     ) -> tuple[ImageReading, torch.Tensor]:
         """`read`, and the image tokens' position encoding (1, h*w, width)."""
         x = self.input_proj(features)
@@ -250,8 +267,15 @@ class PromptFeatureExtractor(nn.Module):
         # per-prompt add and norm over (B, h*w, C) copy
         tokens, image_pe = (t.flatten(2).transpose(1, 2).contiguous() for t in (x, pe))
         first = image_projections(self.transformer.layers[0], tokens, image_pe)
-        objects = None if object_boxes is None else self.object_tokens(x, object_boxes, object_box_tokens)
-        return ImageReading(tokens, (h, w), first, objects), image_pe
+        reading = ImageReading(tokens, (h, w), first)
+        if object_boxes is not None:
+            objects = self.object_tokens(x, object_boxes, object_box_tokens)
+            if self.object_reading_proj is not None:  # read before the reading has object tokens
+                objects = objects + self._object_readings(
+                    reading, pe_layer, object_boxes, object_box_tokens, object_valid
+                )
+            reading.objects = objects
+        return reading, image_pe
 
     def forward(
         self,
@@ -262,6 +286,7 @@ class PromptFeatureExtractor(nn.Module):
         image_index: torch.Tensor | None = None,
         object_boxes: torch.Tensor | None = None,
         object_box_tokens: torch.Tensor | None = None,
+        object_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Visual tokens (B, Q, D_lm); (B, Q + 1, D_lm) with anchors; (B, Q + 1 + K, D_lm) with object tokens.
 
@@ -276,12 +301,13 @@ class PromptFeatureExtractor(nn.Module):
                 projection runs once per image, however many prompts read it.
             object_boxes: (U, K, 4) model-input pixels, the objects of each image (`object_tokens` > 0).
             object_box_tokens: (U, K, 2, C_p) their prompt-encoder box tokens.
+            object_valid: (U, K) which object boxes are objects (default: all).
         """
         if isinstance(features, ImageReading):
             image = features
             image_pe = self.image_pe(pe_layer, image.grid, image.tokens.dtype).flatten(2).transpose(1, 2)
         else:
-            image, image_pe = self._read(features, pe_layer, object_boxes, object_box_tokens)
+            image, image_pe = self._read(features, pe_layer, object_boxes, object_box_tokens, object_valid)
         b = prompt_tokens.shape[0]
         queries = self.queries.expand(b, -1, -1)
         layout = None
@@ -313,6 +339,28 @@ class PromptFeatureExtractor(nn.Module):
         sampled = self._sample(x, points.view(u, -1, 2))  # each image's boxes in one call
         layout = self.layout_proj(sampled.reshape(u, k, -1))
         return layout + self.object_box_proj(box_tokens.flatten(2).to(layout.dtype))
+
+    def _object_readings(
+        self,
+        reading: ImageReading,
+        pe_layer: PositionEmbeddingRandom,
+        boxes: torch.Tensor,
+        box_tokens: torch.Tensor,
+        valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """What a box prompt on each object box reads, projected: (U, K, D_lm); zero where `valid` (U, K) is False.
+
+        The extractor runs on the valid boxes (U, K, 4) with their box tokens (U, K, 2, C_p) as box prompts on the
+        reading's images (which has no object tokens yet), so each gets a region caption's visual tokens."""
+        u, k = boxes.shape[:2]
+        flat = torch.ones(u * k, dtype=torch.bool, device=boxes.device) if valid is None else valid.flatten()
+        rows = flat.nonzero()[:, 0]
+        proj = self.object_reading_proj
+        out = reading.tokens.new_zeros(u * k, proj.out_features)
+        if len(rows):
+            visual = self(reading, box_tokens.flatten(0, 1)[rows], pe_layer, boxes.flatten(0, 1)[rows], rows // k)
+            out = out.index_put((rows,), proj(visual.flatten(1)))
+        return out.view(u, k, -1)
 
     def _sample(self, x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Features x (U, C, h, w) at points (U, P, 2) x, y in model-input pixels -> (U, P, C), bilinear."""

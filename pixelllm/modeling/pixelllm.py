@@ -146,7 +146,7 @@ class PixelLLM(nn.Module):
             objects = {}
             if self.cfg.extractor.object_tokens:
                 features.objects = self.object_proposals(features)
-                objects = self._object_boxes(features.objects[0])
+                objects = self._object_boxes(*features.objects)
             features.reading = self.extractor.read(fused, self.prompt_encoder.pe_layer, **objects)
             features.reading.unlocated = self._extract(features, Prompts(texts=[""] * len(fused)))
         return features
@@ -205,13 +205,15 @@ class PixelLLM(nn.Module):
         image: torch.Tensor | ImageReading = features.fused if features.reading is None else features.reading
         objects = {}
         if features.objects is not None and features.reading is None:  # a reading has its object tokens already
-            objects = self._object_boxes(features.objects[0])
+            objects = self._object_boxes(*features.objects)
         return self.extractor(image, tokens, self.prompt_encoder.pe_layer, anchors, prompts.image_index, **objects)
 
-    def _object_boxes(self, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The extractor's object arguments for object boxes (U, K, 4): the boxes and their box tokens."""
+    def _object_boxes(self, boxes: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The extractor's object arguments for object boxes (U, K, 4) and valid (U, K): the boxes, their box
+        tokens and which are objects."""
         box_tokens = self.prompt_encoder(boxes=boxes.flatten(0, 1).to(self.dtype))
-        return dict(object_boxes=boxes, object_box_tokens=box_tokens.unflatten(0, boxes.shape[:2]))
+        tokens = box_tokens.unflatten(0, boxes.shape[:2])
+        return dict(object_boxes=boxes, object_box_tokens=tokens, object_valid=valid)
 
     def object_proposals(
         self, features: ImageFeatures, needed: torch.Tensor | None = None
@@ -430,6 +432,15 @@ class PixelLLM(nn.Module):
         if self.extractor.object_box_proj is None:
             self.extractor.add_object_tokens(self.cfg.sam.out_chans, self.language_model.dim)
         self.cfg.extractor.object_tokens = k
+
+    def add_object_readings(self) -> None:
+        """Give a model with object tokens the (zero) projection of object readings (see `ExtractorConfig`), to
+        fine-tune."""
+        if not self.cfg.extractor.object_tokens:
+            raise ValueError(f"model {self.name!r} has no object tokens to add object readings to")
+        if self.extractor.object_reading_proj is None:
+            self.extractor.add_object_readings(self.language_model.dim)
+        self.cfg.extractor.object_readings = True
 
     def set_lora_merged(self, merged: bool) -> None:
         self.language_model.set_lora_merged(merged)
