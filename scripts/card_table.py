@@ -11,13 +11,15 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+MISSING = "-"  # a metric the file's `pixelllm eval` did not report yet
 
-def pct(key: str) -> Callable[[dict], str]:
-    return lambda d: f"{100 * d[key]:.1f}%"
+
+def pct(*keys: str) -> Callable[[dict], str]:
+    return lambda d: " / ".join(f"{100 * d[k]:.1f}%" if k in d else MISSING for k in keys)
 
 
 def num(*keys: str, digits: int = 3) -> Callable[[dict], str]:
-    return lambda d: " / ".join(f"{d[k]:.{digits}f}" for k in keys)
+    return lambda d: " / ".join(f"{d[k]:.{digits}f}" if k in d else MISSING for k in keys)
 
 
 # (row label, cell from an eval JSON, goal or "")
@@ -34,12 +36,21 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
     ("region caption, color and shape right (box prompt)", pct("region_caption_acc_box"), ">= 90% (issue 4)"),
     ("region caption, color and shape right (point prompt)", pct("region_caption_acc_point"), ""),
     (
-        "caption word point in its object's box (object unnamed = miss)",
+        "caption word point in its object's box (object unnamed = miss; words refined with a proposal, the default)",
         pct("caption_word_point_acc"),
         ">= 90% (issue 4)",
     ),
+    (
+        "caption word point, the point head's own word boxes (`refine=False`)",
+        pct("caption_word_point_acc_regressed"),
+        "",
+    ),
     ("objects the whole-image caption names by color and shape", pct("caption_object_mention_rate"), ""),
-    ("word point in its object's box, among named objects", pct("caption_word_point_acc_mentioned"), ""),
+    (
+        "word point in its object's box, among named objects, refined / point head's",
+        pct("caption_word_point_acc_mentioned", "caption_word_point_acc_mentioned_regressed"),
+        "",
+    ),
     (
         'caption phrases "<color> <shape>" that name an object (the rest: none, or one named before)',
         pct("caption_phrase_precision"),

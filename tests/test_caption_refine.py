@@ -3,12 +3,16 @@ the point head's box kept in `regressed_box` (`Predictor.caption(refine=True)`, 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
-from server_helpers import DEFAULT_MODEL_DIR
+from server_helpers import DEFAULT_MODEL_DIR, ROOT
 
 from pixelllm import PixelLLM, Predictor
 from pixelllm.data.independent import render_independent_scene
@@ -83,3 +87,16 @@ def test_snapped_words_put_more_object_points_inside_their_object(predictor):
         refined_hits += sum(h is True for h in _word_point_hits(refined.words, scene.objects))
         plain_hits += sum(h is True for h in _word_point_hits(plain.words, scene.objects))
     assert refined_hits > plain_hits
+
+
+def test_word_refine_probe_rules_include_the_predictors(tmp_path):
+    """scripts/word_refine_probe.py: its 'nearest_located' rule, applied to the point head's words, scores what
+    `Predictor.caption` answers."""
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "scripts/word_refine_probe.py", "--num-scenes", "6", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    table = json.loads(out.read_text())
+    assert table["objects"] >= 10 and table["seed"] == 77
+    assert table["nearest_located"]["word_point"] == table["predictor_default"]
+    assert table["nearest"]["word_point"] >= table["none"]["word_point"]

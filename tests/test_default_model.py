@@ -51,6 +51,7 @@ def subset(one_thread) -> dict:
         "referring_acc@0.5",
         "region_caption_acc_box",
         "caption_word_point_acc",
+        "caption_word_point_acc_regressed",
         "caption_word_point_acc_teacher_forced",
         "dense_recall@0.5",
     ],
