@@ -5,7 +5,9 @@ python scripts/caption_errors.py --model weights/pixelllm-tiny --num-scenes 150 
 Per object, as `pixelllm eval` pairs it (`_word_point_hits`): named by color and shape with its word point inside
 its box (hit) or outside; else unnamed because a phrase gives its color with another shape (shape wrong), its
 shape with another color (color wrong), or neither (absent); in all and per object size. A caption with more
-"<color> <shape>" phrases than objects names some object twice or one that is not there.
+"<color> <shape>" phrases than objects names some object twice or one that is not there. Words are refined with
+the proposal head as `Predictor.caption` answers by default; `--no-refine` keeps the point head's own word boxes (as
+every run of this script before session 25 did).
 """
 
 import argparse
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--renderer", choices=["independent", "synthetic"], default="independent")
     parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--no-refine", action="store_true", help="the point head's own word boxes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     predictor = Predictor(load_model(args.model))
@@ -33,7 +36,8 @@ def main() -> None:
     with torch.no_grad():
         for scene in generated_scenes(args.num_scenes, args.seed, args.renderer):
             emb = predictor.embed(scene.image)
-            words = predictor.caption_embeddings([emb], num_beams=args.num_beams)[0].words
+            caption = predictor.caption_embeddings([emb], num_beams=args.num_beams, refine=not args.no_refine)[0]
+            words = caption.words
             named = [(words[j - 1].text, words[j].text) for j in _phrases(words)]
             for obj, hit in zip(scene.objects, _word_point_hits(words, scene.objects)):
                 if hit is not None:
