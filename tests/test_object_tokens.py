@@ -45,15 +45,20 @@ def test_object_tokens_need_anchors_and_a_proposal_head():
         build_pixelllm(cfg).add_object_tokens(2)
 
 
-def test_untrained_object_token_is_the_layout_token_of_a_box_prompt():
-    """The box projection starts at zero, so an object's token is exactly what a region prompt on its box
-    makes as its layout token (what region captions already read the object's color and shape from)."""
+def small_extractor_with_object_tokens() -> tuple[PromptFeatureExtractor, LocationPromptEncoder, torch.Tensor]:
+    """A random anchored extractor (4 queries, 2x2 anchors, 80 px input) with object tokens, its prompt encoder, and
+    fused features (1, 8, 10, 10)."""
     torch.manual_seed(0)
     cfg = ExtractorConfig(num_queries=4, width=32, depth=2, num_heads=2, mlp_dim=64, query_dim=32, anchor_grid=2)
     extractor = PromptFeatureExtractor(cfg, in_dim=8, prompt_dim=16, lm_dim=24, image_size=80).eval()
     extractor.add_object_tokens(prompt_dim=16, lm_dim=24)
-    encoder = LocationPromptEncoder(16, 10, 80)
-    features = torch.randn(1, 8, 10, 10)
+    return extractor, LocationPromptEncoder(16, 10, 80), torch.randn(1, 8, 10, 10)
+
+
+def test_untrained_object_token_is_the_layout_token_of_a_box_prompt():
+    """The box projection starts at zero, so an object's token is exactly what a region prompt on its box
+    makes as its layout token (what region captions already read the object's color and shape from)."""
+    extractor, encoder, features = small_extractor_with_object_tokens()
     boxes = torch.tensor([[8.0, 12.0, 40.0, 30.0], [44.0, 40.0, 76.0, 78.0]])
     box_tokens = encoder(boxes=boxes)
     with torch.no_grad():
@@ -264,12 +269,7 @@ def test_object_readings_need_object_tokens():
 def test_object_reading_adds_what_a_box_prompt_reads_of_the_object():
     """Zero at first (a model given them begins as it was); then each valid object's token gains the projection of
     the visual tokens a box prompt on its box gets (what a region caption reads), and padding boxes gain nothing."""
-    torch.manual_seed(0)
-    cfg = ExtractorConfig(num_queries=4, width=32, depth=2, num_heads=2, mlp_dim=64, query_dim=32, anchor_grid=2)
-    extractor = PromptFeatureExtractor(cfg, in_dim=8, prompt_dim=16, lm_dim=24, image_size=80).eval()
-    extractor.add_object_tokens(prompt_dim=16, lm_dim=24)
-    encoder = LocationPromptEncoder(16, 10, 80)
-    features = torch.randn(1, 8, 10, 10)
+    extractor, encoder, features = small_extractor_with_object_tokens()
     boxes = torch.tensor([[8.0, 12.0, 40.0, 30.0], [44.0, 40.0, 76.0, 78.0], [0.0, 0.0, 80.0, 80.0]])
     box_tokens = encoder(boxes=boxes)
     valid = torch.tensor([[True, True, False]])
