@@ -340,8 +340,11 @@ class Predictor:
             results.append(Localization(text=text, box=box, score=float(np.exp(g.score)), words=words))
         if refine and self.model.proposal_head is not None:
             proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
+            size = self.model.cfg.image_size
             for r, g, emb, u in zip(results, outputs, embeddings, image_index.tolist()):
-                refined = self._nearest_proposal(g.corners[-1].reshape(4).float(), proposals[u], emb.transform)
+                # the point head's box corners in any order: only their centre counts
+                point_head_centre = g.corners[-1].float().cpu().numpy().reshape(1, 2, 2).mean(axis=1) * size
+                (refined,) = self._nearest_proposals(point_head_centre, proposals[u], emb.transform)
                 if refined is not None:
                     r.regressed_box, r.box = r.box, refined
         if mask:
@@ -404,35 +407,34 @@ class Predictor:
             point_mask=torch.tensor([p is not None for p in points], device=device),
         )
 
-    def _nearest_proposal(
-        self, corners: torch.Tensor, proposals: tuple[torch.Tensor, torch.Tensor], transform: ImageTransform
-    ) -> Box | None:
-        """The proposal (`PixelLLM.propose`'s boxes (N, 4) and scores, model-input pixels) whose centre is nearest
-        (L1) the centre of normalized corners (4,) in any order, in image pixels; None without proposals, or where
-        the nearest lies wholly in the padding outside the image."""
-        boxes = proposals[0]
+    def _nearest_proposals(
+        self, centres: np.ndarray, proposals: tuple[torch.Tensor, torch.Tensor], transform: ImageTransform
+    ) -> list[Box | None]:
+        """For centres (N, 2) in model-input pixels: the box, in image pixels, of the proposal (`PixelLLM.propose`'s
+        boxes (P, 4) and scores, model-input pixels) whose centre is nearest each (L1); None without proposals, or
+        where the nearest lies wholly in the padding outside the image."""
+        boxes = proposals[0].float().cpu().numpy()
         if len(boxes) == 0:
-            return None
+            return [None] * len(centres)
         size = self.model.cfg.image_size
-        centre = corners.to(boxes.device).view(2, 2).mean(dim=0) * size
-        nearest = ((boxes[:, :2] + boxes[:, 2:]) / 2 - centre).abs().sum(dim=1).argmin()
-        refined = _box((boxes[nearest] / size).cpu().numpy(), transform)
-        return refined if _has_area(refined) else None
+        in_image = [_box(b / size, transform) for b in boxes]
+        nearest = np.abs(centres[:, None] - (boxes[None, :, :2] + boxes[None, :, 2:]) / 2).sum(axis=-1).argmin(axis=1)
+        return [in_image[k] if _has_area(in_image[k]) else None for k in nearest]
 
     def _snap_words(
         self, words: list[Word], proposals: tuple[torch.Tensor, torch.Tensor], transform: ImageTransform
     ) -> list[Word]:
         """`words` with every located one (score >= `LOCATED_SCORE`) moved to its nearest proposal (see `caption`)."""
-        snapped = []
-        for word in words:
-            refined = None
-            if word.score >= LOCATED_SCORE:
-                corners = torch.from_numpy(transform.to_model(np.array(word.box)) / self.model.cfg.image_size)
-                refined = self._nearest_proposal(corners.float(), proposals, transform)
-            if refined is None:
-                snapped.append(word)
-            else:
-                snapped.append(replace(word, box=refined, point=centre(refined), regressed_box=word.box))
+        located = [i for i, w in enumerate(words) if w.score >= LOCATED_SCORE]
+        if not located:
+            return words
+        boxes = transform.to_model(np.array([words[i].box for i in located]))  # (N, 4) model-input pixels
+        snapped = list(words)
+        for i, refined in zip(
+            located, self._nearest_proposals((boxes[:, :2] + boxes[:, 2:]) / 2, proposals, transform)
+        ):
+            if refined is not None:
+                snapped[i] = replace(words[i], box=refined, point=centre(refined), regressed_box=words[i].box)
         return snapped
 
     def _caption(self, g: Generated, transform: ImageTransform) -> Caption:

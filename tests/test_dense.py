@@ -183,17 +183,18 @@ def test_nearest_proposal_takes_the_nearest_centre(tiny_model):
     assert tiny_model.cfg.image_size == 160
     predictor = Predictor(tiny_model)
     transform = predictor.embed(IMAGE).transform
-    nearest = {  # normalized corners in any order -> the proposal whose centre is nearest theirs (L1), image pixels
+    nearest = {  # normalized corners -> the proposal whose centre is nearest theirs (L1), image pixels
         (0.0, 0.0, 0.2, 0.2): (0.0, 0.0, 40.0, 30.0),
         (0.9, 0.7, 0.7, 0.5): (100.0, 80.0, 150.0, 110.0),
         (0.35, 0.35, 0.45, 0.45): (60.0, 60.0, 70.0, 70.0),
         (0.15, 0.85, 0.25, 0.95): None,  # nearest the one in the padding, which clips to nothing
     }
-    for corners, expected in nearest.items():
-        got = predictor._nearest_proposal(torch.tensor(corners), PROPOSALS, transform)
-        assert got == (expected if expected is None else pytest.approx(expected))
+    centres = np.array([np.reshape(corners, (2, 2)).mean(axis=0) * 160 for corners in nearest])
+    got = predictor._nearest_proposals(centres, PROPOSALS, transform)
+    for box, expected in zip(got, nearest.values()):
+        assert box == (expected if expected is None else pytest.approx(expected))
     nothing = (PROPOSALS[0][:0], PROPOSALS[1][:0])
-    assert predictor._nearest_proposal(torch.tensor([0.1, 0.1, 0.2, 0.2]), nothing, transform) is None
+    assert predictor._nearest_proposals(centres[:2], nothing, transform) == [None, None]
 
 
 def test_localize_refines_the_box_with_a_proposal(tiny_model):
