@@ -110,10 +110,13 @@ def cmd_caption(args) -> None:
     try:
         if args.stream:
             result = _print_stream(
-                p.caption_stream(box, point, args.max_new_tokens, refine=not args.no_refine), args.json
+                p.caption_stream(box, point, args.max_new_tokens, refine=not args.no_refine, verify=not args.no_verify),
+                args.json,
             )
         else:
-            result = p.caption(box, point, args.max_new_tokens, args.num_beams, refine=not args.no_refine)
+            result = p.caption(
+                box, point, args.max_new_tokens, args.num_beams, refine=not args.no_refine, verify=not args.no_verify
+            )
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.stream and not args.json:
@@ -284,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-refine",
         action="store_true",
         help="give words the point head's own boxes instead of the nearest object proposals (models with a proposal head)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="keep the decoder's attribute words (color, shape, ...) where the region caption of their object "
+        "says another (models with attribute_words)",
     )
     model_args(p)
     p.set_defaults(func=cmd_caption)

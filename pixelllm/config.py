@@ -159,6 +159,8 @@ class PixelLLMConfig:
     caption_prompt: str = "A long image caption: "
     region_prompt: str = "an object of "
     localize_prompt: str = "where is "
+    # word classes (e.g. "color": ["red", ...]) that `Predictor.caption` checks against region captions
+    attribute_words: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.extractor.object_tokens and self.proposal_head is None:

@@ -11,7 +11,10 @@ Metrics (written as JSON):
   the object's box (objects paired one to one with the caption's "<color> <shape>" phrases that name them, by
   their size and position words first, see `_word_point_hits`; an object the caption does not name counts as
   a miss). As `Predictor.caption` answers by default (every located word snapped to its nearest object
-  proposal, for models with a proposal head) and, suffixed `_regressed`, with the point head's own word boxes.
+  proposal, for models with a proposal head, and its attribute words checked against the region caption of
+  its phrase's proposal, for models with `attribute_words`); suffixed `_regressed`, with the point head's own
+  word boxes; suffixed `_unverified`, with the decoder's words (region captions from a point too; a box prompt
+  is not verified).
   Split into the share of objects the caption names (`caption_object_mention_rate`) and the
   point-in-box share among them (`_mentioned`); `caption_phrase_precision` is the share of the captions'
   phrases paired with an object (the rest name none, or repeat one); `_teacher_forced` is the point-in-box
@@ -159,6 +162,11 @@ def _regressed_words(words: list[Word]) -> list[Word]:
     ]
 
 
+def _unverified_words(words: list[Word]) -> list[Word]:
+    """A verified caption's words as the decoder said them (`Word.generated_text`, see `Predictor.caption`)."""
+    return [w if w.generated_text is None else replace(w, text=w.generated_text, generated_text=None) for w in words]
+
+
 def _regressed_masks(predictor: Predictor, emb: ImageEmbedding, locs: list[Localization]) -> list[np.ndarray]:
     """The mask of each localization's point-head box: its own mask where refining kept that box."""
     snapped = [i for i, loc in enumerate(locs) if loc.regressed_box is not None]
@@ -196,7 +204,8 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     """The metrics of the module docstring over `scenes`; every generated caption (whole image, region, dense)
     decodes with `num_beams` (1: greedy)."""
     keys = ("ref_iou", "ref_hit", "mask_iou", "ref_iou_regressed", "ref_hit_regressed", "mask_iou_regressed")
-    keys += ("region_box", "region_point", "word_point", "word_point_regressed", "word_point_any_shape")
+    keys += ("region_box", "region_point", "region_point_unverified")
+    keys += ("word_point", "word_point_regressed", "word_point_unverified", "word_point_any_shape")
     keys += ("word_point_teacher_forced",)
     stats = {k: [] for k in keys}
     l1_sum, l1_count = 0.0, 0
@@ -226,11 +235,14 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
             stats["region_box"].append(_color_shape(cap.text) == (o.color, o.shape))
         for o, cap in zip(objs, caps[n : 2 * n]):
             stats["region_point"].append(_color_shape(cap.text) == (o.color, o.shape))
+            unverified = " ".join(w.text for w in _unverified_words(cap.words))
+            stats["region_point_unverified"].append(_color_shape(unverified) == (o.color, o.shape))
         caption = caps[-1]
         candidates[i], references[i] = [caption.text], [scene.caption]
         hits = _word_point_hits(caption.words, objs)
         stats["word_point"] += hits
         stats["word_point_regressed"] += _word_point_hits(_regressed_words(caption.words), objs)
+        stats["word_point_unverified"] += _word_point_hits(_unverified_words(caption.words), objs)
         phrases_total += len(_phrases(caption.words))
         phrases_paired += sum(h is not None for h in hits)
         stats["word_point_any_shape"] += _word_point_hits(caption.words, objs, match_shape=False)
@@ -253,11 +265,16 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         **_referring_metrics(stats),
         "region_caption_acc_box": float(np.mean(stats["region_box"])),
         "region_caption_acc_point": float(np.mean(stats["region_point"])),
+        "region_caption_acc_point_unverified": float(np.mean(stats["region_point_unverified"])),
         "caption_word_point_acc": float(np.mean([h is True for h in stats["word_point"]])),
         "caption_object_mention_rate": float(np.mean([h is not None for h in stats["word_point"]])),
         "caption_word_point_acc_mentioned": _share_true(stats["word_point"]),
         "caption_word_point_acc_regressed": float(np.mean([h is True for h in stats["word_point_regressed"]])),
         "caption_word_point_acc_mentioned_regressed": _share_true(stats["word_point_regressed"]),
+        "caption_word_point_acc_unverified": float(np.mean([h is True for h in stats["word_point_unverified"]])),
+        "caption_object_mention_rate_unverified": float(
+            np.mean([h is not None for h in stats["word_point_unverified"]])
+        ),
         "caption_phrase_precision": phrases_paired / max(phrases_total, 1),
         "caption_object_color_rate": float(np.mean([h is not None for h in stats["word_point_any_shape"]])),
         "caption_word_point_acc_color_named": _share_true(stats["word_point_any_shape"]),

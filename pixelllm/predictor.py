@@ -29,7 +29,8 @@ Point = tuple[float, float]
 class Word:
     """A word of a caption and where it is: `box` and its centre `point`, and `score`, the point head's
     confidence that the word has a location. Where a refined caption snapped the word to an object proposal,
-    `regressed_box` keeps the point head's own box."""
+    `regressed_box` keeps the point head's own box; where a verified caption changed the word, `generated_text`
+    keeps the decoder's."""
 
     text: str
     start: int
@@ -38,6 +39,7 @@ class Word:
     box: Box
     score: float
     regressed_box: Box | None = None
+    generated_text: str | None = None
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Predictor:
     def __init__(self, model: PixelLLM):
         self.model = model.eval()
         self.embedding: ImageEmbedding | None = None
+        self._attribute_class = {w: c for c, words in model.cfg.attribute_words.items() for w in words}
 
     # ------------------------------------------------------------------ embeddings
     @torch.no_grad()
@@ -125,15 +128,22 @@ class Predictor:
         max_new_tokens: int | None = None,
         num_beams: int = 1,
         refine: bool = True,
+        verify: bool = True,
     ) -> Caption:
         """Caption the image, or the region given by `box` or `point`, with a location for every word.
 
         With `refine` and a model that has a proposal head, every word that has a location (score >=
         `LOCATED_SCORE`) is snapped to the object proposal nearest its box, as `localize` snaps its box: the
         word's box becomes the proposal's, its point that box's centre, and `Word.regressed_box` keeps the
-        point head's box.
+        point head's box. With `verify` too, no `box` (a box prompt names its region already), and a model whose
+        config names `attribute_words` (classes such as color and shape), the words of each attribute phrase (a
+        run of words of those classes, "large blue triangle") are checked against the model's own region caption
+        of the proposal the phrase's last word was snapped to: where that caption says another word of a word's
+        class, it replaces the word (`text` and the offsets follow; `Word.generated_text` keeps the decoder's).
         """
-        return self.caption_embeddings([self._current()], [box], [point], max_new_tokens, num_beams, refine=refine)[0]
+        return self.caption_embeddings(
+            [self._current()], [box], [point], max_new_tokens, num_beams, refine=refine, verify=verify
+        )[0]
 
     def caption_batch(
         self,
@@ -141,12 +151,15 @@ class Predictor:
         max_new_tokens: int | None = None,
         num_beams: int = 1,
         refine: bool = True,
+        verify: bool = True,
     ) -> list[Caption]:
         """Caption many regions of the current image in one batched pass: each a box, a point, or None."""
         boxes = [tuple(r) if r is not None and len(r) == 4 else None for r in regions]
         points = [tuple(r) if r is not None and len(r) == 2 else None for r in regions]
         emb = self._current()
-        return self.caption_embeddings([emb] * len(regions), boxes, points, max_new_tokens, num_beams, refine=refine)
+        return self.caption_embeddings(
+            [emb] * len(regions), boxes, points, max_new_tokens, num_beams, refine=refine, verify=verify
+        )
 
     @torch.no_grad()
     def caption_embeddings(
@@ -158,9 +171,10 @@ class Predictor:
         num_beams: int = 1,
         should_stop: ShouldStop | None = None,
         refine: bool = True,
+        verify: bool = True,
     ) -> list[Caption]:
-        """Caption many (image embedding, optional box or point) pairs in one batched forward pass (`refine` as
-        in `caption`).
+        """Caption many (image embedding, optional box or point) pairs in one batched forward pass (`refine` and
+        `verify` as in `caption`; the region captions that verify needs make one more batched pass).
 
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
         """
@@ -170,10 +184,30 @@ class Predictor:
             features, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, should_stop=should_stop
         )
         captions = [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
-        if refine and self.model.proposal_head is not None:
-            proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
-            for caption, emb, u in zip(captions, embeddings, prompts.image_index.tolist()):
-                caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
+        if not refine or self.model.proposal_head is None:
+            return captions
+        proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
+        image_index = prompts.image_index.tolist()
+        for caption, emb, u in zip(captions, embeddings, image_index):
+            caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
+        if verify and self._attribute_class:
+            boxed = [False] * len(captions) if boxes is None else [box is not None for box in boxes]
+            regions = [
+                [None] * len(caption.words) if has_box else self._phrase_regions(caption.words)
+                for caption, has_box in zip(captions, boxed)
+            ]
+            said = self._region_attributes(
+                [(u, box) for boxes, u in zip(regions, image_index) for box in boxes if box is not None],
+                {u: emb for emb, u in zip(embeddings, image_index)},
+                num_beams,
+                should_stop,
+            )
+            captions = [
+                _rewrite(
+                    caption, [w if b is None else self._verified(w, said[(u, b)]) for w, b in zip(caption.words, boxes)]
+                )
+                for caption, boxes, u in zip(captions, regions, image_index)
+            ]
         return captions
 
     def caption_stream(
@@ -182,14 +216,16 @@ class Predictor:
         point: Point | None = None,
         max_new_tokens: int | None = None,
         refine: bool = True,
+        verify: bool = True,
     ) -> Generator[Word, None, Caption]:
         """Greedy caption of the current image (or a region), yielding each word as soon as it is complete.
 
         The words equal those of `caption(..., num_beams=1)`, and the generator returns that `Caption`
         (`caption = yield from p.caption_stream()`, or `StopIteration.value`). Beam search cannot stream:
-        a beam's words are only known once the search ends. `refine` as in `caption`.
+        a beam's words are only known once the search ends. `refine` and `verify` as in `caption` (a word to
+        verify waits for its proposal's region caption).
         """
-        return self.caption_stream_embedding(self._current(), box, point, max_new_tokens, refine=refine)
+        return self.caption_stream_embedding(self._current(), box, point, max_new_tokens, refine=refine, verify=verify)
 
     def caption_stream_embedding(
         self,
@@ -199,6 +235,7 @@ class Predictor:
         max_new_tokens: int | None = None,
         should_stop: ShouldStop | None = None,
         refine: bool = True,
+        verify: bool = True,
     ) -> Generator[Word, None, Caption]:
         """`caption_stream` on a given image embedding (no predictor state: safe beside other calls).
 
@@ -216,6 +253,10 @@ class Predictor:
         logps: list[float] = []
         words: list[Word] = []
         text, groups = "", []
+        check = verify and box is None and proposals is not None and bool(self._attribute_class)
+        said: dict[tuple[int, Box], dict[str, str]] = {}  # region captions' attribute words, by proposal
+        pending: list[tuple[int, int, Word]] = []  # final words held back until their attribute phrase ends
+        rewriter = _Rewriter()
 
         def located(start: int, end: int, members: list[int]) -> Word:  # a word of the text decoded so far
             word_corners = np.stack([corners[i] for i in members])
@@ -223,6 +264,19 @@ class Predictor:
             word = _word(text, start, end, word_corners, word_conf, transform)
             return word if proposals is None else self._snap_words([word], proposals, transform)[0]
 
+        def release() -> list[Word]:  # the pending words, verified, at their offsets in the text shown
+            boxes = self._phrase_regions([w for _, _, w in pending]) if check else [None] * len(pending)
+            missing = [(0, b) for b in boxes if b is not None and (0, b) not in said]
+            said.update(self._region_attributes(missing, {0: embedding}, 1, should_stop))
+            ready = [
+                rewriter.add(text, start, end, w if b is None else self._verified(w, said[(0, b)]))
+                for (start, end, w), b in zip(pending, boxes)
+            ]
+            pending.clear()
+            words.extend(ready)
+            return ready
+
+        seen = 0  # words of the decoded text located so far
         for step_ids, step_corners, step_conf, step_logp in self.model.generate_stream(
             embedding.features, prompts, max_new_tokens, should_stop
         ):
@@ -235,14 +289,15 @@ class Predictor:
             confidence.append(step_conf[0].float().cpu().numpy())
             text, spans = tokenizer.decode_with_spans(ids)
             groups = words_with_tokens(text, spans)
-            for group in groups[len(words) : -1]:  # the last word may still grow; every word before it is final
-                words.append(located(*group))
-                yield words[-1]
-        for group in groups[len(words) :]:
-            words.append(located(*group))
-            yield words[-1]
+            for start, end, members in groups[seen:-1]:  # the last word may still grow; every word before is final
+                seen += 1
+                pending.append((start, end, located(start, end, members)))
+                if not (check and pending[-1][2].text.lower() in self._attribute_class):
+                    yield from release()
+        pending.extend((start, end, located(start, end, members)) for start, end, members in groups[seen:])
+        yield from release()
         score = float(np.exp(np.mean(logps)))  # as `greedy`: the mean log-prob, EOS included
-        return Caption(text=text, words=words, score=score)
+        return Caption(text=rewriter.finish(text), words=words, score=score)
 
     # ------------------------------------------------------------------ dense captions
     def dense_caption(
@@ -295,6 +350,7 @@ class Predictor:
                 max_new_tokens,
                 num_beams,
                 should_stop,
+                verify=False,  # the regions are proposals already: their own region captions
             )
             if found
             else []
@@ -437,6 +493,55 @@ class Predictor:
                 snapped[i] = replace(words[i], box=refined, point=centre(refined), regressed_box=words[i].box)
         return snapped
 
+    def _phrase_regions(self, words: list[Word]) -> list[Box | None]:
+        """Per word, the region `verify` checks it against: for the words of an attribute phrase (a run of words of
+        attribute classes, "large blue triangle"), the proposal its last word, the head, was snapped to; else None."""
+        regions: list[Box | None] = [None] * len(words)
+        run: list[int] = []
+        for i in range(len(words) + 1):
+            if i < len(words) and words[i].text.lower() in self._attribute_class:
+                run.append(i)
+                continue
+            if run and words[run[-1]].regressed_box is not None:
+                for j in run:
+                    regions[j] = words[run[-1]].box
+            run = []
+        return regions
+
+    def _region_attributes(
+        self,
+        regions: Sequence[tuple[int, Box]],
+        embeddings: dict[int, ImageEmbedding],
+        num_beams: int,
+        should_stop: ShouldStop | None,
+    ) -> dict[tuple[int, Box], dict[str, str]]:
+        """For (image, box) regions (`embeddings[image]`, box in image pixels): the first word of each attribute
+        class in the model's region caption of the box, all distinct regions captioned in one batched pass."""
+        regions = list(dict.fromkeys(regions))
+        if not regions:
+            return {}
+        captions = self.caption_embeddings(
+            [embeddings[u] for u, _ in regions],
+            boxes=[box for _, box in regions],
+            num_beams=num_beams,
+            should_stop=should_stop,
+            refine=False,
+        )
+        said: dict[tuple[int, Box], dict[str, str]] = {}
+        for region, caption in zip(regions, captions):
+            found = said.setdefault(region, {})
+            for w in caption.words:
+                if w.text.lower() in self._attribute_class:
+                    found.setdefault(self._attribute_class[w.text.lower()], w.text)
+        return said
+
+    def _verified(self, word: Word, said: dict[str, str]) -> Word:
+        """Attribute word `word`, or the word of its class its phrase's region caption `said` where that differs."""
+        new = said.get(self._attribute_class[word.text.lower()])
+        if new is None or new.lower() == word.text.lower():
+            return word
+        return replace(word, text=new, generated_text=word.text)
+
     def _caption(self, g: Generated, transform: ImageTransform) -> Caption:
         ids = [int(i) for i in g.ids if int(i) not in (EOS_ID, PAD_ID)]
         n = len(ids)
@@ -448,6 +553,35 @@ class Predictor:
     ) -> tuple[list[Word], str]:
         text, spans = self.model.tokenizer.decode_with_spans(ids)
         return _group_words(text, spans, corners, confidence, transform), text
+
+
+class _Rewriter:
+    """Builds a text word by word from a source text whose word spans take new words (the text between words is
+    kept), and gives each new word its offsets in the built text."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._end = 0
+
+    def add(self, source: str, start: int, end: int, word: Word) -> Word:
+        """`word` in place of source[start:end] (spans in order; `source` may grow between calls)."""
+        self.text += source[self._end : start]
+        new_start = len(self.text)
+        self.text += word.text
+        self._end = end
+        return replace(word, start=new_start, end=len(self.text))
+
+    def finish(self, source: str) -> str:
+        return self.text + source[self._end :]
+
+
+def _rewrite(caption: Caption, words: list[Word]) -> Caption:
+    """`caption` with `words` (in order, one per word, texts maybe changed) in place of its words."""
+    if all(new.text == old.text for old, new in zip(caption.words, words)):
+        return replace(caption, words=words)
+    rewriter = _Rewriter()
+    placed = [rewriter.add(caption.text, old.start, old.end, new) for old, new in zip(caption.words, words)]
+    return Caption(rewriter.finish(caption.text), placed, caption.score)
 
 
 def _group_words(

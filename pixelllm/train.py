@@ -196,7 +196,8 @@ def load_checkpoint(path: Path, model, optimizer, threads: int | None = None) ->
 def initial_model(cfg: TrainConfig) -> PixelLLM:
     """`cfg.model` built fresh, or the saved model `cfg.init_from`, at `cfg.image_size` when given; a proposal
     head that `cfg.model` has and the saved model lacks starts fresh (fine-tuning a captioner for dense
-    captioning), and so do `cfg.object_tokens` object tokens and `cfg.object_readings`."""
+    captioning), and so do `cfg.object_tokens` object tokens and `cfg.object_readings`; a saved model that names
+    no `attribute_words` takes `cfg.model`'s."""
     wanted = load_config(cfg.model)
     if not cfg.init_from:
         fresh = wanted.at_image_size(cfg.image_size) if cfg.image_size else wanted
@@ -209,6 +210,9 @@ def initial_model(cfg: TrainConfig) -> PixelLLM:
             log.info("%s has no proposal head: adding a fresh one (%s)", cfg.init_from, wanted.proposal_head)
             model.add_proposal_head(wanted.proposal_head)
             model.cfg.loss.proposal_weight = wanted.loss.proposal_weight
+        if wanted.attribute_words and not model.cfg.attribute_words:
+            log.info("%s names no attribute words: taking %s's", cfg.init_from, cfg.model)
+            model.cfg.attribute_words = wanted.attribute_words
     if cfg.object_tokens and cfg.object_tokens != model.cfg.extractor.object_tokens:
         log.info("%s: up to %d object tokens per prompt", model.name, cfg.object_tokens)
         model.add_object_tokens(cfg.object_tokens)

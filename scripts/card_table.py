@@ -34,14 +34,29 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
     ("referring mask IoU (mask decoder on the refined box)", num("mask_iou"), ">= 0.80 (issue 4)"),
     ("referring mask IoU (mask decoder on the point head's box)", num("mask_iou_regressed"), ""),
     ("region caption, color and shape right (box prompt)", pct("region_caption_acc_box"), ">= 90% (issue 4)"),
-    ("region caption, color and shape right (point prompt)", pct("region_caption_acc_point"), ""),
     (
-        "caption word point in its object's box (object unnamed = miss; words refined with a proposal, the default)",
+        "region caption, color and shape right (point prompt; verified, the default)",
+        pct("region_caption_acc_point"),
+        "",
+    ),
+    (
+        "region caption from a point, the decoder's words (`verify=False`)",
+        pct("region_caption_acc_point_unverified"),
+        "",
+    ),
+    (
+        "caption word point in its object's box (object unnamed = miss; words refined with a proposal and verified, "
+        "the default)",
         pct("caption_word_point_acc"),
         ">= 90% (issue 4)",
     ),
     (
-        "caption word point, the point head's own word boxes (`refine=False`)",
+        "caption word point, refined words as decoded (`verify=False`)",
+        pct("caption_word_point_acc_unverified"),
+        "",
+    ),
+    (
+        "caption word point, the default caption's words at the point head's own boxes",
         pct("caption_word_point_acc_regressed"),
         "",
     ),

@@ -133,6 +133,11 @@ class Word(BaseModel):
     )
     box_norm: Box
     regressed_box: Box | None = Field(None, description="The point head's own box, when a proposal replaced it")
+    generated_text: str | None = Field(
+        None,
+        description="The decoder's word, when the region caption of the word's object said another word of its "
+        "class (a color, a shape: the model's `attribute_words`) and replaced it",
+    )
     score: float = Field(description="The point head's confidence that the word has a location")
 
 

@@ -259,6 +259,7 @@ def word_results(words: list[Any], width: int, height: int) -> list[Word]:
                 box=box,
                 box_norm=box_norm,
                 regressed_box=_box(w.regressed_box, width, height)[0] if w.regressed_box is not None else None,
+                generated_text=w.generated_text,
                 score=_num(w.score, 0.0, 1.0),
             )
         )

@@ -1,5 +1,6 @@
 """Refined captions on the shipped default model: every located word snapped to its nearest object proposal,
-the point head's box kept in `regressed_box` (`Predictor.caption(refine=True)`, the default)."""
+the point head's box kept in `regressed_box` (`Predictor.caption(refine=True)`, the default; without the
+verification that follows it, see test_caption_verify.py)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def centre(box) -> tuple[float, float]:
 @pytest.mark.parametrize("prompt", [{}, {"box": (20, 30, 200, 180)}], ids=["image", "box"])
 def test_located_words_take_the_nearest_proposal(predictor, prompt):
     predictor.set_image(render_independent_scene(scene_seed(77, 0)).image)
-    refined = predictor.caption(**prompt)
+    refined = predictor.caption(verify=False, **prompt)
     plain = predictor.caption(refine=False, **prompt)
     proposals = [r.box for r in predictor.dense_caption()]  # the proposals dense captioning sees
     assert refined.text == plain.text and len(proposals) >= 2
@@ -83,7 +84,7 @@ def test_snapped_words_put_more_object_points_inside_their_object(predictor):
     for i in range(100):
         scene = render_independent_scene(scene_seed(77, i))
         predictor.set_image(scene.image)
-        refined, plain = predictor.caption(), predictor.caption(refine=False)
+        refined, plain = predictor.caption(verify=False), predictor.caption(refine=False)
         refined_hits += sum(h is True for h in _word_point_hits(refined.words, scene.objects))
         plain_hits += sum(h is True for h in _word_point_hits(plain.words, scene.objects))
     assert refined_hits > plain_hits
@@ -91,12 +92,12 @@ def test_snapped_words_put_more_object_points_inside_their_object(predictor):
 
 def test_word_refine_probe_rules_include_the_predictors(tmp_path):
     """scripts/word_refine_probe.py: its 'nearest_located' rule, applied to the point head's words, scores what
-    `Predictor.caption` answers."""
+    `Predictor.caption` answers before verifying."""
     out = tmp_path / "probe.json"
     cmd = [sys.executable, "scripts/word_refine_probe.py", "--num-scenes", "6", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
     table = json.loads(out.read_text())
     assert table["objects"] >= 10 and table["seed"] == 77
-    assert table["nearest_located"]["word_point"] == table["predictor_default"]
+    assert table["nearest_located"]["word_point"] == table["predictor_refined"]
     assert table["nearest"]["word_point"] >= table["none"]["word_point"]

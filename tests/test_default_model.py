@@ -50,7 +50,9 @@ def subset(one_thread) -> dict:
     [
         "referring_acc@0.5",
         "region_caption_acc_box",
+        "region_caption_acc_point",
         "caption_word_point_acc",
+        "caption_word_point_acc_unverified",
         "caption_word_point_acc_regressed",
         "caption_word_point_acc_teacher_forced",
         "dense_recall@0.5",

@@ -5,6 +5,7 @@ that leaves stops the decoding."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import threading
@@ -13,7 +14,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from PIL import Image
 from server_helpers import DEFAULT_MODEL_DIR, ROOT, SLOW_WORD_S, assert_error, metric, png, wait_for
+
+from pixelllm.data.independent import render_independent_scene
+from pixelllm.data.synthetic import scene_seed
 
 pytest_plugins = ["server_fixtures"]
 
@@ -256,3 +261,19 @@ def test_a_client_gone_before_the_first_event_stops_the_decoding() -> None:
         wait_for(lambda: metric(client.get("/metrics").text, "pixelllm_streams_cancelled_total") == 1, 3.0)
         wait_for(lambda: metric(client.get("/metrics").text, "pixelllm_queue_depth") == 0, 1.0)
         assert time.monotonic() - started < 3.0
+
+
+def test_verified_words_stream_with_the_decoders_word(client: httpx.Client) -> None:
+    """Seed 77 scene 6: the decoder calls its one small orange star a diamond, the region caption of the proposal
+    its phrase was snapped to says star: both answers say star and keep 'diamond' in `generated_text`."""
+    image = io.BytesIO()
+    Image.fromarray(render_independent_scene(scene_seed(77, 6)).image).save(image, format="PNG")
+    plain = client.post("/v1/caption", files={"image": image.getvalue()})
+    assert plain.status_code == 200, plain.text
+    plain = plain.json()
+    changed = [(w["generated_text"], w["text"]) for w in plain["words"] if w["generated_text"] is not None]
+    assert changed == [("diamond", "star")] and "star" in plain["caption"]
+    assert [plain["caption"][w["start"] : w["end"]] for w in plain["words"]] == [w["text"] for w in plain["words"]]
+    words, done = split(stream(client, params={"stream": "true"}, files={"image": image.getvalue()}))
+    assert words == done["words"] and done["caption"] == plain["caption"]
+    assert [(w["generated_text"], w["text"]) for w in words if w["generated_text"] is not None] == changed

@@ -18,7 +18,8 @@ from conftest import single_thread
 from safetensors.torch import load_file
 from server_helpers import ROOT
 
-from pixelllm import PixelLLM
+from pixelllm import PixelLLM, build_pixelllm
+from pixelllm.config import load_config
 from pixelllm.data.synthetic import write_dataset
 from pixelllm.train import SourceConfig, TrainConfig, initial_model, lr_at, train
 
@@ -74,6 +75,17 @@ def test_a_stage_at_another_image_size_starts_from_the_saved_model_resampled(tmp
     final = PixelLLM.from_pretrained(train(stage))
     assert initial_model(tiny_config(tmp_path / "c", steps=1, image_size=192)).cfg.image_size == 192  # fresh
     assert final.cfg.image_size == 192 and final.image_encoder.image_size == 192
+
+
+def test_a_stage_from_a_model_without_attribute_words_takes_the_presets(tmp_path):
+    cfg = load_config("pixelllm-tiny")
+    own = {"color": ["red", "teal"]}
+    for name, words in (("without", {}), ("own", own)):
+        build_pixelllm(dataclasses.replace(cfg, attribute_words=words)).save_pretrained(tmp_path / name)
+    assert initial_model(tiny_config(tmp_path / "a", 1, init_from=str(tmp_path / "without"))).cfg.attribute_words == (
+        cfg.attribute_words
+    )
+    assert initial_model(tiny_config(tmp_path / "b", 1, init_from=str(tmp_path / "own"))).cfg.attribute_words == own
 
 
 @pytest.mark.usefixtures("one_thread")

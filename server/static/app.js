@@ -396,6 +396,7 @@ function showCaption(body) {
     span.dataset.color = color;
     span.style.setProperty("--word-color", color);
     span.title = `point (${fmt(word.point.x)}, ${fmt(word.point.y)}), box ${boxText(word.box)}, score ${word.score.toFixed(2)}`;
+    if (word.generated_text) span.title += `, verified (the decoder said "${word.generated_text}")`;
     for (const on of ["mouseenter", "focus"]) span.addEventListener(on, () => setActive(i));
     for (const off of ["mouseleave", "blur"]) span.addEventListener(off, () => setActive(-1));
     els.caption.append(span);
