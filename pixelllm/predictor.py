@@ -140,6 +140,9 @@ class Predictor:
         run of words of those classes, "large blue triangle") are checked against the model's own region caption
         of the proposal the phrase's last word was snapped to: where that caption says another word of a word's
         class, it replaces the word (`text` and the offsets follow; `Word.generated_text` keeps the decoder's).
+        With beam search (`num_beams` > 1), `verify` also picks the beam: of the search's `num_beams` best
+        hypotheses, the likeliest among those whose attribute phrases were snapped to the most distinct proposals
+        (a phrase that repeats another's proposal counts against it).
         """
         return self.caption_embeddings(
             [self._current()], [box], [point], max_new_tokens, num_beams, refine=refine, verify=verify
@@ -180,35 +183,44 @@ class Predictor:
         """
         prompts = self._location_prompts(embeddings, boxes, points)
         features, prompts.image_index = self._distinct(embeddings)
-        outputs = self.model.generate(
-            features, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, should_stop=should_stop
-        )
-        captions = [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
-        if not refine or self.model.proposal_head is None:
-            return captions
-        proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
         image_index = prompts.image_index.tolist()
-        for caption, emb, u in zip(captions, embeddings, image_index):
-            caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
-        if verify and self._attribute_class:
-            boxed = [False] * len(captions) if boxes is None else [box is not None for box in boxes]
-            regions = [
-                [None] * len(caption.words) if has_box else self._phrase_regions(caption.words)
-                for caption, has_box in zip(captions, boxed)
-            ]
-            said = self._region_attributes(
-                [(u, box) for boxes, u in zip(regions, image_index) for box in boxes if box is not None],
-                {u: emb for emb, u in zip(embeddings, image_index)},
-                num_beams,
-                should_stop,
+        boxed = [False] * len(embeddings) if boxes is None else [box is not None for box in boxes]
+        grounded = refine and self.model.proposal_head is not None
+        checked = [grounded and verify and bool(self._attribute_class) and not b for b in boxed]
+        if num_beams > 1 and any(checked):
+            n_best = self.model.generate_n_best(features, prompts, num_beams, max_new_tokens, should_stop=should_stop)
+            n_best = [hypotheses if check else hypotheses[:1] for hypotheses, check in zip(n_best, checked)]
+        else:
+            outputs = self.model.generate(features, prompts, max_new_tokens, num_beams, should_stop=should_stop)
+            n_best = [[g] for g in outputs]
+        candidates = [[self._caption(g, e.transform) for g in hypotheses] for hypotheses, e in zip(n_best, embeddings)]
+        if not grounded:
+            return [c[0] for c in candidates]
+        proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
+        for hypotheses, emb, u in zip(candidates, embeddings, image_index):
+            for caption in hypotheses:
+                caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
+        # the likeliest beam among those whose phrases name the most distinct proposals (`max` keeps the first)
+        captions = [max(hypotheses, key=lambda c: self._grounded_coverage(c.words)) for hypotheses in candidates]
+        if not any(checked):
+            return captions
+        regions = [
+            self._phrase_regions(caption.words) if check else [None] * len(caption.words)
+            for caption, check in zip(captions, checked)
+        ]
+        said = self._region_attributes(
+            [(u, box) for word_regions, u in zip(regions, image_index) for box in word_regions if box is not None],
+            {u: emb for emb, u in zip(embeddings, image_index)},
+            num_beams,
+            should_stop,
+        )
+        return [
+            _rewrite(
+                caption,
+                [w if b is None else self._verified(w, said[(u, b)]) for w, b in zip(caption.words, word_regions)],
             )
-            captions = [
-                _rewrite(
-                    caption, [w if b is None else self._verified(w, said[(u, b)]) for w, b in zip(caption.words, boxes)]
-                )
-                for caption, boxes, u in zip(captions, regions, image_index)
-            ]
-        return captions
+            for caption, word_regions, u in zip(captions, regions, image_index)
+        ]
 
     def caption_stream(
         self,
@@ -493,20 +505,31 @@ class Predictor:
                 snapped[i] = replace(words[i], box=refined, point=centre(refined), regressed_box=words[i].box)
         return snapped
 
+    def _attribute_runs(self, words: list[Word]) -> list[list[int]]:
+        """Indices of each attribute phrase of `words`: a run of words of attribute classes ("large blue triangle")."""
+        runs: list[list[int]] = [[]]
+        for i, w in enumerate(words):
+            if w.text.lower() in self._attribute_class:
+                runs[-1].append(i)
+            elif runs[-1]:
+                runs.append([])
+        return [run for run in runs if run]
+
     def _phrase_regions(self, words: list[Word]) -> list[Box | None]:
-        """Per word, the region `verify` checks it against: for the words of an attribute phrase (a run of words of
-        attribute classes, "large blue triangle"), the proposal its last word, the head, was snapped to; else None."""
+        """Per word, the region `verify` checks it against: for the words of an attribute phrase, the proposal its
+        last word, the head, was snapped to; else None."""
         regions: list[Box | None] = [None] * len(words)
-        run: list[int] = []
-        for i in range(len(words) + 1):
-            if i < len(words) and words[i].text.lower() in self._attribute_class:
-                run.append(i)
-                continue
-            if run and words[run[-1]].regressed_box is not None:
+        for run in self._attribute_runs(words):
+            head = words[run[-1]]
+            if head.regressed_box is not None:
                 for j in run:
-                    regions[j] = words[run[-1]].box
-            run = []
+                    regions[j] = head.box
         return regions
+
+    def _grounded_coverage(self, words: list[Word]) -> int:
+        """The distinct proposals the attribute phrases of `words` were snapped to, less the phrases that repeat one."""
+        heads = [words[run[-1]].box for run in self._attribute_runs(words) if words[run[-1]].regressed_box is not None]
+        return 2 * len(set(heads)) - len(heads)
 
     def _region_attributes(
         self,

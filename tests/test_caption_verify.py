@@ -11,12 +11,12 @@ import sys
 import pytest
 from server_helpers import DEFAULT_MODEL_DIR, ROOT
 
-from pixelllm import PixelLLM, Predictor
+from pixelllm import GenerationCancelled, PixelLLM, Predictor
 from pixelllm.config import load_config
 from pixelllm.data.independent import render_independent_scene
 from pixelllm.data.synthetic import COLORS, SHAPES, SIZES, scene_seed
 from pixelllm.evaluate import _unverified_words, _word_point_hits
-from pixelllm.predictor import Caption, Word, _rewrite
+from pixelllm.predictor import DENSE_SCORE_THRESHOLD, Caption, Word, _rewrite
 from pixelllm.tokenizer import EOS_ID, words_with_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,3 +153,40 @@ def test_the_stream_holds_an_attribute_phrase_until_the_word_after_it(predictor,
     closer = [next((j for j in range(i, len(groups)) if not attribute[j]), len(groups) - 1) for i in range(len(groups))]
     released = [final[j] for j in closer]
     assert sum(attribute) >= 3 and steps_at_word == released
+
+
+def test_beam_search_keeps_the_likeliest_beam_that_names_the_most_distinct_objects(predictor):
+    """Seed 77 scene 22: the likeliest of 3 beams names the large blue circle twice; the second names each of the
+    three objects once, and a verified caption with 3 beams is that one."""
+    predictor.set_image(render_independent_scene(scene_seed(77, 22)).image)
+    emb = predictor._current()
+    beams = predictor.model.generate_n_best(emb.features, predictor._location_prompts([emb], None, None), 3)[0]
+    proposals = predictor.model.propose(emb.features, DENSE_SCORE_THRESHOLD)[0]
+    texts, coverage = [], []
+    for g in beams:
+        caption = predictor._caption(g, emb.transform)
+        texts.append(caption.text)
+        coverage.append(predictor._grounded_coverage(predictor._snap_words(caption.words, proposals, emb.transform)))
+    assert coverage[0] < coverage[1] == max(coverage) and texts[0].count("large blue circle") == 2
+    assert predictor.caption(num_beams=3, verify=False).text == texts[0]
+    verified = predictor.caption(num_beams=3)
+    decoded = [w.text for w in _unverified_words(verified.words)]
+    assert decoded == [w.text for w in predictor._caption(beams[1], emb.transform).words]
+
+
+def test_verification_asks_should_stop_too(predictor):
+    emb = predictor.embed(render_independent_scene(scene_seed(77, 6)).image)
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return False
+
+    predictor.caption_embeddings([emb], should_stop=should_stop, verify=False)
+    unverified = len(asked)
+    asked.clear()
+    predictor.caption_embeddings([emb], should_stop=should_stop)
+    assert len(asked) > unverified  # the region captions' decoder steps ask too
+    asked.clear()
+    with pytest.raises(GenerationCancelled):  # the first question the verification asks stops it
+        predictor.caption_embeddings([emb], should_stop=lambda: len(asked) >= unverified or bool(asked.append(1)))

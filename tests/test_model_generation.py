@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from pixelllm.modeling.generation import GenerationCancelled, beam_search, greedy
+from pixelllm.modeling.generation import GenerationCancelled, beam_search, beam_search_n_best, greedy
 from pixelllm.tokenizer import EOS_ID, PAD_ID
 
 VOCAB = 4  # PAD, EOS and two words
@@ -97,6 +97,32 @@ def test_beam_search_wide_enough_finds_the_exhaustive_best_with_its_points():
             torch.testing.assert_close(g.corners, expected_corners(g.ids))
             kinds.add(best[-1] == EOS_ID)
     assert kinds == {True, False}  # both finished captions and captions cut at max length won somewhere
+
+
+def test_n_best_of_an_exhaustive_search_is_the_exhaustive_ranking():
+    batch, beams = 2, 2**MAX_LEN
+    for seed in range(6):
+        lm = ScriptedLM(batch, beams, seed)
+        cpu = torch.device("cpu")
+        found = beam_search_n_best(lm.step, lm.logits, lm.points, batch, beams, MAX_LEN, cpu, num_return=5)
+        for item, hypotheses in enumerate(found):
+            ranked = sorted(all_captions(), key=lambda s: lm.score(item, s), reverse=True)[:5]
+            assert [tuple(g.ids.tolist()) for g in hypotheses] == ranked, (seed, item)
+            assert [g.score for g in hypotheses] == pytest.approx([lm.score(item, s) for s in ranked], abs=1e-5)
+            for g in hypotheses:
+                torch.testing.assert_close(g.corners, expected_corners(g.ids))
+
+
+@pytest.mark.parametrize("beams", [2, 3])
+def test_n_best_returns_num_beams_hypotheses_best_first(beams):
+    for seed in range(6):
+        lm = ScriptedLM(3, beams, seed)
+        found = beam_search_n_best(lm.step, lm.logits, lm.points, 3, beams, MAX_LEN, torch.device("cpu"))
+        best = beam_search(lm.step, lm.logits, lm.points, 3, beams, MAX_LEN, torch.device("cpu"))
+        for hypotheses, g in zip(found, best):
+            assert len(hypotheses) == beams
+            assert [h.score for h in hypotheses] == sorted((h.score for h in hypotheses), reverse=True)
+            assert torch.equal(hypotheses[0].ids, g.ids) and hypotheses[0].score == g.score
 
 
 @pytest.mark.parametrize("beams", [1, 2, 3])

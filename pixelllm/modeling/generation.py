@@ -133,11 +133,32 @@ def beam_search(
     length_penalty: float = 1.0,
     should_stop: ShouldStop | None = None,
 ) -> list[Generated]:
-    """Beam search over a batch whose decoder inputs are already repeated `num_beams` times (B*K rows).
+    """The best hypothesis of `beam_search_n_best` per batch item."""
+    found = beam_search_n_best(
+        step, logits_fn, points_fn, batch_size, num_beams, max_new_tokens, device, length_penalty, should_stop, 1
+    )
+    return [hypotheses[0] for hypotheses in found]
+
+
+def beam_search_n_best(
+    step: DecodeStep,
+    logits_fn: LogitsFn,
+    points_fn: PointsFn | None,
+    batch_size: int,
+    num_beams: int,
+    max_new_tokens: int,
+    device: torch.device,
+    length_penalty: float = 1.0,
+    should_stop: ShouldStop | None = None,
+    num_return: int | None = None,
+) -> list[list[Generated]]:
+    """Beam search over a batch whose decoder inputs are already repeated `num_beams` times (B*K rows); per batch
+    item its `num_return` (default `num_beams`) best hypotheses, best first.
 
     Hypotheses are ranked by sum of log-probs / length**length_penalty; a batch item stops once it has
     `num_beams` finished hypotheses. Each beam carries the decoder states of its own tokens, and the point
-    head runs on the winner's states. Raises `GenerationCancelled` before a step if `should_stop()` is True.
+    head runs on the returned hypotheses' states. Raises `GenerationCancelled` before a step if `should_stop()`
+    is True.
     """
     k = num_beams
     cache = new_cache()
@@ -187,7 +208,7 @@ def beam_search(
         states = states[index]
         beam_scores = torch.tensor(new_scores, device=device).view(batch_size, k)
         last = tokens[:, None]
-    results = []
+    results: list[list[Generated]] = []
     for b in range(batch_size):
         pool = list(finished[b])
         if len(pool) < k:  # stopped by max_new_tokens: the running beams compete with the finished ones
@@ -196,7 +217,11 @@ def beam_search(
                 score = float(beam_scores[b, j])
                 if score != float("-inf"):
                     pool.append(_Hypothesis(seqs[row], states[row], score / seqs.shape[1] ** length_penalty))
-        best = max(pool, key=lambda h: h.score)
-        corners, confidence = points_fn(best.states) if points_fn is not None else (None, None)
-        results.append(Generated(ids=best.ids, corners=corners, confidence=confidence, score=best.score))
+        ranked = sorted(pool, key=lambda h: h.score, reverse=True)[: num_return or k]
+        results.append([_generated(h, points_fn) for h in ranked])
     return results
+
+
+def _generated(hypothesis: _Hypothesis, points_fn: PointsFn | None) -> Generated:
+    corners, confidence = points_fn(hypothesis.states) if points_fn is not None else (None, None)
+    return Generated(ids=hypothesis.ids, corners=corners, confidence=confidence, score=hypothesis.score)

@@ -14,7 +14,7 @@ from ..config import PixelLLMConfig, ProposalHeadConfig
 from ..tokenizer import EOS_ID, PAD_ID, Tokenizer
 from .feature_extractor import ImageReading, PromptFeatureExtractor
 from .frozen_block import FrozenLMBlock
-from .generation import Generated, ShouldStop, beam_search, greedy, iter_greedy
+from .generation import Generated, ShouldStop, beam_search_n_best, greedy, iter_greedy
 from .image_encoder import ImageEncoder
 from .language_model import LanguageModel
 from .mask_head import MaskHead, upsample_masks
@@ -330,19 +330,46 @@ class PixelLLM(nn.Module):
 
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
         """
+        if num_beams > 1:
+            found = self.generate_n_best(features, prompts, num_beams, max_new_tokens, with_points, should_stop, 1)
+            return [hypotheses[0] for hypotheses in found]
+        max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
+        enc, enc_mask = self.encode_prompts(features, prompts)
+        step, logits_fn = self._decode_fns(enc, enc_mask)
+        points_fn = self._points if with_points else None
+        return greedy(step, logits_fn, points_fn, enc.shape[0], max_new_tokens, enc.device, should_stop)
+
+    @torch.no_grad()
+    def generate_n_best(
+        self,
+        features: ImageFeatures,
+        prompts: Prompts,
+        num_beams: int,
+        max_new_tokens: int | None = None,
+        with_points: bool = True,
+        should_stop: ShouldStop | None = None,
+        num_return: int | None = None,
+    ) -> list[list[Generated]]:
+        """Beam search of width `num_beams`: per sample its `num_return` (default `num_beams`) best hypotheses,
+        best first, each as `generate` returns one."""
         max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
         enc, enc_mask = self.encode_prompts(features, prompts)
         b = enc.shape[0]
-        points_fn = self._points if with_points else None
-        if num_beams > 1:
-            enc = enc.repeat_interleave(num_beams, dim=0)
-            enc_mask = enc_mask.repeat_interleave(num_beams, dim=0)
-            step, logits_fn = self._decode_fns(enc, enc_mask)
-            return beam_search(
-                step, logits_fn, points_fn, b, num_beams, max_new_tokens, enc.device, should_stop=should_stop
-            )
+        enc = enc.repeat_interleave(num_beams, dim=0)
+        enc_mask = enc_mask.repeat_interleave(num_beams, dim=0)
         step, logits_fn = self._decode_fns(enc, enc_mask)
-        return greedy(step, logits_fn, points_fn, b, max_new_tokens, enc.device, should_stop)
+        points_fn = self._points if with_points else None
+        return beam_search_n_best(
+            step,
+            logits_fn,
+            points_fn,
+            b,
+            num_beams,
+            max_new_tokens,
+            enc.device,
+            should_stop=should_stop,
+            num_return=num_return,
+        )
 
     @torch.no_grad()
     def generate_stream(
