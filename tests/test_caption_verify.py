@@ -190,3 +190,15 @@ def test_verification_asks_should_stop_too(predictor):
     asked.clear()
     with pytest.raises(GenerationCancelled):  # the first question the verification asks stops it
         predictor.caption_embeddings([emb], should_stop=lambda: len(asked) >= unverified or bool(asked.append(1)))
+
+
+def test_beam_rerank_probe_choices_include_the_predictors(tmp_path):
+    """scripts/beam_rerank_probe.py: its 'grounded' choice is what `Predictor.caption` answers with beam search."""
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "scripts/beam_rerank_probe.py", "--num-scenes", "8", "--num-beams", "3", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    table = json.loads(out.read_text())
+    row = table["beams"]["3"]
+    assert table["objects"] >= 12 and table["seed"] == 77
+    assert row["grounded"] == row["predictor"] and row["oracle"] >= max(row["grounded"], row["top"])

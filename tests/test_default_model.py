@@ -3,6 +3,7 @@ held-out set (independent renderer, seed 1000) lands within sampling noise of th
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -62,21 +63,19 @@ def test_object_shares_match_the_card(card: dict, subset: dict, metric: str) -> 
     assert_share_matches(card, subset, metric)
 
 
-@pytest.fixture(scope="module")
-def beam_card() -> dict:
-    return json.loads((DEFAULT_MODEL_DIR / "eval_independent_seed1000_beams3.json").read_text())
+@functools.cache
+def beam_subset(num_beams: int) -> dict:
+    return evaluate_subset(num_beams)
 
 
-@pytest.fixture(scope="module")
-def beam_subset(one_thread) -> dict:
-    return evaluate_subset(num_beams=3)
-
-
+@pytest.mark.parametrize("num_beams", [3, 5])
 @pytest.mark.parametrize("metric", ["caption_word_point_acc", "caption_object_mention_rate", "region_caption_acc_box"])
-def test_beam_search_shares_match_the_card(beam_card: dict, beam_subset: dict, metric: str) -> None:
-    """The card's `--num-beams 3` figures, reproduced the same way on the subset."""
-    assert beam_card["num_beams"] == beam_subset["num_beams"] == 3
-    assert_share_matches(beam_card, beam_subset, metric)
+def test_beam_search_shares_match_the_card(num_beams: int, metric: str) -> None:
+    """The card's `--num-beams 3` and `--num-beams 5` figures, reproduced the same way on the subset."""
+    card = json.loads((DEFAULT_MODEL_DIR / f"eval_independent_seed1000_beams{num_beams}.json").read_text())
+    subset = beam_subset(num_beams)
+    assert card["num_beams"] == subset["num_beams"] == num_beams
+    assert_share_matches(card, subset, metric)
 
 
 @pytest.mark.parametrize("metric", ["referring_mean_iou", "mask_iou"])
