@@ -8,7 +8,7 @@ those whose attribute phrases were snapped to the most distinct proposals ("grou
 answers: `predictor` checks that it does); the beam with the most object points in their box, known only from the
 scene's truth ("oracle", a ceiling for any choice among these beams).
 
-python scripts/beam_rerank_probe.py --num-scenes 500 --num-beams 3 5 8 --out runs/beam_rerank_probe.json
+python scripts/beam_rerank_probe.py --num-scenes 300 --num-beams 3 5 --out runs/beam_rerank_probe.json
 """
 
 from __future__ import annotations
