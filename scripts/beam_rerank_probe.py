@@ -13,11 +13,11 @@ python scripts/beam_rerank_probe.py --num-scenes 300 --num-beams 3 5 --out runs/
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import torch
+from probe_args import probe_parser
 
 from pixelllm.build import load_model
 from pixelllm.evaluate import _word_point_hits, generated_scenes
@@ -48,12 +48,8 @@ def verified_beams(predictor: Predictor, emb: ImageEmbedding, num_beams: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="weights/pixelllm-tiny")
-    parser.add_argument("--num-scenes", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=77)
-    parser.add_argument("--num-beams", type=int, nargs="+", default=[3, 5, 8])
-    parser.add_argument("--out", help="write the table as JSON here")
+    parser = probe_parser(__doc__, num_scenes=300)
+    parser.add_argument("--num-beams", type=int, nargs="+", default=[3, 5])
     args = parser.parse_args()
 
     predictor = Predictor(load_model(args.model))

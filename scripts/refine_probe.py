@@ -12,11 +12,11 @@ python scripts/refine_probe.py --model weights/pixelllm-tiny --out runs/refine_p
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import torch
+from probe_args import probe_parser
 
 from pixelllm.build import load_model
 from pixelllm.dense_eval import box_iou_matrix
@@ -42,11 +42,7 @@ def pick(rule: str, box: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="weights/pixelllm-tiny")
-    parser.add_argument("--num-scenes", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=77)
-    parser.add_argument("--out", help="write the table as JSON here")
+    parser = probe_parser(__doc__, num_scenes=200)
     args = parser.parse_args()
 
     predictor = Predictor(load_model(args.model))

@@ -15,12 +15,12 @@ python scripts/verify_probe.py --model weights/pixelllm-tiny --num-scenes 500 --
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import numpy as np
 import torch
+from probe_args import probe_parser
 
 from pixelllm.build import load_model
 from pixelllm.evaluate import _word_point_hits, generated_scenes
@@ -47,11 +47,7 @@ def checked(predictor: Predictor, emb: ImageEmbedding, rule: str, words: list[Wo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="weights/pixelllm-tiny")
-    parser.add_argument("--num-scenes", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=77)
-    parser.add_argument("--out", help="write the table as JSON here")
+    parser = probe_parser(__doc__)
     args = parser.parse_args()
 
     predictor = Predictor(load_model(args.model))

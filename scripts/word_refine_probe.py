@@ -14,12 +14,12 @@ python scripts/word_refine_probe.py --model weights/pixelllm-tiny --num-scenes 5
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 
 import numpy as np
 import torch
+from probe_args import probe_parser
 
 from pixelllm.build import load_model
 from pixelllm.dense_eval import box_iou_matrix
@@ -53,11 +53,7 @@ def move(rule: str, word: Word, boxes: np.ndarray) -> Word:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="weights/pixelllm-tiny")
-    parser.add_argument("--num-scenes", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=77)
-    parser.add_argument("--out", help="write the table as JSON here")
+    parser = probe_parser(__doc__)
     args = parser.parse_args()
 
     predictor = Predictor(load_model(args.model))

@@ -7,6 +7,10 @@ our modules and loaders against what those libraries make and save, never agains
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -17,6 +21,7 @@ import pytest
 import timm
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from server_helpers import ROOT
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -63,6 +68,30 @@ def one_thread() -> Iterator[None]:
 
 
 @torch.no_grad()
+def run_probe(script: str, tmp_path: Path, *args: str) -> dict:
+    """Run `scripts/<script>` with `args` on one thread, its table written to `tmp_path`; the table."""
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, f"scripts/{script}", *args, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.read_text())
+
+
+def record_decoded(model, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The list that the token ids `model.generate_stream` decodes from now on (its first row's) are appended to,
+    each as soon as its step is decoded."""
+    decoded: list[int] = []
+    real = model.generate_stream
+
+    def recording(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            decoded.append(int(step[0][0]))
+            yield step
+
+    monkeypatch.setattr(model, "generate_stream", recording)
+    return decoded
+
+
 def perturb_(module: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
     """Add Gaussian noise to every parameter, so no weight keeps a zero/one init (pos_embed, rel_pos, biases,
     LayerNorms, LoRA B): comparisons and round trips then check every tensor, not only the random ones."""

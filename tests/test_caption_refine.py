@@ -4,16 +4,13 @@ verification that follows it, see test_caption_verify.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
-from server_helpers import DEFAULT_MODEL_DIR, ROOT
+from conftest import run_probe
+from server_helpers import DEFAULT_MODEL_DIR
 
 from pixelllm import PixelLLM, Predictor
 from pixelllm.data.independent import render_independent_scene
@@ -93,11 +90,7 @@ def test_snapped_words_put_more_object_points_inside_their_object(predictor):
 def test_word_refine_probe_rules_include_the_predictors(tmp_path):
     """scripts/word_refine_probe.py: its 'nearest_located' rule, applied to the point head's words, scores what
     `Predictor.caption` answers before verifying."""
-    out = tmp_path / "probe.json"
-    cmd = [sys.executable, "scripts/word_refine_probe.py", "--num-scenes", "6", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
-    table = json.loads(out.read_text())
+    table = run_probe("word_refine_probe.py", tmp_path, "--num-scenes", "6")
     assert table["objects"] >= 10 and table["seed"] == 77
     assert table["nearest_located"]["word_point"] == table["predictor_refined"]
     assert table["nearest"]["word_point"] >= table["none"]["word_point"]

@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+from conftest import record_decoded
 from PIL import Image
 from server_helpers import DEFAULT_MODEL_DIR, ROOT
 
@@ -61,15 +62,7 @@ def test_each_word_comes_as_soon_as_the_next_one_begins(predictor, monkeypatch):
     """A word is complete when a token of the next word is decoded (not before: its last token may follow).
     Unverified: a verified attribute phrase waits for the word after it (test_caption_verify.py)."""
     model = predictor.model
-    decoded: list[int] = []  # token ids decoded so far
-    real = model.generate_stream
-
-    def counting(*args, **kwargs):
-        for step in real(*args, **kwargs):
-            decoded.append(int(step[0][0]))
-            yield step
-
-    monkeypatch.setattr(model, "generate_stream", counting)
+    decoded = record_decoded(model, monkeypatch)  # token ids decoded so far
     stream = predictor.caption_stream(verify=False)
     steps_at_word = []  # tokens decoded when each word was yielded
     while True:

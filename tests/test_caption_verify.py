@@ -4,12 +4,10 @@ phrases checked against the model's own region caption of the proposal each phra
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from server_helpers import DEFAULT_MODEL_DIR, ROOT
+from conftest import record_decoded, run_probe
+from server_helpers import DEFAULT_MODEL_DIR
 
 from pixelllm import GenerationCancelled, PixelLLM, Predictor
 from pixelllm.config import load_config
@@ -119,11 +117,7 @@ def test_verified_captions_name_more_objects_right(predictor):
 def test_verify_probe_rules_include_the_predictors(tmp_path):
     """scripts/verify_probe.py: its 'phrase' rule, applied to the refined words, scores what `Predictor.caption`
     answers."""
-    out = tmp_path / "probe.json"
-    cmd = [sys.executable, "scripts/verify_probe.py", "--num-scenes", "8", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
-    table = json.loads(out.read_text())
+    table = run_probe("verify_probe.py", tmp_path, "--num-scenes", "8")
     assert table["objects"] >= 12 and table["seed"] == 77
     assert table["phrase"]["word_point"] == table["predictor_verified"]
     assert set(table["median_ms_per_caption"]) == {"refined", "verified"}
@@ -134,15 +128,7 @@ def test_the_stream_holds_an_attribute_phrase_until_the_word_after_it(predictor,
     all wait until the word after the phrase is complete: its head decides what the phrase is checked against."""
     predictor.set_image(render_independent_scene(scene_seed(77, 6)).image)
     model = predictor.model
-    decoded: list[int] = []
-    real = model.generate_stream
-
-    def counting(*args, **kwargs):
-        for step in real(*args, **kwargs):
-            decoded.append(int(step[0][0]))
-            yield step
-
-    monkeypatch.setattr(model, "generate_stream", counting)
+    decoded = record_decoded(model, monkeypatch)
     stream = predictor.caption_stream()
     steps_at_word = [len(decoded) for _ in iter(lambda: next(stream, None), None)]
     ids = [i for i in decoded if i != EOS_ID]
@@ -194,11 +180,7 @@ def test_verification_asks_should_stop_too(predictor):
 
 def test_beam_rerank_probe_choices_include_the_predictors(tmp_path):
     """scripts/beam_rerank_probe.py: its 'grounded' choice is what `Predictor.caption` answers with beam search."""
-    out = tmp_path / "probe.json"
-    cmd = [sys.executable, "scripts/beam_rerank_probe.py", "--num-scenes", "8", "--num-beams", "3", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
-    table = json.loads(out.read_text())
+    table = run_probe("beam_rerank_probe.py", tmp_path, "--num-scenes", "8", "--num-beams", "3")
     row = table["beams"]["3"]
     assert table["objects"] >= 12 and table["seed"] == 77
     assert row["grounded"] == row["predictor"] and row["oracle"] >= max(row["grounded"], row["top"])

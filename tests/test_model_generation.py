@@ -12,12 +12,17 @@ import itertools
 import pytest
 import torch
 
-from pixelllm.modeling.generation import GenerationCancelled, beam_search, beam_search_n_best, greedy
+from pixelllm.modeling.generation import Generated, GenerationCancelled, beam_search_n_best, greedy
 from pixelllm.tokenizer import EOS_ID, PAD_ID
 
 VOCAB = 4  # PAD, EOS and two words
 WORDS = (2, 3)
 MAX_LEN = 4
+
+
+def beam_search(*args, **kwargs) -> list[Generated]:
+    """The best hypothesis of `beam_search_n_best` per batch item."""
+    return [hypotheses[0] for hypotheses in beam_search_n_best(*args, **kwargs, num_return=1)]
 
 
 class ScriptedLM:

@@ -122,24 +122,6 @@ def greedy(
     return results
 
 
-def beam_search(
-    step: DecodeStep,
-    logits_fn: LogitsFn,
-    points_fn: PointsFn | None,
-    batch_size: int,
-    num_beams: int,
-    max_new_tokens: int,
-    device: torch.device,
-    length_penalty: float = 1.0,
-    should_stop: ShouldStop | None = None,
-) -> list[Generated]:
-    """The best hypothesis of `beam_search_n_best` per batch item."""
-    found = beam_search_n_best(
-        step, logits_fn, points_fn, batch_size, num_beams, max_new_tokens, device, length_penalty, should_stop, 1
-    )
-    return [hypotheses[0] for hypotheses in found]
-
-
 def beam_search_n_best(
     step: DecodeStep,
     logits_fn: LogitsFn,
