@@ -14,7 +14,7 @@ Metrics (written as JSON):
   proposal, for models with a proposal head, and its attribute words checked against the region caption of
   its phrase's proposal, for models with `attribute_words`); suffixed `_regressed`, with the point head's own
   word boxes; suffixed `_unverified`, with the decoder's words (region captions from a point too; a box prompt
-  is not verified).
+  is not verified; with beam search, the words of the beam that verifying chose).
   Split into the share of objects the caption names (`caption_object_mention_rate`) and the
   point-in-box share among them (`_mentioned`); `caption_phrase_precision` is the share of the captions'
   phrases paired with an object (the rest name none, or repeat one); `_teacher_forced` is the point-in-box

@@ -93,7 +93,7 @@ class Predictor:
     def __init__(self, model: PixelLLM):
         self.model = model.eval()
         self.embedding: ImageEmbedding | None = None
-        self._attribute_class = {w: c for c, words in model.cfg.attribute_words.items() for w in words}
+        self._attribute_class = {w.lower(): c for c, words in model.cfg.attribute_words.items() for w in words}
 
     # ------------------------------------------------------------------ embeddings
     @torch.no_grad()
@@ -362,7 +362,6 @@ class Predictor:
                 max_new_tokens,
                 num_beams,
                 should_stop,
-                verify=False,  # the regions are proposals already: their own region captions
             )
             if found
             else []
@@ -506,13 +505,14 @@ class Predictor:
         return snapped
 
     def _attribute_runs(self, words: list[Word]) -> list[list[int]]:
-        """Indices of each attribute phrase of `words`: a run of words of attribute classes ("large blue triangle")."""
+        """Indices of each attribute phrase of `words`: a run of words of attribute classes ("large blue triangle")
+        with one character, a space, between neighbours (punctuation ends a phrase: "red star, blue circle")."""
         runs: list[list[int]] = [[]]
         for i, w in enumerate(words):
+            if runs[-1] and (w.text.lower() not in self._attribute_class or w.start != words[i - 1].end + 1):
+                runs.append([])
             if w.text.lower() in self._attribute_class:
                 runs[-1].append(i)
-            elif runs[-1]:
-                runs.append([])
         return [run for run in runs if run]
 
     def _phrase_regions(self, words: list[Word]) -> list[Box | None]:
@@ -539,31 +539,32 @@ class Predictor:
         should_stop: ShouldStop | None,
     ) -> dict[tuple[int, Box], dict[str, str]]:
         """For (image, box) regions (`embeddings[image]`, box in image pixels): the first word of each attribute
-        class in the model's region caption of the box, all distinct regions captioned in one batched pass."""
-        regions = list(dict.fromkeys(regions))
-        if not regions:
+        class, lower-case, in the model's region caption of the box, all distinct regions captioned in one batched
+        pass (to the model's `max_text_tokens`: a caller's `max_new_tokens` bounds its caption, not these)."""
+        distinct = list(dict.fromkeys(regions))
+        if not distinct:
             return {}
         captions = self.caption_embeddings(
-            [embeddings[u] for u, _ in regions],
-            boxes=[box for _, box in regions],
+            [embeddings[u] for u, _ in distinct],
+            boxes=[box for _, box in distinct],
             num_beams=num_beams,
             should_stop=should_stop,
             refine=False,
         )
         said: dict[tuple[int, Box], dict[str, str]] = {}
-        for region, caption in zip(regions, captions):
+        for region, caption in zip(distinct, captions):
             found = said.setdefault(region, {})
             for w in caption.words:
                 if w.text.lower() in self._attribute_class:
-                    found.setdefault(self._attribute_class[w.text.lower()], w.text)
+                    found.setdefault(self._attribute_class[w.text.lower()], w.text.lower())
         return said
 
     def _verified(self, word: Word, said: dict[str, str]) -> Word:
         """Attribute word `word`, or the word of its class its phrase's region caption `said` where that differs."""
         new = said.get(self._attribute_class[word.text.lower()])
-        if new is None or new.lower() == word.text.lower():
+        if new is None or new == word.text.lower():
             return word
-        return replace(word, text=new, generated_text=word.text)
+        return replace(word, text=new.capitalize() if word.text[:1].isupper() else new, generated_text=word.text)
 
     def _caption(self, g: Generated, transform: ImageTransform) -> Caption:
         ids = [int(i) for i in g.ids if int(i) not in (EOS_ID, PAD_ID)]
@@ -600,10 +601,12 @@ class _Rewriter:
 
 def _rewrite(caption: Caption, words: list[Word]) -> Caption:
     """`caption` with `words` (in order, one per word, texts maybe changed) in place of its words."""
-    if all(new.text == old.text for old, new in zip(caption.words, words)):
+    if all(new.text == old.text for old, new in zip(caption.words, words, strict=True)):
         return replace(caption, words=words)
     rewriter = _Rewriter()
-    placed = [rewriter.add(caption.text, old.start, old.end, new) for old, new in zip(caption.words, words)]
+    placed = [
+        rewriter.add(caption.text, old.start, old.end, new) for old, new in zip(caption.words, words, strict=True)
+    ]
     return Caption(rewriter.finish(caption.text), placed, caption.score)
 
 

@@ -40,7 +40,7 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
         "",
     ),
     (
-        "region caption from a point, the decoder's words (`verify=False`)",
+        "region caption from a point, the decoder's words (with beam search: of the beam verifying chose)",
         pct("region_caption_acc_point_unverified"),
         "",
     ),
@@ -51,7 +51,7 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
         ">= 90% (issue 4)",
     ),
     (
-        "caption word point, refined words as decoded (`verify=False`)",
+        "caption word point, refined words as decoded (with beam search: of the beam verifying chose)",
         pct("caption_word_point_acc_unverified"),
         "",
     ),

@@ -67,7 +67,6 @@ def one_thread() -> Iterator[None]:
         yield
 
 
-@torch.no_grad()
 def run_probe(script: str, tmp_path: Path, *args: str) -> dict:
     """Run `scripts/<script>` with `args` on one thread, its table written to `tmp_path`; the table."""
     out = tmp_path / "probe.json"
@@ -92,6 +91,7 @@ def record_decoded(model, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return decoded
 
 
+@torch.no_grad()
 def perturb_(module: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
     """Add Gaussian noise to every parameter, so no weight keeps a zero/one init (pos_embed, rel_pos, biases,
     LayerNorms, LoRA B): comparisons and round trips then check every tensor, not only the random ones."""

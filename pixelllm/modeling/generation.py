@@ -1,9 +1,9 @@
 """Decoding with a location for every token: greedy (also as a token-by-token iterator) and beam search.
 
 Each step runs the T5 decoder once with its KV cache and the vocabulary head on its state. The decoder
-states that emitted the tokens are kept (per beam for beam search) and the point head runs once after the
-loop on all of them, so every generated token comes with its word-box corners and a confidence at the
-cost of one small batched MLP call.
+states that emitted the tokens are kept (per beam for beam search) and the point head runs after the loop
+on them (greedy: once on the batch; beam search: once per returned hypothesis), so every generated token
+comes with its word-box corners and a confidence at the cost of small MLP calls.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def beam_search_n_best(
     num_return: int | None = None,
 ) -> list[list[Generated]]:
     """Beam search over a batch whose decoder inputs are already repeated `num_beams` times (B*K rows); per batch
-    item its `num_return` (default `num_beams`) best hypotheses, best first.
+    item at most `num_return` (1 to `num_beams`, default `num_beams`) best hypotheses, best first.
 
     Hypotheses are ranked by sum of log-probs / length**length_penalty; a batch item stops once it has
     `num_beams` finished hypotheses. Each beam carries the decoder states of its own tokens, and the point
@@ -143,6 +143,9 @@ def beam_search_n_best(
     is True.
     """
     k = num_beams
+    num_return = k if num_return is None else num_return
+    if not 1 <= num_return <= k:
+        raise ValueError(f"num_return must be between 1 and num_beams ({k}), got {num_return}")
     cache = new_cache()
     last = torch.full((batch_size * k, 1), PAD_ID, dtype=torch.long, device=device)
     beam_scores = torch.zeros(batch_size, k, device=device)
@@ -199,7 +202,7 @@ def beam_search_n_best(
                 score = float(beam_scores[b, j])
                 if score != float("-inf"):
                     pool.append(_Hypothesis(seqs[row], states[row], score / seqs.shape[1] ** length_penalty))
-        ranked = sorted(pool, key=lambda h: h.score, reverse=True)[: num_return or k]
+        ranked = sorted(pool, key=lambda h: h.score, reverse=True)[:num_return]
         results.append([_generated(h, points_fn) for h in ranked])
     return results
 

@@ -331,7 +331,9 @@ class PixelLLM(nn.Module):
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
         """
         if num_beams > 1:
-            found = self.generate_n_best(features, prompts, num_beams, max_new_tokens, with_points, should_stop, 1)
+            found = self.generate_n_best(
+                features, prompts, num_beams, max_new_tokens, with_points, should_stop=should_stop, num_return=1
+            )
             return [hypotheses[0] for hypotheses in found]
         max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
         enc, enc_mask = self.encode_prompts(features, prompts)
@@ -350,8 +352,8 @@ class PixelLLM(nn.Module):
         should_stop: ShouldStop | None = None,
         num_return: int | None = None,
     ) -> list[list[Generated]]:
-        """Beam search of width `num_beams`: per sample its `num_return` (default `num_beams`) best hypotheses,
-        best first, each as `generate` returns one."""
+        """Beam search of width `num_beams`: per sample at most `num_return` (1 to `num_beams`, default `num_beams`)
+        best hypotheses, best first, each as `generate` returns one."""
         max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
         enc, enc_mask = self.encode_prompts(features, prompts)
         b = enc.shape[0]
