@@ -186,7 +186,7 @@ class Predictor:
         image_index = prompts.image_index.tolist()
         boxed = [False] * len(embeddings) if boxes is None else [box is not None for box in boxes]
         grounded = refine and self.model.proposal_head is not None
-        checked = [grounded and verify and bool(self._attribute_class) and not b for b in boxed]
+        checked = [self._verifies(refine, verify, b) for b in boxed]
         if num_beams > 1 and any(checked):
             n_best = self.model.generate_n_best(features, prompts, num_beams, max_new_tokens, should_stop=should_stop)
             n_best = [hypotheses if check else hypotheses[:1] for hypotheses, check in zip(n_best, checked)]
@@ -202,25 +202,17 @@ class Predictor:
                 caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
         # the likeliest beam among those whose phrases name the most distinct proposals (`max` keeps the first)
         captions = [max(hypotheses, key=lambda c: self._grounded_coverage(c.words)) for hypotheses in candidates]
-        if not any(checked):
-            return captions
-        regions = [
-            self._phrase_regions(caption.words) if check else [None] * len(caption.words)
-            for caption, check in zip(captions, checked)
-        ]
-        said = self._region_attributes(
-            [(u, box) for word_regions, u in zip(regions, image_index) for box in word_regions if box is not None],
+        todo = [i for i, check in enumerate(checked) if check]
+        verified = self._verify_words(
+            [captions[i].words for i in todo],
+            [image_index[i] for i in todo],
             {u: emb for emb, u in zip(embeddings, image_index)},
             num_beams,
             should_stop,
         )
-        return [
-            _rewrite(
-                caption,
-                [w if b is None else self._verified(w, said[(u, b)]) for w, b in zip(caption.words, word_regions)],
-            )
-            for caption, word_regions, u in zip(captions, regions, image_index)
-        ]
+        for i, words in zip(todo, verified):
+            captions[i] = _rewrite(captions[i], words)
+        return captions
 
     def caption_stream(
         self,
@@ -265,7 +257,7 @@ class Predictor:
         logps: list[float] = []
         words: list[Word] = []
         text, groups = "", []
-        check = verify and box is None and proposals is not None and bool(self._attribute_class)
+        check = self._verifies(refine, verify, box is not None)
         said: dict[tuple[int, Box], dict[str, str]] = {}  # region captions' attribute words, by proposal
         pending: list[tuple[int, int, Word]] = []  # final words held back until their attribute phrase ends
         rewriter = _Rewriter()
@@ -277,13 +269,10 @@ class Predictor:
             return word if proposals is None else self._snap_words([word], proposals, transform)[0]
 
         def release() -> list[Word]:  # the pending words, verified, at their offsets in the text shown
-            boxes = self._phrase_regions([w for _, _, w in pending]) if check else [None] * len(pending)
-            missing = [(0, b) for b in boxes if b is not None and (0, b) not in said]
-            said.update(self._region_attributes(missing, {0: embedding}, 1, should_stop))
-            ready = [
-                rewriter.add(text, start, end, w if b is None else self._verified(w, said[(0, b)]))
-                for (start, end, w), b in zip(pending, boxes)
-            ]
+            final = [w for _, _, w in pending]
+            if check:
+                (final,) = self._verify_words([final], [0], {0: embedding}, 1, should_stop, said)
+            ready = [rewriter.add(text, start, end, w) for (start, end, _), w in zip(pending, final)]
             pending.clear()
             words.extend(ready)
             return ready
@@ -504,6 +493,32 @@ class Predictor:
                 snapped[i] = replace(words[i], box=refined, point=centre(refined), regressed_box=words[i].box)
         return snapped
 
+    def _verifies(self, refine: bool, verify: bool, has_box: bool) -> bool:
+        """Does a caption so asked for get verified (see `caption`)?"""
+        return (
+            refine and verify and not has_box and self.model.proposal_head is not None and bool(self._attribute_class)
+        )
+
+    def _verify_words(
+        self,
+        word_lists: Sequence[list[Word]],
+        images: Sequence[int],
+        embeddings: dict[int, ImageEmbedding],
+        num_beams: int,
+        should_stop: ShouldStop | None,
+        said: dict[tuple[int, Box], dict[str, str]] | None = None,
+    ) -> list[list[Word]]:
+        """Each refined word list of image `images[i]` (`embeddings[image]`) with its attribute phrases verified
+        (see `caption`); the region captions' attribute words are kept in `said` and taken from it when there."""
+        said = {} if said is None else said
+        regions = [self._phrase_regions(words) for words in word_lists]
+        missing = [(u, b) for r, u in zip(regions, images) for b in r if b is not None and (u, b) not in said]
+        said.update(self._region_attributes(missing, embeddings, num_beams, should_stop))
+        return [
+            [w if b is None else self._verified(w, said[(u, b)]) for w, b in zip(words, r)]
+            for words, r, u in zip(word_lists, regions, images)
+        ]
+
     def _attribute_runs(self, words: list[Word]) -> list[list[int]]:
         """Indices of each attribute phrase of `words`: a run of words of attribute classes ("large blue triangle")
         with one character, a space, between neighbours (punctuation ends a phrase: "red star, blue circle")."""
@@ -601,8 +616,6 @@ class _Rewriter:
 
 def _rewrite(caption: Caption, words: list[Word]) -> Caption:
     """`caption` with `words` (in order, one per word, texts maybe changed) in place of its words."""
-    if all(new.text == old.text for old, new in zip(caption.words, words, strict=True)):
-        return replace(caption, words=words)
     rewriter = _Rewriter()
     placed = [
         rewriter.add(caption.text, old.start, old.end, new) for old, new in zip(caption.words, words, strict=True)

@@ -37,14 +37,8 @@ def verified_beams(predictor: Predictor, emb: ImageEmbedding, num_beams: int) ->
         caption = predictor._caption(g, emb.transform)
         caption.words = predictor._snap_words(caption.words, proposals, emb.transform)
         captions.append(caption)
-    regions = [predictor._phrase_regions(c.words) for c in captions]
-    said = predictor._region_attributes(
-        [(0, b) for r in regions for b in r if b is not None], {0: emb}, num_beams, None
-    )
-    return [
-        _rewrite(c, [w if b is None else predictor._verified(w, said[(0, b)]) for w, b in zip(c.words, r)])
-        for c, r in zip(captions, regions)
-    ]
+    verified = predictor._verify_words([c.words for c in captions], [0] * len(captions), {0: emb}, num_beams, None)
+    return [_rewrite(c, words) for c, words in zip(captions, verified)]
 
 
 def main() -> None:
