@@ -6,6 +6,7 @@ boxes are x0, y0, x1, y1). Word `start`/`end` are character offsets into the ret
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -136,10 +137,13 @@ class Predictor:
         `LOCATED_SCORE`) is snapped to the object proposal nearest its box, as `localize` snaps its box: the
         word's box becomes the proposal's, its point that box's centre, and `Word.regressed_box` keeps the
         point head's box. With `verify` too, no `box` (a box prompt names its region already), and a model whose
-        config names `attribute_words` (classes such as color and shape), the words of each attribute phrase (a
-        run of words of those classes, "large blue triangle") are checked against the model's own region caption
-        of the proposal the phrase's last word was snapped to: where that caption says another word of a word's
-        class, it replaces the word (`text` and the offsets follow; `Word.generated_text` keeps the decoder's).
+        config names `attribute_words` (classes such as color and shape), each attribute phrase (a run of words
+        of those classes, "large blue triangle", with the words after it up to punctuation or the next phrase,
+        "on the left and a") is placed on one proposal: the one most of its words from the run's last word on
+        were snapped to (ties to the latest word), or, if an earlier phrase took that one, the nearest one none
+        took, while any is left; the run's words move to it. They are checked against the model's own region
+        caption of that proposal: where it says another word of a word's class, it replaces the word (`text`
+        and the offsets follow; `Word.generated_text` keeps the decoder's).
         With beam search (`num_beams` > 1), `verify` also picks the beam: of the search's `num_beams` best
         hypotheses, the likeliest among those whose attribute phrases were snapped to the most distinct proposals
         (a phrase that repeats another's proposal counts against it).
@@ -207,6 +211,7 @@ class Predictor:
             [captions[i].words for i in todo],
             [image_index[i] for i in todo],
             {u: emb for emb, u in zip(embeddings, image_index)},
+            {u: self._proposal_boxes(proposals[u], emb.transform) for emb, u in zip(embeddings, image_index)},
             num_beams,
             should_stop,
         )
@@ -251,6 +256,7 @@ class Predictor:
         if refine and self.model.proposal_head is not None:
             with torch.no_grad():
                 proposals = self.model.propose(embedding.features, DENSE_SCORE_THRESHOLD)[0]
+        proposal_boxes = {0: [] if proposals is None else self._proposal_boxes(proposals, transform)}
         ids: list[int] = []
         corners: list[np.ndarray] = []  # (4,) per token
         confidence: list[np.ndarray] = []  # () per token
@@ -259,6 +265,7 @@ class Predictor:
         text, groups = "", []
         check = self._verifies(refine, verify, box is not None)
         said: dict[tuple[int, Box], dict[str, str]] = {}  # region captions' attribute words, by proposal
+        taken: set[Box] = set()  # the proposals the attribute phrases so far were moved to
         pending: list[tuple[int, int, Word]] = []  # final words held back until their attribute phrase ends
         rewriter = _Rewriter()
 
@@ -271,7 +278,9 @@ class Predictor:
         def release() -> list[Word]:  # the pending words, verified, at their offsets in the text shown
             final = [w for _, _, w in pending]
             if check:
-                (final,) = self._verify_words([final], [0], {0: embedding}, 1, should_stop, said)
+                (final,) = self._verify_words(
+                    [final], [0], {0: embedding}, proposal_boxes, 1, should_stop, said, [taken]
+                )
             ready = [rewriter.add(text, start, end, w) for (start, end, _), w in zip(pending, final)]
             pending.clear()
             words.extend(ready)
@@ -292,8 +301,11 @@ class Predictor:
             groups = words_with_tokens(text, spans)
             for start, end, members in groups[seen:-1]:  # the last word may still grow; every word before is final
                 seen += 1
-                pending.append((start, end, located(start, end, members)))
-                if not (check and pending[-1][2].text.lower() in self._attribute_class):
+                word = located(start, end, members)
+                if pending and not self._continues_phrase(pending[-1][2], word):
+                    yield from release()
+                pending.append((start, end, word))
+                if not (check and any(w.text.lower() in self._attribute_class for _, _, w in pending)):
                     yield from release()
         pending.extend((start, end, located(start, end, members)) for start, end, members in groups[seen:])
         yield from release()
@@ -472,10 +484,18 @@ class Predictor:
         boxes = proposals[0].float().cpu().numpy()
         if len(boxes) == 0:
             return [None] * len(centres)
-        size = self.model.cfg.image_size
-        in_image = [_box(b / size, transform) for b in boxes]
+        in_image = self._proposal_boxes(proposals, transform)
         nearest = np.abs(centres[:, None] - (boxes[None, :, :2] + boxes[None, :, 2:]) / 2).sum(axis=-1).argmin(axis=1)
-        return [in_image[k] if _has_area(in_image[k]) else None for k in nearest]
+        return [in_image[k] for k in nearest]
+
+    def _proposal_boxes(
+        self, proposals: tuple[torch.Tensor, torch.Tensor], transform: ImageTransform
+    ) -> list[Box | None]:
+        """`PixelLLM.propose`'s boxes (P, 4) in model-input pixels -> image pixels; None where one lies wholly in
+        the padding outside the image."""
+        size = self.model.cfg.image_size
+        in_image = [_box(b / size, transform) for b in proposals[0].float().cpu().numpy()]
+        return [b if _has_area(b) else None for b in in_image]
 
     def _snap_words(
         self, words: list[Word], proposals: tuple[torch.Tensor, torch.Tensor], transform: ImageTransform
@@ -504,13 +524,19 @@ class Predictor:
         word_lists: Sequence[list[Word]],
         images: Sequence[int],
         embeddings: dict[int, ImageEmbedding],
+        proposals: dict[int, list[Box | None]],
         num_beams: int,
         should_stop: ShouldStop | None,
         said: dict[tuple[int, Box], dict[str, str]] | None = None,
+        taken: Sequence[set[Box]] | None = None,
     ) -> list[list[Word]]:
-        """Each refined word list of image `images[i]` (`embeddings[image]`) with its attribute phrases verified
-        (see `caption`); the region captions' attribute words are kept in `said` and taken from it when there."""
+        """Each refined word list of image `images[i]` (`embeddings[image]`, its proposals `proposals[image]` in
+        image pixels) with its attribute phrases grounded (`_ground_phrases`, `taken[i]` the
+        proposals earlier phrases of list i took) and verified (see `caption`); the region captions' attribute
+        words are kept in `said` and taken from it when there."""
         said = {} if said is None else said
+        taken = [set() for _ in word_lists] if taken is None else taken
+        word_lists = [self._ground_phrases(w, proposals[u], t) for w, u, t in zip(word_lists, images, taken)]
         regions = [self._phrase_regions(words) for words in word_lists]
         missing = [(u, b) for r, u in zip(regions, images) for b in r if b is not None and (u, b) not in said]
         said.update(self._region_attributes(missing, embeddings, num_beams, should_stop))
@@ -530,6 +556,55 @@ class Predictor:
                 runs[-1].append(i)
         return [run for run in runs if run]
 
+    def _attribute_phrases(self, words: list[Word]) -> list[tuple[list[int], list[int]]]:
+        """Each attribute phrase of `words`: its run (`_attribute_runs`) and the words that place it, its last
+        word (the head) and the words after it up to punctuation or the next run ("star at the top and a")."""
+        runs = self._attribute_runs(words)
+        phrases = []
+        for k, run in enumerate(runs):
+            end = runs[k + 1][0] if k + 1 < len(runs) else len(words)
+            span = [run[-1]]
+            while span[-1] + 1 < end and words[span[-1] + 1].start == words[span[-1]].end + 1:
+                span.append(span[-1] + 1)
+            phrases.append((run, span))
+        return phrases
+
+    def _continues_phrase(self, previous: Word, word: Word) -> bool:
+        """Does `word`, after `previous`, stay in `previous`'s attribute phrase (`_attribute_phrases`)?"""
+        is_attribute = word.text.lower() in self._attribute_class
+        return word.start == previous.end + 1 and (previous.text.lower() in self._attribute_class or not is_attribute)
+
+    def _anchor(self, words: list[Word], span: list[int]) -> Word | None:
+        """The word of `span` that places its phrase: of the words snapped to a proposal, the latest of those
+        snapped to the proposal most of them were (a phrase's later words, "at the top", come once the decoder
+        has said which object it means); None where none was snapped."""
+        snapped = [words[i] for i in span if words[i].regressed_box is not None]
+        if not snapped:
+            return None
+        votes = Counter(w.box for w in snapped)
+        most = max(votes.values())
+        return [w for w in snapped if votes[w.box] == most][-1]
+
+    def _ground_phrases(self, words: list[Word], proposals: list[Box | None], taken: set[Box]) -> list[Word]:
+        """`words` with the snapped words of each attribute phrase moved to the phrase's proposal: its anchor's
+        (`_anchor`) or, where an earlier phrase took that one, the proposal (of `proposals`, image pixels)
+        nearest the anchor's point-head box that none took, while one is left; `taken` gains each phrase's."""
+        grounded = list(words)
+        for run, span in self._attribute_phrases(words):
+            anchor = self._anchor(words, span)
+            if anchor is None or anchor.regressed_box is None:
+                continue
+            box = anchor.box
+            free = [b for b in proposals if b is not None and b not in taken]
+            if box in taken and free:
+                point = np.array(centre(anchor.regressed_box))
+                box = min(free, key=lambda b: float(np.abs(np.array(centre(b)) - point).sum()))
+            for j in run:
+                if words[j].regressed_box is not None:
+                    grounded[j] = replace(words[j], box=box, point=centre(box))
+            taken.add(box)
+        return grounded
+
     def _phrase_regions(self, words: list[Word]) -> list[Box | None]:
         """Per word, the region `verify` checks it against: for the words of an attribute phrase, the proposal its
         last word, the head, was snapped to; else None."""
@@ -542,9 +617,11 @@ class Predictor:
         return regions
 
     def _grounded_coverage(self, words: list[Word]) -> int:
-        """The distinct proposals the attribute phrases of `words` were snapped to, less the phrases that repeat one."""
-        heads = [words[run[-1]].box for run in self._attribute_runs(words) if words[run[-1]].regressed_box is not None]
-        return 2 * len(set(heads)) - len(heads)
+        """The distinct proposals the attribute phrases of `words` were snapped to (their anchors'), less the
+        phrases that repeat one."""
+        anchors = [self._anchor(words, span) for _, span in self._attribute_phrases(words)]
+        boxes = [a.box for a in anchors if a is not None]
+        return 2 * len(set(boxes)) - len(boxes)
 
     def _region_attributes(
         self,

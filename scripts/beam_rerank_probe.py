@@ -26,8 +26,9 @@ from pixelllm.predictor import DENSE_SCORE_THRESHOLD, Caption, ImageEmbedding, P
 CHOICES = ("top", "grounded", "oracle", "predictor")
 
 
-def verified_beams(predictor: Predictor, emb: ImageEmbedding, num_beams: int) -> list[Caption]:
-    """The whole-image caption's `num_beams` best hypotheses, likeliest first, each refined and verified."""
+def verified_beams(predictor: Predictor, emb: ImageEmbedding, num_beams: int) -> tuple[list[Caption], list[int]]:
+    """The whole-image caption's `num_beams` best hypotheses, likeliest first, each refined and verified, and
+    the grounded coverage of each before verification (`Predictor._grounded_coverage`, as the predictor picks)."""
     model = predictor.model
     prompts = predictor._location_prompts([emb], None, None)
     beams = model.generate_n_best(emb.features, prompts, num_beams)[0]
@@ -37,8 +38,12 @@ def verified_beams(predictor: Predictor, emb: ImageEmbedding, num_beams: int) ->
         caption = predictor._caption(g, emb.transform)
         caption.words = predictor._snap_words(caption.words, proposals, emb.transform)
         captions.append(caption)
-    verified = predictor._verify_words([c.words for c in captions], [0] * len(captions), {0: emb}, num_beams, None)
-    return [_rewrite(c, words) for c, words in zip(captions, verified)]
+    coverage = [predictor._grounded_coverage(c.words) for c in captions]
+    boxes = {0: predictor._proposal_boxes(proposals, emb.transform)}
+    verified = predictor._verify_words(
+        [c.words for c in captions], [0] * len(captions), {0: emb}, boxes, num_beams, None
+    )
+    return [_rewrite(c, words) for c, words in zip(captions, verified)], coverage
 
 
 def main() -> None:
@@ -54,9 +59,8 @@ def main() -> None:
         for scene in generated_scenes(args.num_scenes, args.seed, "independent"):
             emb = predictor.embed(scene.image)
             for k in args.num_beams:
-                captions = verified_beams(predictor, emb, k)
+                captions, coverage = verified_beams(predictor, emb, k)
                 beams = [_word_point_hits(c.words, scene.objects) for c in captions]
-                coverage = [predictor._grounded_coverage(c.words) for c in captions]
                 grounded = max(range(len(beams)), key=lambda i: coverage[i])
                 oracle = max(range(len(beams)), key=lambda i: sum(h is True for h in beams[i]))
                 hits[k]["top"] += beams[0]

@@ -6,9 +6,10 @@ For `--num-scenes` independent-renderer scenes (seed `--seed`, 77 by default, no
 (the model's `attribute_words`: size, color, shape) against the model's region caption of a proposal per rule, and
 prints the caption word-point accuracy of each (`pixelllm eval`'s `caption_word_point_acc`) and the share of objects
 the caption names: no check; each attribute word against the proposal it was itself snapped to ("per_word"); each
-word of an attribute phrase ("large blue triangle") against the proposal of the phrase's last word, the rule
-`Predictor.caption` uses (`predictor_verified`: its default words). It also times the two `Predictor` calls
-(median milliseconds per caption, refined only and verified).
+word of an attribute phrase ("large blue triangle") against the proposal of the phrase's last word ("phrase", the
+rule of session 26); the phrases first placed on distinct proposals by the words from their last on ("grounded",
+`Predictor._ground_phrases`), the rule `Predictor.caption` uses (`predictor_verified`: its default words). It also
+times the two `Predictor` calls (median milliseconds per caption, refined only and verified).
 
 python scripts/verify_probe.py --model weights/pixelllm-tiny --num-scenes 500 --out runs/verify_probe.json
 """
@@ -24,9 +25,9 @@ from probe_args import probe_parser
 
 from pixelllm.build import load_model
 from pixelllm.evaluate import _word_point_hits, generated_scenes
-from pixelllm.predictor import Box, ImageEmbedding, Predictor, Word
+from pixelllm.predictor import DENSE_SCORE_THRESHOLD, Box, ImageEmbedding, Predictor, Word
 
-RULES = ("none", "per_word", "phrase")
+RULES = ("none", "per_word", "phrase", "grounded")
 
 
 def regions(predictor: Predictor, rule: str, words: list[Word]) -> list[Box | None]:
@@ -41,6 +42,11 @@ def regions(predictor: Predictor, rule: str, words: list[Word]) -> list[Box | No
 
 
 def checked(predictor: Predictor, emb: ImageEmbedding, rule: str, words: list[Word]) -> list[Word]:
+    if rule == "grounded":
+        proposals = predictor._proposal_boxes(
+            predictor.model.propose(emb.features, DENSE_SCORE_THRESHOLD)[0], emb.transform
+        )
+        return predictor._verify_words([words], [0], {0: emb}, {0: proposals}, 1, None)[0]
     boxes = regions(predictor, rule, words)
     said = predictor._region_attributes([(0, b) for b in boxes if b is not None], {0: emb}, 1, None)
     return [w if b is None else predictor._verified(w, said[(0, b)]) for w, b in zip(words, boxes)]

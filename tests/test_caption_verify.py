@@ -4,6 +4,7 @@ phrases checked against the model's own region caption of the proposal each phra
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import record_decoded, run_probe
@@ -134,17 +135,17 @@ def test_verified_captions_name_more_objects_right(predictor):
 
 
 def test_verify_probe_rules_include_the_predictors(tmp_path):
-    """scripts/verify_probe.py: its 'phrase' rule, applied to the refined words, scores what `Predictor.caption`
+    """scripts/verify_probe.py: its 'grounded' rule, applied to the refined words, scores what `Predictor.caption`
     answers."""
     table = run_probe("verify_probe.py", tmp_path, "--num-scenes", "8")
     assert table["objects"] >= 12 and table["seed"] == 77
-    assert table["phrase"]["word_point"] == table["predictor_verified"]
+    assert table["grounded"]["word_point"] == table["predictor_verified"]
     assert set(table["median_ms_per_caption"]) == {"refined", "verified"}
 
 
 def test_the_stream_holds_an_attribute_phrase_until_the_word_after_it(predictor, monkeypatch):
-    """Each word comes once the next word begins, except that the words of an attribute phrase ("small orange star")
-    all wait until the word after the phrase is complete: its head decides what the phrase is checked against."""
+    """Each word comes once the next word begins, except that the words of an attribute phrase ("small orange star
+    at the top") all wait until the word after the phrase is complete: its words decide where the phrase is."""
     predictor.set_image(render_independent_scene(scene_seed(77, 6)).image)
     model = predictor.model
     decoded = record_decoded(model, monkeypatch)
@@ -154,10 +155,51 @@ def test_the_stream_holds_an_attribute_phrase_until_the_word_after_it(predictor,
     text, spans = model.tokenizer.decode_with_spans(ids)
     groups = words_with_tokens(text, spans)
     final = [members[0] + 1 for _, _, members in groups[1:]] + [len(decoded)]  # when each word is complete
-    attribute = [text[s:e] in predictor._attribute_class for s, e, _ in groups]
-    closer = [next((j for j in range(i, len(groups)) if not attribute[j]), len(groups) - 1) for i in range(len(groups))]
-    released = [final[j] for j in closer]
-    assert sum(attribute) >= 3 and steps_at_word == released
+    released = list(final)
+    words = [word(text[s:e], s) for s, e, _ in groups]
+    phrases = predictor._attribute_phrases(words)
+    for run, span in phrases:
+        for i in range(run[0], span[-1] + 1):
+            released[i] = final[min(span[-1] + 1, len(groups) - 1)]
+    assert sum(len(run) for run, _ in phrases) >= 3 and max(len(span) for _, span in phrases) >= 3
+    assert steps_at_word == released
+
+
+def test_a_phrase_runs_from_its_attribute_words_to_punctuation_or_the_next_phrase(predictor):
+    text = "a large blue triangle on the left and a red star, a green circle."
+    starts = [0, 2, 8, 13, 22, 25, 29, 34, 38, 40, 44, 50, 52, 58]
+    words = [word(t, s) for t, s in zip(text.replace(",", "").replace(".", "").split(), starts)]
+    assert [w.text for w in words] == [text[w.start : w.end] for w in words]
+    assert predictor._attribute_phrases(words) == [([1, 2, 3], [3, 4, 5, 6, 7, 8]), ([9, 10], [10]), ([12, 13], [13])]
+    assert [predictor._continues_phrase(a, b) for a, b in zip(words, words[1:])] == [
+        False, True, True, True, True, True, True, True, False, True, False, False, True,
+    ]  # fmt: skip
+
+
+def test_a_phrase_is_placed_where_most_of_its_words_from_the_head_on_were_snapped(predictor):
+    # "a red star at the top": "star at" on A, "the top" on B; the most votes win, ties go to the latest word
+    words = [word("a", 0), word("red", 2), word("star", 6), word("at", 11), word("the", 14, BOX_B)]
+    words += [word("top", 18, BOX_B)]
+    assert predictor._anchor(words, [2, 3, 4, 5]) is words[5]
+    assert predictor._anchor(words, [2, 3, 4]) is words[3]
+    assert predictor._anchor(words, [3, 4]) is words[4]
+    unsnapped = [replace(w, regressed_box=None) for w in words]
+    assert predictor._anchor(unsnapped, [2, 3, 4, 5]) is None
+    grounded = predictor._ground_phrases(words, [BOX_A, BOX_B], taken := set())
+    assert [w.box for w in grounded] == [BOX_A, BOX_B, BOX_B, BOX_A, BOX_B, BOX_B] and taken == {BOX_B}
+    assert grounded[2].point == (75.0, 25.0) and grounded[2].regressed_box == BOX_A  # the point head's box kept
+
+
+def test_a_phrase_that_repeats_an_earlier_ones_proposal_moves_to_the_nearest_free_one(predictor):
+    # "red star, red star, red star": all three on A; the point head put the second nearer C than B
+    box_c = (0.0, 60.0, 20.0, 80.0)
+    words = [word("red", 0), word("star", 4), word("red", 10), word("star", 14), word("red", 20), word("star", 24)]
+    words[3] = replace(words[3], regressed_box=(0.0, 40.0, 10.0, 50.0))
+    grounded = predictor._ground_phrases(words, [BOX_A, BOX_B, None, box_c], taken := set())
+    assert [w.box for w in grounded] == [BOX_A, BOX_A, box_c, box_c, BOX_B, BOX_B]
+    assert taken == {BOX_A, BOX_B, box_c}
+    again = predictor._ground_phrases(words[:2], [BOX_A, BOX_B, box_c], taken)  # none left: it stays
+    assert [w.box for w in again] == [BOX_A, BOX_A]
 
 
 def test_beam_search_keeps_the_likeliest_beam_that_names_the_most_distinct_objects(predictor):
