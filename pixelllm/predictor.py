@@ -231,8 +231,8 @@ class Predictor:
 
         The words equal those of `caption(..., num_beams=1)`, and the generator returns that `Caption`
         (`caption = yield from p.caption_stream()`, or `StopIteration.value`). Beam search cannot stream:
-        a beam's words are only known once the search ends. `refine` and `verify` as in `caption` (a word to
-        verify waits for its proposal's region caption).
+        a beam's words are only known once the search ends. `refine` and `verify` as in `caption` (the words of
+        an attribute phrase wait until the phrase's words end, then for its proposal's region caption).
         """
         return self.caption_stream_embedding(self._current(), box, point, max_new_tokens, refine=refine, verify=verify)
 

@@ -51,7 +51,7 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
         ">= 90% (issue 4)",
     ),
     (
-        "caption word point, refined words as decoded (with beam search: of the beam verifying chose)",
+        "caption word point, the words as decoded, placed as verifying placed them (beam search: the beam it chose)",
         pct("caption_word_point_acc_unverified"),
         "",
     ),
