@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-verify",
         action="store_true",
-        help="keep the decoder's attribute words (color, shape, ...) where the region caption of their object "
-        "says another (models with attribute_words)",
+        help="keep the decoder's attribute phrases (color, shape, ...) where it put them: neither placed on "
+        "distinct object proposals nor checked against their region captions (models with attribute_words)",
     )
     model_args(p)
     p.set_defaults(func=cmd_caption)

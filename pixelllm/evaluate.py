@@ -14,8 +14,7 @@ Metrics (written as JSON):
   proposal, for models with a proposal head, and, for models with `attribute_words`, each attribute phrase
   placed on one proposal and its attribute words checked against that proposal's region caption); suffixed
   `_regressed`, with the point head's own word boxes; suffixed `_unverified`, with the decoder's words where
-  the phrases were placed (region captions from a point too; a box prompt is not verified; with beam search,
-  the words of the beam that verifying chose).
+  the phrases were placed (region captions from a point too; a box prompt is not verified).
   Split into the share of objects the caption names (`caption_object_mention_rate`) and the
   point-in-box share among them (`_mentioned`); `caption_phrase_precision` is the share of the captions'
   phrases paired with an object (the rest name none, or repeat one); `_teacher_forced` is the point-in-box

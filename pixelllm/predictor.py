@@ -143,10 +143,8 @@ class Predictor:
         were snapped to (ties to the latest word), or, if an earlier phrase took that one, the nearest one none
         took, while any is left; the run's words move to it. They are checked against the model's own region
         caption of that proposal: where it says another word of a word's class, it replaces the word (`text`
-        and the offsets follow; `Word.generated_text` keeps the decoder's).
-        With beam search (`num_beams` > 1), `verify` also picks the beam: of the search's `num_beams` best
-        hypotheses, the likeliest among those whose attribute phrases were snapped to the most distinct proposals
-        (a phrase that repeats another's proposal counts against it).
+        and the offsets follow; `Word.generated_text` keeps the decoder's). Beam search (`num_beams` > 1)
+        answers its likeliest beam, refined and verified so.
         """
         return self.caption_embeddings(
             [self._current()], [box], [point], max_new_tokens, num_beams, refine=refine, verify=verify
@@ -191,27 +189,21 @@ class Predictor:
         boxed = [False] * len(embeddings) if boxes is None else [box is not None for box in boxes]
         grounded = refine and self.model.proposal_head is not None
         checked = [self._verifies(refine, verify, b) for b in boxed]
-        if num_beams > 1 and any(checked):
-            n_best = self.model.generate_n_best(features, prompts, num_beams, max_new_tokens, should_stop=should_stop)
-            n_best = [hypotheses if check else hypotheses[:1] for hypotheses, check in zip(n_best, checked)]
-        else:
-            outputs = self.model.generate(features, prompts, max_new_tokens, num_beams, should_stop=should_stop)
-            n_best = [[g] for g in outputs]
-        candidates = [[self._caption(g, e.transform) for g in hypotheses] for hypotheses, e in zip(n_best, embeddings)]
+        outputs = self.model.generate(features, prompts, max_new_tokens, num_beams, should_stop=should_stop)
+        captions = [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
         if not grounded:
-            return [c[0] for c in candidates]
+            return captions
         proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
-        for hypotheses, emb, u in zip(candidates, embeddings, image_index):
-            for caption in hypotheses:
-                caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
-        # the likeliest beam among those whose phrases name the most distinct proposals (`max` keeps the first)
-        captions = [max(hypotheses, key=lambda c: self._grounded_coverage(c.words)) for hypotheses in candidates]
+        for caption, emb, u in zip(captions, embeddings, image_index):
+            caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
         todo = [i for i, check in enumerate(checked) if check]
+        if not todo:
+            return captions
         verified = self._verify_words(
             [captions[i].words for i in todo],
             [image_index[i] for i in todo],
-            {u: emb for emb, u in zip(embeddings, image_index)},
-            {u: self._proposal_boxes(proposals[u], emb.transform) for emb, u in zip(embeddings, image_index)},
+            {image_index[i]: embeddings[i] for i in todo},
+            {image_index[i]: self._proposal_boxes(proposals[image_index[i]], embeddings[i].transform) for i in todo},
             num_beams,
             should_stop,
         )
@@ -256,14 +248,14 @@ class Predictor:
         if refine and self.model.proposal_head is not None:
             with torch.no_grad():
                 proposals = self.model.propose(embedding.features, DENSE_SCORE_THRESHOLD)[0]
-        proposal_boxes = {0: [] if proposals is None else self._proposal_boxes(proposals, transform)}
+        check = self._verifies(refine, verify, box is not None)
+        proposal_boxes = {0: self._proposal_boxes(proposals, transform) if check and proposals is not None else []}
         ids: list[int] = []
         corners: list[np.ndarray] = []  # (4,) per token
         confidence: list[np.ndarray] = []  # () per token
         logps: list[float] = []
         words: list[Word] = []
         text, groups = "", []
-        check = self._verifies(refine, verify, box is not None)
         said: dict[tuple[int, Box], dict[str, str]] = {}  # region captions' attribute words, by proposal
         taken: set[Box] = set()  # the proposals the attribute phrases so far were moved to
         pending: list[tuple[int, int, Word]] = []  # final words held back until their attribute phrase ends
@@ -536,8 +528,10 @@ class Predictor:
         words are kept in `said` and taken from it when there."""
         said = {} if said is None else said
         taken = [set() for _ in word_lists] if taken is None else taken
-        word_lists = [self._ground_phrases(w, proposals[u], t) for w, u, t in zip(word_lists, images, taken)]
-        regions = [self._phrase_regions(words) for words in word_lists]
+        if len(taken) != len(word_lists):
+            raise ValueError(f"{len(taken)} taken sets for {len(word_lists)} word lists")
+        grounded = [self._ground_phrases(w, proposals[u], t) for w, u, t in zip(word_lists, images, taken)]
+        word_lists, regions = [words for words, _ in grounded], [r for _, r in grounded]
         missing = [(u, b) for r, u in zip(regions, images) for b in r if b is not None and (u, b) not in said]
         said.update(self._region_attributes(missing, embeddings, num_beams, should_stop))
         return [
@@ -585,14 +579,19 @@ class Predictor:
         most = max(votes.values())
         return [w for w in snapped if votes[w.box] == most][-1]
 
-    def _ground_phrases(self, words: list[Word], proposals: list[Box | None], taken: set[Box]) -> list[Word]:
-        """`words` with the snapped words of each attribute phrase moved to the phrase's proposal: its anchor's
-        (`_anchor`) or, where an earlier phrase took that one, the proposal (of `proposals`, image pixels)
-        nearest the anchor's point-head box that none took, while one is left; `taken` gains each phrase's."""
+    def _ground_phrases(
+        self, words: list[Word], proposals: list[Box | None], taken: set[Box]
+    ) -> tuple[list[Word], list[Box | None]]:
+        """Place each attribute phrase of `words` on one proposal: its anchor's (`_anchor`) or, where an earlier
+        phrase took that one, the proposal (of `proposals`, image pixels) nearest the anchor's point-head box that
+        none took, while one is left; `taken` gains each phrase's. Returns `words` with the snapped words of each
+        placed phrase's run moved to its proposal, and per word the proposal that checks it (its phrase's; None for
+        words outside placed phrases)."""
         grounded = list(words)
+        regions: list[Box | None] = [None] * len(words)
         for run, span in self._attribute_phrases(words):
             anchor = self._anchor(words, span)
-            if anchor is None or anchor.regressed_box is None:
+            if anchor is None:
                 continue
             box = anchor.box
             free = [b for b in proposals if b is not None and b not in taken]
@@ -600,28 +599,11 @@ class Predictor:
                 point = np.array(centre(anchor.regressed_box))
                 box = min(free, key=lambda b: float(np.abs(np.array(centre(b)) - point).sum()))
             for j in run:
+                regions[j] = box
                 if words[j].regressed_box is not None:
                     grounded[j] = replace(words[j], box=box, point=centre(box))
             taken.add(box)
-        return grounded
-
-    def _phrase_regions(self, words: list[Word]) -> list[Box | None]:
-        """Per word, the region `verify` checks it against: for the words of an attribute phrase, the proposal its
-        last word, the head, was snapped to; else None."""
-        regions: list[Box | None] = [None] * len(words)
-        for run in self._attribute_runs(words):
-            head = words[run[-1]]
-            if head.regressed_box is not None:
-                for j in run:
-                    regions[j] = head.box
-        return regions
-
-    def _grounded_coverage(self, words: list[Word]) -> int:
-        """The distinct proposals the attribute phrases of `words` were snapped to (their anchors'), less the
-        phrases that repeat one."""
-        anchors = [self._anchor(words, span) for _, span in self._attribute_phrases(words)]
-        boxes = [a.box for a in anchors if a is not None]
-        return 2 * len(set(boxes)) - len(boxes)
+        return grounded, regions
 
     def _region_attributes(
         self,

@@ -40,7 +40,7 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
         "",
     ),
     (
-        "region caption from a point, the decoder's words (with beam search: of the beam verifying chose)",
+        "region caption from a point, the decoder's words",
         pct("region_caption_acc_point_unverified"),
         "",
     ),
@@ -51,7 +51,7 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
         ">= 90% (issue 4)",
     ),
     (
-        "caption word point, the words as decoded, placed as verifying placed them (beam search: the beam it chose)",
+        "caption word point, the words as decoded, placed as verifying placed them",
         pct("caption_word_point_acc_unverified"),
         "",
     ),

@@ -15,7 +15,7 @@ from pixelllm.config import load_config
 from pixelllm.data.independent import render_independent_scene
 from pixelllm.data.synthetic import COLORS, SHAPES, SIZES, scene_seed
 from pixelllm.evaluate import _unverified_words, _word_point_hits
-from pixelllm.predictor import DENSE_SCORE_THRESHOLD, Caption, Word, _rewrite
+from pixelllm.predictor import Caption, Word, _rewrite
 from pixelllm.tokenizer import EOS_ID, words_with_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,13 +42,13 @@ def test_punctuation_ends_a_phrase_and_case_is_kept(predictor):
     # "Red star, blue circle": two phrases; the region caption of the star's proposal says "green star"
     words = [word("Red", 0), word("star", 4), word("blue", 10, BOX_B), word("circle", 15, BOX_B)]
     assert predictor._attribute_runs(words) == [[0, 1], [2, 3]]
-    assert predictor._phrase_regions(words) == [BOX_A, BOX_A, BOX_B, BOX_B]
+    assert predictor._ground_phrases(words, [BOX_A, BOX_B], set())[1] == [BOX_A, BOX_A, BOX_B, BOX_B]
     green = predictor._verified(words[0], {"color": "green", "shape": "star"})
     assert (green.text, green.generated_text) == ("Green", "Red")
     assert predictor._verified(words[1], {"color": "green", "shape": "star"}) == words[1]
 
 
-def test_a_phrase_is_checked_where_its_last_word_was_snapped(predictor):
+def test_a_phrase_is_checked_against_the_proposal_it_is_placed_on(predictor):
     # "a large blue triangle on the left and a red star": the point head put "large blue" on another object
     words = [
         word("a", 0),
@@ -63,7 +63,14 @@ def test_a_phrase_is_checked_where_its_last_word_was_snapped(predictor):
         word("red", 40, snapped=False),
         word("star", 44, snapped=False),
     ]
-    assert predictor._phrase_regions(words) == [None] + [BOX_A] * 3 + [None] * 7
+    grounded, regions = predictor._ground_phrases(words, [BOX_A, BOX_B], set())
+    assert regions == [None] + [BOX_A] * 3 + [None] * 7 and [w.box for w in grounded[1:4]] == [BOX_A] * 3
+    # the head unsnapped, "on the left" snapped to B: the whole run is still checked there, the head not moved
+    words[3] = replace(words[3], regressed_box=None)
+    words[4:7] = [replace(w, box=BOX_B) for w in words[4:7]]
+    grounded, regions = predictor._ground_phrases(words, [BOX_A, BOX_B], set())
+    assert regions == [None] + [BOX_B] * 3 + [None] * 7
+    assert [w.box for w in grounded[1:4]] == [BOX_B, BOX_B, BOX_A]
 
 
 def test_rewrite_keeps_the_text_between_words_and_moves_the_offsets():
@@ -139,6 +146,7 @@ def test_verify_probe_rules_include_the_predictors(tmp_path):
     answers."""
     table = run_probe("verify_probe.py", tmp_path, "--num-scenes", "8")
     assert table["objects"] >= 12 and table["seed"] == 77
+    assert {"none", "per_word", "phrase", "grounded_head", "grounded"} <= set(table)
     assert table["grounded"]["word_point"] == table["predictor_verified"]
     assert set(table["median_ms_per_caption"]) == {"refined", "verified"}
 
@@ -185,7 +193,7 @@ def test_a_phrase_is_placed_where_most_of_its_words_from_the_head_on_were_snappe
     assert predictor._anchor(words, [3, 4]) is words[4]
     unsnapped = [replace(w, regressed_box=None) for w in words]
     assert predictor._anchor(unsnapped, [2, 3, 4, 5]) is None
-    grounded = predictor._ground_phrases(words, [BOX_A, BOX_B], taken := set())
+    grounded, _ = predictor._ground_phrases(words, [BOX_A, BOX_B], taken := set())
     assert [w.box for w in grounded] == [BOX_A, BOX_B, BOX_B, BOX_A, BOX_B, BOX_B] and taken == {BOX_B}
     assert grounded[2].point == (75.0, 25.0) and grounded[2].regressed_box == BOX_A  # the point head's box kept
 
@@ -195,30 +203,29 @@ def test_a_phrase_that_repeats_an_earlier_ones_proposal_moves_to_the_nearest_fre
     box_c = (0.0, 60.0, 20.0, 80.0)
     words = [word("red", 0), word("star", 4), word("red", 10), word("star", 14), word("red", 20), word("star", 24)]
     words[3] = replace(words[3], regressed_box=(0.0, 40.0, 10.0, 50.0))
-    grounded = predictor._ground_phrases(words, [BOX_A, BOX_B, None, box_c], taken := set())
+    grounded, _ = predictor._ground_phrases(words, [BOX_A, BOX_B, None, box_c], taken := set())
     assert [w.box for w in grounded] == [BOX_A, BOX_A, box_c, box_c, BOX_B, BOX_B]
     assert taken == {BOX_A, BOX_B, box_c}
-    again = predictor._ground_phrases(words[:2], [BOX_A, BOX_B, box_c], taken)  # none left: it stays
+    again, _ = predictor._ground_phrases(words[:2], [BOX_A, BOX_B, box_c], taken)  # none left: it stays
     assert [w.box for w in again] == [BOX_A, BOX_A]
 
 
-def test_beam_search_keeps_the_likeliest_beam_that_names_the_most_distinct_objects(predictor):
-    """Seed 77 scene 22: the likeliest of 3 beams names the large blue circle twice; the second names each of the
-    three objects once, and a verified caption with 3 beams is that one."""
-    predictor.set_image(render_independent_scene(scene_seed(77, 22)).image)
+def test_beam_search_answers_its_likeliest_beam_with_a_repeated_phrase_moved(predictor):
+    """Seed 77 scene 22 (a blue circle, an orange triangle, two purple diamonds): the likeliest of 3 beams names the
+    large blue circle twice and one diamond; verified, that beam's repeat moves to the diamond it left out."""
+    scene = render_independent_scene(scene_seed(77, 22))
+    predictor.set_image(scene.image)
     emb = predictor._current()
     beams = predictor.model.generate_n_best(emb.features, predictor._location_prompts([emb], None, None), 3)[0]
-    proposals = predictor.model.propose(emb.features, DENSE_SCORE_THRESHOLD)[0]
-    texts, coverage = [], []
-    for g in beams:
-        caption = predictor._caption(g, emb.transform)
-        texts.append(caption.text)
-        coverage.append(predictor._grounded_coverage(predictor._snap_words(caption.words, proposals, emb.transform)))
-    assert coverage[0] < coverage[1] == max(coverage) and texts[0].count("large blue circle") == 2
-    assert predictor.caption(num_beams=3, verify=False).text == texts[0]
+    likeliest = predictor._caption(beams[0], emb.transform)
+    assert likeliest.text.count("large blue circle") == 2 and likeliest.text.count("purple diamond") == 1
+    plain = predictor.caption(num_beams=3, verify=False)
+    assert plain.text == likeliest.text
     verified = predictor.caption(num_beams=3)
-    decoded = [w.text for w in _unverified_words(verified.words)]
-    assert decoded == [w.text for w in predictor._caption(beams[1], emb.transform).words]
+    assert [w.text for w in _unverified_words(verified.words)] == [w.text for w in likeliest.words]
+    assert verified.text.count("large blue circle") == 1 and verified.text.count("large purple diamond") == 2
+    hits = _word_point_hits(verified.words, scene.objects)
+    assert hits.count(True) == len(scene.objects) > _word_point_hits(plain.words, scene.objects).count(True)
 
 
 def test_verification_asks_should_stop_too(predictor):
@@ -240,8 +247,8 @@ def test_verification_asks_should_stop_too(predictor):
 
 
 def test_beam_rerank_probe_choices_include_the_predictors(tmp_path):
-    """scripts/beam_rerank_probe.py: its 'grounded' choice is what `Predictor.caption` answers with beam search."""
+    """scripts/beam_rerank_probe.py: its 'top' choice is what `Predictor.caption` answers with beam search."""
     table = run_probe("beam_rerank_probe.py", tmp_path, "--num-scenes", "8", "--num-beams", "3")
     row = table["beams"]["3"]
     assert table["objects"] >= 12 and table["seed"] == 77
-    assert row["grounded"] == row["predictor"]
+    assert row["top"] == row["predictor"]
