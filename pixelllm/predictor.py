@@ -141,10 +141,10 @@ class Predictor:
         of those classes, "large blue triangle", with the words after it up to punctuation or the next phrase,
         "on the left and a") is placed on one proposal: the one most of its words from the run's last word on
         were snapped to (ties to the latest word), or, if an earlier phrase took that one, the nearest one none
-        took, while any is left; the run's words move to it. They are checked against the model's own region
-        caption of that proposal: where it says another word of a word's class, it replaces the word (`text`
-        and the offsets follow; `Word.generated_text` keeps the decoder's). Beam search (`num_beams` > 1)
-        answers its likeliest beam, refined and verified so.
+        took, while any is left; the run's words, and the words after it snapped with it, move to it. The run's
+        words are checked against the model's own region caption of that proposal: where it says another word of
+        a word's class, it replaces the word (`text` and the offsets follow; `Word.generated_text` keeps the
+        decoder's). Beam search (`num_beams` > 1) answers its likeliest beam, refined and verified so.
         """
         return self.caption_embeddings(
             [self._current()], [box], [point], max_new_tokens, num_beams, refine=refine, verify=verify
@@ -585,8 +585,8 @@ class Predictor:
         """Place each attribute phrase of `words` on one proposal: its anchor's (`_anchor`) or, where an earlier
         phrase took that one, the proposal (of `proposals`, image pixels) nearest the anchor's point-head box that
         none took, while one is left; `taken` gains each phrase's. Returns `words` with the snapped words of each
-        placed phrase's run moved to its proposal, and per word the proposal that checks it (its phrase's; None for
-        words outside placed phrases)."""
+        placed phrase's run, and the words after its head that voted for its anchor's proposal ("on the left"),
+        moved to its proposal; and per word the proposal that checks it (its run's; None for other words)."""
         grounded = list(words)
         regions: list[Box | None] = [None] * len(words)
         for run, span in self._attribute_phrases(words):
@@ -598,10 +598,12 @@ class Predictor:
             if box in taken and free:
                 point = np.array(centre(anchor.regressed_box))
                 box = min(free, key=lambda b: float(np.abs(np.array(centre(b)) - point).sum()))
-            for j in run:
-                regions[j] = box
+            followers = [j for j in span[1:] if words[j].regressed_box is not None and words[j].box == anchor.box]
+            for j in run + followers:
                 if words[j].regressed_box is not None:
                     grounded[j] = replace(words[j], box=box, point=centre(box))
+            for j in run:
+                regions[j] = box
             taken.add(box)
         return grounded, regions
 

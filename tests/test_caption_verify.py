@@ -15,7 +15,7 @@ from pixelllm.config import load_config
 from pixelllm.data.independent import render_independent_scene
 from pixelllm.data.synthetic import COLORS, SHAPES, SIZES, scene_seed
 from pixelllm.evaluate import _unverified_words, _word_point_hits
-from pixelllm.predictor import Caption, Word, _rewrite
+from pixelllm.predictor import Caption, Word, _rewrite, centre
 from pixelllm.tokenizer import EOS_ID, words_with_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,6 +208,18 @@ def test_a_phrase_that_repeats_an_earlier_ones_proposal_moves_to_the_nearest_fre
     assert taken == {BOX_A, BOX_B, box_c}
     again, _ = predictor._ground_phrases(words[:2], [BOX_A, BOX_B, box_c], taken)  # none left: it stays
     assert [w.box for w in again] == [BOX_A, BOX_A]
+
+
+def test_a_moved_phrase_takes_its_position_words_along(predictor):
+    # "red star on top and a red star on top": both on A; the second moves to B, with its "on top" (snapped to A,
+    # its anchor's proposal) but not "left" (snapped to C, it did not vote for A)
+    box_c = (0.0, 60.0, 20.0, 80.0)
+    words = [word("red", 0), word("star", 4), word("on", 9), word("top", 12), word("and", 16), word("a", 20)]
+    words += [word("red", 22), word("star", 26), word("on", 31), word("top", 34), word("left", 38, box_c)]
+    grounded, regions = predictor._ground_phrases(words, [BOX_A, BOX_B, box_c], set())
+    assert [w.box for w in grounded] == [BOX_A] * 6 + [BOX_B] * 4 + [box_c]
+    assert grounded[9].point == centre(BOX_B) and grounded[9].regressed_box == BOX_A
+    assert regions == [BOX_A, BOX_A] + [None] * 4 + [BOX_B, BOX_B] + [None] * 3
 
 
 def test_beam_search_answers_its_likeliest_beam_with_a_repeated_phrase_moved(predictor):
