@@ -199,11 +199,12 @@ class Predictor:
         todo = [i for i, check in enumerate(checked) if check]
         if not todo:
             return captions
+        images = {image_index[i]: embeddings[i] for i in todo}  # each distinct image once
         verified = self._verify_words(
             [captions[i].words for i in todo],
             [image_index[i] for i in todo],
-            {image_index[i]: embeddings[i] for i in todo},
-            {image_index[i]: self._proposal_boxes(proposals[image_index[i]], embeddings[i].transform) for i in todo},
+            images,
+            {u: self._proposal_boxes(proposals[u], emb.transform) for u, emb in images.items()},
             num_beams,
             should_stop,
         )

@@ -36,12 +36,12 @@ RULES = ("none", "per_word", "phrase", "grounded_head", "grounded")
 
 def regions(predictor: Predictor, rule: str, words: list[Word]) -> list[Box | None]:
     """Per word, the proposal box whose region caption checks it per `rule`; None: not checked."""
-    found: list[Box | None] = [None] * len(words)
     if rule == "per_word":
         return [
             w.box if w.regressed_box is not None and w.text.lower() in predictor._attribute_class else None
             for w in words
         ]
+    found: list[Box | None] = [None] * len(words)
     if rule == "phrase":  # every word of a run, against the proposal its last word (the head) was snapped to
         for run in predictor._attribute_runs(words):
             if words[run[-1]].regressed_box is not None:
