@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD
+
 DEFAULT_MODEL = os.environ.get("PIXELLLM_MODEL", str(Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny"))
 
 
@@ -310,9 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_localize)
 
     def dense_args(p):
-        p.add_argument("--score-threshold", type=float, default=0.3, help="least objectness (default: %(default)s)")
-        p.add_argument("--nms-iou", type=float, default=0.5, help="suppress overlaps above (default: %(default)s)")
-        p.add_argument("--max-regions", type=int, default=32, help="at most this many (default: %(default)s)")
+        p.add_argument(
+            "--score-threshold",
+            type=float,
+            default=PROPOSAL_SCORE_THRESHOLD,
+            help="least objectness (default: %(default)s)",
+        )
+        p.add_argument(
+            "--nms-iou", type=float, default=PROPOSAL_NMS_IOU, help="suppress overlaps above (default: %(default)s)"
+        )
+        p.add_argument(
+            "--max-regions", type=int, default=MAX_PROPOSALS, help="at most this many (default: %(default)s)"
+        )
 
     p = sub.add_parser("dense", help="dense captioning: every salient object's box, score and caption")
     p.add_argument("image")

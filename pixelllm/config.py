@@ -126,6 +126,11 @@ class PointHeadConfig:
     depth: int = 4
 
 
+# The default object-proposal search (dense captions, refined words, object tokens): least objectness, NMS
+# overlap above which the weaker of two proposals is dropped, most proposals per image.
+PROPOSAL_SCORE_THRESHOLD, PROPOSAL_NMS_IOU, MAX_PROPOSALS = 0.3, 0.5, 32
+
+
 @dataclass
 class ProposalHeadConfig:
     """Optional object-proposal head for dense captioning (see `modeling.proposal_head`)."""

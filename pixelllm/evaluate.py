@@ -47,12 +47,13 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
+from .config import PROPOSAL_SCORE_THRESHOLD
 from .data.narratives import read_narratives, token_targets, word_locations
 from .data.refexp import RefExample, load_refexp, ref_mask
 from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
 from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
-from .predictor import DENSE_SCORE_THRESHOLD, ImageEmbedding, Localization, Predictor, Word, _group_words, centre
+from .predictor import ImageEmbedding, Localization, Predictor, Word, _group_words, centre
 from .transforms import to_rgb_array
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     result.update(caption_scores(references, candidates))
     if dense:
         result.update(densecap_map(dense_predictions, dense_truths))
-        default = [_above(p, DENSE_SCORE_THRESHOLD) for p in dense_predictions]
+        default = [_above(p, PROPOSAL_SCORE_THRESHOLD) for p in dense_predictions]
         result["dense_recall@0.5"] = object_recall(
             default, dense_truths, lambda a, b: _color_shape(a) == _color_shape(b)
         )

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD
 from .modeling.generation import Generated, ShouldStop
 from .modeling.pixelllm import ImageFeatures, PixelLLM, Prompts
 from .tokenizer import EOS_ID, PAD_ID, words_with_tokens
 from .transforms import DecodedImage, ImageTransform, preprocess
 
-DENSE_SCORE_THRESHOLD = 0.3  # default objectness a dense-caption region needs
 LOCATED_SCORE = 0.5  # least confidence of a word that has a location (refined captions snap only those)
 
 Box = tuple[float, float, float, float]
@@ -193,7 +193,7 @@ class Predictor:
         captions = [self._caption(g, e.transform) for g, e in zip(outputs, embeddings)]
         if not grounded:
             return captions
-        proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
+        proposals = self.model.propose(features)
         for caption, emb, u in zip(captions, embeddings, image_index):
             caption.words = self._snap_words(caption.words, proposals[u], emb.transform)
         todo = [i for i, check in enumerate(checked) if check]
@@ -248,7 +248,7 @@ class Predictor:
         proposals = None
         if refine and self.model.proposal_head is not None:
             with torch.no_grad():
-                proposals = self.model.propose(embedding.features, DENSE_SCORE_THRESHOLD)[0]
+                proposals = self.model.propose(embedding.features)[0]
         check = self._verifies(refine, verify, box is not None)
         proposal_boxes = {0: self._proposal_boxes(proposals, transform) if check and proposals is not None else []}
         ids: list[int] = []
@@ -308,9 +308,9 @@ class Predictor:
     # ------------------------------------------------------------------ dense captions
     def dense_caption(
         self,
-        score_threshold: float = DENSE_SCORE_THRESHOLD,
-        nms_iou: float = 0.5,
-        max_regions: int = 32,
+        score_threshold: float = PROPOSAL_SCORE_THRESHOLD,
+        nms_iou: float = PROPOSAL_NMS_IOU,
+        max_regions: int = MAX_PROPOSALS,
         max_new_tokens: int | None = None,
         num_beams: int = 1,
     ) -> list[Region]:
@@ -325,9 +325,9 @@ class Predictor:
     def dense_caption_embeddings(
         self,
         embeddings: Sequence[ImageEmbedding],
-        score_threshold: float = DENSE_SCORE_THRESHOLD,
-        nms_iou: float = 0.5,
-        max_regions: int = 32,
+        score_threshold: float = PROPOSAL_SCORE_THRESHOLD,
+        nms_iou: float = PROPOSAL_NMS_IOU,
+        max_regions: int = MAX_PROPOSALS,
         max_new_tokens: int | None = None,
         num_beams: int = 1,
         should_stop: ShouldStop | None = None,
@@ -370,7 +370,7 @@ class Predictor:
         """Find what `text` refers to: its box (and mask), and a location for each of its words.
 
         With `refine` and a model that has a proposal head, the point head's box is replaced by the nearest
-        object proposal (centre distance; objectness >= `DENSE_SCORE_THRESHOLD`): the language model picks
+        object proposal (centre distance; objectness >= `PROPOSAL_SCORE_THRESHOLD`): the language model picks
         the object, the proposal head draws its box. The point head's box stays in `regressed_box`. A nearest
         proposal that lies wholly in the padding outside the image is not taken.
         """
@@ -400,7 +400,7 @@ class Predictor:
             box = _box(g.corners[-1].cpu().numpy().reshape(4), emb.transform)
             results.append(Localization(text=text, box=box, score=float(np.exp(g.score)), words=words))
         if refine and self.model.proposal_head is not None:
-            proposals = self.model.propose(features, DENSE_SCORE_THRESHOLD)
+            proposals = self.model.propose(features)
             size = self.model.cfg.image_size
             for r, g, emb, u in zip(results, outputs, embeddings, image_index.tolist()):
                 # the point head's box corners in any order: only their centre counts

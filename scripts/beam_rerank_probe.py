@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pixelllm.build import load_model
 from pixelllm.evaluate import _word_point_hits, generated_scenes
-from pixelllm.predictor import DENSE_SCORE_THRESHOLD, Caption, ImageEmbedding, Predictor, Word, _rewrite
+from pixelllm.predictor import Caption, ImageEmbedding, Predictor, Word, _rewrite
 
 CHOICES = ("top", "distinct", "oracle", "predictor")
 
@@ -43,7 +43,7 @@ def verified_beams(predictor: Predictor, emb: ImageEmbedding, num_beams: int) ->
     model = predictor.model
     prompts = predictor._location_prompts([emb], None, None)
     beams = model.generate_n_best(emb.features, prompts, num_beams)[0]
-    proposals = model.propose(emb.features, DENSE_SCORE_THRESHOLD)[0]
+    proposals = model.propose(emb.features)[0]
     captions = []
     for g in beams:
         caption = predictor._caption(g, emb.transform)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pixelllm.build import load_model
 from pixelllm.evaluate import _word_point_hits, generated_scenes
-from pixelllm.predictor import DENSE_SCORE_THRESHOLD, Box, ImageEmbedding, Predictor, Word
+from pixelllm.predictor import Box, ImageEmbedding, Predictor, Word
 
 RULES = ("none", "per_word", "phrase", "grounded_head", "grounded")
 
@@ -58,9 +58,7 @@ def head_anchor(predictor: Predictor, words: list[Word], span: list[int]) -> Wor
 
 def checked(predictor: Predictor, emb: ImageEmbedding, rule: str, words: list[Word]) -> list[Word]:
     if rule in ("grounded", "grounded_head"):
-        proposals = predictor._proposal_boxes(
-            predictor.model.propose(emb.features, DENSE_SCORE_THRESHOLD)[0], emb.transform
-        )
+        proposals = predictor._proposal_boxes(predictor.model.propose(emb.features)[0], emb.transform)
         anchor = patch.object(Predictor, "_anchor", head_anchor) if rule == "grounded_head" else nullcontext()
         with anchor:
             return predictor._verify_words([words], [0], {0: emb}, {0: proposals}, 1, None)[0]

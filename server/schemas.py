@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from pixelllm.config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD
+
 Coord = Field(ge=0, allow_inf_nan=False)
 
 
@@ -95,9 +97,13 @@ class RegionsParams(_Request):
 
 
 class DenseParams(_Request):
-    score_threshold: float = Field(0.3, ge=0, le=1, description="Least objectness a region needs")
-    nms_iou: float = Field(0.5, gt=0, le=1, description="Regions overlapping a better one by more are dropped")
-    max_regions: int = Field(32, ge=1, le=256, description="At most this many regions (and the server's max_regions)")
+    score_threshold: float = Field(PROPOSAL_SCORE_THRESHOLD, ge=0, le=1, description="Least objectness a region needs")
+    nms_iou: float = Field(
+        PROPOSAL_NMS_IOU, gt=0, le=1, description="Regions overlapping a better one by more are dropped"
+    )
+    max_regions: int = Field(
+        MAX_PROPOSALS, ge=1, le=256, description="At most this many regions (and the server's max_regions)"
+    )
     max_new_tokens: int = Field(32, ge=1, le=128)
     num_beams: int = Field(1, ge=1, le=8)
 

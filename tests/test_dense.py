@@ -22,6 +22,7 @@ from pixelllm.dense_eval import (
     meteor_exact,
     object_recall,
 )
+from pixelllm.modeling.pixelllm import ImageFeatures
 from pixelllm.modeling.proposal_head import ProposalHead
 from pixelllm.train import TrainConfig, initial_model
 
@@ -205,6 +206,7 @@ def test_localize_refines_the_box_with_a_proposal(tiny_model):
     plain = predictor.localize(text)  # no proposal of the random head scores 0.3: nothing to snap to
     assert plain.regressed_box is None
     with confident_proposals(tiny_model):
+        predictor.set_image(scene.image)  # an embedding keeps the proposals found when it is made
         refined = predictor.localize(text, mask=True)
         unrefined = predictor.localize(text, refine=False)
         regions = predictor.dense_caption(max_regions=32)
@@ -213,6 +215,37 @@ def test_localize_refines_the_box_with_a_proposal(tiny_model):
     assert refined.box != pytest.approx(plain.box)
     assert any(refined.box == pytest.approx(r.box) for r in regions)  # the same proposals dense captioning sees
     assert refined.words == plain.words and refined.mask.shape == scene.image.shape[:2]
+
+
+def test_kept_embeddings_answer_default_proposal_searches_without_the_head(tiny_model, monkeypatch):
+    """An embedding keeps its image's proposals: captions, localize and default dense captions on it run no
+    proposal head, and get what a search of the bare features finds; other searches run the head."""
+    predictor = Predictor(tiny_model)
+    with confident_proposals(tiny_model):
+        embeddings = [predictor.embed(generate_scene(s).image) for s in (1, 6)]
+        bare = [ImageFeatures(e.features.fused, e.features.sam) for e in embeddings]
+        fresh = [tiny_model.propose(f)[0] for f in bare]
+        fresh_2 = [tiny_model.propose(f, max_proposals=2)[0] for f in bare]
+    assert all(len(boxes) > 2 for boxes, _ in fresh)
+    both = ImageFeatures.cat([e.features for e in embeddings])
+    kept = tiny_model.propose(both)
+    kept_2 = tiny_model.propose(both[[1]], max_proposals=2) + tiny_model.propose(both[:1], max_proposals=2)
+    for got, expected in zip(kept + kept_2, fresh + fresh_2[::-1], strict=True):
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert embeddings[0].nbytes > bare[0].nbytes
+
+    searches = []
+    propose = tiny_model.proposal_head.propose
+    monkeypatch.setattr(tiny_model.proposal_head, "propose", lambda *a, **kw: searches.append(1) or propose(*a, **kw))
+    emb = embeddings[0]
+    predictor.caption_embeddings([emb], max_new_tokens=6)
+    localization = predictor.localize_embeddings([emb], ["the red circle"])[0]
+    regions = predictor.dense_caption_embeddings([emb], max_new_tokens=4)[0]
+    assert searches == []
+    assert localization.regressed_box is not None  # refined with a kept proposal
+    assert len(regions) == len(fresh[0][0])
+    predictor.dense_caption_embeddings([emb], nms_iou=0.6, max_new_tokens=4)
+    assert searches == [1]  # another overlap searches again
 
 
 def test_localize_keeps_its_box_when_the_nearest_proposal_lies_in_the_padding(tiny_model, monkeypatch):

@@ -158,8 +158,8 @@ def test_region_prompts_skip_the_proposal_pass_and_caption_the_same(monkeypatch)
 
 
 def test_predictor_embeddings_hold_their_objects_for_every_prompt(monkeypatch):
-    """`Predictor.embed` finds the image's objects once; captions on the embedding then do not search again
-    and equal captions made from the bare features, which search in the call."""
+    """`Predictor.embed` finds the image's objects and proposals once; captions on the embedding then do not
+    search again and equal captions made from the bare features, which search in the call."""
     model = objects_model()
     perturb_(model.language_model.t5.decoder, seed=1, scale=0.3)
     image = (make_batch(model, seed=1)["images"][0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
@@ -170,16 +170,16 @@ def test_predictor_embeddings_hold_their_objects_for_every_prompt(monkeypatch):
     boxes, valid = model.object_proposals(ImageFeatures(features.fused, features.sam))
     assert torch.equal(features.objects[0], boxes) and torch.equal(features.objects[1], valid)
     assert valid.any() and emb.nbytes > features.fused.nbytes + features.sam.nbytes
-    calls = []
-    propose = model.propose
-    monkeypatch.setattr(model, "propose", lambda f, **kw: calls.append(1) or propose(f, **kw))
+    calls = []  # searches of the proposal head
+    propose = model.proposal_head.propose
+    monkeypatch.setattr(model.proposal_head, "propose", lambda *a, **kw: calls.append(1) or propose(*a, **kw))
     with torch.no_grad():
-        held = predictor.caption_embeddings([emb, emb], max_new_tokens=6, refine=False)  # refining proposes too
+        held = predictor.caption_embeddings([emb, emb], max_new_tokens=6)
         assert calls == []
         bare = predictor.caption_embeddings(
-            [ImageEmbedding(ImageFeatures(features.fused, features.sam), emb.transform)], max_new_tokens=6, refine=False
+            [ImageEmbedding(ImageFeatures(features.fused, features.sam), emb.transform)], max_new_tokens=6
         )
-    assert calls == [1]
+    assert calls == [1, 1]  # the objects, then the proposals its words snap to
     assert held[0].text == held[1].text == bare[0].text and len(bare[0].words) > 1
     torch.testing.assert_close(
         torch.tensor([w.point for w in held[0].words]),

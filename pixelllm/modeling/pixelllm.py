@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import T5ForConditionalGeneration
 
-from ..config import PixelLLMConfig, ProposalHeadConfig
+from ..config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD, PixelLLMConfig, ProposalHeadConfig
 from ..tokenizer import EOS_ID, PAD_ID, Tokenizer
 from .feature_extractor import ImageReading, PromptFeatureExtractor
 from .frozen_block import FrozenLMBlock
@@ -29,18 +29,23 @@ IGNORE_INDEX = -100
 class ImageFeatures:
     """Encoder outputs for a batch: fused features (B, C, h, w) and SAM features (B, C_sam, h', w'); and, for
     features kept to answer many prompts (`encode_images(keep=True)`), the objects of the object tokens, boxes
-    (B, K, 4) and valid (B, K) as `PixelLLM.object_proposals` gives them, and what the prompt feature extractor
-    reads of the images before any prompt (`ImageReading`)."""
+    (B, K, 4) and valid (B, K) as `PixelLLM.object_proposals` gives them, what the prompt feature extractor
+    reads of the images before any prompt (`ImageReading`), and each image's object proposals as
+    `PixelLLM.propose` finds them with its default arguments."""
 
     fused: torch.Tensor
     sam: torch.Tensor
     objects: tuple[torch.Tensor, torch.Tensor] | None = None
     reading: ImageReading | None = None
+    proposals: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __getitem__(self, index: slice | torch.Tensor | list[int]) -> ImageFeatures:
         objects = None if self.objects is None else (self.objects[0][index], self.objects[1][index])
         reading = None if self.reading is None else self.reading[index]
-        return ImageFeatures(self.fused[index], self.sam[index], objects, reading)
+        proposals = None
+        if self.proposals is not None:
+            proposals = [self.proposals[i] for i in torch.arange(len(self.proposals))[index].tolist()]
+        return ImageFeatures(self.fused[index], self.sam[index], objects, reading, proposals)
 
     @staticmethod
     def cat(items: list[ImageFeatures]) -> ImageFeatures:
@@ -49,12 +54,13 @@ class ImageFeatures:
         objects = None if any(f is None for f in found) else tuple(torch.cat(t) for t in zip(*found))
         readings = [f.reading for f in items]
         reading = None if any(r is None for r in readings) else ImageReading.cat(readings)  # type: ignore[arg-type]
+        proposals = None if any(f.proposals is None for f in items) else [p for f in items for p in f.proposals]  # type: ignore[union-attr]
         fused, sam = torch.cat([f.fused for f in items]), torch.cat([f.sam for f in items])
-        return ImageFeatures(fused, sam, objects, reading)  # type: ignore[arg-type]
+        return ImageFeatures(fused, sam, objects, reading, proposals)  # type: ignore[arg-type]
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.fused, self.sam, *(self.objects or ()))
+        tensors = (self.fused, self.sam, *(self.objects or ()), *(t for p in self.proposals or () for t in p))
         return sum(t.numel() * t.element_size() for t in tensors) + (self.reading.nbytes if self.reading else 0)
 
 
@@ -134,7 +140,8 @@ class PixelLLM(nn.Module):
         """Images (B, 3, S, S) in [0, 1] (see `pixelllm.transforms`) -> `ImageFeatures`.
 
         `keep`: the features are kept to answer many prompts, so do once per image what every prompt would do
-        again: find the objects of the object tokens (models with them) and read the image for the extractor.
+        again: find the object proposals (models with a proposal head) and the objects of the object tokens
+        (models with them), and read the image for the extractor.
         """
         fused, sam = self.image_encoder(images.to(self.dtype))
         if self.frozen_block is not None:
@@ -144,6 +151,8 @@ class PixelLLM(nn.Module):
         features = ImageFeatures(fused, sam)
         if keep:
             objects = {}
+            if self.proposal_head is not None:
+                features.proposals = self.propose(features)
             if self.cfg.extractor.object_tokens:
                 features.objects = self.object_proposals(features)
                 objects = self._object_boxes(*features.objects)
@@ -426,14 +435,26 @@ class PixelLLM(nn.Module):
 
     @torch.no_grad()
     def propose(
-        self, features: ImageFeatures, score_threshold: float = 0.3, nms_iou: float = 0.5, max_proposals: int = 32
+        self,
+        features: ImageFeatures,
+        score_threshold: float = PROPOSAL_SCORE_THRESHOLD,
+        nms_iou: float = PROPOSAL_NMS_IOU,
+        max_proposals: int = MAX_PROPOSALS,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Object proposals per image: boxes (N, 4) in model-input pixels and scores (N,), best first."""
+        """Object proposals per image: boxes (N, 4) in model-input pixels and scores (N,), best first.
+
+        Kept features (`encode_images(keep=True)`) answer the default threshold and overlap, with at most the
+        default number of proposals, from the proposals found when they were kept: NMS keeps the best first, so
+        the first `max_proposals` of those are what a search for that many finds.
+        """
         if self.proposal_head is None:
             raise RuntimeError(
                 f"model {self.name!r} has no proposal head, so it cannot dense-caption: train it on with a training "
                 'config whose "model" preset has a "proposal_head" section and whose "init_from" names this model'
             )
+        default_search = (score_threshold, nms_iou) == (PROPOSAL_SCORE_THRESHOLD, PROPOSAL_NMS_IOU)
+        if features.proposals is not None and default_search and max_proposals <= MAX_PROPOSALS:
+            return [(boxes[:max_proposals], scores[:max_proposals]) for boxes, scores in features.proposals]
         found = self.proposal_head.propose(features.fused, score_threshold, nms_iou, max_proposals)
         return [(boxes * self.cfg.image_size, scores) for boxes, scores in found]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..config import ProposalHeadConfig
+from ..config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD, ProposalHeadConfig
 
 PRIOR = 0.01  # initial objectness, as in focal-loss detectors
 
@@ -80,7 +80,11 @@ class ProposalHead(nn.Module):
 
     @torch.no_grad()
     def propose(
-        self, fused: torch.Tensor, score_threshold: float = 0.3, nms_iou: float = 0.5, max_proposals: int = 32
+        self,
+        fused: torch.Tensor,
+        score_threshold: float = PROPOSAL_SCORE_THRESHOLD,
+        nms_iou: float = PROPOSAL_NMS_IOU,
+        max_proposals: int = MAX_PROPOSALS,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fused features (B, C, h, w) -> per image (boxes (N, 4) in [0, 1], scores (N,)), best first."""
         logits, edges = self(fused)
