@@ -9,6 +9,7 @@ and its item is dropped if the batch has not started (`run_jobs` cuts short the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -110,9 +111,15 @@ class DynamicBatcher(Generic[T, R]):
         self._depth += 1
         self.on_depth(self._depth)
         future.add_done_callback(self._release)
-        self._queue.append(_Item(value, future))
+        item = _Item(value, future)
+        self._queue.append(item)
         self._arrived.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):  # not yet in a batch: drop it now, not when the batch running ends
+                self._queue.remove(item)
+            raise
 
     def hold(self) -> Callable[[], None]:
         """Take one queue slot for work run outside the batches (a streamed caption); returns its release.

@@ -1,0 +1,67 @@
+"""`DynamicBatcher` on its own: batches, slots, and what a caller that gives up leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import weakref
+
+from server.batching import DynamicBatcher
+
+
+class Payload:
+    """Stands for a job's decoded image: something whose lifetime the test can watch."""
+
+
+def test_results_go_to_their_callers_in_batches_of_at_most_max_size() -> None:
+    sizes: list[int] = []
+
+    def process(values: list[int]) -> list[int]:
+        sizes.append(len(values))
+        return [v * 10 for v in values]
+
+    async def main() -> list[int]:
+        batcher = DynamicBatcher(process, max_batch_size=3, max_wait_s=0.05, max_queue=16)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(7)))
+        await batcher.close(timeout_s=1)
+        return list(results)
+
+    assert asyncio.run(main()) == [i * 10 for i in range(7)]
+    assert max(sizes) <= 3 and sum(sizes) == 7 and len(sizes) < 7
+
+
+def test_a_caller_that_gives_up_while_a_batch_runs_leaves_nothing_queued() -> None:
+    """Cancelled submits free their slot and their value at once, not when the running batch ends."""
+    release = threading.Event()
+
+    def process(values: list[object]) -> list[object]:
+        release.wait(timeout=10)
+        return values
+
+    async def main() -> tuple[int, int, int]:
+        batcher = DynamicBatcher(process, max_batch_size=2, max_wait_s=0.0, max_queue=4)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(Payload()))
+        await asyncio.sleep(0.05)  # the first batch is running in the worker thread
+        watched = []
+        for _ in range(20):  # more than max_queue: each frees its slot before the next comes
+            payload = Payload()
+            watched.append(weakref.ref(payload))
+            task = asyncio.ensure_future(batcher.submit(payload))
+            del payload
+            await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        gc.collect()
+        alive = sum(ref() is not None for ref in watched[:-1])  # the last call's frame is still in a traceback here
+        depth = batcher.depth
+        release.set()
+        await first
+        await batcher.close(timeout_s=1)
+        return alive, depth, batcher.depth
+
+    alive, depth_while_running, depth_after = asyncio.run(main())
+    assert alive == 0, f"{alive} values of cancelled calls are still held while the batch runs"
+    assert depth_while_running == 1 and depth_after == 0
