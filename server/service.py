@@ -46,6 +46,7 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 LINE_BREAKS = str.maketrans("\t\n\r", "   ")
+NFC_MAX_SHRINK = 4  # NFC composes at most 4 code points into one (the longest canonical decomposition)
 
 
 class Engine:
@@ -224,6 +225,8 @@ def check_texts(field: str, texts: list[str], settings: Settings) -> list[str]:
     cleaned = []
     for i, text in enumerate(texts):
         name = field if len(texts) == 1 else f"{field}.{i}"
+        if len(text) > NFC_MAX_SHRINK * settings.max_text_chars:  # too long however it composes: skip the work
+            raise invalid(name, f"text is {len(text)} characters; at most {settings.max_text_chars}")
         text = clean_text(name, text)
         if not text.strip():
             raise invalid(name, "text is empty")

@@ -17,7 +17,8 @@ from starlette.routing import Mount
 from test_server_browser import WAIT_S, driver, needs_chromium, open_page, wait_for_answer  # noqa: F401 - driver: a fixture
 
 from pixelllm.cli import main as cli_main
-from server import Settings, create_app
+from server import Settings, create_app, service
+from server.errors import ApiError
 from server.security import RateLimiter, hash_key, new_key
 
 pytest_plugins = ["server_fixtures"]
@@ -306,7 +307,22 @@ def test_tabs_and_line_breaks_are_spaces_and_text_is_nfc(client: httpx.Client) -
     assert [loc["text"] for loc in r.json()["localizations"]] == ["a red circle  left", "caf\u00e9"]
     limit = "e\u0301" * 64  # 128 code points, 64 characters once composed: within max_text_chars=64
     assert localize(client, [limit]).status_code == 200
+    longest = "\u0391\u0313\u0342\u0345" * 64  # the longest decomposition (4 code points), 64 composed characters
+    r = localize(client, [longest])
+    assert r.status_code == 200, r.text
+    assert r.json()["localizations"][0]["text"] == "\u1f8e" * 64  # ALPHA WITH PSILI AND PERISPOMENI AND PROSGEGRAMMENI
     assert_error(localize(client, ["x" * 65]), 422, field="texts")
+
+
+def test_a_text_too_long_however_it_composes_is_refused_before_its_characters_are_read(monkeypatch) -> None:
+    """The per-character pass runs on the event loop: a 20 MB text must not reach it."""
+    read = []
+    monkeypatch.setattr(service, "clean_text", lambda field, text: read.append(text) or text)
+    settings = Settings(max_text_chars=64)
+    with pytest.raises(ApiError) as refused:
+        service.check_texts("text", ["x" * (4 * 64 + 1)], settings)
+    assert refused.value.status == 422 and "at most 64" in refused.value.message and read == []
+    assert service.check_texts("text", ["x" * 64], settings) == ["x" * 64] and read == ["x" * 64]
 
 
 def test_image_metadata_is_never_echoed(client: httpx.Client) -> None:
