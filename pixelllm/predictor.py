@@ -101,10 +101,13 @@ class Predictor:
     def embed_batch(self, images: Sequence[Image.Image | np.ndarray | DecodedImage]) -> list[ImageEmbedding]:
         """Encode images (PIL, HxWx3 uint8, or `transforms.decode`'s, maybe reduced: coordinates are then in the
         file's pixels) in one batched encoder pass, with what every prompt would compute
-        again of an image alone (`encode_images(keep=True)`): the prompts on an embedding do not."""
+        again of an image alone (`encode_images(keep=True)`): the prompts on an embedding do not. Each embedding
+        holds memory of its own (`nbytes`), so keeping one does not keep the rest of its batch."""
         tensors, transforms = zip(*(preprocess(im, self.model.cfg.image_size) for im in images))
         features = self.model.encode_images(torch.stack(tensors).to(self.model.device), keep=True)
-        return [ImageEmbedding(features[i : i + 1], t) for i, t in enumerate(transforms)]
+        if len(transforms) == 1:
+            return [ImageEmbedding(features, transforms[0])]
+        return [ImageEmbedding(features[i : i + 1].clone(), t) for i, t in enumerate(transforms)]
 
     def embed(self, image: Image.Image | np.ndarray | DecodedImage) -> ImageEmbedding:
         return self.embed_batch([image])[0]

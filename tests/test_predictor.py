@@ -269,6 +269,32 @@ def test_prompts_sharing_images_equal_one_call_each(tiny_model):
         assert (loc.mask != alone.mask).mean() < 0.001
 
 
+def storage_bytes(features) -> int:
+    """Bytes of all the memory an `ImageFeatures` keeps alive (each storage once)."""
+    reading = features.reading
+    tensors = [features.fused, features.sam, *(features.objects or ()), *(t for p in features.proposals for t in p)]
+    tensors += [reading.tokens, *reading.first, reading.objects, reading.unlocated]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values())
+
+
+def test_embeddings_of_a_batch_keep_only_their_own_memory(tiny_model):
+    """A kept embedding from a batch holds what `nbytes` says (the embedding cache counts it), not its batch."""
+    from pixelllm.data.synthetic import generate_scene
+
+    predictor = Predictor(tiny_model)
+    images = [generate_scene(s).image for s in (11, 12, 13)]
+    batch = predictor.embed_batch(images)
+    for image, emb in zip(images, batch):
+        assert storage_bytes(emb.features) == emb.nbytes
+        alone = predictor.embed(image)
+        assert storage_bytes(alone.features) == alone.nbytes == emb.nbytes
+        torch.testing.assert_close(emb.features.fused, alone.features.fused, atol=1e-5, rtol=1e-4)
+        assert predictor.caption_embeddings([emb], max_new_tokens=6)[0].text == (
+            predictor.caption_embeddings([alone], max_new_tokens=6)[0].text
+        )
+
+
 def test_masks_for_boxes_segment_image_pixel_boxes_on_their_own_images(tiny_model):
     """`masks_for_boxes` hands the mask head each box in model-input pixels with its own image's SAM features,
     and returns each mask in its own image's pixels: what `localize` draws on its box."""

@@ -140,6 +140,12 @@ class ImageReading:
         objects, unlocated = (None if t is None else t[index] for t in (self.objects, self.unlocated))
         return ImageReading(self.tokens[index], self.grid, first, objects, unlocated)  # type: ignore[arg-type]
 
+    def clone(self) -> ImageReading:
+        """A copy with memory of its own (an indexed reading shares its batch's)."""
+        first = tuple(t.clone() for t in self.first)
+        objects, unlocated = (None if t is None else t.clone() for t in (self.objects, self.unlocated))
+        return ImageReading(self.tokens.clone(), self.grid, first, objects, unlocated)  # type: ignore[arg-type]
+
     @staticmethod
     def cat(items: list[ImageReading]) -> ImageReading:
         def cat_all(name: str) -> torch.Tensor | None:

@@ -47,6 +47,13 @@ class ImageFeatures:
             proposals = [self.proposals[i] for i in torch.arange(len(self.proposals))[index].tolist()]
         return ImageFeatures(self.fused[index], self.sam[index], objects, reading, proposals)
 
+    def clone(self) -> ImageFeatures:
+        """A copy with memory of its own: indexing a batch gives views that keep the whole batch's memory."""
+        objects = None if self.objects is None else (self.objects[0].clone(), self.objects[1].clone())
+        reading = None if self.reading is None else self.reading.clone()
+        proposals = None if self.proposals is None else [(b.clone(), s.clone()) for b, s in self.proposals]
+        return ImageFeatures(self.fused.clone(), self.sam.clone(), objects, reading, proposals)
+
     @staticmethod
     def cat(items: list[ImageFeatures]) -> ImageFeatures:
         """One batch of the items' images; with objects and readings where every item has them."""
