@@ -103,6 +103,8 @@ class Predictor:
         file's pixels) in one batched encoder pass, with what every prompt would compute
         again of an image alone (`encode_images(keep=True)`): the prompts on an embedding do not. Each embedding
         holds memory of its own (`nbytes`), so keeping one does not keep the rest of its batch."""
+        if not images:
+            return []
         tensors, transforms = zip(*(preprocess(im, self.model.cfg.image_size) for im in images))
         features = self.model.encode_images(torch.stack(tensors).to(self.model.device), keep=True)
         if len(transforms) == 1:
@@ -113,7 +115,8 @@ class Predictor:
         return self.embed_batch([image])[0]
 
     def set_image(self, image: Image.Image | np.ndarray | DecodedImage) -> None:
-        """Encode `image` and keep its embedding for the calls that follow."""
+        """Encode `image` and keep its embedding for the calls that follow (none if encoding it fails)."""
+        self.embedding = None
         self.embedding = self.embed(image)
 
     def reset_image(self) -> None:
@@ -162,6 +165,9 @@ class Predictor:
         verify: bool = True,
     ) -> list[Caption]:
         """Caption many regions of the current image in one batched pass: each a box, a point, or None."""
+        for i, r in enumerate(regions):
+            if r is not None and len(r) not in (2, 4):
+                raise ValueError(f"regions[{i}] must be a box (4 numbers), a point (2 numbers) or None, got {r}")
         boxes = [tuple(r) if r is not None and len(r) == 4 else None for r in regions]
         points = [tuple(r) if r is not None and len(r) == 2 else None for r in regions]
         emb = self._current()
@@ -187,6 +193,8 @@ class Predictor:
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
         """
         prompts = self._location_prompts(embeddings, boxes, points)
+        if not embeddings:
+            return []
         features, prompts.image_index = self._distinct(embeddings)
         image_index = prompts.image_index.tolist()
         boxed = [False] * len(embeddings) if boxes is None else [box is not None for box in boxes]
@@ -342,6 +350,8 @@ class Predictor:
                 f"need 0 <= score_threshold <= 1, 0 < nms_iou <= 1 and max_regions >= 1, got {score_threshold}, "
                 f"{nms_iou}, {max_regions}"
             )
+        if not embeddings:
+            return []
         features = ImageFeatures.cat([e.features for e in embeddings])
         proposals = self.model.propose(features, score_threshold, nms_iou, max_regions)
         size = self.model.cfg.image_size
@@ -388,6 +398,10 @@ class Predictor:
         self, embeddings: Sequence[ImageEmbedding], texts: Sequence[str], mask: bool = False, refine: bool = True
     ) -> list[Localization]:
         """Localize texts[i] in embeddings[i], all in one batched forward pass (see `localize`)."""
+        if len(texts) != len(embeddings):
+            raise ValueError(f"got {len(embeddings)} images but {len(texts)} texts")
+        if not texts:
+            return []
         for i, text in enumerate(texts):
             if not text or not text.strip():
                 raise ValueError(f"texts[{i}] is empty")
@@ -726,17 +740,31 @@ def _has_area(box: Box) -> bool:
     return box[2] > box[0] and box[3] > box[1]
 
 
+def _finite(values: Sequence[float], n: int) -> np.ndarray | None:
+    """`values` as n finite floats, or None if they are not n finite numbers (strings and None are not)."""
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged
+        return None
+    if array.shape != (n,) or array.dtype.kind not in "iuf":
+        return None
+    array = array.astype(np.float64)
+    return array if np.isfinite(array).all() else None
+
+
 def _check_box(box: Sequence[float], width: int, height: int) -> None:
-    if len(box) != 4 or not all(np.isfinite(box)):
+    numbers = _finite(box, 4)
+    if numbers is None:
         raise ValueError(f"box must be 4 finite numbers x0, y0, x1, y1, got {box}")
-    x0, y0, x1, y1 = box
+    x0, y0, x1, y1 = numbers
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise ValueError(f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
 
 
 def _check_point(point: Sequence[float], width: int, height: int) -> None:
-    if len(point) != 2 or not all(np.isfinite(point)):
+    numbers = _finite(point, 2)
+    if numbers is None:
         raise ValueError(f"point must be 2 finite numbers x, y, got {point}")
-    x, y = point
+    x, y = numbers
     if not (0 <= x <= width and 0 <= y <= height):
         raise ValueError(f"point {tuple(point)} must lie in the image (0..{width}, 0..{height})")

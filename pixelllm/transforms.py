@@ -46,7 +46,7 @@ class ImageTransform:
 
     def mask_from_model(self, mask_logits: torch.Tensor) -> np.ndarray:
         """Mask logits (S, S) of the model input -> boolean mask (H, W) of the image."""
-        h, w = round(self.height * self.scale), round(self.width * self.scale)
+        h, w = max(1, round(self.height * self.scale)), max(1, round(self.width * self.scale))  # as `preprocess`
         crop = mask_logits[None, None, :h, :w].float()
         full = F.interpolate(crop, size=(self.height, self.width), mode="bilinear", align_corners=False)
         return (full[0, 0] > 0).cpu().numpy()
@@ -99,9 +99,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    """A PIL image (any mode, see `to_rgb`) or an (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB array."""
+    """A PIL image (any mode, see `to_rgb`; its EXIF orientation applied, as `decode` does) or an (H, W, 3) uint8
+    array -> (H, W, 3) uint8 RGB array."""
     if isinstance(image, Image.Image):
-        return np.asarray(to_rgb(image))
+        return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}")

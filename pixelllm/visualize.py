@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .predictor import Caption, Localization, Region
-from .transforms import to_rgb_array
+from .transforms import DecodedImage, to_rgb_array
 
 
 def word_colors(n: int) -> list[tuple[int, int, int]]:
@@ -21,9 +21,17 @@ def word_colors(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(c * 255) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 0.95)) for i in range(n)]
 
 
-def render_overlay(image: Image.Image | np.ndarray, result: Caption | Localization) -> Image.Image:
+def canvas(image: Image.Image | np.ndarray | DecodedImage) -> Image.Image:
+    """An RGB copy of `image` to draw on, in the pixels results are given in (a `DecodedImage` decoded at reduced
+    scale is scaled back to its file's size)."""
+    if isinstance(image, DecodedImage):
+        return image.image.convert("RGB").resize((image.width, image.height), Image.BILINEAR)
+    return Image.fromarray(to_rgb_array(image))
+
+
+def render_overlay(image: Image.Image | np.ndarray | DecodedImage, result: Caption | Localization) -> Image.Image:
     """`image` with `result`'s words (points and boxes), its box and mask if any, and its text below."""
-    base = Image.fromarray(to_rgb_array(image))
+    base = canvas(image)
     w, h = base.size
     scale = max(w, h) / 512
     line = max(1, round(2 * scale))
@@ -44,9 +52,9 @@ def render_overlay(image: Image.Image | np.ndarray, result: Caption | Localizati
     return _with_text(base, result.text, [(w.start, w.end) for w in result.words], colors, font)
 
 
-def render_dense(image: Image.Image | np.ndarray, regions: list[Region]) -> Image.Image:
+def render_dense(image: Image.Image | np.ndarray | DecodedImage, regions: list[Region]) -> Image.Image:
     """`image` with each dense-caption region's box in its color and number; numbered captions below."""
-    base = Image.fromarray(to_rgb_array(image))
+    base = canvas(image)
     scale = max(base.size) / 512
     line = max(1, round(2 * scale))
     font = ImageFont.load_default(size=max(10, round(14 * scale)))

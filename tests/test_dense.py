@@ -232,6 +232,8 @@ def test_kept_embeddings_answer_default_proposal_searches_without_the_head(tiny_
     kept_2 = tiny_model.propose(both[[1]], max_proposals=2) + tiny_model.propose(both[:1], max_proposals=2)
     for got, expected in zip(kept + kept_2, fresh + fresh_2[::-1], strict=True):
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for index in (torch.tensor([False, True]), torch.tensor([1]), [1], slice(1, 2)):  # any way of indexing a batch
+        assert torch.equal(both[index].proposals[0][0], fresh[1][0])
     assert embeddings[0].nbytes > bare[0].nbytes
 
     searches = []

@@ -195,6 +195,10 @@ BAD_BOXES = {
     "empty": lambda h, w: (10, 10, 10, 20),
     "nan": lambda h, w: (math.nan, 0, 10, 10),
     "three numbers": lambda h, w: (1, 2, 3),
+    "five numbers": lambda h, w: (0, 0, 10, 10, 1),
+    "strings": lambda h, w: ("0", "0", "10", "10"),
+    "a None": lambda h, w: (None, 0, 10, 10),
+    "an int too big for a float": lambda h, w: (0, 0, 10**400, 10),
     "width and height swapped": lambda h, w: (0, 0, h, w),  # valid only if the image were transposed
 }
 BAD_POINTS = {
@@ -202,6 +206,7 @@ BAD_POINTS = {
     "y beyond height": lambda h, w: (1, h + 0.5),
     "negative": lambda h, w: (-0.5, 1),
     "infinite": lambda h, w: (math.inf, 1),
+    "strings": lambda h, w: ("1", "1"),
     "width and height swapped": lambda h, w: (h, w),
 }
 
@@ -210,12 +215,11 @@ BAD_POINTS = {
 def test_invalid_prompts_raise_value_error(predictor, size):
     h, w = size
     predictor.set_image(np.zeros((h, w, 3), np.uint8))
-    for name, make in BAD_BOXES.items():
+    for make in BAD_BOXES.values():
         with pytest.raises(ValueError):
             predictor.caption(box=make(h, w), max_new_tokens=1)
-        if name != "three numbers":  # three numbers are neither a box nor a point in a batch
-            with pytest.raises(ValueError):
-                predictor.caption_batch([None, make(h, w)], max_new_tokens=1)
+        with pytest.raises(ValueError):
+            predictor.caption_batch([None, make(h, w)], max_new_tokens=1)
     for make in BAD_POINTS.values():
         with pytest.raises(ValueError):
             predictor.caption(point=make(h, w), max_new_tokens=1)
@@ -223,6 +227,11 @@ def test_invalid_prompts_raise_value_error(predictor, size):
         predictor.caption(box=(0, 0, 10, 10), point=(5, 5), max_new_tokens=1)
     with pytest.raises(ValueError):
         predictor.localize("  ")
+    for bad in (dict(max_new_tokens=0), dict(max_new_tokens=-1), dict(num_beams=0), dict(num_beams=-2)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            predictor.caption(**bad)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            list(predictor.caption_stream(**bad)) if "max_new_tokens" in bad else predictor.caption_batch([None], **bad)
     # the image's own corners are valid
     predictor.caption(box=(0, 0, w, h), max_new_tokens=1)
     predictor.caption(point=(w, h), max_new_tokens=1)
@@ -244,6 +253,49 @@ def test_image_inputs_and_state(tiny_model):
     p.reset_image()
     with pytest.raises(RuntimeError):
         p.localize("the red circle")
+
+
+def test_failed_set_image_leaves_no_image_and_empty_batches_answer_nothing(tiny_model):
+    p = Predictor(tiny_model)
+    p.set_image(np.zeros((40, 60, 3), np.uint8))
+    with pytest.raises(ValueError):
+        p.set_image(np.zeros((10, 10, 4), np.uint8))
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.caption()  # not the previous image's caption
+    p.set_image(np.zeros((40, 60, 3), np.uint8))
+    assert p.embed_batch([]) == [] and p.caption_batch([]) == [] and p.localize_batch([]) == []
+    assert p.caption_embeddings([]) == [] and p.localize_embeddings([], []) == []
+    assert p.dense_caption_embeddings([]) == []
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        p.localize_embeddings([p.embedding, p.embedding], ["a"])
+
+
+@pytest.mark.parametrize("shape", [(1, 2000, 3), (2000, 1, 3)])
+def test_very_thin_images_get_masks(tiny_model, shape):
+    """Thinner than half a model-input pixel: the mask's crop of the model input is one row or column."""
+    p = Predictor(tiny_model)
+    p.set_image(np.full(shape, 128, np.uint8))
+    assert p.localize("the red circle", mask=True).mask.shape == shape[:2]
+
+
+def test_pil_images_are_taken_upright_as_decode_takes_them(tiny_model, tmp_path):
+    """A PIL image's EXIF orientation is applied, so `Image.open` and `decode` (the CLI's and the service's way)
+    give the same size and the same answer."""
+    from pixelllm.transforms import decode
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored a quarter turn off: shown 60 wide and 90 high
+    array = np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "turned.png", exif=exif.tobytes())
+    p = Predictor(tiny_model)
+    answers = []
+    for read in (lambda im: im, decode):
+        with Image.open(tmp_path / "turned.png") as im:
+            p.set_image(read(im))
+        assert p.embedding.original_size == (90, 60)
+        answers.append(p.caption(box=(5, 10, 50, 80), max_new_tokens=6))
+    assert answers[0].text == answers[1].text
+    np.testing.assert_allclose([w.box for w in answers[0].words], [w.box for w in answers[1].words], atol=1e-4)
 
 
 def test_prompts_sharing_images_equal_one_call_each(tiny_model):

@@ -35,3 +35,21 @@ def test_localization_mask_is_blended_and_box_drawn():
     assert not (out[20, 20] == 100).all()  # tinted inside the mask
     assert (out[70, 20] == 100).all()  # untouched outside
     assert (out[50, 120] == 255).all()  # the box outline in white
+
+
+def test_a_reduced_decode_is_drawn_on_in_its_files_pixels():
+    """`decode` may give a JPEG at reduced scale; results are in the file's pixels, and so is the drawing."""
+    import io
+
+    from PIL import Image
+
+    from pixelllm.transforms import decode
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((600, 800, 3), 90, np.uint8)).save(buffer, "JPEG")
+    decoded = decode(Image.open(buffer), image_size=100)
+    assert decoded.image.size == (100, 75) and (decoded.width, decoded.height) == (800, 600)
+    loc = Localization("the circle", (400, 300, 700, 500), 0.7, [], None)
+    out = np.asarray(render_overlay(decoded, loc))
+    assert out.shape[1] == 800 and out.shape[0] > 600
+    assert (out[400, 400] == 255).all() and not (out[200, 200] == 255).all()  # the box's left edge, at file pixels

@@ -44,7 +44,8 @@ class ImageFeatures:
         reading = None if self.reading is None else self.reading[index]
         proposals = None
         if self.proposals is not None:
-            proposals = [self.proposals[i] for i in torch.arange(len(self.proposals))[index].tolist()]
+            rows = index.cpu() if isinstance(index, torch.Tensor) else index  # the proposals are a list: any device
+            proposals = [self.proposals[i] for i in torch.arange(len(self.proposals))[rows].tolist()]
         return ImageFeatures(self.fused[index], self.sam[index], objects, reading, proposals)
 
     def clone(self) -> ImageFeatures:
@@ -346,12 +347,14 @@ class PixelLLM(nn.Module):
 
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
         """
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {num_beams}")
         if num_beams > 1:
             found = self.generate_n_best(
                 features, prompts, num_beams, max_new_tokens, with_points, should_stop=should_stop, num_return=1
             )
             return [hypotheses[0] for hypotheses in found]
-        max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
+        max_new_tokens = self._max_new_tokens(max_new_tokens)
         enc, enc_mask = self.encode_prompts(features, prompts)
         step, logits_fn = self._decode_fns(enc, enc_mask)
         points_fn = self._points if with_points else None
@@ -370,7 +373,9 @@ class PixelLLM(nn.Module):
     ) -> list[list[Generated]]:
         """Beam search of width `num_beams`: per sample at most `num_return` (1 to `num_beams`, default `num_beams`)
         best hypotheses, best first, each as `generate` returns one."""
-        max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+        max_new_tokens = self._max_new_tokens(max_new_tokens)
         enc, enc_mask = self.encode_prompts(features, prompts)
         b = enc.shape[0]
         enc = enc.repeat_interleave(num_beams, dim=0)
@@ -389,6 +394,16 @@ class PixelLLM(nn.Module):
             num_return=num_return,
         )
 
+    def _max_new_tokens(self, max_new_tokens: int | None) -> int:
+        """The decoding length: `max_new_tokens`, or the model's `max_text_tokens` for None."""
+        if max_new_tokens is None:
+            return self.cfg.language_model.max_text_tokens
+        if max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be at least 1 (or None for the model's default), got {max_new_tokens}"
+            )
+        return max_new_tokens
+
     @torch.no_grad()
     def generate_stream(
         self,
@@ -401,7 +416,7 @@ class PixelLLM(nn.Module):
 
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
         """
-        max_new_tokens = max_new_tokens or self.cfg.language_model.max_text_tokens
+        max_new_tokens = self._max_new_tokens(max_new_tokens)
         enc, enc_mask = self.encode_prompts(features, prompts)
         step, logits_fn = self._decode_fns(enc, enc_mask)
         for ids, hidden, logp in iter_greedy(step, logits_fn, enc.shape[0], max_new_tokens, enc.device, should_stop):
