@@ -21,6 +21,7 @@ import email.utils
 import glob
 import json
 import logging
+import math
 import mimetypes
 import os
 import random
@@ -95,6 +96,14 @@ class Options:
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
             raise BatchError(f"the server must be an http:// or https:// URL, got {self.server!r}")
+        try:
+            port = httpx.URL(self.server).port
+        except (httpx.InvalidURL, ValueError) as e:
+            raise BatchError(f"the server URL {self.server!r} is not valid: {e}") from None
+        if port is not None and not 0 < port < 65536:
+            raise BatchError(f"the server URL {self.server!r} is not valid: port {port} is not 1 to 65535")
+        if not math.isfinite(self.timeout_s):
+            raise BatchError(f"the timeout must be a number of seconds, got {self.timeout_s}")
         if self.concurrency < 1 or self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
             raise BatchError("need concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0")
 
@@ -300,13 +309,18 @@ class JsonlWriter:
 
     def __init__(self, path: Path, truncate: bool = False) -> None:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else os.O_APPEND)
+        self.path = path
         self.fd = os.open(path, flags, 0o644)
 
     def write(self, record: dict[str, Any]) -> None:
         data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode())
-        while data:
-            data = data[os.write(self.fd, data) :]
-        os.fsync(self.fd)
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+            os.fsync(self.fd)
+        except OSError as e:  # os.write and os.fsync name no file
+            e.filename = str(self.path)
+            raise
 
     def close(self) -> None:
         os.close(self.fd)
@@ -469,7 +483,8 @@ async def _run(
     start = time.perf_counter()
     done = recover(output)
     todo = [item for item in items if item.id not in done]
-    unsent = [r for r in refused if r["id"] not in done]  # a refused entry whose id is done has nothing to do
+    # a refused entry whose id is done has nothing to do, unless it was refused for that id: it is another image
+    unsent = [r for r in refused if r["id"] not in done or r["error"]["code"] == "duplicate_id"]
     succeeded = failed = 0
     limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
     with JsonlWriter(output) as out, JsonlWriter(errors, truncate=True) as err:

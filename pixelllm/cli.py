@@ -22,6 +22,17 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -40,7 +51,7 @@ def _require_file(path: str) -> None:
 def _load_image(path: str, image_size: int | None = None):
     """The image at `path` as the service decodes it (`pixelllm.transforms.decode`): reduced for the model input
     side `image_size` if given, else in full (to draw on)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from .transforms import decode
 
@@ -48,7 +59,7 @@ def _load_image(path: str, image_size: int | None = None):
     try:
         with Image.open(path) as im:
             return decode(im, image_size)
-    except (UnidentifiedImageError, OSError) as e:
+    except Exception as e:  # Pillow raises many kinds for a broken or hostile file (the service catches them too)
         raise CLIError(f"cannot read image {path}: {e}") from None
 
 
@@ -58,7 +69,7 @@ def _predictor(args):
 
     try:
         model = load_model(args.model, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: a device torch cannot use
         raise CLIError(str(e)) from None
     return Predictor(model)
 
@@ -176,6 +187,8 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from pydantic import ValidationError
+
     from server import Settings, StartupError, run
 
     if args.ray:
@@ -186,7 +199,12 @@ def cmd_serve(args) -> None:
                 raise
             raise CLIError("--ray needs Ray Serve: pip install 'pixelllm[ray]'") from None
     try:
-        run(args.host, args.port, Settings())
+        settings = Settings()
+    except ValidationError as e:
+        problems = "; ".join(f"PIXELLLM_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        raise CLIError(f"bad settings: {problems}") from None
+    try:
+        run(args.host, args.port, settings)
     except StartupError as e:
         raise CLIError(str(e)) from None
 
@@ -196,8 +214,11 @@ def cmd_api_key(args) -> None:
 
     key = new_key()
     if args.keys_file:
-        with open(args.keys_file, "a") as f:
-            f.write(f"{hash_key(key)}  # {args.note or 'added by pixelllm api-key'}\n")
+        with open(args.keys_file, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            ends_a_line = f.tell() == 0 or (f.seek(-1, os.SEEK_END), f.read(1))[1] == b"\n"
+            line = f"{hash_key(key)}  # {args.note or 'added by pixelllm api-key'}\n"
+            f.write((line if ends_a_line else "\n" + line).encode())
     print(f"key:  {key}")
     print(f"hash: {hash_key(key)}")
     where = f"its hash was added to {args.keys_file}" if args.keys_file else "put its hash in PIXELLLM_API_KEYS_FILE"
@@ -237,22 +258,20 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import run_eval, run_refexp_eval
 
-    if args.refcoco:
-        if args.data:
-            raise CLIError("--refcoco and --data are two different datasets: pass one")
-        try:
+    if args.refcoco and args.data:
+        raise CLIError("--refcoco and --data are two different datasets: pass one")
+    try:
+        if args.refcoco:
             result = run_refexp_eval(
                 args.model, args.out, args.refcoco, args.dataset, args.split_by, args.split, args.image_dir,
                 args.max_images, args.device,
             )  # fmt: skip
-        except (FileNotFoundError, ValueError) as e:
-            raise CLIError(str(e)) from None
-    else:
-        if args.num_beams < 1:
-            raise CLIError(f"--num-beams must be at least 1 (1 is greedy decoding), got {args.num_beams}")
-        result = run_eval(
-            args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device, args.num_beams
-        )
+        else:
+            result = run_eval(
+                args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device, args.num_beams
+            )
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
     print(json.dumps(result, indent=2))
 
 
@@ -278,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--box", help="region to caption: x0,y0,x1,y1 in image pixels")
     group.add_argument("--point", help="point on the region to caption: x,y in image pixels")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None)
+    p.add_argument("--num-beams", type=positive_int, default=1)
     p.add_argument(
         "--stream",
         action="store_true",
@@ -322,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--nms-iou", type=float, default=PROPOSAL_NMS_IOU, help="suppress overlaps above (default: %(default)s)"
         )
         p.add_argument(
-            "--max-regions", type=int, default=MAX_PROPOSALS, help="at most this many (default: %(default)s)"
+            "--max-regions", type=positive_int, default=MAX_PROPOSALS, help="at most this many (default: %(default)s)"
         )
 
     p = sub.add_parser("dense", help="dense captioning: every salient object's box, score and caption")
@@ -375,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a config JSON (see pixelllm/configs/train/)")
     p.add_argument("config")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=positive_int)
     p.add_argument("--out-dir")
     p.set_defaults(func=cmd_train)
 
@@ -383,10 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default=None)
     p.add_argument("--data", help="a folder written by `pixelllm data synth` (default: generate scenes)")
-    p.add_argument("--num-scenes", type=int, default=500)
+    p.add_argument("--num-scenes", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--renderer", choices=["independent", "synthetic"], default="independent")
-    p.add_argument("--num-beams", type=int, default=1, help="beam width of every generated caption (1: greedy)")
+    p.add_argument(
+        "--num-beams", type=positive_int, default=1, help="beam width of every generated caption (1: greedy)"
+    )
     p.add_argument("--out", help="write the metrics JSON here")
     g = p.add_argument_group("RefCOCO / RefCOCO+ / RefCOCOg (referring metrics only)")
     g.add_argument("--refcoco", metavar="DATA_ROOT", help="folder with <dataset>/refs(<split-by>).p, instances.json")
@@ -394,14 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-by", default="unc", help="unc, google or umd (default unc)")
     g.add_argument("--split", default="val", help="val, testA, testB, test, ... (default val)")
     g.add_argument("--image-dir", help="the COCO train2014 images (default DATA_ROOT/images/mscoco/images/train2014)")
-    g.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    g.add_argument("--max-images", type=positive_int, help="evaluate the first N images only")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("synth", help="write synthetic grounded narratives (LN JSONL + images + annotations)")
     q.add_argument("--out", required=True)
-    q.add_argument("--n", type=int, default=1000)
+    q.add_argument("--n", type=positive_int, default=1000)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--renderer", choices=["synthetic", "independent"], default="synthetic")
     q.set_defaults(func=cmd_data_synth)
@@ -414,8 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except CLIError as e:
-        print(f"pixelllm: error: {e}", file=sys.stderr)
-        return 2
+        message = str(e)
+    except OSError as e:  # a file or folder that cannot be read or written; the message names it
+        if args.verbose:
+            raise
+        message = str(e)
+    except KeyboardInterrupt:
+        print("pixelllm: interrupted", file=sys.stderr)
+        return 130
+    print(f"pixelllm: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

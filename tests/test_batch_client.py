@@ -232,6 +232,26 @@ def test_bad_entries_become_error_records_naming_the_problem(service, tmp_path: 
     assert errors["inverted", "invalid_request"]["error"]["message"].startswith("box")
     assert errors["garbage", "unsupported_media_type"]["status"] == 415
     assert "line 4" in errors["short", "invalid_coordinates"]["error"]["message"]
+    # a rerun skips the done ids, but the entry refused for repeating one is another image: still refused
+    code, stdout, _ = batch(capsys, str(manifest), "-o", str(out), "--server", service.url, "--json")
+    assert code == 1 and json.loads(stdout)["failed"] == 7 and json.loads(stdout)["skipped"] == 2
+    assert ("where", "duplicate_id") in {
+        (e["id"], e["error"]["code"]) for e in read_jsonl(tmp_path / "out.errors.jsonl")
+    }
+
+
+def test_files_whose_paths_make_one_id_are_refused_on_every_run(service, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "in"
+    (folder / "a").mkdir(parents=True)
+    for path in (folder / "a" / "b.png", folder / "a_b.png"):
+        path.write_bytes(png(24, 16, seed=1))
+    out = tmp_path / "out.jsonl"
+    for run in range(2):
+        code, stdout, _ = batch(capsys, str(folder), "-o", str(out), "--server", service.url, "--json")
+        assert code == 1 and json.loads(stdout)["failed"] == 1, (run, stdout)
+        (error,) = read_jsonl(tmp_path / "out.errors.jsonl")
+        assert error["id"] == "a_b.png" and error["error"]["code"] == "duplicate_id"
+    assert [r["id"] for r in read_jsonl(out)] == ["a_b.png"]
 
 
 def test_errors_that_stop_the_batch_exit_2(tmp_path: Path, images: Path, capsys) -> None:
@@ -248,6 +268,14 @@ def test_errors_that_stop_the_batch_exit_2(tmp_path: Path, images: Path, capsys)
     corrupt.write_text('{"id": "a"}\nnot a record\n')
     code, _, err = batch(capsys, str(images), "-o", str(corrupt))
     assert code == 2 and "line 2 is not a result record" in err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_failed_write_names_its_file(tmp_path: Path, capsys) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("{not json\n")  # refused: its error record is written before any request
+    code, _, err = batch(capsys, str(manifest), "-o", str(tmp_path / "o.jsonl"), "--errors", "/dev/full")
+    assert code == 2 and "cannot write /dev/full" in err
 
 
 def test_recover_cuts_only_a_torn_last_line(tmp_path: Path) -> None:

@@ -76,6 +76,77 @@ def test_user_errors_exit_2_with_one_line(capsys, model_dir, argv, message):
     assert err.startswith("pixelllm: error:") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["caption", SAMPLE, "--max-new-tokens", "0"],
+        ["caption", SAMPLE, "--max-new-tokens", "-3"],
+        ["caption", SAMPLE, "--num-beams", "0"],
+        ["dense", SAMPLE, "--max-regions", "0"],
+        ["data", "synth", "--out", "x", "--n", "-1"],
+    ],
+)
+def test_counts_below_one_are_refused_by_argparse(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_ordinary_mistakes_exit_2_with_one_line_not_a_traceback(capsys, tmp_path, model_dir, monkeypatch):
+    from PIL import Image
+
+    huge = tmp_path / "huge.png"  # a PNG header claiming 20000 x 20000 pixels: over Pillow's bomb limit
+    Image.new("RGB", (8, 8)).save(huge)
+    data = bytearray(huge.read_bytes())
+    data[16:24] = (20000).to_bytes(4, "big") * 2
+    huge.write_bytes(bytes(data))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (["caption", str(huge), "--model", model_dir], "cannot read image"),
+        (["caption", SAMPLE, "--model", model_dir, "--device", "bogus"], "bogus"),
+        (["visualize", SAMPLE, "--model", model_dir, "-o", str(tmp_path / "no" / "x.png")], "No such file"),
+        (["api-key", "--keys-file", str(tmp_path / "no" / "keys")], "No such file"),
+        (["data", "synth", "--out", str(a_file / "sub"), "--n", "1"], "Not a directory"),
+        (["batch", SAMPLE, "-o", str(tmp_path / "o.jsonl"), "--server", "http://localhost:99999"], "not valid"),
+        (["batch", SAMPLE, "-o", str(tmp_path / "o.jsonl"), "--server", "http://[::1"], "not valid"),
+        (["batch", SAMPLE, "-o", str(tmp_path / "o.jsonl"), "--timeout", "nan"], "timeout"),
+        (["eval", "--model", str(tmp_path / "no-model"), "--num-scenes", "1"], "no-model"),
+        (["eval", "--model", model_dir, "--data", str(tmp_path / "no-data")], "no-data"),
+        (["train", str(tmp_path / "no-config.json")], "no-config.json"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.startswith("pixelllm: error:") and message in err and err.count("\n") == 1, (argv, err)
+    monkeypatch.setenv("PIXELLLM_MAX_QUEUE", "abc")
+    code, _, err = run(capsys, "serve")
+    assert code == 2 and "PIXELLLM_MAX_QUEUE" in err and err.count("\n") == 1, err
+
+
+def test_api_key_appends_its_own_line_to_a_file_without_a_final_newline(capsys, tmp_path):
+    from server.security import KeyStore, hash_key
+
+    keys = tmp_path / "keys"
+    keys.write_text(hash_key("alice") + "  # alice")  # no newline at the end
+    code, out, _ = run(capsys, "api-key", "--keys-file", str(keys), "--note", "bob")
+    assert code == 0
+    bob = out.split("key:", 1)[1].split()[0]
+    assert KeyStore(keys).hashes() == {hash_key("alice"), hash_key(bob)}
+    keys.write_text("")
+    assert run(capsys, "api-key", "--keys-file", str(keys))[0] == 0 and keys.read_text().count("\n") == 1
+
+
+def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
+    import pixelllm.data.synthetic
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pixelllm.data.synthetic, "write_dataset", interrupted)
+    code, _, err = run(capsys, "data", "synth", "--out", "unused", "--n", "1")
+    assert code == 130 and err == "pixelllm: interrupted\n"
+
+
 def test_visualize_writes_a_png(capsys, tmp_path, model_dir):
     from PIL import Image
 
@@ -119,8 +190,9 @@ def test_eval_num_beams(capsys, tmp_path, model_dir):
         capsys, "eval", "--model", model_dir, "--num-scenes", "1", "--num-beams", "2", "--out", str(out_file)
     )
     assert code == 0 and json.loads(out_file.read_text())["num_beams"] == 2
-    code, _, err = run(capsys, "eval", "--model", model_dir, "--num-scenes", "1", "--num-beams", "0")
-    assert code == 2 and "--num-beams must be at least 1" in err
+    with pytest.raises(SystemExit) as exited:  # argparse refuses it
+        main(["eval", "--model", model_dir, "--num-scenes", "1", "--num-beams", "0"])
+    assert exited.value.code == 2 and "--num-beams: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_dense_lists_regions_in_image_pixels(capsys, model_dir):
