@@ -7,6 +7,7 @@ of (seed, s), and checkpoints hold model, optimizer and RNG state, so a killed r
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import math
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- configuration
 @dataclass
 class SourceConfig:
-    """A data source. `synthetic`: scenes from our generator. `narratives`: a Localized-Narratives JSONL
-    (`path`) with images `<image_root>/<image_id>.jpg` (COCO captions: the same schema with empty traces)."""
+    """A data source. `synthetic`: scenes from our generator. `narratives`: Localized-Narratives JSONL (`path`, or a
+    glob of shards such as `coco_train_localized_narratives-*.jsonl`) with images `<image_root>/<image_name>`
+    (COCO captions: the same schema with empty traces)."""
 
     kind: str = "synthetic"
     weight: float = 1.0
@@ -48,6 +50,8 @@ class SourceConfig:
     num_scenes: int = 1000
     path: str | None = None
     image_root: str | None = None
+    # an image's file name, formatted with the record's image_id; COCO's are "{image_id:0>12}.jpg"
+    image_name: str = "{image_id}.jpg"
     prompt: str | None = None  # caption prompt for this source (default: the model's caption_prompt)
 
 
@@ -76,6 +80,16 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 0
     threads: int | None = None  # torch threads; unset: torch's default, or on resume the checkpoint's count
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown} in 'tasks': the tasks are {', '.join(TASKS)}")
+        for name, weights in (("tasks", list(self.tasks.values())), ("sources", [s.weight for s in self.sources])):
+            if not weights or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError(f"the weights of '{name}' must be >= 0 with a positive sum, got {weights}")
+        if self.batch_size < 1 or self.steps < 0:
+            raise ValueError(f"need batch_size >= 1 and steps >= 0, got {self.batch_size} and {self.steps}")
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -107,9 +121,24 @@ class SceneSource:
         elif cfg.kind == "narratives":
             if not cfg.path or not cfg.image_root:
                 raise ValueError("a 'narratives' source needs 'path' (JSONL) and 'image_root' (image folder)")
-            self.records = list(read_narratives(cfg.path))
+            paths = sorted(glob.glob(cfg.path)) if glob.has_magic(cfg.path) else [cfg.path]
+            if not paths:
+                raise ValueError(f"no file matches the source path {cfg.path}")
+            self.records = [record for path in paths for record in read_narratives(path)]
+            missing = [self.image_path(r) for r in self.records if not self.image_path(r).is_file()]
+            if missing:
+                shown = ", ".join(str(p) for p in missing[:3])
+                raise ValueError(
+                    f"{len(missing)} of the {len(self.records)} images of {cfg.path} are missing, e.g. {shown}: check "
+                    f"'image_root' and 'image_name' ({cfg.image_name!r}, formatted with each record's image_id)"
+                )
         else:
             raise ValueError(f"unknown source kind {cfg.kind!r}: expected 'synthetic' or 'narratives'")
+        if not len(self):
+            raise ValueError(f"the {cfg.kind} source {cfg.path or ''} has no scenes: give it some, or drop it")
+
+    def image_path(self, record: dict) -> Path:
+        return Path(self.cfg.image_root or "") / self.cfg.image_name.format(image_id=record["image_id"])
 
     def __len__(self) -> int:
         return len(self.scenes) if self.cfg.kind == "synthetic" else len(self.records)
@@ -118,7 +147,12 @@ class SceneSource:
         if self.cfg.kind == "synthetic":
             return self.scenes[i]
         record = self.records[i]
-        image = to_rgb_array(Image.open(Path(self.cfg.image_root) / f"{record['image_id']}.jpg"))
+        path = self.image_path(record)
+        try:
+            with Image.open(path) as im:
+                image = to_rgb_array(im)
+        except Exception as e:  # Pillow raises many kinds for a broken file
+            raise ValueError(f"cannot read the image {path} of image_id {record['image_id']!r}: {e}") from None
         return prepare_record(image, record, self.image_size, self.tokenizer)
 
 
@@ -136,7 +170,7 @@ def batch_for_step(step: int, cfg: TrainConfig, sources: list[SceneSource], mode
         sample_rng = np.random.default_rng([cfg.seed, step, j])
         if j % world == rank:
             sample = make_sample(src[scene_index], task, sample_rng, model_cfg, tokenizer)
-            if src.cfg.prompt is not None and task == "caption":
+            if src.cfg.prompt is not None and sample["task"] == "caption":  # a narrative gives captions for any task
                 sample["prompt"] = src.cfg.prompt
             samples.append(sample)
     return collate(samples, model_cfg.language_model.max_text_tokens)
@@ -228,6 +262,8 @@ def train(cfg: TrainConfig) -> Path:
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes: each needs samples")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -257,7 +293,11 @@ def train(cfg: TrainConfig) -> Path:
     net = DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 
-    log_file = (out / "log.jsonl").open("a") if rank == 0 else None
+    log_path = out / "log.jsonl"
+    if rank == 0 and start and log_path.is_file():  # steps logged after the checkpoint run again: drop them
+        kept = [line for line in log_path.read_text().splitlines(keepends=True) if 0 < _logged_step(line) <= start]
+        log_path.write_text("".join(kept))
+    log_file = log_path.open("a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     t_last, samples_since = time.time(), 0
     for step in range(start, cfg.steps):
@@ -300,6 +340,14 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _logged_step(line: str) -> int:
+    """The step of a log line (0 for a line that is not a complete record, as a killed write leaves)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -124,3 +124,27 @@ def test_read_narratives(tmp_path):
     path.write_text(json.dumps({k: v for k, v in rec.items() if k != "traces"}) + "\n")
     with pytest.raises(ValueError, match=r"ln\.jsonl:1: .*traces"):
         list(read_narratives(path))
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda r: r["traces"][0][0].pop("t"), r"traces\[0\]\[0\]"),
+        (lambda r: r["timed_caption"][0].pop("end_time"), r"timed_caption\[0\]"),
+        (lambda r: r.update(traces=None), "traces must be a list"),
+        (lambda r: r.update(traces=[{"x": 0.1, "y": 0.1, "t": 0.0}]), "traces must be a list"),
+        (lambda r: r.update(caption=None), "caption must be a string"),
+        (lambda r: r.update(image_id=True), "image_id"),
+        (lambda r: r["traces"][0][0].update(x="0.5"), r"traces\[0\]\[0\]"),
+        (lambda r: r["timed_caption"][0].update(start_time=float("nan")), r"timed_caption\[0\]"),
+    ],
+)
+def test_a_malformed_record_is_an_error_naming_its_file_and_line(tmp_path, change, problem):
+    """Checked when the file is read, not when training first draws the record (possibly hours in)."""
+    good = make_record("dog", [("dog", 0.0, 1.0)], [[(0.5, 0.5, 0.0)]])
+    bad = json.loads(json.dumps(good))
+    change(bad)
+    path = tmp_path / "ln.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=rf"ln\.jsonl:2: .*{problem}"):
+        list(read_narratives(path))

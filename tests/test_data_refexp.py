@@ -1,13 +1,14 @@
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 from server_helpers import DEFAULT_MODEL_DIR
 
 from pixelllm.data.refexp import load_refexp, load_refs, ref_mask
-from pixelllm.data.rle import encode_mask
+from pixelllm.data.rle import decode_segmentation, encode_mask
 
 
 @pytest.fixture
@@ -88,6 +89,29 @@ def test_load_refexp_errors(refer_root):
         load_refexp(root, split="testB")
     with pytest.raises(FileNotFoundError, match=r"refs\(google\)\.p"):
         load_refexp(root, split_by="google")
+
+
+def test_annotation_files_that_do_not_match_name_the_ref_and_file(refer_root, tmp_path):
+    root, _ = refer_root
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "refcoco", copy / "refcoco")
+    instances = json.loads((copy / "refcoco" / "instances.json").read_text())
+    instances["annotations"] = [a for a in instances["annotations"] if a["id"] != 21]
+    (copy / "refcoco" / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(ValueError, match=r"ref 3 names annotation 21, which .*instances\.json does not have"):
+        load_refexp(copy, split="val")
+    (copy / "refcoco" / "instances.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"instances\.json is not valid JSON"):
+        load_refexp(copy, split="val")
+
+
+def test_degenerate_polygons_are_dropped():
+    """A polygon of two points (4 numbers) encloses nothing; pycocotools would take the list for boxes."""
+    square = [0, 0, 5, 0, 5, 5, 0, 5]
+    assert not decode_segmentation([[10, 10, 50, 50]], 30, 40).any()
+    np.testing.assert_array_equal(
+        decode_segmentation([[10, 10, 50, 50], square], 30, 40), decode_segmentation([square], 30, 40)
+    )
 
 
 class _Payload:

@@ -178,7 +178,11 @@ def test_paper_recipe_runs_its_code_path_at_tiny_scale(tmp_path):
         250,
     )
     assert [s.weight for s in recipe.sources] == [2.0, 1.0] and recipe.tasks == {"caption": 1.0}
+    assert {s.image_name for s in recipe.sources} == {"{image_id:0>12}.jpg"}  # COCO's file names
     data = write_dataset(tmp_path / "ln", n=4, seed=5)
+    for line in (data / "narratives.jsonl").read_text().splitlines():  # named as COCO names its images
+        image_id = json.loads(line)["image_id"]
+        (data / "images" / f"{image_id}.jpg").rename(data / "images" / f"{image_id:0>12}.jpg")
     sources = [
         dataclasses.replace(s, path=str(data / "narratives.jsonl"), image_root=str(data / "images"))
         for s in recipe.sources
@@ -199,6 +203,68 @@ def test_paper_recipe_runs_its_code_path_at_tiny_scale(tmp_path):
     )
     final = train(small)
     assert (final / "model.safetensors").is_file()
+
+
+def test_config_refuses_unknown_tasks_and_weights_that_cannot_draw():
+    with pytest.raises(ValueError, match="unknown task.*refering"):
+        TrainConfig(tasks={"refering": 1.0})
+    for bad in (dict(tasks={}), dict(tasks={"caption": 0.0}), dict(tasks={"caption": -1.0, "referring": 2.0})):
+        with pytest.raises(ValueError, match="weights of 'tasks'"):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="weights of 'sources'"):
+        TrainConfig(sources=[SourceConfig(weight=0.0)])
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def narratives_source(tmp_path: Path) -> SourceConfig:
+    data = write_dataset(tmp_path / "ln", n=3, seed=5)
+    return SourceConfig(kind="narratives", path=str(data / "narratives.jsonl"), image_root=str(data / "images"))
+
+
+def test_narratives_sources_check_their_images_and_read_glob_shards(tmp_path, tiny_model):
+    from pixelllm.train import SceneSource
+
+    source = narratives_source(tmp_path)
+    data = Path(source.path).parent
+    lines = Path(source.path).read_text().splitlines()
+    for i, line in enumerate(lines[:2]):  # two of its records, one per shard
+        (data / f"shard-{i}-of-2.jsonl").write_text(line + "\n", encoding="utf-8")
+    sharded = dataclasses.replace(source, path=str(data / "shard-*-of-2.jsonl"))
+    loaded = SceneSource(sharded, 160, tiny_model.tokenizer, Path())
+    assert len(loaded) == 2 and loaded[1].caption_ids
+    missing = json.loads(lines[0])["image_id"]
+    (data / "images" / f"{missing}.jpg").unlink()
+    with pytest.raises(ValueError, match=rf"1 of the 3 images .*{missing}\.jpg"):
+        SceneSource(source, 160, tiny_model.tokenizer, Path())
+    (data / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="has no scenes"):
+        SceneSource(dataclasses.replace(source, path=str(data / "empty.jsonl")), 160, tiny_model.tokenizer, Path())
+    with pytest.raises(ValueError, match="no file matches"):
+        SceneSource(dataclasses.replace(source, path=str(data / "none-*.jsonl")), 160, tiny_model.tokenizer, Path())
+
+
+def test_a_sources_prompt_goes_with_every_caption_it_gives(tmp_path, tiny_model):
+    """A narrative has no objects, so every task drawn from it gives a caption, with the source's prompt."""
+    from pixelllm.train import SceneSource, batch_for_step
+
+    source = dataclasses.replace(narratives_source(tmp_path), prompt="SOURCE PROMPT: ")
+    cfg = TrainConfig(sources=[source], batch_size=8)  # the default mix: all four tasks
+    sources = [SceneSource(source, tiny_model.cfg.image_size, tiny_model.tokenizer, Path())]
+    batch = batch_for_step(0, cfg, sources, tiny_model.cfg, tiny_model.tokenizer)
+    assert batch["prompts"] == ["SOURCE PROMPT: "] * 8
+
+
+def test_resume_drops_the_log_lines_written_after_its_checkpoint(tmp_path):
+    train(tiny_config(tmp_path, steps=2))
+    saved = (tmp_path / "checkpoint.pt").read_bytes()  # at step 2
+    train(tiny_config(tmp_path, steps=3))  # logs step 3, then a kill before the next checkpoint is as if:
+    (tmp_path / "checkpoint.pt").write_bytes(saved)
+    with (tmp_path / "log.jsonl").open("a") as log:
+        log.write('{"step": 4, "lo')  # and a torn line
+    train(tiny_config(tmp_path, steps=4))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")

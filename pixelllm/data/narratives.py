@@ -16,6 +16,7 @@ coordinates here stay normalized to [0, 1].
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,38 @@ def read_narratives(path: str | Path) -> Iterator[dict]:
             missing = [k for k in REQUIRED_FIELDS if k not in record]
             if missing:
                 raise ValueError(f"{path}:{lineno}: record is missing field(s) {', '.join(missing)}")
+            problem = record_problem(record)
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem}")
             yield record
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_problem(record: dict) -> str | None:
+    """What is wrong with a record's fields (types, as the official schema has them), or None."""
+    if isinstance(record["image_id"], bool) or not isinstance(record["image_id"], (str, int)):
+        return "image_id must be a string or an integer"
+    if not isinstance(record["caption"], str):
+        return "caption must be a string"
+    utterances = record["timed_caption"]
+    if not isinstance(utterances, list):
+        return "timed_caption must be a list"
+    for i, utt in enumerate(utterances):
+        if not isinstance(utt, dict) or not isinstance(utt.get("utterance"), str):
+            return f"timed_caption[{i}] must be an object with a string 'utterance'"
+        if not (_is_number(utt.get("start_time")) and _is_number(utt.get("end_time"))):
+            return f"timed_caption[{i}] needs numbers 'start_time' and 'end_time'"
+    traces = record["traces"]
+    if not isinstance(traces, list) or not all(isinstance(segment, list) for segment in traces):
+        return "traces must be a list of segments, each a list of points"
+    for i, segment in enumerate(traces):
+        for j, point in enumerate(segment):
+            if not isinstance(point, dict) or not all(_is_number(point.get(k)) for k in ("x", "y", "t")):
+                return f"traces[{i}][{j}] must be an object with numbers 'x', 'y' and 't'"
+    return None
 
 
 def _flat_trace(traces: list[list[dict]]) -> np.ndarray:

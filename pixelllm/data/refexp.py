@@ -89,8 +89,11 @@ def load_refexp(
     splits = sorted({r["split"] for r in refs})
     if split not in splits:
         raise ValueError(f"split {split!r} not in {refs_path}; available: {', '.join(splits)}")
-    with instances_path.open() as f:
-        instances = json.load(f)
+    try:
+        with instances_path.open() as f:
+            instances = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{instances_path} is not valid JSON: {e}") from None
     images = {im["id"]: im for im in instances["images"]}
     anns = {a["id"]: a for a in instances["annotations"]}
     image_dir = Path(image_dir) if image_dir is not None else root / "images" / "mscoco" / "images" / "train2014"
@@ -99,7 +102,10 @@ def load_refexp(
     for ref in refs:
         if ref["split"] != split:
             continue
-        ann, image = anns[ref["ann_id"]], images[ref["image_id"]]
+        ann, image = anns.get(ref["ann_id"]), images.get(ref["image_id"])
+        if ann is None or image is None:
+            what = f"annotation {ref['ann_id']}" if ann is None else f"image {ref['image_id']}"
+            raise ValueError(f"{refs_path}: ref {ref['ref_id']} names {what}, which {instances_path} does not have")
         x, y, w, h = ann["bbox"]
         for sent in ref["sentences"]:
             examples.append(

@@ -22,9 +22,10 @@ def encode_mask(mask: np.ndarray) -> dict:
 def decode_segmentation(segmentation: dict | list, height: int, width: int) -> np.ndarray:
     """A COCO `segmentation` (RLE, uncompressed RLE, or polygons) -> HxW bool mask."""
     if isinstance(segmentation, list):
-        if not segmentation:
+        polygons = [p for p in segmentation if len(p) >= 6]  # fewer than 3 points enclose nothing
+        if not polygons:
             return np.zeros((height, width), dtype=bool)
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     elif isinstance(segmentation.get("counts"), list):
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:

@@ -102,8 +102,9 @@ def make_sample(
         "object_boxes": np.array([o.box for o in scene.objects], np.float32).reshape(-1, 4),
         "objects_labeled": scene.objects_labeled,
     }
-    if task == "caption" or not scene.objects:
+    if task == "caption" or not scene.objects:  # a scene without objects (a narrative) gives a caption
         sample.update(
+            task="caption",
             prompt=cfg.caption_prompt,
             ids=scene.caption_ids,
             boxes=scene.caption_boxes,
@@ -131,7 +132,7 @@ def make_sample(
             point = np.array([xs[k] + 0.5, ys[k] + 0.5]) if len(xs) else (obj.box[:2] + obj.box[2:]) / 2 * s
             sample.update(point=point.astype(np.float32), has_point=True)
         sample["prompt"] = cfg.region_prompt
-    sample.update(ids=ids, boxes=np.tile(obj.box, (len(ids), 1)), located=located)
+    sample.update(task=task, ids=ids, boxes=np.tile(obj.box, (len(ids), 1)), located=located)
     return sample
 
 
