@@ -313,6 +313,32 @@ def test_words_and_markers_appear_live(driver, slow_stream_service, tmp_path: Pa
     assert driver.get_log("browser") == []
 
 
+@pytest.mark.browser
+@needs_chromium
+def test_a_box_dragged_while_a_caption_streams_is_not_taken(driver, slow_stream_service, tmp_path: Path) -> None:
+    """While busy the page takes no box: one drawn then would sit beside a caption that is not of it."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    sample = (ROOT / "assets" / "sample.jpg").read_bytes()
+    expected = httpx.post(
+        f"{slow_stream_service.url}/v1/caption", files={"image": sample}, data={"max_new_tokens": TOKENS}, timeout=60
+    ).json()
+    open_page(driver, slow_stream_service.url)
+    (tmp_path / "sample.jpg").write_bytes(sample)
+    driver.find_element("id", "file").send_keys(str(tmp_path / "sample.jpg"))
+    WebDriverWait(driver, WAIT_S).until(lambda d: "word" in d.find_element("id", "status").text)  # streaming
+    overlay = driver.find_element("id", "overlay")
+    size = overlay.size
+    actions = ActionChains(driver).move_to_element_with_offset(overlay, -size["width"] // 4, -size["height"] // 4)
+    actions.click_and_hold().move_by_offset(size["width"] // 3, size["height"] // 3).release().perform()
+    assert not driver.find_element("id", "status").text.endswith("ms."), "the caption ended before the drag"
+    wait_for_answer(driver, previous="")
+    assert driver.find_element("id", "caption").text == expected["caption"]  # the whole image's
+    assert not driver.find_element("id", "clear-box").is_enabled()  # no box was taken
+    assert not (overlay_pixels(driver)[..., 3] == 255).any()  # and none is drawn (words are drawn faint)
+
+
 # Replaces the model's words in (streamed) caption answers with two words of known, large boxes (arguments[0]).
 KNOWN_WORDS_JS = """
 const words = arguments[0];

@@ -32,6 +32,7 @@ const state = {
   ready: false,
   busy: false,
   generation: 0, // bumped on every upload, so answers about an older image are dropped
+  pick: 0, // bumped on every file chosen, so a slower decode of an earlier choice is dropped
   file: null,
   image: null,
   size: null, // the image size in the API's pixels: {width, height}
@@ -204,7 +205,7 @@ function dragBox(start, end) {
 let dragStart = null;
 
 els.overlay.addEventListener("pointerdown", (event) => {
-  if (!state.image || event.button !== 0) return;
+  if (!state.image || state.busy || event.button !== 0) return; // a box drawn now would not be the one captioned
   dragStart = imagePoint(event);
   els.overlay.setPointerCapture(event.pointerId);
 });
@@ -227,6 +228,12 @@ els.overlay.addEventListener("pointerup", (event) => {
   } else {
     redraw();
   }
+});
+
+els.overlay.addEventListener("pointercancel", () => {
+  dragStart = null;
+  state.drag = null;
+  redraw();
 });
 
 els.clearBox.addEventListener("click", () => {
@@ -299,6 +306,7 @@ async function readEvents(response, onWord) {
 }
 
 // Run `work` (which calls the API) unless busy; drop its answer if another image was uploaded meanwhile.
+// `work.prepare(body)` (optional, async) readies what `work.show(body, prepared)` draws, before that check.
 async function request(label, work) {
   if (state.busy || !state.ready || !state.file) return;
   const generation = state.generation;
@@ -309,9 +317,10 @@ async function request(label, work) {
   try {
     const onWord = work.onWord && ((word) => generation === state.generation && work.onWord(word));
     const { body, roundTrip } = await post(...work.request(), onWord);
+    const prepared = work.prepare ? await work.prepare(body) : undefined;
     if (generation !== state.generation) return;
     state.size = body.image;
-    await work.show(body);
+    work.show(body, prepared);
     showTimings(label, body, roundTrip);
     setStatus(`${label}: done in ${Math.round(roundTrip)} ms.`);
   } catch (error) {
@@ -374,7 +383,8 @@ function localize(text) {
         ["mask_format", "png"],
       ],
     ],
-    show: (body) => showLocalization(body.results[0]),
+    prepare: (body) => (body.results[0].mask?.png ? maskCanvas(body.results[0].mask) : null),
+    show: (body, mask) => showLocalization(body.results[0], mask),
   });
 }
 
@@ -455,8 +465,7 @@ function maskCanvas(mask) {
   });
 }
 
-async function showLocalization(result) {
-  const mask = result.mask && result.mask.png ? await maskCanvas(result.mask) : null;
+function showLocalization(result, mask) {
   state.localization = { box: result.box, mask };
   const swatch = document.createElement("span");
   swatch.className = "word";
@@ -489,17 +498,19 @@ function showTimings(label, body, roundTrip) {
 els.file.addEventListener("change", async () => {
   const file = els.file.files[0];
   if (!file) return;
+  const pick = ++state.pick;
   const image = new Image();
   const url = URL.createObjectURL(file);
   image.src = url;
   try {
     await image.decode();
   } catch {
-    showError("This browser cannot display that file; choose a PNG, JPEG, WEBP, BMP or GIF image.");
+    if (pick === state.pick) showError("This browser cannot display that file; choose a PNG, JPEG, WEBP, BMP or GIF image.");
     return;
   } finally {
     URL.revokeObjectURL(url);
   }
+  if (pick !== state.pick) return; // a file chosen after this one decoded first and is shown
   state.generation += 1;
   state.busy = false;
   if (state.abort) state.abort.abort(); // the server stops decoding a caption nobody reads

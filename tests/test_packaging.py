@@ -1,0 +1,29 @@
+"""The wheel `pip install` makes: it must carry every file the package reads at run time."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from server_helpers import ROOT
+
+
+def test_the_wheel_carries_every_config_tokenizer_and_static_file(tmp_path: Path) -> None:
+    """Outside the checkout, a preset without its tokenizer could not caption (it was left out of the wheel)."""
+    source = tmp_path / "src"  # a copy: the checkout's build/ may hold files of an earlier build
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("pixelllm", "server"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*command, "-w", str(tmp_path)], check=True, timeout=300)
+    (wheel,) = tmp_path.glob("pixelllm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    needed = [*(ROOT / "pixelllm" / "configs").rglob("*.json"), *(ROOT / "server" / "static").glob("*")]
+    assert (ROOT / "pixelllm/configs/tokenizers/pixelllm-tiny.json") in needed
+    missing = [str(p.relative_to(ROOT)) for p in needed if str(p.relative_to(ROOT)) not in names]
+    assert not missing, f"left out of the wheel: {missing}"
