@@ -268,6 +268,20 @@ return {
 """
 
 
+def start_sample_caption(driver, url: str, tmp_path: Path) -> dict:
+    """The service's caption of the sample image, asked directly; then the page opened and the sample uploaded,
+    not waiting for its answer."""
+    sample = (ROOT / "assets" / "sample.jpg").read_bytes()
+    assert Image.open(io.BytesIO(sample)).size == SAMPLE_SIZE
+    expected = httpx.post(
+        f"{url}/v1/caption", files={"image": sample}, data={"max_new_tokens": TOKENS}, timeout=60
+    ).json()
+    open_page(driver, url)
+    (tmp_path / "sample.jpg").write_bytes(sample)
+    driver.find_element("id", "file").send_keys(str(tmp_path / "sample.jpg"))
+    return expected
+
+
 @pytest.mark.browser
 @needs_chromium
 def test_words_and_markers_appear_live(driver, slow_stream_service, tmp_path: Path) -> None:
@@ -275,14 +289,7 @@ def test_words_and_markers_appear_live(driver, slow_stream_service, tmp_path: Pa
     decodes (here every word takes 0.25 s more), and the page ends with the service's caption."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    sample = (ROOT / "assets" / "sample.jpg").read_bytes()
-    assert Image.open(io.BytesIO(sample)).size == SAMPLE_SIZE
-    expected = httpx.post(
-        f"{slow_stream_service.url}/v1/caption", files={"image": sample}, data={"max_new_tokens": TOKENS}, timeout=60
-    ).json()
-    open_page(driver, slow_stream_service.url)
-    (tmp_path / "sample.jpg").write_bytes(sample)
-    driver.find_element("id", "file").send_keys(str(tmp_path / "sample.jpg"))
+    expected = start_sample_caption(driver, slow_stream_service.url, tmp_path)
     live = []  # each new state of the caption while the answer streams in
     WebDriverWait(driver, WAIT_S).until(lambda d: "Caption" in d.find_element("id", "status").text)
     snapshot = driver.execute_script(SNAPSHOT_JS)
@@ -320,13 +327,7 @@ def test_a_box_dragged_while_a_caption_streams_is_not_taken(driver, slow_stream_
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import WebDriverWait
 
-    sample = (ROOT / "assets" / "sample.jpg").read_bytes()
-    expected = httpx.post(
-        f"{slow_stream_service.url}/v1/caption", files={"image": sample}, data={"max_new_tokens": TOKENS}, timeout=60
-    ).json()
-    open_page(driver, slow_stream_service.url)
-    (tmp_path / "sample.jpg").write_bytes(sample)
-    driver.find_element("id", "file").send_keys(str(tmp_path / "sample.jpg"))
+    expected = start_sample_caption(driver, slow_stream_service.url, tmp_path)
     WebDriverWait(driver, WAIT_S).until(lambda d: "word" in d.find_element("id", "status").text)  # streaming
     overlay = driver.find_element("id", "overlay")
     size = overlay.size
