@@ -125,7 +125,7 @@ class SceneSource:
             if not paths:
                 raise ValueError(f"no file matches the source path {cfg.path}")
             self.records = [record for path in paths for record in read_narratives(path)]
-            missing = [self.image_path(r) for r in self.records if not self.image_path(r).is_file()]
+            missing = [path for path in map(self.image_path, self.records) if not path.is_file()]
             if missing:
                 shown = ", ".join(str(p) for p in missing[:3])
                 raise ValueError(

@@ -77,7 +77,12 @@ def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
     img.load()
     if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # a quarter turn: the sides swap
         width, height = height, width
-    return DecodedImage(to_rgb(ImageOps.exif_transpose(img)), height, width)
+    return DecodedImage(to_rgb(upright(img)), height, width)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says; `img` itself, not a copy, when it says nothing to turn."""
+    return img if img.getexif().get(ExifTags.Base.Orientation, 1) == 1 else ImageOps.exif_transpose(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -102,7 +107,7 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """A PIL image (any mode, see `to_rgb`; its EXIF orientation applied, as `decode` does) or an (H, W, 3) uint8
     array -> (H, W, 3) uint8 RGB array."""
     if isinstance(image, Image.Image):
-        return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
+        return np.asarray(to_rgb(upright(image)))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}")
