@@ -75,14 +75,22 @@ def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
         scale = image_size / max(width, height)
         img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
     img.load()
-    if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # a quarter turn: the sides swap
+    if orientation(img) in (5, 6, 7, 8):  # a quarter turn: the sides swap
         width, height = height, width
     return DecodedImage(to_rgb(upright(img)), height, width)
 
 
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation `img` is shown in, 1 (as stored) to 8, by the browsers' rule: a JPEG's or PNG's tag is
+    applied, a WebP's is not (Chromium draws a WebP as stored whatever its tag says; tests/test_server_browser.py
+    checks both), so coordinates are those of the image a user sees on a web page."""
+    tag = img.getexif().get(ExifTags.Base.Orientation)
+    return tag if isinstance(tag, int) and 1 <= tag <= 8 and img.format != "WEBP" else 1
+
+
 def upright(img: Image.Image) -> Image.Image:
-    """`img` turned as its EXIF orientation says; `img` itself, not a copy, when it says nothing to turn."""
-    return img if img.getexif().get(ExifTags.Base.Orientation, 1) == 1 else ImageOps.exif_transpose(img)
+    """`img` turned as its EXIF `orientation` says; `img` itself, not a copy, when it says nothing to turn."""
+    return img if orientation(img) == 1 else ImageOps.exif_transpose(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -39,8 +39,9 @@ def check_size(width: int, height: int, max_pixels: int, max_aspect: float) -> N
 
 
 def decode_image(data: bytes, max_pixels: int, max_aspect: float, image_size: int | None = None) -> DecodedImage:
-    """An RGB image from PNG/JPEG/WEBP/BMP/GIF bytes (GIF: first frame), EXIF orientation applied; with the model
-    input side `image_size`, a large JPEG decoded at reduced scale (`pixelllm.transforms.decode`).
+    """An RGB image from PNG/JPEG/WEBP/BMP/GIF bytes (GIF: first frame), EXIF orientation applied
+    (`pixelllm.transforms.orientation`); with the model input side `image_size`, a large JPEG decoded at reduced
+    scale (`pixelllm.transforms.decode`).
 
     Raises `ApiError`: 415 for an unknown format, 413 for too many pixels (checked from the header,
     before decoding), 422 for empty, corrupt, truncated or degenerate images.

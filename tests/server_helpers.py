@@ -131,6 +131,14 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
     return buffer.getvalue()
 
 
+def exif_turned(fmt: str) -> bytes:
+    """Stored 160x80 with EXIF orientation 6 (turn 90 degrees clockwise to view), in `fmt`. A JPEG or PNG is
+    shown 80x160; a WebP 160x80, as stored (the browsers' rule, `pixelllm.transforms.orientation`)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(random_image(160, 80, seed=6), fmt, exif=exif.tobytes())
+
+
 def png(width: int = 128, height: int = 96, seed: int = 0) -> bytes:
     return encode(random_image(width, height, seed))
 

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_helpers import ROOT, encode, png
+from server_helpers import ROOT, encode, exif_turned, png
 
 pytest_plugins = ["server_fixtures"]
 
@@ -387,3 +387,21 @@ def test_boxes_scale_to_any_image_size(driver, service, tmp_path: Path, size: tu
         assert outline_drawn(drawn, word["box"], size) >= 0.95
     ARTIFACTS.mkdir(exist_ok=True)
     assert driver.save_screenshot(str(ARTIFACTS / f"web_page_{width}x{height}.png"))
+
+
+@pytest.mark.browser
+@needs_chromium
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_page_and_service_agree_on_exif_orientation(driver, service, service_client: httpx.Client, fmt: str) -> None:
+    """The page draws an upload as Chromium shows it and the service answers in its own frame: for a file with
+    EXIF orientation 6 both frames must be the same, or every box is drawn turned."""
+    data = exif_turned(fmt)
+    open_page(driver, service.url)
+    shown = driver.execute_async_script(
+        """const [src, done] = arguments; const image = new Image(); image.src = src;
+        image.decode().then(() => done([image.naturalWidth, image.naturalHeight]), (e) => done(String(e)));""",
+        f"data:image/{fmt.lower()};base64,{base64.b64encode(data).decode()}",
+    )
+    answer = service_client.post("/v1/caption", files={"image": data}, data={"max_new_tokens": "1"})
+    assert answer.status_code == 200, answer.text
+    assert shown == [answer.json()["image"]["width"], answer.json()["image"]["height"]]

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_helpers import assert_error, encode, png, random_image
+from server_helpers import assert_error, encode, exif_turned, png, random_image
 
 from pixelllm.data.synthetic import generate_scene
 from pixelllm.evaluate import box_iou
@@ -37,13 +37,6 @@ def animated_gif() -> tuple[bytes, bytes]:
     second = random_image(64, 48, seed=5)
     gif = encode(first, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
     return gif, encode(Image.open(io.BytesIO(gif)).convert("RGB"))
-
-
-def exif_rotated_jpeg() -> bytes:
-    """Stored 160x80 with EXIF orientation 6 (rotate 90 degrees clockwise to view): shown 80x160."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return encode(random_image(160, 80, seed=6), "JPEG", exif=exif.tobytes())
 
 
 def sixteen_bit_png() -> bytes:
@@ -77,7 +70,9 @@ ACCEPTED = {
     "grayscale-png": (encode(random_image(64, 48, seed=10, mode="L")), (64, 48)),
     "la-png": (encode(random_image(64, 48, seed=11, mode="LA")), (64, 48)),
     "animated-gif": (GIF, (64, 48)),
-    "exif-rotated-jpeg": (exif_rotated_jpeg(), (80, 160)),
+    "exif-rotated-jpeg": (exif_turned("JPEG"), (80, 160)),
+    "exif-rotated-png": (exif_turned("PNG"), (80, 160)),
+    "exif-rotated-webp": (exif_turned("WEBP"), (160, 80)),
     "bmp": (encode(random_image(40, 30, seed=12), "BMP"), (40, 30)),
     "webp": (encode(random_image(40, 30, seed=13), "WEBP"), (40, 30)),
     "1x50": (encode(Image.new("RGB", (1, 50), (9, 9, 9))), (1, 50)),
@@ -127,7 +122,8 @@ def test_decode_converts_modes() -> None:
     assert decode_image(encode(clear), 10**6, 100).image.getpixel((3, 3)) == (255, 255, 255)  # onto white
     cmyk = decode_image(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG"), 10**6, 100).image
     assert cmyk.mode == "RGB" and min(cmyk.getpixel((3, 3))) > 240
-    assert decode_image(exif_rotated_jpeg(), 10**6, 100).image.size == (80, 160)
+    assert decode_image(exif_turned("JPEG"), 10**6, 100).image.size == (80, 160)
+    assert decode_image(exif_turned("WEBP"), 10**6, 100).image.size == (160, 80)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

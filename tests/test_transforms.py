@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pixelllm.cli import _load_image
-from pixelllm.transforms import ImageTransform, decode, preprocess, to_rgb, to_rgb_array
+from pixelllm.transforms import ImageTransform, decode, orientation, preprocess, to_rgb, to_rgb_array
 from server.images import decode_image
 
 
@@ -81,3 +81,18 @@ def test_decode_swaps_the_sides_of_a_quarter_turned_jpeg_and_leaves_png_whole() 
     buf = io.BytesIO()
     Image.new("RGB", (1600, 1200)).save(buf, "PNG")
     assert decode(Image.open(buf), 160).image.size == (1600, 1200)  # only JPEG decodes at reduced scale
+
+
+@pytest.mark.parametrize(("fmt", "tag", "shown"), [("PNG", 6, 6), ("JPEG", 8, 8), ("WEBP", 6, 1), ("PNG", 9, 1)])
+def test_orientation_follows_the_browsers(fmt: str, tag: int, shown: int) -> None:
+    """A PNG's or JPEG's EXIF orientation turns the image, a WebP's does not (Chromium's rule), an invalid tag
+    is ignored; `to_rgb_array` (the Python API's way in) and `decode` turn alike."""
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20)).save(buf, fmt, exif=exif.tobytes())
+    quarter = shown in (5, 6, 7, 8)
+    for read in (lambda im: to_rgb_array(im).shape[1::-1], lambda im: decode(im).image.size):
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            assert orientation(im) == shown
+            assert read(im) == ((20, 40) if quarter else (40, 20))
