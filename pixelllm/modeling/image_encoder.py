@@ -43,8 +43,11 @@ class RelPosAttention(Attention):
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
             r_q = q.reshape(b * self.num_heads, h, w, -1)
+            # contiguous (einsum's are not), so each block's mask below is summed into the layout its flattening
+            # views rather than after the operands' strides, to be copied once more by the flattening
             rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h)).unflatten(0, (b, -1))
             rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w)).unflatten(0, (b, -1))
+            rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
             rows = max(1, self.MASK_BYTES // (q.element_size() * b * self.num_heads * w * h * w))
             blocks = []
             for r in range(0, h, rows):
