@@ -77,7 +77,11 @@ def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
     img.load()
     if orientation(img) in (5, 6, 7, 8):  # a quarter turn: the sides swap
         width, height = height, width
-    return DecodedImage(to_rgb(upright(img)), height, width)
+    shown = to_rgb(upright(img))
+    # Shown as it is now: a WebP's tag, still there, would turn it once the image no longer says it is a WebP.
+    for key in ("exif", "xmp"):
+        shown.info.pop(key, None)
+    return DecodedImage(shown, height, width)
 
 
 def orientation(img: Image.Image) -> int:

@@ -96,3 +96,23 @@ def test_orientation_follows_the_browsers(fmt: str, tag: int, shown: int) -> Non
         with Image.open(io.BytesIO(buf.getvalue())) as im:
             assert orientation(im) == shown
             assert read(im) == ((20, 40) if quarter else (40, 20))
+
+
+def test_a_tagged_webp_reaches_the_model_as_stored() -> None:
+    """A WebP's EXIF tag turns nothing on any way in: the model input of a tagged WebP is the untagged one's."""
+    halves = np.zeros((20, 60, 3), np.uint8)
+    halves[:, 30:] = (0, 0, 255)  # left black, right blue
+    files = []
+    for tag in (6, None):
+        exif = Image.Exif()
+        if tag:
+            exif[0x0112] = tag
+        buf = io.BytesIO()
+        Image.fromarray(halves).save(buf, "WEBP", lossless=True, exif=exif.tobytes())
+        files.append(buf.getvalue())
+    inputs = [preprocess(decode(Image.open(io.BytesIO(data)), 160), 160)[0] for data in files]
+    inputs += [preprocess(decode_image(files[0], 10**6, 100, 160), 160)[0]]
+    inputs += [preprocess(Image.open(io.BytesIO(files[0])), 160)[0]]
+    assert inputs[0][2, 5, 100] > 0.9  # blue on the right
+    for other in inputs[1:]:
+        torch.testing.assert_close(other, inputs[0])
