@@ -185,14 +185,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int) -> None:
+def rng_states(device: torch.device, distributed: bool) -> list[dict[str, torch.Tensor]]:
+    """Every process's random state, by rank: the CPU's, and on a GPU its own (dropout draws there). The processes
+    seed alike but draw dropout masks the size of their own batches, so their states part. Collective."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if not distributed:
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, rng: list[dict[str, torch.Tensor]]) -> None:
+    """Model, optimizer, step and every process's random state (`rng_states`)."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng,
             "threads": torch.get_num_threads(),
         },
         tmp,
@@ -200,13 +214,34 @@ def save_checkpoint(path: Path, model, optimizer, step: int) -> None:
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path: Path, model, optimizer, threads: int | None = None) -> int:
-    """Restore `path` into `model` and `optimizer`; returns the step to resume at. CPU kernels may sum in another
-    order on another thread count, so with `threads` unset the run resumes at the count that wrote the checkpoint."""
+def load_checkpoint(
+    path: Path, model, optimizer, device: torch.device, rank: int = 0, world: int = 1, threads: int | None = None
+) -> int:
+    """Restore `path` into `model` and `optimizer`, and this process's random state; returns the step to resume at.
+    CPU kernels may sum in another order on another thread count, so with `threads` unset the run resumes at the
+    count that wrote the checkpoint."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
+    rng = state.get("rng") or [{"cpu": state["torch_rng"]}]  # "torch_rng": rank 0's, before every rank's was kept
+    if len(rng) != world:
+        log.warning(
+            "%s was written by %d processes and this run has %d: dropout draws will differ from an uninterrupted run's",
+            path,
+            len(rng),
+            world,
+        )
+    mine = rng[rank] if len(rng) == world else rng[0]
+    torch.set_rng_state(mine["cpu"])
+    if device.type == "cuda" and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], device)
+    elif device.type == "cuda" or "cuda" in mine:
+        log.warning(
+            "%s was written on %s and this run is on %s: dropout draws will differ from an uninterrupted run's",
+            path,
+            "a GPU" if "cuda" in mine else "the CPU",
+            device,
+        )
     saved_threads = state.get("threads")  # absent in checkpoints written before it was stored
     if saved_threads and saved_threads != torch.get_num_threads():
         if not threads:  # unset, as `train` reads it (0 sets nothing either)
@@ -267,6 +302,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -287,7 +324,7 @@ def train(cfg: TrainConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = out / "checkpoint.pt"
-    start = load_checkpoint(ckpt, model, optimizer, cfg.threads) if ckpt.is_file() else 0
+    start = load_checkpoint(ckpt, model, optimizer, device, rank, world, cfg.threads) if ckpt.is_file() else 0
     if start:
         log.info("resumed from %s at step %d", ckpt, start)
     net = DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
@@ -328,8 +365,10 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=record["loss"], sps=record["samples_per_s"])
             t_last, samples_since = time.time(), 0
         bar.update(1)
-        if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            save_checkpoint(ckpt, model, optimizer, done)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            rng = rng_states(device, distributed)
+            if rank == 0:
+                save_checkpoint(ckpt, model, optimizer, done, rng)
     bar.close()
     final = out / "final"
     if rank == 0:

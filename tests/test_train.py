@@ -284,3 +284,56 @@ def test_ddp_two_processes_gloo(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")
+def test_ddp_resume_with_dropout_is_exact(tmp_path):
+    """With dropout every step draws; a resumed run gets each process's random state back (on a GPU the states
+    part, as each process draws masks the size of its own batch; on the CPU a mask draws one seed whatever its
+    size, so they stay alike here: `test_each_process_resumes_at_its_own_random_state` checks the choosing)."""
+    model = load_config("pixelllm-tiny")
+    t5 = {**model.language_model.t5, "dropout_rate": 0.1}
+    model = dataclasses.replace(model, language_model=dataclasses.replace(model.language_model, t5=t5))
+    model.save(tmp_path / "tiny-dropout.json")
+
+    def run(out_dir: Path, steps: int) -> None:
+        cfg = tiny_config(out_dir, steps=steps, model=str(tmp_path / "tiny-dropout.json"), batch_size=2)
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        result = subprocess.run(
+            [*torchrun, "-m", "pixelllm.train", str(write_config(cfg, tmp_path / f"{out_dir.name}{steps}.json"))],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run(tmp_path / "straight", steps=3)
+    run(tmp_path / "resumed", steps=2)
+    rng = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["rng"]
+    assert len(rng) == 2  # one per process
+    run(tmp_path / "resumed", steps=3)
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_each_process_resumes_at_its_own_random_state(tmp_path, caplog):
+    from pixelllm.train import load_checkpoint, rng_states, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states += rng_states(torch.device("cpu"), distributed=False)
+    save_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, 5, states)
+    cpu = torch.device("cpu")
+    for rank in (0, 1):
+        assert load_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, cpu, rank=rank, world=2) == 5
+        assert torch.equal(torch.get_rng_state(), states[rank]["cpu"])
+    assert not caplog.records
+    load_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, cpu, rank=0, world=3)
+    assert "written by 2 processes and this run has 3" in caplog.text
