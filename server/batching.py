@@ -56,7 +56,7 @@ class Batcher(Protocol[T, R]):
     async def close(self, timeout_s: float = 30.0) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)  # removed from the queue by identity: comparing values would compare images and tensors
 class _Item:
     value: Any
     future: asyncio.Future

@@ -14,6 +14,15 @@ class Payload:
     """Stands for a job's decoded image: something whose lifetime the test can watch."""
 
 
+class Incomparable:
+    """Stands for a job holding tensors: `==` on two of them raises, as on two embeddings' tensors."""
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("values were compared")
+
+    __hash__ = object.__hash__
+
+
 def test_results_go_to_their_callers_in_batches_of_at_most_max_size() -> None:
     sizes: list[int] = []
 
@@ -65,3 +74,33 @@ def test_a_caller_that_gives_up_while_a_batch_runs_leaves_nothing_queued() -> No
     alive, depth_while_running, depth_after = asyncio.run(main())
     assert alive == 0, f"{alive} values of cancelled calls are still held while the batch runs"
     assert depth_while_running == 1 and depth_after == 0
+
+
+def test_a_cancelled_caller_is_dropped_by_identity_not_by_comparing_values() -> None:
+    release = threading.Event()
+
+    def process(values: list[object]) -> list[object]:
+        release.wait(timeout=10)
+        return values
+
+    async def main() -> tuple[object, int, object]:
+        batcher = DynamicBatcher(process, max_batch_size=1, max_wait_s=0.0, max_queue=4)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(Payload()))
+        await asyncio.sleep(0.05)  # the first batch is running in the worker thread
+        kept_value = Incomparable()
+        kept = asyncio.ensure_future(batcher.submit(kept_value))
+        dropped = asyncio.ensure_future(batcher.submit(Incomparable()))
+        await asyncio.sleep(0)
+        dropped.cancel()
+        (outcome,) = await asyncio.gather(dropped, return_exceptions=True)
+        depth = batcher.depth
+        release.set()
+        await running
+        result = await kept
+        await batcher.close(timeout_s=1)
+        return outcome, depth, result is kept_value
+
+    outcome, depth, kept_answered = asyncio.run(main())
+    assert isinstance(outcome, asyncio.CancelledError), outcome
+    assert depth == 2 and kept_answered
