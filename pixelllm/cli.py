@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -188,6 +189,7 @@ def cmd_visualize(args) -> None:
 
 def cmd_serve(args) -> None:
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from server import Settings, StartupError, run
 
@@ -203,6 +205,10 @@ def cmd_serve(args) -> None:
     except ValidationError as e:
         problems = "; ".join(f"PIXELLLM_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
         raise CLIError(f"bad settings: {problems}") from None
+    except SettingsError as e:  # a list setting that is not JSON: 'error parsing value for field "name" ...'
+        field = re.search(r'field "(\w+)"', str(e))
+        name = f"PIXELLLM_{field.group(1).upper()}" if field else "a PIXELLLM_* list setting"
+        raise CLIError(f"bad settings: {name} is not a JSON list, e.g. [429, 503]") from None
     try:
         run(args.host, args.port, settings)
     except StartupError as e:

@@ -118,9 +118,11 @@ def test_ordinary_mistakes_exit_2_with_one_line_not_a_traceback(capsys, tmp_path
     for argv, message in cases:
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.startswith("pixelllm: error:") and message in err and err.count("\n") == 1, (argv, err)
-    monkeypatch.setenv("PIXELLLM_MAX_QUEUE", "abc")
-    code, _, err = run(capsys, "serve")
-    assert code == 2 and "PIXELLLM_MAX_QUEUE" in err and err.count("\n") == 1, err
+    for name, value in (("PIXELLLM_MAX_QUEUE", "abc"), ("PIXELLLM_DEBUG_FAIL_STATUSES", "429,503")):
+        monkeypatch.setenv(name, value)
+        code, _, err = run(capsys, "serve")
+        assert code == 2 and name in err and err.count("\n") == 1, err
+        monkeypatch.delenv(name)
 
 
 def test_api_key_appends_its_own_line_to_a_file_without_a_final_newline(capsys, tmp_path):
