@@ -87,7 +87,8 @@ def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
 def orientation(img: Image.Image) -> int:
     """The EXIF orientation `img` is shown in, 1 (as stored) to 8, by the browsers' rule: a JPEG's or PNG's tag is
     applied, a WebP's is not (Chromium draws a WebP as stored whatever its tag says; tests/test_server_browser.py
-    checks both), so coordinates are those of the image a user sees on a web page."""
+    checks both), so coordinates are those of the image a user sees on a web page. A WebP converted (`.convert`)
+    before it gets here no longer says it is one: pass it as opened, or through `decode`."""
     tag = img.getexif().get(ExifTags.Base.Orientation)
     return tag if isinstance(tag, int) and 1 <= tag <= 8 and img.format != "WEBP" else 1
 
