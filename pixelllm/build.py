@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from .checkpoints import load_eva_checkpoint, load_sam_checkpoint, load_t5
-from .config import CONFIG_DIR, PixelLLMConfig, list_presets, load_config
+from .config import CONFIG_DIR, DEFAULT_WEIGHTS, PixelLLMConfig, list_presets, load_config
 from .modeling.pixelllm import PixelLLM
 from .tokenizer import Tokenizer
 
 __all__ = ["build_pixelllm", "load_model", "list_presets", "default_tokenizer"]
+
+log = logging.getLogger(__name__)
 
 
 def default_tokenizer(cfg: PixelLLMConfig) -> Tokenizer | None:
@@ -93,4 +96,11 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
 
     if Path(name_or_path).is_dir():
         return from_pretrained(name_or_path, device=device)
+    if not any(checkpoints.values()):
+        log.warning(
+            "%s is built with RANDOM weights (no model directory, no checkpoints): its answers mean nothing; "
+            "the trained default model is the directory %s",
+            name_or_path,
+            DEFAULT_WEIGHTS,
+        )
     return build_pixelllm(name_or_path, device=device, **checkpoints)

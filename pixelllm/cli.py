@@ -14,9 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-from .config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD
+from .config import DEFAULT_WEIGHTS, MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD
 
-DEFAULT_MODEL = os.environ.get("PIXELLLM_MODEL", str(Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny"))
+DEFAULT_MODEL = os.environ.get("PIXELLLM_MODEL", str(DEFAULT_WEIGHTS))
 
 
 class CLIError(Exception):

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# The trained default model of a source checkout (`make weights`), wherever the command runs from.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny"
 
 
 @dataclass

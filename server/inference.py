@@ -29,7 +29,7 @@ class Job:
     prompts: list[tuple[tuple[float, float, float, float] | None, tuple[float, float] | None]] = field(
         default_factory=list
     )
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: the model's max_text_tokens
     num_beams: int = 1
     texts: list[str] = field(default_factory=list)
     mask: bool = False

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-logger = logging.getLogger(__name__)
+from pixelllm.config import DEFAULT_WEIGHTS
 
-DEFAULT_WEIGHTS = Path("weights/pixelllm-tiny")
 FALLBACK_PRESET = "pixelllm-tiny"
 
 
@@ -104,5 +102,4 @@ class Settings(BaseSettings):
             return self.model
         if DEFAULT_WEIGHTS.is_dir():
             return str(DEFAULT_WEIGHTS)
-        logger.warning("no %s and no PIXELLLM_MODEL: serving %s with RANDOM weights", DEFAULT_WEIGHTS, FALLBACK_PRESET)
-        return FALLBACK_PRESET
+        return FALLBACK_PRESET  # random weights: `load_model` warns

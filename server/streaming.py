@@ -115,7 +115,7 @@ def _decode(
     job: Job,
     box: tuple[float, float, float, float] | None,
     point: tuple[float, float] | None,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     emit: Emit,
     stop: threading.Event,
     deadline: float,

@@ -237,3 +237,17 @@ def test_visualize_dense_writes_a_png(capsys, model_dir, tmp_path):
     assert image.width == 578 and image.height > 530  # the captions band below the image
     code, _, err = run(capsys, "visualize", SAMPLE, "--dense", "--text", "a", "--model", model_dir, "-o", str(out_png))
     assert code == 2 and "one of" in err
+
+
+def test_the_default_model_is_found_from_any_folder_and_a_preset_warns_of_random_weights(monkeypatch, tmp_path, caplog):
+    from pixelllm.build import load_model
+    from pixelllm.config import DEFAULT_WEIGHTS
+    from server.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PIXELLLM_MODEL", raising=False)
+    assert DEFAULT_WEIGHTS.is_dir() and Settings().resolved_model() == str(DEFAULT_WEIGHTS)
+    load_model(Settings().resolved_model())
+    assert "RANDOM" not in caplog.text
+    load_model("pixelllm-tiny")
+    assert "pixelllm-tiny is built with RANDOM weights" in caplog.text

@@ -118,3 +118,22 @@ def test_default_model_snaps_caption_words_to_proposal_boxes(trained_service) ->
     for w in located:
         box, point = w["box"], w["point"]
         assert point == pytest.approx({"x": (box["x0"] + box["x1"]) / 2, "y": (box["y0"] + box["y1"]) / 2})
+
+
+def test_default_model_decodes_as_long_as_the_python_api_by_default(trained_service) -> None:
+    """Without max_new_tokens the service decodes up to the model's max_text_tokens, as `Predictor.caption` does:
+    this four-object scene's caption is longer than the 32 tokens the service once stopped at."""
+    from server_helpers import DEFAULT_MODEL_DIR
+
+    from pixelllm import PixelLLM, Predictor
+
+    scene = generate_scene(1)
+    image = io.BytesIO()
+    Image.fromarray(scene.image).save(image, format="PNG")
+    predictor = Predictor(PixelLLM.from_pretrained(DEFAULT_MODEL_DIR))
+    predictor.set_image(scene.image)
+    expected, cut = predictor.caption(), predictor.caption(max_new_tokens=32)
+    with httpx.Client(base_url=trained_service.url, timeout=60) as client:
+        served = client.post("/v1/caption", files={"image": image.getvalue()})
+    assert served.status_code == 200, served.text
+    assert expected.text != cut.text and served.json()["caption"] == expected.text

@@ -339,13 +339,16 @@ async function request(label, work) {
 // The caption so far: its words at their offsets (what lies between them is known once it is done).
 const draft = (words) => words.reduce((text, word) => text.padEnd(word.start, " ") + word.text, "");
 
+// The max_new_tokens field when one is typed in; without it the service decodes up to the model's own limit.
+const maxTokens = () => (els.maxTokens.value ? [["max_new_tokens", els.maxTokens.value]] : []);
+
 // Streamed: each word and its point appear as soon as the model has decoded it.
 function caption() {
-  const tokens = els.maxTokens.value || "32";
+  const tokens = maxTokens();
   const words = [];
   return request("Caption", {
     request: () => {
-      const fields = [["max_new_tokens", tokens]];
+      const fields = [...tokens];
       const b = state.promptBox;
       if (b) fields.push(["box", [b.x0, b.y0, b.x1, b.y1].map((v) => v.toFixed(1)).join(",")]);
       return ["/v1/caption?stream=true", fields];
@@ -364,10 +367,7 @@ function dense() {
   return request("Dense captions", {
     request: () => [
       "/v1/dense",
-      [
-        ["max_new_tokens", els.maxTokens.value || "32"],
-        ["score_threshold", els.denseThreshold.value || "0.3"],
-      ],
+      [...maxTokens(), ["score_threshold", els.denseThreshold.value || "0.3"]],
     ],
     show: (body) => showRegions(body.regions),
   });
