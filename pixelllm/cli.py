@@ -258,7 +258,10 @@ def cmd_train(args) -> None:
 
     argv = [args.config] + (["--steps", str(args.steps)] if args.steps else [])
     argv += ["--out-dir", args.out_dir] if args.out_dir else []
-    train_main(argv)
+    try:
+        train_main(argv)
+    except (FileNotFoundError, ValueError) as e:  # a config, a record or a checkpoint to fix: named in `e`
+        raise CLIError(str(e)) from None
 
 
 def cmd_eval(args) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,15 @@ def test_counts_below_one_are_refused_by_argparse(capsys, argv):
     assert exited.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
+def broken_source_config(tmp_path: Path) -> Path:
+    """A training config whose one source's first record is not JSON."""
+    (tmp_path / "ln.jsonl").write_text('{"image_id": \n')
+    source = {"kind": "narratives", "path": str(tmp_path / "ln.jsonl"), "image_root": str(tmp_path)}
+    config = tmp_path / "broken.json"
+    config.write_text(json.dumps({"model": "pixelllm-tiny", "out_dir": str(tmp_path / "run"), "sources": [source]}))
+    return config
+
+
 def test_ordinary_mistakes_exit_2_with_one_line_not_a_traceback(capsys, tmp_path, model_dir, monkeypatch):
     from PIL import Image
 
@@ -114,6 +124,7 @@ def test_ordinary_mistakes_exit_2_with_one_line_not_a_traceback(capsys, tmp_path
         (["eval", "--model", str(tmp_path / "no-model"), "--num-scenes", "1"], "no-model"),
         (["eval", "--model", model_dir, "--data", str(tmp_path / "no-data")], "no-data"),
         (["train", str(tmp_path / "no-config.json")], "no-config.json"),
+        (["train", str(broken_source_config(tmp_path))], "ln.jsonl:1"),
     ]
     for argv, message in cases:
         code, _, err = run(capsys, *argv)
