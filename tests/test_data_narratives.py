@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,12 @@ def test_a_malformed_record_is_an_error_naming_its_file_and_line(tmp_path, chang
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(ValueError, match=rf"ln\.jsonl:2: .*{problem}"):
         list(read_narratives(path))
+
+
+def test_the_readmes_record_reads_as_it_is_shown(tmp_path):
+    """The README's narratives record, copied into a file as it stands there, is one valid record."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("Training data is Localized-Narratives JSONL", 1)[1].split("```json\n", 1)[1].split("```")[0]
+    (tmp_path / "ln.jsonl").write_text(block)
+    (record,) = read_narratives(tmp_path / "ln.jsonl")
+    assert record["image_id"] == "img001" and record["traces"]
