@@ -194,7 +194,7 @@ class JSONErrorCORSMiddleware(CORSMiddleware):
 
 
 def install_access_control(app: FastAPI, settings: Settings) -> None:
-    """Add API keys and rate limits (when set) and CORS (when origins are set) to `app`; call after its routes."""
+    """Add API keys and rate limits (when set) and CORS (origins in `cors_origins`) to `app`; call after its routes."""
     keys = KeyStore(settings.api_keys_file, settings.api_key_hashes) if settings.auth_enabled else None
     limiter = None
     if settings.rate_limit_per_minute > 0:
@@ -206,12 +206,11 @@ def install_access_control(app: FastAPI, settings: Settings) -> None:
         if not settings.protect_docs:
             open_paths |= {app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url, app.openapi_url} - {None}
         app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, open_paths=frozenset(open_paths))
-    if settings.cors_origins:
-        app.add_middleware(
-            JSONErrorCORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
-            max_age=600,
-        )
+    app.add_middleware(  # with no origins set, every preflight is refused as `cors_refused`, before any key check
+        JSONErrorCORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After"],
+        max_age=600,
+    )

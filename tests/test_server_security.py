@@ -240,19 +240,24 @@ def test_log_lines_carry_request_ids_and_no_secrets(client: httpx.Client, secure
 
 
 def test_open_paths_are_configurable() -> None:
-    """`protect_metrics=false` opens /metrics, `protect_docs=true` closes the docs (in-process app)."""
+    """`protect_metrics=false` opens /metrics, `protect_docs=true` closes the docs (in-process app); with no CORS
+    origins set a preflight is refused as such, not as a request without a key."""
     key = new_key()
     settings = Settings(model="pixelllm-tiny", api_key_hashes=[hash_key(key)], protect_metrics=False, protect_docs=True)
 
-    async def go() -> list[int]:
+    async def go() -> tuple[list[int], httpx.Response]:
         transport = httpx.ASGITransport(app=create_app(settings))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             paths = ["/metrics", "/docs", "/openapi.json", "/redoc"]
-            return [(await c.get(p)).status_code for p in paths] + [
+            statuses = [(await c.get(p)).status_code for p in paths] + [
                 (await c.get(p, headers={"X-API-Key": key})).status_code for p in paths
             ]
+            preflight = {"Origin": "http://page.example", "Access-Control-Request-Method": "POST"}
+            return statuses, await c.options("/v1/caption", headers=preflight)
 
-    assert asyncio.run(go()) == [200, 401, 401, 401, 200, 200, 200, 200]
+    statuses, preflight = asyncio.run(go())
+    assert statuses == [200, 401, 401, 401, 200, 200, 200, 200]
+    assert_error(preflight, 400, "cors_refused")
     assert not Settings().auth_enabled and Settings().rate_limit_per_minute == 0  # off by default
 
 
