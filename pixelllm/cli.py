@@ -84,17 +84,22 @@ def _predictor_on_image(args):
 
 
 def _print_result(result, as_json: bool) -> None:
+    """A caption or localization as text, or as one JSON line; a mask as its area (text) or COCO RLE (JSON)."""
+    from .data.rle import encode_mask
+
     data = dataclasses.asdict(result)
-    if "mask" in data:
-        mask = data.pop("mask")
-        if mask is not None:
-            data["mask_area"] = int(mask.sum())
+    mask = data.pop("mask", None)
+    if mask is not None:
+        data["mask_area"] = int(mask.sum())
+        data["mask"] = encode_mask(mask)
     if as_json:
         print(json.dumps(data))
         return
     headline = data.get("text", "")
     if "box" in data:
         headline += "  box=(" + ", ".join(f"{v:.1f}" for v in data["box"]) + f")  score={data['score']:.2f}"
+    if mask is not None:
+        headline += f"  mask={data['mask_area']} px (--json: COCO RLE; visualize --text draws it)"
     print(headline)
     for w in data["words"]:
         print(_word_line(w))
@@ -330,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("localize", help="find what a text refers to: box, per-word points, optional mask")
     p.add_argument("image")
     p.add_argument("text")
-    p.add_argument("--mask", action="store_true", help="also predict a segmentation mask")
+    p.add_argument(
+        "--mask", action="store_true", help="also predict a segmentation mask: its area, with --json its COCO RLE"
+    )
     p.add_argument(
         "--no-refine",
         action="store_true",

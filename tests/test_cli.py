@@ -49,12 +49,19 @@ def test_region_caption_and_human_output(capsys, model_dir):
 
 
 def test_localize_with_mask(capsys, model_dir):
+    from PIL import Image
+
+    from pixelllm.data.rle import decode_segmentation
+
     code, out, _ = run(capsys, "localize", SAMPLE, "the green square", "--model", model_dir, "--mask", "--json")
     assert code == 0
     result = json.loads(out)
     assert len(result["box"]) == 4 and 0 <= result["score"] <= 1
-    assert "mask_area" in result
     assert [w["text"] for w in result["words"]] == ["the", "green", "square"]
+    mask = decode_segmentation(result["mask"], *result["mask"]["size"])
+    assert mask.shape == Image.open(SAMPLE).size[::-1] and result["mask_area"] == mask.sum() > 0
+    code, out, _ = run(capsys, "localize", SAMPLE, "the green square", "--model", model_dir, "--mask")
+    assert code == 0 and f"mask={result['mask_area']} px" in out.splitlines()[0]
 
 
 @pytest.mark.parametrize(
