@@ -45,6 +45,8 @@ def _floats(text: str, n: int, name: str) -> tuple[float, ...]:
 
 
 def _require_file(path: str) -> None:
+    if Path(path).is_dir():
+        raise CLIError(f"{path} is a folder, not an image file (pixelllm batch takes a folder of images)")
     if not Path(path).is_file():
         raise CLIError(f"image not found: {path}")
 
@@ -145,6 +147,8 @@ def cmd_caption(args) -> None:
 
 
 def cmd_localize(args) -> None:
+    if not args.text.strip():
+        raise CLIError("the text to localize is empty: give the words of what to find")
     p = _predictor_on_image(args)
     try:
         result = p.localize(args.text, mask=args.mask, refine=not args.no_refine)
@@ -225,6 +229,9 @@ def cmd_api_key(args) -> None:
 
     key = new_key()
     if args.keys_file:
+        folder = Path(args.keys_file).parent
+        if not folder.is_dir():
+            raise CLIError(f"no folder {folder} for the keys file: create it first (mkdir -p {folder})")
         with open(args.keys_file, "a+b") as f:
             f.seek(0, os.SEEK_END)
             ends_a_line = f.tell() == 0 or (f.seek(-1, os.SEEK_END), f.read(1))[1] == b"\n"
@@ -452,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except CLIError as e:
         message = str(e)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141
     except OSError as e:  # a file or folder that cannot be read or written; the message names it
         if args.verbose:
             raise

@@ -123,7 +123,9 @@ def test_ordinary_mistakes_exit_2_with_one_line_not_a_traceback(capsys, tmp_path
         (["caption", str(huge), "--model", model_dir], "cannot read image"),
         (["caption", SAMPLE, "--model", model_dir, "--device", "bogus"], "bogus"),
         (["visualize", SAMPLE, "--model", model_dir, "-o", str(tmp_path / "no" / "x.png")], "No such file"),
-        (["api-key", "--keys-file", str(tmp_path / "no" / "keys")], "No such file"),
+        (["api-key", "--keys-file", str(tmp_path / "no" / "keys")], "create it first"),
+        (["caption", str(tmp_path), "--model", model_dir], "is a folder"),
+        (["localize", SAMPLE, "  ", "--model", model_dir], "text to localize is empty"),
         (["data", "synth", "--out", str(a_file / "sub"), "--n", "1"], "Not a directory"),
         (["batch", SAMPLE, "-o", str(tmp_path / "o.jsonl"), "--server", "http://localhost:99999"], "not valid"),
         (["batch", SAMPLE, "-o", str(tmp_path / "o.jsonl"), "--server", "http://[::1"], "not valid"),
@@ -269,3 +271,20 @@ def test_the_default_model_is_found_from_any_folder_and_a_preset_warns_of_random
     assert "RANDOM" not in caplog.text
     load_model("pixelllm-tiny")
     assert "pixelllm-tiny is built with RANDOM weights" in caplog.text
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly(model_dir):
+    """`pixelllm caption --stream --json | head -1`: no error message when the reader has gone (here before the
+    first word, so that the write surely fails)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pixelllm.cli", "caption", SAMPLE, "--model", model_dir, "--stream", "--json"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == b"", done.stderr
