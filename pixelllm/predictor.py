@@ -45,6 +45,9 @@ class Word:
 
 @dataclass
 class Caption:
+    """A caption, its located words, and `score`: the geometric mean of its tokens' probabilities (with beams,
+    exp of the beam's length-normalized log-probability)."""
+
     text: str
     words: list[Word]
     score: float = 0.0
