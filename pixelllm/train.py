@@ -187,7 +187,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def rng_states(device: torch.device, distributed: bool) -> list[dict[str, torch.Tensor]]:
     """Every process's random state, by rank: the CPU's, and on a GPU its own (dropout draws there). The processes
-    seed alike but draw dropout masks the size of their own batches, so their states part. Collective."""
+    seed alike, but on a GPU each draws dropout masks the size of its own batch, so their states part. Collective."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
