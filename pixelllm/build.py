@@ -96,6 +96,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
 
     if Path(name_or_path).is_dir():
         return from_pretrained(name_or_path, device=device)
+    model = build_pixelllm(name_or_path, device=device, **checkpoints)
     if not any(checkpoints.values()):
         log.warning(
             "%s is built with RANDOM weights (no model directory, no checkpoints): its answers mean nothing; "
@@ -103,4 +104,4 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
             name_or_path,
             DEFAULT_WEIGHTS,
         )
-    return build_pixelllm(name_or_path, device=device, **checkpoints)
+    return model

@@ -272,8 +272,10 @@ def cmd_train(args) -> None:
     argv += ["--out-dir", args.out_dir] if args.out_dir else []
     try:
         train_main(argv)
-    except (FileNotFoundError, ValueError) as e:  # a config, a record or a checkpoint to fix: named in `e`
-        raise CLIError(str(e)) from None
+    except (FileNotFoundError, ValueError) as e:  # a config, a record or a checkpoint path to fix: named in `e`
+        if args.verbose:
+            raise
+        raise CLIError(f"{e} (pixelllm -v train ...: the traceback)") from None
 
 
 def cmd_eval(args) -> None:
@@ -456,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # here, not at exit, so that a reader gone is a BrokenPipeError caught below
+        return code
     except CLIError as e:
         message = str(e)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do

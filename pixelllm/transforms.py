@@ -87,10 +87,16 @@ def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
 def orientation(img: Image.Image) -> int:
     """The EXIF orientation `img` is shown in, 1 (as stored) to 8, by the browsers' rule: a JPEG's or PNG's tag is
     applied, a WebP's is not (Chromium draws a WebP as stored whatever its tag says; tests/test_server_browser.py
-    checks both), so coordinates are those of the image a user sees on a web page. A WebP converted (`.convert`)
-    before it gets here no longer says it is one: pass it as opened, or through `decode`."""
-    tag = img.getexif().get(ExifTags.Base.Orientation)
-    return tag if isinstance(tag, int) and 1 <= tag <= 8 and img.format != "WEBP" else 1
+    checks both), so coordinates are those of the image a user sees on a web page. The tag is read from the EXIF
+    block only, as browsers read it (Pillow's `getexif` would also take one from XMP). A WebP converted
+    (`.convert`) before it gets here no longer says it is one: pass it as opened, or through `decode`."""
+    data = img.info.get("exif")
+    if img.format == "WEBP" or not isinstance(data, bytes):
+        return 1
+    exif = Image.Exif()
+    exif.load(data)
+    tag = exif.get(ExifTags.Base.Orientation)
+    return tag if isinstance(tag, int) and 1 <= tag <= 8 else 1
 
 
 def upright(img: Image.Image) -> Image.Image:

@@ -268,19 +268,22 @@ def test_the_default_model_is_found_from_any_folder_and_a_preset_warns_of_random
     monkeypatch.delenv("PIXELLLM_MODEL", raising=False)
     assert DEFAULT_WEIGHTS.is_dir() and Settings().resolved_model() == str(DEFAULT_WEIGHTS)
     load_model(Settings().resolved_model())
+    with pytest.raises(ValueError, match="unknown model"):
+        load_model("weights/pixelllm-tny")  # a typo: the error alone, no warning of weights never built
     assert "RANDOM" not in caplog.text
     load_model("pixelllm-tiny")
     assert "pixelllm-tiny is built with RANDOM weights" in caplog.text
 
 
-def test_a_reader_that_goes_away_stops_the_output_quietly(model_dir):
-    """`pixelllm caption --stream --json | head -1`: no error message when the reader has gone (here before the
-    first word, so that the write surely fails)."""
+@pytest.mark.parametrize("stream", [["--stream"], []])
+def test_a_reader_that_goes_away_stops_the_output_quietly(model_dir, stream):
+    """`pixelllm caption --json | head -1`: no error message when the reader has gone (here before the first
+    word, so that the write surely fails), whether each word is flushed (--stream) or the answer sits buffered."""
     import os
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "pixelllm.cli", "caption", SAMPLE, "--model", model_dir, "--stream", "--json"]
+    command = [sys.executable, "-m", "pixelllm.cli", "caption", SAMPLE, "--model", model_dir, "--json", *stream]
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:

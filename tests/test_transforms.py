@@ -116,3 +116,16 @@ def test_a_tagged_webp_reaches_the_model_as_stored() -> None:
     assert inputs[0][2, 5, 100] > 0.9  # blue on the right
     for other in inputs[1:]:
         torch.testing.assert_close(other, inputs[0])
+
+
+def test_an_orientation_given_only_in_xmp_turns_nothing() -> None:
+    """Browsers read the EXIF block's tag only; an XMP `tiff:Orientation` (which Pillow's getexif reads) is left."""
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20)).save(buf, "JPEG", xmp=xmp)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert im.getexif().get(0x0112) == 6  # Pillow's reading
+        assert orientation(im) == 1 and decode(im).image.size == (40, 20)
