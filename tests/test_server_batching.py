@@ -41,19 +41,27 @@ def test_results_go_to_their_callers_in_batches_of_at_most_max_size() -> None:
     assert max(sizes) <= 3 and sum(sizes) == 7 and len(sizes) < 7
 
 
-def test_a_caller_that_gives_up_while_a_batch_runs_leaves_nothing_queued() -> None:
-    """Cancelled submits free their slot and their value at once, not when the running batch ends."""
+async def busy_batcher(max_batch_size: int) -> tuple[DynamicBatcher, asyncio.Future, threading.Event]:
+    """A started batcher (queue of 4) whose first batch, one `Payload`, runs in the worker until the event is set;
+    and that batch's future."""
     release = threading.Event()
 
     def process(values: list[object]) -> list[object]:
         release.wait(timeout=10)
         return values
 
+    batcher = DynamicBatcher(process, max_batch_size=max_batch_size, max_wait_s=0.0, max_queue=4)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(Payload()))
+    await asyncio.sleep(0.05)  # the first batch is running in the worker thread
+    return batcher, running, release
+
+
+def test_a_caller_that_gives_up_while_a_batch_runs_leaves_nothing_queued() -> None:
+    """Cancelled submits free their slot and their value at once, not when the running batch ends."""
+
     async def main() -> tuple[int, int, int]:
-        batcher = DynamicBatcher(process, max_batch_size=2, max_wait_s=0.0, max_queue=4)
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(Payload()))
-        await asyncio.sleep(0.05)  # the first batch is running in the worker thread
+        batcher, first, release = await busy_batcher(max_batch_size=2)
         watched = []
         for _ in range(20):  # more than max_queue: each frees its slot before the next comes
             payload = Payload()
@@ -77,17 +85,8 @@ def test_a_caller_that_gives_up_while_a_batch_runs_leaves_nothing_queued() -> No
 
 
 def test_a_cancelled_caller_is_dropped_by_identity_not_by_comparing_values() -> None:
-    release = threading.Event()
-
-    def process(values: list[object]) -> list[object]:
-        release.wait(timeout=10)
-        return values
-
     async def main() -> tuple[object, int, object]:
-        batcher = DynamicBatcher(process, max_batch_size=1, max_wait_s=0.0, max_queue=4)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit(Payload()))
-        await asyncio.sleep(0.05)  # the first batch is running in the worker thread
+        batcher, running, release = await busy_batcher(max_batch_size=1)
         kept_value = Incomparable()
         kept = asyncio.ensure_future(batcher.submit(kept_value))
         dropped = asyncio.ensure_future(batcher.submit(Incomparable()))
