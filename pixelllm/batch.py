@@ -205,7 +205,7 @@ def _from_files(
 
 def _from_manifest(path: Path, root: Path, allow_outside_root: bool) -> tuple[list[Item], list[dict[str, Any]]]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark from a Windows editor
     except (OSError, UnicodeDecodeError) as e:
         raise BatchError(f"cannot read the manifest {path}: {e}") from None
     items, refused, seen = [], [], set()

@@ -209,7 +209,7 @@ def test_bad_entries_become_error_records_naming_the_problem(service, tmp_path: 
         "{not json",
     ]
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
+    manifest.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # as a Windows editor saves it
     out = tmp_path / "out.jsonl"
     code, stdout, _ = batch(capsys, str(manifest), "-o", str(out), "--server", service.url, "--json")
     assert code == 1

@@ -118,6 +118,8 @@ def test_read_narratives(tmp_path):
     path = tmp_path / "ln.jsonl"
     path.write_text(json.dumps(rec) + "\n\n" + json.dumps(rec) + "\n")
     assert list(read_narratives(path)) == [rec, rec]
+    path.write_text("\ufeff" + json.dumps(rec) + "\r\n", encoding="utf-8")  # as a Windows editor saves it
+    assert list(read_narratives(path)) == [rec]
 
     path.write_text(json.dumps(rec) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"ln\.jsonl:2: invalid JSON"):

@@ -60,7 +60,7 @@ def read_narratives(path: str | Path) -> Iterator[dict]:
     Raises ValueError naming the file and line for invalid JSON or a record missing a required field.
     """
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark from a Windows editor is not JSON
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
