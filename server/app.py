@@ -25,8 +25,9 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = """Grounded captions: every word of a caption comes with a point and a box in the image.
-Send images as multipart files or as base64 in JSON. Coordinates are pixels of the image as uploaded
-(a JPEG or PNG after its EXIF orientation, a WebP as stored: as browsers show them), x right, y down; `*_norm` fields divide by width and height."""
+Send images as multipart files or as base64 in JSON. Coordinates are pixels of the image as uploaded (a JPEG
+or PNG after its EXIF orientation, a WebP as stored: as browsers show them), x right, y down; `*_norm` fields
+divide by width and height."""
 
 
 def create_app(settings: Settings | None = None, engine_type: type[Engine] = Engine) -> FastAPI:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pixelllm.config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD
 
 Coord = Field(ge=0, allow_inf_nan=False)
+MaxNewTokens = Field(None, ge=1, le=128, description="Most tokens to decode; default: the model's max_text_tokens")
 
 
 class Box(BaseModel):
@@ -65,9 +66,7 @@ class _Request(BaseModel):
 class CaptionParams(_Request):
     box: BoxPrompt | None = Field(None, description="Caption this region (multipart: 'x0,y0,x1,y1')")
     point: PointPrompt | None = Field(None, description="Caption the object at this point (multipart: 'x,y')")
-    max_new_tokens: int | None = Field(
-        None, ge=1, le=128, description="Most tokens to decode; default: the model's max_text_tokens"
-    )
+    max_new_tokens: int | None = MaxNewTokens
     num_beams: int = Field(1, ge=1, le=8)
     stream: bool = Field(False, description="Answer with Server-Sent Events, a word at a time (greedy: num_beams=1)")
 
@@ -94,9 +93,7 @@ class RegionsParams(_Request):
     texts: list[str] = Field(default_factory=list, description="Localize each text (multipart: repeat)")
     mask: bool = False
     mask_format: MaskFormat = "rle"
-    max_new_tokens: int | None = Field(
-        None, ge=1, le=128, description="Most tokens to decode; default: the model's max_text_tokens"
-    )
+    max_new_tokens: int | None = MaxNewTokens
     num_beams: int = Field(1, ge=1, le=8)
 
 
@@ -108,9 +105,7 @@ class DenseParams(_Request):
     max_regions: int = Field(
         MAX_PROPOSALS, ge=1, le=256, description="At most this many regions (and the server's max_regions)"
     )
-    max_new_tokens: int | None = Field(
-        None, ge=1, le=128, description="Most tokens to decode; default: the model's max_text_tokens"
-    )
+    max_new_tokens: int | None = MaxNewTokens
     num_beams: int = Field(1, ge=1, le=8)
 
 
