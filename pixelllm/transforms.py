@@ -75,9 +75,10 @@ def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
         scale = image_size / max(width, height)
         img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
     img.load()
-    if orientation(img) in (5, 6, 7, 8):  # a quarter turn: the sides swap
+    turn = orientation(img)
+    if turn in (5, 6, 7, 8):  # a quarter turn: the sides swap
         width, height = height, width
-    shown = to_rgb(upright(img))
+    shown = to_rgb(upright(img, turn))
     # Shown as it is now: a WebP's tag, still there, would turn it once the image no longer says it is a WebP.
     for key in ("exif", "xmp"):
         shown.info.pop(key, None)
@@ -99,9 +100,10 @@ def orientation(img: Image.Image) -> int:
     return tag if isinstance(tag, int) and 1 <= tag <= 8 else 1
 
 
-def upright(img: Image.Image) -> Image.Image:
-    """`img` turned as its EXIF `orientation` says; `img` itself, not a copy, when it says nothing to turn."""
-    return img if orientation(img) == 1 else ImageOps.exif_transpose(img)
+def upright(img: Image.Image, turn: int | None = None) -> Image.Image:
+    """`img` turned as its EXIF `orientation` (`turn`, when already read) says; `img` itself, not a copy, when it
+    says nothing to turn."""
+    return img if (orientation(img) if turn is None else turn) == 1 else ImageOps.exif_transpose(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
