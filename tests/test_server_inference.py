@@ -1,5 +1,5 @@
 """The service's model side: LoRA folded into the base weights once, outputs unchanged; the work of requests
-whose callers left is skipped or stopped."""
+whose callers left is skipped or stopped; requests that ask the same decoding share a call."""
 
 from __future__ import annotations
 
@@ -122,3 +122,26 @@ def test_a_call_runs_on_for_its_live_jobs_and_later_calls_drop_the_abandoned(mon
     assert len(rows) > 3 and rows[:-1] == [2] * (len(rows) - 1) and rows[-1] == 1  # no second localization call
     assert results[2].localizations == [None] and results[2].regions == []
     assert reported == [2]
+
+
+def test_the_default_decoding_length_and_that_number_given_share_one_caption_call(monkeypatch):
+    predictor, _ = load_predictor(Settings(model=str(DEFAULT_MODEL_DIR), device="cpu"))
+    monkeypatch.setattr(predictor, "_attribute_class", {})  # unverified: one caption call per group, no more
+    default = predictor.model.cfg.language_model.max_text_tokens
+    images = [Image.fromarray(generate_scene(seed).image) for seed in (15, 16, 17)]
+    jobs = [
+        Job(key="default", image=images[0], prompts=[(None, None)]),
+        Job(key="given", image=images[1], prompts=[(None, None)], max_new_tokens=default),
+        Job(key="shorter", image=images[2], prompts=[(None, None)], max_new_tokens=4),
+    ]
+    caption_embeddings, calls = predictor.caption_embeddings, []
+
+    def recording(embeddings, *args, **kwargs):
+        calls.append((len(embeddings), kwargs["max_new_tokens"]))
+        return caption_embeddings(embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(predictor, "caption_embeddings", recording)
+    results = run_jobs(predictor, EmbeddingCache(8, 1 << 30), jobs)
+
+    assert calls == [(2, default), (1, 4)]
+    assert all(r.captions[0] is not None for r in results)
