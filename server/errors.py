@@ -37,6 +37,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+def model_error() -> ApiError:
+    """500: the model raised on this request (logged where it did); other requests are unharmed."""
+    return ApiError(500, "model_error", "the model failed on this request; see the server log")
+
+
 def invalid(field: str, message: str) -> ApiError:
     """A 422 naming the offending field."""
     return ApiError(422, "invalid_request", f"{field}: {message}")

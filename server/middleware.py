@@ -10,10 +10,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import HTTP_CODES, error_response
 from .metrics import Metrics
+from .requestlog import OUTCOME_STATUS
 
 
 class MetricsMiddleware:
-    """Counts requests by route, method and status, and observes their latency."""
+    """Counts requests by route, method and status (a stream's outcome: `OUTCOME_STATUS`), and observes their
+    latency."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: Collection[str]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -34,6 +36,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             route = scope["path"] if scope["path"] in self.routes else "other"
+            status = scope.get("state", {}).get(OUTCOME_STATUS, status)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 

@@ -20,6 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_LOGGED_PATH = 256
+# scope["state"] key: a response's outcome when it differs from its status line (a stream cut short), which the
+# access log and the metrics count
+OUTCOME_STATUS = "outcome_status"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 access_log = logging.getLogger("server.access")
@@ -73,7 +76,7 @@ class RequestLogMiddleware:
                 "%s %s %d %.1fms client=%s key=%s",
                 scope["method"],
                 quote(scope["path"][:MAX_LOGGED_PATH]),  # quoted: no control characters in the log
-                status,
+                state.get(OUTCOME_STATUS, status),
                 (time.perf_counter() - start) * 1000.0,
                 client,
                 state.get("key_id", "-"),

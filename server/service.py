@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from .batching import Batcher, BatcherClosed, DynamicBatcher, QueueFull
 from .cache import EmbeddingCache
-from .errors import ApiError, invalid
+from .errors import ApiError, invalid, model_error
 from .images import decode_image, image_key
 from .inference import FailEvery, Job, JobResult, load_predictor, ms_since, run_jobs
 from .masks import encode_mask
@@ -137,7 +137,7 @@ class Engine:
         self.require_ready()
         assert self.batcher is not None
         answer = asyncio.ensure_future(self.batcher.submit(job))
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request))
         done: set[asyncio.Future] = set()
         try:
             done, _ = await asyncio.wait(
@@ -154,7 +154,7 @@ class Engine:
             except (QueueFull, BatcherClosed) as exc:
                 raise busy_error(exc) from None
             except Exception as exc:  # the model raised on this job (the batcher logged it); others are unharmed
-                raise ApiError(500, "model_error", "the model failed on this request; see the server log") from exc
+                raise model_error() from exc
             (self.metrics.cache_hits if result.cache_hit else self.metrics.cache_misses).inc()
             return result
         if gone in done:
@@ -169,7 +169,7 @@ def busy_error(exc: QueueFull | BatcherClosed) -> ApiError:
     return ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     """Returns when the client closes the connection (the body has already been read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass

@@ -2,14 +2,14 @@
 
 Decoding is greedy: a beam's words are only known once the search ends, so `num_beams` > 1 is refused (422).
 Each stream decodes in a thread of the engine's stream pool while holding a queue slot (429 when none is
-free), on the image embedding from the cache. The client leaving (even before the first event), or the request
-timeout, stops the decoding before its next decoder step.
+free), on the image embedding from the cache. The response starts with the first word, so what fails before it is a
+plain JSON error. The client leaving (even before the first event), or the request timeout, stops the decoding
+before its next decoder step; the metrics and the access log count such a stream as 499 or 504.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -22,10 +22,11 @@ from starlette.types import Receive, Scope, Send
 
 from pixelllm import GenerationCancelled
 
-from .errors import ApiError, invalid
+from .errors import ApiError, invalid, model_error
 from .inference import Job, ms_since
-from .schemas import CaptionParams, CaptionResponse, ImageInfo
-from .service import Engine, caption_result, check_box, check_point, open_image, word_results
+from .requestlog import OUTCOME_STATUS
+from .schemas import CaptionParams, CaptionResponse, ErrorBody, ErrorResponse, ImageInfo
+from .service import Engine, caption_result, check_box, check_point, disconnected, open_image, word_results
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def sse(event: str, data: str) -> str:
 
 
 async def caption_stream(engine: Engine, request: Request, data: bytes, params: CaptionParams) -> StreamingResponse:
-    """`/v1/caption` as a stream. Bad input, a full queue or a model not ready are plain JSON errors, before
-    the stream starts; a failure or a timeout once it runs is an `error` event."""
+    """`/v1/caption` as a stream. Bad input, a full queue, a model not ready, and a failure or the timeout before
+    the first word are plain JSON errors (the stream has not started); after it, an `error` event ends the stream."""
     start = time.perf_counter()
     if params.num_beams != 1:
         raise invalid("num_beams", GREEDY_ONLY)
@@ -63,11 +64,13 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
 
     args = (engine, job, box, point, params.max_new_tokens, emit, stop, deadline)
     loop.run_in_executor(engine.stream_pool, _decode, *args).add_done_callback(lambda _: release())
+    first = await _first_event(request, items, stop)
+    outcome: dict[str, int] = {}
 
     async def events() -> AsyncIterator[str]:
         first_word_ms = None
+        kind, *item = first
         while True:
-            kind, *item = await items.get()
             if kind == "word":
                 if first_word_ms is None:
                     first_word_ms = ms_since(start)
@@ -86,28 +89,57 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
                     cache_hit=cache_hit,
                     timing_ms=timing | {"total": ms_since(start)},
                 )
+                outcome["status"] = 200
                 yield sse("done", response.model_dump_json())
                 return
             else:
-                yield sse("error", json.dumps({"error": _error(item[0])}))
+                error = _api_error(item[0])
+                outcome["status"] = error.status
+                yield sse(
+                    "error", ErrorResponse(error=ErrorBody(code=error.code, message=error.message)).model_dump_json()
+                )
                 return
+            kind, *item = await items.get()
 
-    return StoppingStream(stop, events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StoppingStream(stop, outcome, events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _first_event(request: Request, items: asyncio.Queue[tuple[Any, ...]], stop: threading.Event) -> tuple:
+    """The decoding's first item, before the response starts: an error then is a plain JSON error (504 on timeout),
+    and a client gone meanwhile is 499 (the decoding stops)."""
+    first = asyncio.ensure_future(items.get())
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not first.done():
+            first.cancel()
+            stop.set()
+    if first not in done:
+        raise ApiError(499, "client_closed_request", "the client disconnected")
+    item = first.result()
+    if item[0] == "error":
+        raise _api_error(item[1])
+    return item
 
 
 class StoppingStream(StreamingResponse):
     """A `StreamingResponse` that sets `stop` once it ends for any reason: done, the client gone (even before the
-    first event, when Starlette cancels the response before it iterates the events at all), or an error."""
+    first event, when Starlette cancels the response before it iterates the events at all), or an error. Its
+    status line said 200 before it ran; the metrics and the access log count its outcome (`OUTCOME_STATUS`):
+    `outcome["status"]` as the events set it (200 done, the error's status), else 499 (the client left)."""
 
-    def __init__(self, stop: threading.Event, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, stop: threading.Event, outcome: dict[str, int], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stop = stop
+        self.stop, self.outcome = stop, outcome
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.stop.set()
+            scope.setdefault("state", {})[OUTCOME_STATUS] = self.outcome.get("status", 499)
 
 
 def _decode(
@@ -162,7 +194,6 @@ def _decode(
         emit(("error", exc))
 
 
-def _error(exc: BaseException) -> dict[str, str]:
-    if isinstance(exc, ApiError):
-        return {"code": exc.code, "message": exc.message}
-    return {"code": "internal_error", "message": "internal server error"}
+def _api_error(exc: BaseException) -> ApiError:
+    """The client's view of a decoding failure: an `ApiError` as it is, anything else the model's failure (500)."""
+    return exc if isinstance(exc, ApiError) else model_error()

@@ -15,7 +15,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from PIL import Image
-from server_helpers import DEFAULT_MODEL_DIR, ROOT, SLOW_WORD_S, assert_error, metric, png, wait_for
+from server_helpers import (
+    DEFAULT_MODEL_DIR,
+    GRACEFUL,
+    ROOT,
+    SLOW_WORD_S,
+    assert_error,
+    metric,
+    png,
+    start_server,
+    wait_for,
+)
 
 from pixelllm.data.independent import render_independent_scene
 from pixelllm.data.synthetic import scene_seed
@@ -25,6 +35,8 @@ pytest_plugins = ["server_fixtures"]
 SAMPLE = (ROOT / "assets" / "sample.jpg").read_bytes()  # 578 x 530: the default model captions it in ~22 words
 W, H = 578, 530
 TIMING = {"decode", "encode", "first_word", "total"}
+DONE = dict(route="/v1/caption", method="POST", status="200")
+LEFT = dict(route="/v1/caption", method="POST", status="499")
 
 
 def events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
@@ -162,7 +174,7 @@ def test_client_disconnect_stops_the_decoding(slow_stream_service, client: httpx
     words = client.post("/v1/caption", files={"image": SAMPLE}).json()["words"]
     full_s = (len(words) + 1) * SLOW_WORD_S  # what the whole stream takes on the slow service (or its 4 s timeout)
     assert full_s > 3
-    before = metric(slow_metrics(slow_stream_service), "pixelllm_streams_cancelled_total")
+    before = slow_metrics(slow_stream_service)
     with httpx.Client(base_url=slow_stream_service.url, timeout=30) as c:
         started = time.monotonic()
         with c.stream("POST", "/v1/caption", params={"stream": "true"}, files={"image": SAMPLE}) as r:
@@ -173,9 +185,13 @@ def test_client_disconnect_stops_the_decoding(slow_stream_service, client: httpx
     # the connection is closed: the server stops decoding and frees the queue slot long before the caption's end
     wait_for(lambda: metric(slow_metrics(slow_stream_service), "pixelllm_queue_depth") == 0, 2.0)
     assert time.monotonic() - started < full_s / 2
-    text = slow_metrics(slow_stream_service)
-    assert metric(text, "pixelllm_streams_cancelled_total") == before + 1
-    assert "streamed caption cancelled: the client left" in slow_stream_service.log()
+    after = slow_metrics(slow_stream_service)
+    for name, labels in (("pixelllm_streams_cancelled_total", {}), ("pixelllm_requests_total", LEFT)):
+        assert metric(after, name, **labels) == metric(before, name, **labels) + 1, name  # counted as 499, not 200
+    assert metric(after, "pixelllm_requests_total", **DONE) == metric(before, "pixelllm_requests_total", **DONE)
+    log = slow_stream_service.log()
+    assert "streamed caption cancelled: the client left" in log
+    assert re.search(r"POST /v1/caption 499 ", log), log[-2000:]
 
 
 def test_streams_hold_queue_slots(slow_stream_service) -> None:
@@ -211,11 +227,36 @@ def test_streams_hold_queue_slots(slow_stream_service) -> None:
 
 
 def test_a_stream_past_the_timeout_ends_with_an_error_event(slow_stream_service) -> None:
-    with httpx.Client(base_url=slow_stream_service.url, timeout=30) as c:
-        answer = stream(c, params={"stream": "true"}, files={"image": SAMPLE})
+    before = slow_metrics(slow_stream_service)
+    with httpx.stream(
+        "POST", f"{slow_stream_service.url}/v1/caption", params={"stream": "true"}, files={"image": SAMPLE}, timeout=30
+    ) as r:
+        assert r.status_code == 200
+        lines = list(r.iter_lines())
+    answer = list(events(iter(lines)))
     kinds = [kind for kind, _ in answer]
     assert kinds[-1] == "error" and set(kinds[:-1]) == {"word"} and len(kinds) > 5, kinds
     assert answer[-1][1] == {"error": {"code": "timeout", "message": "no complete caption within 4 s"}}
+    assert lines[-2] == 'data: {"error":{"code":"timeout","message":"no complete caption within 4 s"}}'  # compact
+    timed_out = dict(route="/v1/caption", method="POST", status="504")
+    after = slow_metrics(slow_stream_service)
+    assert (
+        metric(after, "pixelllm_requests_total", **timed_out)
+        == metric(before, "pixelllm_requests_total", **timed_out) + 1
+    )
+
+
+def test_a_timeout_before_the_first_word_is_a_json_504(tmp_path_factory) -> None:
+    """Each word 1.5 s late, a 1 s timeout: no word comes in time, so the answer is the plain JSON error."""
+    server = start_server(tmp_path_factory, DEFAULT_MODEL_DIR, debug_batch_delay_ms=1500, request_timeout_s=1)
+    try:
+        r = httpx.post(f"{server.url}/v1/caption", params={"stream": "true"}, files={"image": SAMPLE}, timeout=30)
+        assert_error(r, 504, "timeout")
+        assert r.json()["error"]["message"] == "no complete caption within 1 s"
+        text = httpx.get(f"{server.url}/metrics").text
+        assert metric(text, "pixelllm_requests_total", route="/v1/caption", method="POST", status="504") == 1
+    finally:
+        assert server.stop() in GRACEFUL, server.log()[-4000:]
 
 
 def test_a_client_gone_before_the_first_event_stops_the_decoding() -> None:
@@ -256,7 +297,9 @@ def test_a_client_gone_before_the_first_event_stops_the_decoding() -> None:
         wait_for(lambda: client.get("/readyz").status_code == 200, 120.0)  # the model loads after start-up
         started = time.monotonic()
         client.portal.call(app, scope, receive, send)
-        assert not any(m["type"] == "http.response.body" and m.get("body") for m in sent)  # no event went out
+        # answered 499 into the void before the stream started: no event went out
+        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+        assert not any(b"event:" in m.get("body", b"") for m in sent if m["type"] == "http.response.body")
         # the thread stops at its next word (0.25 s each); unstopped it would decode all ~22 words (5.5 s)
         wait_for(lambda: metric(client.get("/metrics").text, "pixelllm_streams_cancelled_total") == 1, 3.0)
         wait_for(lambda: metric(client.get("/metrics").text, "pixelllm_queue_depth") == 0, 1.0)
