@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -18,6 +19,8 @@ P = TypeVar("P", bound=BaseModel)
 MAX_FIELD_BYTES = 64 << 10
 LIST_FIELDS = {"text", "boxes", "points", "texts"}
 COORDS = {"box": 4, "boxes": 4, "point": 2, "points": 2}
+# One multipart coordinate, spaces around it allowed ("200, 110"); the OpenAPI patterns are made of it
+NUMBER = r"[ \t]*\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*"
 
 
 def media_type(request: Request) -> str:
@@ -64,7 +67,8 @@ async def _read_form(request: Request, params_model: type[P], max_fields: int) -
             continue
         if any(isinstance(v, UploadFile) for v in values):
             raise invalid(name, "must be a text field, not a file")
-        parsed = [_parse_field(name, v) for v in values]
+        labels = [f"{name}.{i}" for i in range(len(values))] if name in LIST_FIELDS else [name] * len(values)
+        parsed = [_parse_field(name, v, label) for v, label in zip(values, labels)]
         if name in LIST_FIELDS:
             fields[name] = parsed
         elif len(parsed) > 1:
@@ -79,15 +83,16 @@ async def _read_form(request: Request, params_model: type[P], max_fields: int) -
         raise from_validation(exc) from exc
 
 
-def _parse_field(name: str, value: str) -> Any:
-    """Multipart boxes are 'x0,y0,x1,y1' and points 'x,y'; other fields go to pydantic as strings."""
+def _parse_field(name: str, value: str, label: str) -> Any:
+    """Multipart boxes are 'x0,y0,x1,y1' and points 'x,y'; other fields go to pydantic as strings. An error names
+    `label` (`points.1` for the second of many)."""
     if name not in COORDS:
         return value
     keys = ("x0", "y0", "x1", "y1") if COORDS[name] == 4 else ("x", "y")
-    try:
-        numbers = [float(v) for v in value.split(",")]
-    except ValueError:
-        numbers = []
+    parts = value.split(",")
+    numbers = [float(p) for p in parts] if all(re.fullmatch(NUMBER, p) for p in parts) else []
     if len(numbers) != len(keys) or not all(math.isfinite(n) for n in numbers):
-        raise invalid(name, f"expected {len(keys)} comma-separated finite numbers '{','.join(keys)}', got {value!r}")
+        raise invalid(
+            label, f"expected {len(keys)} comma-separated pixel coordinates '{','.join(keys)}', got {value!r}"
+        )
     return dict(zip(keys, numbers))

@@ -9,8 +9,9 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from .bodies import NUMBER
+
 REF = "#/components/schemas/{model}"
-NUMBER = r"\d+(\.\d+)?"
 BOX_FIELD = {"type": "string", "pattern": rf"^{NUMBER}(,{NUMBER}){{3}}$", "description": "x0,y0,x1,y1 in pixels"}
 POINT_FIELD = {"type": "string", "pattern": rf"^{NUMBER},{NUMBER}$", "description": "x,y in pixels"}
 TEXTS_FIELD = {"type": "array", "items": {"type": "string"}, "description": "Repeat the field for many"}

@@ -83,6 +83,14 @@ class LocalizeParams(_Request):
     mask: bool = Field(False, description="Also return a segmentation mask")
     mask_format: MaskFormat = "rle"
 
+    @field_validator("text", mode="before")
+    @classmethod
+    def _one_or_many(cls, text: object) -> object:
+        """One error in the user's words (pydantic's names both union members: `text.str`, `text.list[str]`)."""
+        if isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text)):
+            return text
+        raise ValueError("give a text, or a list of texts")
+
     def texts(self) -> list[str]:
         return [self.text] if isinstance(self.text, str) else list(self.text)
 

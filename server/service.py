@@ -216,15 +216,16 @@ def clean_text(field: str, text: str) -> str:
     return text
 
 
-def check_texts(field: str, texts: list[str], settings: Settings) -> list[str]:
-    """The texts cleaned by `clean_text`; 422 naming the field for none, too many, empty or long ones."""
+def check_texts(field: str, texts: list[str], settings: Settings, indexed: bool = False) -> list[str]:
+    """The texts cleaned by `clean_text`; 422 naming the field for none, too many, empty or long ones: `field.i`
+    where the field is a list (`indexed`) or holds several."""
     if not texts:
         raise invalid(field, "give at least one text")
     if len(texts) > settings.max_texts:
         raise invalid(field, f"at most {settings.max_texts} texts, got {len(texts)}")
     cleaned = []
     for i, text in enumerate(texts):
-        name = field if len(texts) == 1 else f"{field}.{i}"
+        name = f"{field}.{i}" if indexed or len(texts) > 1 else field
         if len(text) > NFC_MAX_SHRINK * settings.max_text_chars:  # too long however it composes: skip the work
             raise invalid(name, f"text is {len(text)} characters; at most {settings.max_text_chars}")
         text = clean_text(name, text)
@@ -339,7 +340,7 @@ async def regions(engine: Engine, request: Request, data: bytes, params: Regions
     if count > s.max_regions:
         given = "+".join(name for name in ("boxes", "points", "texts") if getattr(params, name))
         raise invalid(given, f"at most {s.max_regions} boxes, points and texts together, got {count}")
-    texts = check_texts("texts", params.texts, s) if params.texts else []
+    texts = check_texts("texts", params.texts, s, indexed=True) if params.texts else []
     job, width, height, decode_ms = await open_image(engine, data)
     boxes = [check_box(f"boxes.{i}", b, width, height) for i, b in enumerate(params.boxes)]
     points = [check_point(f"points.{i}", p, width, height) for i, p in enumerate(params.points)]

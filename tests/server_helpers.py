@@ -144,7 +144,7 @@ def png(width: int = 128, height: int = 96, seed: int = 0) -> bytes:
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None, field: str | None = None) -> dict:
-    """The response is the JSON error shape with this status (and code, and a message naming `field`)."""
+    """The response is the JSON error shape with this status (and code, and a message that starts with `field: `)."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
@@ -153,7 +153,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
     if code is not None:
         assert body["error"]["code"] == code, body
     if field is not None:
-        assert body["error"]["message"].startswith(f"{field}"), body
+        assert body["error"]["message"].startswith(f"{field}: "), body
     return body["error"]
 
 

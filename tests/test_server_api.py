@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import platform
+import re
 
 import httpx
 import numpy as np
@@ -180,6 +181,37 @@ def test_docs_and_openapi(service_client: httpx.Client) -> None:
     assert "CaptionJSON" in schema["components"]["schemas"]
 
 
+BOX_TEXTS = [
+    "10,20,50,60",
+    "10, 20, 50, 60",
+    " 10,20,50,60\t",
+    "+10,2e1,5E1,60.",
+    ".5,20,50.25,60",
+    "10,20,50",
+    "10;20;50;60",
+    "1_0,20,50,60",
+    "-0,20,50,60",
+    "0x1,20,50,60",
+    "10,20,50,60,",
+    "\u0661,20,50,60",
+    "",
+]
+
+
+def test_the_openapi_box_pattern_is_what_the_server_takes(service_client: httpx.Client) -> None:
+    """A multipart box the documented pattern matches is taken (200); one it does not is a 422 naming the box."""
+    content = service_client.get("/openapi.json").json()["paths"]["/v1/caption"]["post"]["requestBody"]["content"]
+    pattern = content["multipart/form-data"]["schema"]["properties"]["box"]["pattern"]
+    matched = [t for t in BOX_TEXTS if re.fullmatch(pattern, t)]
+    assert 3 < len(matched) < len(BOX_TEXTS) - 3  # both kinds are tried
+    for text in BOX_TEXTS:
+        r = service_client.post("/v1/caption", files={"image": IMAGE}, data={"box": text, "max_new_tokens": "1"})
+        if text in matched:
+            assert r.status_code == 200, (text, r.text)
+        else:
+            assert_error(r, 422, "invalid_request", field="box")
+
+
 def test_not_found_and_method_not_allowed(service_client: httpx.Client) -> None:
     assert_error(service_client.get("/v2/caption"), 404, "not_found")
     assert_error(service_client.get("/v1/caption"), 405, "method_not_allowed")
@@ -223,10 +255,13 @@ BAD = [
     ("/v1/caption", form(box="a,b,c,d"), "box"),
     ("/v1/caption", form(box="nan,0,5,5"), "box"),
     ("/v1/caption", form(box="-1,0,5,5"), "box"),
+    ("/v1/caption", form(box="1_0,0,5,5"), "box"),
+    ("/v1/caption", form(box="1e999,0,5,5"), "box"),
     ("/v1/caption", js(box={"x0": 0, "y0": 0, "x1": 5}), "box.y1"),
     ("/v1/caption", js(box=[0, 0, 5, 5]), "box"),
     ("/v1/caption", form(point="500,5"), "point"),
     ("/v1/caption", form(point="5"), "point"),
+    ("/v1/caption", form(point="inf,5"), "point"),
     ("/v1/caption", js(point={"x": -1, "y": 1}), "point.x"),
     ("/v1/caption", form(box="0,0,5,5", point="1,1"), "point"),  # not both
     ("/v1/caption", form(max_new_tokens="0"), "max_new_tokens"),
@@ -250,6 +285,7 @@ BAD = [
     ("/v1/localize", js(), "text"),
     ("/v1/localize", js(text=[]), "text"),
     ("/v1/localize", js(text=3), "text"),
+    ("/v1/localize", js(text=["a", 3]), "text"),
     ("/v1/localize", js(text="a", mask_format="jpeg"), "mask_format"),
     ("/v1/localize", form(text="a", mask="maybe"), "mask"),
     ("/v1/regions", js(), "boxes"),
@@ -261,7 +297,10 @@ BAD = [
         "boxes.1",
     ),
     ("/v1/regions", form(points=["1,1", "1,1000"]), "points.1"),
+    ("/v1/regions", form(points=["1,1", "nan,3"]), "points.1"),
+    ("/v1/regions", form(boxes=["1,1,2"]), "boxes.0"),
     ("/v1/regions", form(texts=["a", ""]), "texts.1"),
+    ("/v1/regions", js(texts=[""]), "texts.0"),
 ]
 
 

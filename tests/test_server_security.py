@@ -316,7 +316,7 @@ def test_tabs_and_line_breaks_are_spaces_and_text_is_nfc(client: httpx.Client) -
     r = localize(client, [longest])
     assert r.status_code == 200, r.text
     assert r.json()["localizations"][0]["text"] == "\u1f8e" * 64  # ALPHA WITH PSILI AND PERISPOMENI AND PROSGEGRAMMENI
-    assert_error(localize(client, ["x" * 65]), 422, field="texts")
+    assert_error(localize(client, ["x" * 65]), 422, field="texts.0")
 
 
 def test_a_text_too_long_however_it_composes_is_refused_before_its_characters_are_read(monkeypatch) -> None:
