@@ -282,7 +282,11 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     model.cfg.save(directory / CONFIG_FILE)
     if sources:
         (directory / SOURCES_FILE).write_text(json.dumps(sources, indent=2) + "\n")
-    save_file(_saved_state(model, sources), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    weights = directory / WEIGHTS_FILE
+    save_file(_saved_state(model, sources), str(weights), metadata={"format": "pt"})
+    # safetensors writes the file owner-only (0600); give it the mode every other file here gets (the umask's),
+    # so a server or container running as another user can read the weights it can read the config of
+    weights.chmod((directory / CONFIG_FILE).stat().st_mode & 0o777)
     if model.tokenizer is not None:
         model.tokenizer.save(directory)
     log.info("saved %s to %s", model.name, directory)

@@ -4,6 +4,7 @@ the file and the first mismatched keys and shapes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -363,6 +364,20 @@ def test_save_and_load_random_tiny_model(tiny_model, tmp_path):
     for k in own:
         assert torch.equal(own[k], back[k]), k
     assert_same_outputs(outputs(tiny_model), outputs(loaded))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
+def test_saved_files_get_the_umasks_mode(tiny_model, tmp_path, umask, mode):
+    """safetensors writes owner-only files: the weights must be as readable as the config (a server or container
+    running as another user reads both)."""
+    old = os.umask(umask)
+    try:
+        tiny_model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()} == {
+        name: mode for name in ("config.json", "model.safetensors", "tokenizer.json")
+    }
 
 
 def test_save_from_official_files_stores_only_non_official_weights(official_files, tmp_path):
