@@ -94,8 +94,11 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     """A saved model directory (`PixelLLM.from_pretrained`) or anything `build_pixelllm` takes."""
     from .checkpoints import from_pretrained
 
-    if Path(name_or_path).is_dir():
+    path = Path(name_or_path)
+    if path.is_dir():
         return from_pretrained(name_or_path, device=device)
+    if path.is_file() and (path.parent / "model.safetensors").is_file():  # its config alone builds random weights
+        raise ValueError(f"{path} is a file of the model directory {path.parent}: give the directory")
     model = build_pixelllm(name_or_path, device=device, **checkpoints)
     if not any(checkpoints.values()):
         log.warning(

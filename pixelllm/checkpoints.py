@@ -28,6 +28,7 @@ from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from torch import nn
 from transformers import T5ForConditionalGeneration
 
+from .config import model_path_hint
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,9 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = N
     directory = Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
-            raise CheckpointError(f"{directory} is not a PixelLLM model directory: {name} is missing")
+            raise CheckpointError(
+                f"{directory} is not a PixelLLM model directory: {name} is missing{model_path_hint(directory)}"
+            )
     sources = json.loads((directory / SOURCES_FILE).read_text()) if (directory / SOURCES_FILE).is_file() else {}
     tokenizer = Tokenizer.from_file(directory / TOKENIZER_FILE) if (directory / TOKENIZER_FILE).is_file() else None
     model = build_pixelllm(directory / CONFIG_FILE, tokenizer=tokenizer, **sources)

@@ -183,7 +183,7 @@ class PixelLLMConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"model config not found: {path}") from None
+            raise FileNotFoundError(f"model config not found: {path}{model_path_hint(path.parent)}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
@@ -234,6 +234,21 @@ _NESTED: dict[tuple[str, str], type] = {
 }
 
 
+def model_path_hint(path: Path) -> str:
+    """Where the model is, for an error about `path`, which is not a model directory ("" without a better guess):
+    a training run's `final/`, or the directory holding a file of it."""
+    if (path / "final" / "config.json").is_file():
+        return f" (a training run: its model is {path / 'final'})"
+    if (path / "checkpoint.pt").is_file():
+        return (
+            f" (a training run that has not finished: it saves its model in {path / 'final'} after its last step; "
+            "run its training config again to resume)"
+        )
+    if path.is_file() and (path.parent / "model.safetensors").is_file():
+        return f" (a file of the model directory {path.parent}: give the directory)"
+    return model_path_hint(path.parent) if path.is_file() else ""  # a run's checkpoint.pt, say
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
@@ -252,5 +267,5 @@ def load_config(name_or_path: str | Path | PixelLLMConfig) -> PixelLLMConfig:
         return PixelLLMConfig.from_json(preset)
     raise ValueError(
         f"unknown model {str(name_or_path)!r}: not a preset ({', '.join(list_presets())}), "
-        "a config JSON file or a model directory"
+        f"a config JSON file or a model directory{model_path_hint(path)}"
     )

@@ -500,3 +500,25 @@ def test_tokenizer_round_trip(tmp_path):
     text = "a large red circle on the left and a small blue square at the bottom."
     assert back.encode(text) == tok.encode(text)
     assert back.decode(back.encode(text)) == text
+
+
+def test_a_path_beside_the_model_is_refused_with_where_the_model_is(tiny_model, tmp_path):
+    """A training run's folder, its checkpoint, or a file of a model directory: each error says what to give."""
+    from pixelllm.build import load_model
+
+    done, running = tmp_path / "done-run", tmp_path / "running-run"
+    tiny_model.save_pretrained(done / "final")
+    running.mkdir()
+    torch.save({}, running / "checkpoint.pt")
+    cases = {
+        done: f"its model is {done / 'final'}",
+        running: f"it saves its model in {running / 'final'} after its last step",
+        running / "checkpoint.pt": f"it saves its model in {running / 'final'}",
+        done / "final" / "model.safetensors": f"a file of the model directory {done / 'final'}: give the directory",
+        done / "final" / "config.json": f"a file of the model directory {done / 'final'}: give the directory",
+    }
+    for path, hint in cases.items():
+        with pytest.raises((CheckpointError, ValueError)) as raised:
+            load_model(path)
+        assert hint in str(raised.value), (path, str(raised.value))
+    assert isinstance(load_model(done / "final"), PixelLLM)
