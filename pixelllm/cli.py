@@ -268,6 +268,7 @@ def cmd_batch(args) -> int:
 def cmd_train(args) -> None:
     from .train import main as train_main
 
+    logging.getLogger("pixelllm.train").setLevel(logging.INFO)  # resumed at step N, nothing to train, ...
     argv = [args.config] + (["--steps", str(args.steps)] if args.steps else [])
     argv += ["--out-dir", args.out_dir] if args.out_dir else []
     try:

@@ -314,7 +314,10 @@ def train(cfg: TrainConfig) -> Path:
     model.train()
     tokenizer = model.tokenizer
     tokenizer_file = out / "tokenizer.json"
+    ckpt = out / "checkpoint.pt"
     if rank == 0:
+        if ckpt.is_file():
+            _warn_of_changes(out / "train_config.json", cfg)
         tokenizer.save(out)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     if distributed:
@@ -323,9 +326,15 @@ def train(cfg: TrainConfig) -> Path:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt = out / "checkpoint.pt"
     start = load_checkpoint(ckpt, model, optimizer, device, rank, world, cfg.threads) if ckpt.is_file() else 0
-    if start:
+    if start >= cfg.steps:
+        log.info(
+            "nothing to train: %s is at step %d of %d (raise steps to go on, or give a new out_dir)",
+            out,
+            start,
+            cfg.steps,
+        )
+    elif start:
         log.info("resumed from %s at step %d", ckpt, start)
     net = DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -379,6 +388,22 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _warn_of_changes(saved: Path, cfg: TrainConfig) -> None:
+    """Warn when a run resumes under another config than the one `saved` (its train_config.json) recorded."""
+    try:
+        before = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return
+    changed = sorted(k for k, v in asdict(cfg).items() if k in before and json.loads(json.dumps(v)) != before[k])
+    if changed:
+        log.warning(
+            "%s resumes a run started with another config: %s changed (its checkpoint's weights and optimizer go on "
+            "under the new values; give a new out_dir to start over)",
+            cfg.out_dir,
+            ", ".join(changed),
+        )
 
 
 def _logged_step(line: str) -> int:

@@ -337,3 +337,17 @@ def test_each_process_resumes_at_its_own_random_state(tmp_path, caplog):
     assert not caplog.records
     load_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, cpu, rank=0, world=3)
     assert "written by 2 processes and this run has 3" in caplog.text
+
+
+def test_a_run_resumed_under_another_config_warns_and_a_finished_one_says_so(tmp_path, caplog):
+    first = tiny_config(tmp_path, steps=2)
+    with single_thread(), caplog.at_level("INFO", logger="pixelllm.train"):
+        train(first)
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        train(dataclasses.replace(first, steps=3, lr=5e-4))
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert "resumes a run started with another config: lr, steps changed" in warning
+        caplog.clear()
+        train(dataclasses.replace(first, steps=3, lr=5e-4))
+    assert f"nothing to train: {tmp_path} is at step 3 of 3" in caplog.text
+    assert "WARNING" not in caplog.text  # the config recorded is the one resumed with
