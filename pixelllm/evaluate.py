@@ -405,6 +405,12 @@ def run_eval(
 ) -> dict:
     from .build import load_model
 
+    if data and not (Path(data) / "annotations.jsonl").is_file():
+        raise ValueError(
+            f"{data} is not a folder written by `pixelllm data synth` (it has no annotations.jsonl): this evaluation "
+            "scores words against the generator's objects; for your own data, caption it (`pixelllm caption`, "
+            "`pixelllm batch`) or write a RefCOCO-layout set for --refcoco"
+        )
     model = load_model(model_dir, device=device)
     predictor = Predictor(model)
     if data:

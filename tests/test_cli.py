@@ -74,6 +74,7 @@ def test_localize_with_mask(capsys, model_dir):
         (["caption", SAMPLE, "--point", "9999,5"], "point"),
         (["caption", "pyproject.toml"], "cannot read image"),
         (["caption", SAMPLE, "--model", "no-such-model"], "unknown model"),
+        (["eval", "--data", "pyproject.toml", "--out", "e.json"], "is not a folder written by `pixelllm data synth`"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(capsys, model_dir, argv, message):

@@ -351,3 +351,24 @@ def test_a_run_resumed_under_another_config_warns_and_a_finished_one_says_so(tmp
         train(dataclasses.replace(first, steps=3, lr=5e-4))
     assert f"nothing to train: {tmp_path} is at step 3 of 3" in caplog.text
     assert "WARNING" not in caplog.text  # the config recorded is the one resumed with
+
+
+def test_the_readmes_fine_tuning_config_trains_from_the_shipped_model(tmp_path):
+    """The README's config, its data paths pointed at the README's one record and an image, for two steps."""
+    from PIL import Image
+
+    readme = (ROOT / "README.md").read_text()
+    record = readme.split("Training data is Localized-Narratives JSONL", 1)[1].split("```json\n", 1)[1].split("```")[0]
+    shown = readme.split("To fine-tune the shipped default model", 1)[1].split("```json\n", 1)[1].split("```")[0]
+    data = json.loads(shown)
+    assert data["init_from"] == "weights/pixelllm-tiny"
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48), (30, 120, 40)).save(tmp_path / "images" / "img001.jpg")
+    (tmp_path / "train.jsonl").write_text(record)
+    data["init_from"] = str(ROOT / data["init_from"])
+    data["sources"][0].update(path=str(tmp_path / "train.jsonl"), image_root=str(tmp_path / "images"))
+    data.update(out_dir=str(tmp_path / "run"), steps=2, batch_size=2)
+    (tmp_path / "my-model.json").write_text(json.dumps(data))
+    with single_thread():
+        final = train(TrainConfig.from_json(tmp_path / "my-model.json"))
+    assert isinstance(PixelLLM.from_pretrained(final), PixelLLM)
