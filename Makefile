@@ -83,6 +83,12 @@ train-default: setup
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage21.json
 	$(BIN)/pixelllm train pixelllm/configs/train/tiny_stage23.json
 
+# Wheels of everything but torch for a GPU machine without network (benchmarks/device_check.sh installs them).
+.PHONY: device-wheels
+PYTHON_VERSION ?= 3.12
+device-wheels: setup
+	$(BIN)/python benchmarks/device_wheels.py --python-version $(PYTHON_VERSION)
+
 eval-default: setup
 	$(BIN)/pixelllm eval --model $(MODEL) --num-scenes 500 --seed 1000 --renderer independent --out runs/eval-default.json
 
