@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import service
@@ -33,6 +34,7 @@ from .streaming import caption_stream
 
 router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
+DOCS_PATHS = ("/docs", "/openapi.json")  # open unless PIXELLLM_PROTECT_DOCS (with API keys on)
 
 ERRORS = {
     401: {"model": ErrorResponse, "description": "API keys are on and none was sent; see WWW-Authenticate"},
@@ -149,3 +151,17 @@ async def metrics(request: Request) -> Response:
 async def index() -> FileResponse:
     """The web page: upload an image, see its grounded caption, localize a text."""
     return FileResponse(STATIC_DIR / "index.html")
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    """Swagger UI on the OpenAPI schema, its script and style served from here (static/docs), not a CDN."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} API",
+        swagger_js_url=f"{root}/static/docs/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}/static/docs/swagger-ui.css",
+        swagger_favicon_url=f"{root}/static/docs/favicon-32x32.png",
+        oauth2_redirect_url=None,
+    )

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         default_factory=list, description="More API key SHA-256 hashes, comma-separated"
     )
     protect_metrics: bool = Field(True, description="With API keys on, /metrics needs a key")
-    protect_docs: bool = Field(False, description="With API keys on, /docs, /redoc and /openapi.json need a key")
+    protect_docs: bool = Field(False, description="With API keys on, /docs and /openapi.json need a key")
     rate_limit_per_minute: float = Field(
         0.0, ge=0, description="Requests a minute per API key (per client address without keys); 0: no limit"
     )

@@ -23,7 +23,9 @@ def test_the_wheel_carries_every_config_tokenizer_and_static_file(tmp_path: Path
     subprocess.run([*command, "-w", str(tmp_path)], check=True, timeout=300)
     (wheel,) = tmp_path.glob("pixelllm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    needed = [*(ROOT / "pixelllm" / "configs").rglob("*.json"), *(ROOT / "server" / "static").glob("*")]
+    static = [p for p in (ROOT / "server" / "static").rglob("*") if p.is_file()]
+    needed = [*(ROOT / "pixelllm" / "configs").rglob("*.json"), *static]
     assert (ROOT / "pixelllm/configs/tokenizers/pixelllm-tiny.json") in needed
+    assert (ROOT / "server/static/docs/swagger-ui-bundle.js") in needed
     missing = [str(p.relative_to(ROOT)) for p in needed if str(p.relative_to(ROOT)) not in names]
     assert not missing, f"left out of the wheel: {missing}"

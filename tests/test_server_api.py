@@ -173,7 +173,11 @@ def test_metrics(service_client: httpx.Client) -> None:
 
 
 def test_docs_and_openapi(service_client: httpx.Client) -> None:
-    assert "swagger" in service_client.get("/docs").text.lower()
+    page = service_client.get("/docs").text
+    assert "SwaggerUIBundle" in page
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert len(assets) == 3 and all(a.startswith("/static/docs/") for a in assets), assets  # no CDN: works offline
+    assert all(service_client.get(a).status_code == 200 for a in assets)
     schema = service_client.get("/openapi.json").json()
     assert {"/v1/caption", "/v1/localize", "/v1/regions", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
     body = schema["paths"]["/v1/caption"]["post"]["requestBody"]["content"]

@@ -225,6 +225,22 @@ def test_upload_caption_hover_box_localize(driver, service, service_client: http
 
 @pytest.mark.browser
 @needs_chromium
+def test_the_api_docs_render_from_the_services_own_files(driver, service) -> None:
+    """Swagger UI at /docs lists the endpoints, and every file the page loaded came from the service (no CDN: the
+    docs work without internet access)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{service.url}/docs")
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements("css selector", ".opblock-summary-path"))
+    paths = {e.get_attribute("data-path") for e in driver.find_elements("css selector", ".opblock-summary-path")}
+    assert {"/v1/caption", "/v1/localize", "/v1/regions", "/v1/dense"} <= paths, paths
+    loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert any(url.endswith("/openapi.json") for url in loaded), loaded
+    assert all(url.startswith(service.url) for url in loaded), loaded
+
+
+@pytest.mark.browser
+@needs_chromium
 def test_dense_captions_listed_and_drawn(driver, service, service_client: httpx.Client, tmp_path: Path) -> None:
     open_page(driver, service.url)
     upload(driver, tmp_path / "dense.png", IMAGE)
