@@ -26,8 +26,9 @@ SHIPPED = re.compile(
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
 
-def runtime_closure(roots: list[str]) -> dict[str, str]:
-    """Every installed distribution `roots` need at run time (no extras), by normalized name -> version."""
+def runtime_closure(roots: list[str], python_version: str) -> dict[str, str]:
+    """Every installed distribution `roots` need at run time (no extras) on `python_version`, by normalized name ->
+    version."""
     found: dict[str, str] = {}
     todo = list(roots)
     while todo:
@@ -41,7 +42,7 @@ def runtime_closure(roots: list[str]) -> dict[str, str]:
         found[name] = dist.version
         for line in dist.requires or []:
             req = Requirement(line)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
+            if req.marker is None or req.marker.evaluate({"extra": "", "python_version": python_version}):
                 todo.append(req.name)
     return found
 
@@ -51,8 +52,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / ".whl")
     parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default: 3.12)")
     args = parser.parse_args()
-    closure = runtime_closure(["pixelllm", "pytest-timeout"])
-    wanted = {n: v for n, v in closure.items() if n not in ("pixelllm",) and not SHIPPED.fullmatch(n)}
+    closure = runtime_closure(["pixelllm", "pytest-timeout"], args.python_version)
+    left = sorted(n for n in closure if SHIPPED.fullmatch(n))
+    wanted = {n: v for n, v in closure.items() if n != "pixelllm" and n not in left}
     shutil.rmtree(args.out, ignore_errors=True)
     platforms = [f"--platform={p}" for p in PLATFORMS]
     pins = [f"{n}=={v}" for n, v in sorted(wanted.items())]
@@ -63,9 +65,7 @@ def main() -> None:
     )  # fmt: skip
     wheels = sorted(args.out.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
-    print(
-        f"{len(wheels)} wheels, {size:.1f} MiB in {args.out} (left to the GPU image: {', '.join(sorted(set(closure) - set(wanted) - {'pixelllm'}))})"
-    )
+    print(f"{len(wheels)} wheels, {size:.1f} MiB in {args.out}; left to the GPU image: {', '.join(left)}")
 
 
 if __name__ == "__main__":

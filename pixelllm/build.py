@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_eva_checkpoint, load_sam_checkpoint, load_t5
-from .config import CONFIG_DIR, DEFAULT_WEIGHTS, PixelLLMConfig, list_presets, load_config
+from .config import CONFIG_DIR, DEFAULT_WEIGHTS, PixelLLMConfig, list_presets, load_config, model_path_hint
 from .modeling.pixelllm import PixelLLM
 from .tokenizer import Tokenizer
 
@@ -97,8 +97,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     path = Path(name_or_path)
     if path.is_dir():
         return from_pretrained(name_or_path, device=device)
-    if path.is_file() and (path.parent / "model.safetensors").is_file():  # its config alone builds random weights
-        raise ValueError(f"{path} is a file of the model directory {path.parent}: give the directory")
+    if path.is_file() and (hint := model_path_hint(path)):  # e.g. a model directory's config: random weights
+        raise ValueError(f"{path} is not a model to load{hint}")
     model = build_pixelllm(name_or_path, device=device, **checkpoints)
     if not any(checkpoints.values()):
         log.warning(

@@ -405,7 +405,8 @@ def run_eval(
 ) -> dict:
     from .build import load_model
 
-    if data and not (Path(data) / "annotations.jsonl").is_file():
+    annotations = Path(data) / "annotations.jsonl" if data else None
+    if annotations is not None and not annotations.is_file():
         raise ValueError(
             f"{data} is not a folder written by `pixelllm data synth` (it has no annotations.jsonl): this evaluation "
             "scores words against the generator's objects; for your own data, caption it (`pixelllm caption`, "
@@ -413,8 +414,8 @@ def run_eval(
         )
     model = load_model(model_dir, device=device)
     predictor = Predictor(model)
-    if data:
-        scenes, total = load_scenes(data), len((Path(data) / "annotations.jsonl").read_text().splitlines())
+    if annotations is not None:
+        scenes, total = load_scenes(data), len(annotations.read_text().splitlines())
     else:
         scenes, total = generated_scenes(num_scenes, seed, renderer), num_scenes
     with torch.no_grad():

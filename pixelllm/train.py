@@ -329,7 +329,8 @@ def train(cfg: TrainConfig) -> Path:
     start = load_checkpoint(ckpt, model, optimizer, device, rank, world, cfg.threads) if ckpt.is_file() else 0
     if start >= cfg.steps:
         log.info(
-            "nothing to train: %s is at step %d of %d (raise steps to go on, or give a new out_dir)",
+            "nothing to train: %s is at step %d of %d (raise steps to go on: the cosine schedule stretches to the new "
+            "length, so the learning rate rises again; or give a new out_dir)",
             out,
             start,
             cfg.steps,
@@ -390,13 +391,18 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
+# keys that do not change what a run learns: resuming with other values is no change to warn of
+BOOKKEEPING = {"out_dir", "threads", "log_every", "ckpt_every"}
+
+
 def _warn_of_changes(saved: Path, cfg: TrainConfig) -> None:
     """Warn when a run resumes under another config than the one `saved` (its train_config.json) recorded."""
     try:
         before = json.loads(saved.read_text())
     except (OSError, ValueError):
         return
-    changed = sorted(k for k, v in asdict(cfg).items() if k in before and json.loads(json.dumps(v)) != before[k])
+    now = json.loads(json.dumps(asdict(cfg)))  # as JSON holds it: lists, not tuples
+    changed = sorted(k for k, v in now.items() if k in before and k not in BOOKKEEPING and v != before[k])
     if changed:
         log.warning(
             "%s resumes a run started with another config: %s changed (its checkpoint's weights and optimizer go on "

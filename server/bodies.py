@@ -21,6 +21,7 @@ LIST_FIELDS = {"text", "boxes", "points", "texts"}
 COORDS = {"box": 4, "boxes": 4, "point": 2, "points": 2}
 # One multipart coordinate, spaces around it allowed ("200, 110"); the OpenAPI patterns are made of it
 NUMBER = r"[ \t]*\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*"
+_NUMBER = re.compile(NUMBER)
 
 
 def media_type(request: Request) -> str:
@@ -67,8 +68,7 @@ async def _read_form(request: Request, params_model: type[P], max_fields: int) -
             continue
         if any(isinstance(v, UploadFile) for v in values):
             raise invalid(name, "must be a text field, not a file")
-        labels = [f"{name}.{i}" for i in range(len(values))] if name in LIST_FIELDS else [name] * len(values)
-        parsed = [_parse_field(name, v, label) for v, label in zip(values, labels)]
+        parsed = [_parse_field(name, v, f"{name}.{i}" if name in LIST_FIELDS else name) for i, v in enumerate(values)]
         if name in LIST_FIELDS:
             fields[name] = parsed
         elif len(parsed) > 1:
@@ -90,7 +90,7 @@ def _parse_field(name: str, value: str, label: str) -> Any:
         return value
     keys = ("x0", "y0", "x1", "y1") if COORDS[name] == 4 else ("x", "y")
     parts = value.split(",")
-    numbers = [float(p) for p in parts] if all(re.fullmatch(NUMBER, p) for p in parts) else []
+    numbers = [float(p) for p in parts] if all(_NUMBER.fullmatch(p) for p in parts) else []
     if len(numbers) != len(keys) or not all(math.isfinite(n) for n in numbers):
         raise invalid(
             label, f"expected {len(keys)} comma-separated pixel coordinates '{','.join(keys)}', got {value!r}"

@@ -42,6 +42,11 @@ def model_error() -> ApiError:
     return ApiError(500, "model_error", "the model failed on this request; see the server log")
 
 
+def client_gone() -> ApiError:
+    """499: the client disconnected before its answer (sent into the void; the metrics and the log count it)."""
+    return ApiError(499, "client_closed_request", "the client disconnected")
+
+
 def invalid(field: str, message: str) -> ApiError:
     """A 422 naming the offending field."""
     return ApiError(422, "invalid_request", f"{field}: {message}")

@@ -115,11 +115,11 @@ def run_jobs(
         result.cache_hit = job.key not in to_encode
         result.timing_ms["encode"] = 0.0 if result.cache_hit else encode_ms
 
-    default_tokens = predictor.model.cfg.language_model.max_text_tokens
+    length = predictor.model.decoding_length
     caption_groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     for j, job in enumerate(jobs):
         for p in range(len(job.prompts)):
-            caption_groups[(job.max_new_tokens or default_tokens, job.num_beams)].append((j, p))
+            caption_groups[(length(job.max_new_tokens), job.num_beams)].append((j, p))
     for (max_new_tokens, num_beams), members in caption_groups.items():
         members = [(j, p) for j, p in members if not jobs[j].abandoned.is_set()]
         if not members:
@@ -155,7 +155,7 @@ def run_jobs(
     dense_groups: dict[tuple, list[int]] = defaultdict(list)
     for j, job in enumerate(jobs):
         if job.dense is not None:
-            dense_groups[(job.dense, job.max_new_tokens or default_tokens, job.num_beams)].append(j)
+            dense_groups[(job.dense, length(job.max_new_tokens), job.num_beams)].append(j)
     for ((score_threshold, nms_iou, max_regions), max_new_tokens, num_beams), members in dense_groups.items():
         members = [j for j in members if not jobs[j].abandoned.is_set()]
         if not members:

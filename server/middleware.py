@@ -8,7 +8,7 @@ from collections.abc import Collection, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import HTTP_CODES, error_response
+from .errors import HTTP_CODES, client_gone, error_response
 from .metrics import Metrics
 from .requestlog import OUTCOME_STATUS
 
@@ -62,7 +62,8 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":  # answered into the void, so metrics and logs say 499, not 500
-                await error_response(499, "client_closed_request", "the client disconnected")(scope, receive, send)
+                gone = client_gone()
+                await error_response(gone.status, gone.code, gone.message)(scope, receive, send)
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])

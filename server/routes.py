@@ -34,7 +34,6 @@ from .streaming import caption_stream
 
 router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
-DOCS_PATHS = ("/docs", "/openapi.json")  # open unless PIXELLLM_PROTECT_DOCS (with API keys on)
 
 ERRORS = {
     401: {"model": ErrorResponse, "description": "API keys are on and none was sent; see WWW-Authenticate"},

@@ -24,7 +24,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import error_response
-from .routes import DOCS_PATHS
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -205,7 +204,7 @@ def install_access_control(app: FastAPI, settings: Settings) -> None:
         if not settings.protect_metrics:
             open_paths.add("/metrics")
         if not settings.protect_docs:
-            open_paths |= set(DOCS_PATHS)
+            open_paths |= {"/docs", app.openapi_url}
         app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, open_paths=frozenset(open_paths))
     app.add_middleware(  # with no origins set, every preflight is refused as `cors_refused`, before any key check
         JSONErrorCORSMiddleware,

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from .batching import Batcher, BatcherClosed, DynamicBatcher, QueueFull
 from .cache import EmbeddingCache
-from .errors import ApiError, invalid, model_error
+from .errors import ApiError, client_gone, invalid, model_error
 from .images import decode_image, image_key
 from .inference import FailEvery, Job, JobResult, load_predictor, ms_since, run_jobs
 from .masks import encode_mask
@@ -158,7 +158,7 @@ class Engine:
             (self.metrics.cache_hits if result.cache_hit else self.metrics.cache_misses).inc()
             return result
         if gone in done:
-            raise ApiError(499, "client_closed_request", "the client disconnected")
+            raise client_gone()
         raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g} s")
 
 

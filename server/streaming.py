@@ -16,13 +16,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pixelllm import GenerationCancelled
 
-from .errors import ApiError, invalid, model_error
+from .errors import ApiError, client_gone, invalid, model_error
 from .inference import Job, ms_since
 from .requestlog import OUTCOME_STATUS
 from .schemas import CaptionParams, CaptionResponse, ErrorBody, ErrorResponse, ImageInfo
@@ -109,15 +109,16 @@ async def _first_event(request: Request, items: asyncio.Queue[tuple[Any, ...]], 
     and a client gone meanwhile is 499 (the decoding stops)."""
     first = asyncio.ensure_future(items.get())
     gone = asyncio.ensure_future(disconnected(request))
+    done: set[asyncio.Future] = set()
     try:
         done, _ = await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not first.done():
+        if first not in done:  # the client left, or this request was cancelled (shutdown): stop the decoding
             first.cancel()
             stop.set()
     if first not in done:
-        raise ApiError(499, "client_closed_request", "the client disconnected")
+        raise client_gone()
     item = first.result()
     if item[0] == "error":
         raise _api_error(item[1])
@@ -128,7 +129,8 @@ class StoppingStream(StreamingResponse):
     """A `StreamingResponse` that sets `stop` once it ends for any reason: done, the client gone (even before the
     first event, when Starlette cancels the response before it iterates the events at all), or an error. Its
     status line said 200 before it ran; the metrics and the access log count its outcome (`OUTCOME_STATUS`):
-    `outcome["status"]` as the events set it (200 done, the error's status), else 499 (the client left)."""
+    `outcome["status"]` as the events set it (200 done, the error's status), 500 if they raised, else 499 (the
+    client left)."""
 
     def __init__(self, stop: threading.Event, outcome: dict[str, int], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -137,6 +139,11 @@ class StoppingStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # a send that failed (ASGI 2.4): the client left
+            raise
+        except Exception:
+            self.outcome.setdefault("status", 500)  # our failure, not the client leaving
+            raise
         finally:
             self.stop.set()
             scope.setdefault("state", {})[OUTCOME_STATUS] = self.outcome.get("status", 499)

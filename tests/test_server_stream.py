@@ -320,3 +320,38 @@ def test_verified_words_stream_with_the_decoders_word(client: httpx.Client) -> N
     words, done = split(stream(client, params={"stream": "true"}, files={"image": image.getvalue()}))
     assert words == done["words"] and done["caption"] == plain["caption"]
     assert [(w["generated_text"], w["text"]) for w in words if w["generated_text"] is not None] == changed
+
+
+def test_a_model_failure_is_a_json_500_before_the_first_word_and_an_error_event_after(monkeypatch) -> None:
+    """The decoding raises at its first word, then after one word: a plain JSON 500, then a 200 stream that ends
+    with a `model_error` event; the metrics count both as 500."""
+    from starlette.testclient import TestClient
+
+    from server import Settings, create_app
+
+    app = create_app(Settings(model=str(DEFAULT_MODEL_DIR)))
+    with TestClient(app) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, 120.0)
+        predictor = app.state.engine.predictor
+        real = predictor.caption_stream_embedding
+
+        def failing_after(words_first: int):
+            def stream(*args, **kwargs):
+                words = real(*args, **kwargs)
+                for _ in range(words_first):
+                    yield next(words)
+                raise RuntimeError("injected model failure")
+
+            return stream
+
+        monkeypatch.setattr(predictor, "caption_stream_embedding", failing_after(0))
+        r = client.post("/v1/caption", params={"stream": "true"}, files={"image": SAMPLE})
+        assert_error(r, 500, "model_error")
+        monkeypatch.setattr(predictor, "caption_stream_embedding", failing_after(1))
+        r = client.post("/v1/caption", params={"stream": "true"}, files={"image": SAMPLE})
+        assert r.status_code == 200
+        answer = list(events(r.iter_lines()))
+        assert [kind for kind, _ in answer] == ["word", "error"], answer
+        assert answer[1][1]["error"]["code"] == "model_error"
+        failed = dict(route="/v1/caption", method="POST", status="500")
+        assert metric(client.get("/metrics").text, "pixelllm_requests_total", **failed) == 2

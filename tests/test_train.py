@@ -343,6 +343,7 @@ def test_a_run_resumed_under_another_config_warns_and_a_finished_one_says_so(tmp
     first = tiny_config(tmp_path, steps=2)
     with single_thread(), caplog.at_level("INFO", logger="pixelllm.train"):
         train(first)
+        train(dataclasses.replace(first, log_every=5, ckpt_every=7))  # bookkeeping: what is learnt is the same
         assert not [r for r in caplog.records if r.levelname == "WARNING"]
         train(dataclasses.replace(first, steps=3, lr=5e-4))
         (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -354,7 +354,7 @@ class PixelLLM(nn.Module):
                 features, prompts, num_beams, max_new_tokens, with_points, should_stop=should_stop, num_return=1
             )
             return [hypotheses[0] for hypotheses in found]
-        max_new_tokens = self._max_new_tokens(max_new_tokens)
+        max_new_tokens = self.decoding_length(max_new_tokens)
         enc, enc_mask = self.encode_prompts(features, prompts)
         step, logits_fn = self._decode_fns(enc, enc_mask)
         points_fn = self._points if with_points else None
@@ -375,7 +375,7 @@ class PixelLLM(nn.Module):
         best hypotheses, best first, each as `generate` returns one."""
         if num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {num_beams}")
-        max_new_tokens = self._max_new_tokens(max_new_tokens)
+        max_new_tokens = self.decoding_length(max_new_tokens)
         enc, enc_mask = self.encode_prompts(features, prompts)
         b = enc.shape[0]
         enc = enc.repeat_interleave(num_beams, dim=0)
@@ -394,7 +394,7 @@ class PixelLLM(nn.Module):
             num_return=num_return,
         )
 
-    def _max_new_tokens(self, max_new_tokens: int | None) -> int:
+    def decoding_length(self, max_new_tokens: int | None) -> int:
         """The decoding length: `max_new_tokens`, or the model's `max_text_tokens` for None."""
         if max_new_tokens is None:
             return self.cfg.language_model.max_text_tokens
@@ -416,7 +416,7 @@ class PixelLLM(nn.Module):
 
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled`.
         """
-        max_new_tokens = self._max_new_tokens(max_new_tokens)
+        max_new_tokens = self.decoding_length(max_new_tokens)
         enc, enc_mask = self.encode_prompts(features, prompts)
         step, logits_fn = self._decode_fns(enc, enc_mask)
         for ids, hidden, logp in iter_greedy(step, logits_fn, enc.shape[0], max_new_tokens, enc.device, should_stop):
