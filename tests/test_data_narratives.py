@@ -124,6 +124,9 @@ def test_read_narratives(tmp_path):
     path.write_text(json.dumps(rec) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"ln\.jsonl:2: invalid JSON"):
         list(read_narratives(path))
+    path.write_text(json.dumps(rec, indent=2) + "\n")  # pretty-printed: a record over many lines
+    with pytest.raises(ValueError, match=r"ln\.jsonl:1: invalid JSON: .* each record whole on one line"):
+        list(read_narratives(path))
     path.write_text(json.dumps({k: v for k, v in rec.items() if k != "traces"}) + "\n")
     with pytest.raises(ValueError, match=r"ln\.jsonl:1: .*traces"):
         list(read_narratives(path))

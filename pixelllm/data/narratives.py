@@ -67,7 +67,9 @@ def read_narratives(path: str | Path) -> Iterator[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
+                raise ValueError(
+                    f"{path}:{lineno}: invalid JSON: {e} (a JSONL file holds each record whole on one line)"
+                ) from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             missing = [k for k in REQUIRED_FIELDS if k not in record]
