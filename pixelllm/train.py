@@ -122,8 +122,11 @@ class SceneSource:
             if not cfg.path or not cfg.image_root:
                 raise ValueError("a 'narratives' source needs 'path' (JSONL) and 'image_root' (image folder)")
             paths = sorted(glob.glob(cfg.path)) if glob.has_magic(cfg.path) else [cfg.path]
-            if not paths:
-                raise ValueError(f"no file matches the source path {cfg.path}")
+            if not paths or not Path(paths[0]).is_file():
+                raise ValueError(
+                    f"no file matches the source path {cfg.path} (a 'narratives' source's 'path', read from "
+                    f"{Path.cwd()})"
+                )
             self.records = [record for path in paths for record in read_narratives(path)]
             missing = [path for path in map(self.image_path, self.records) if not path.is_file()]
             if missing:
