@@ -241,7 +241,7 @@ def test_narratives_sources_check_their_images_and_read_glob_shards(tmp_path, ti
     with pytest.raises(ValueError, match="has no scenes"):
         SceneSource(dataclasses.replace(source, path=str(data / "empty.jsonl")), 160, tiny_model.tokenizer, Path())
     for absent in ("none-*.jsonl", "none.jsonl"):  # a glob or a file: the error names the key to fix
-        with pytest.raises(ValueError, match="no file matches .* a 'narratives' source's 'path'"):
+        with pytest.raises(ValueError, match="no file matches .*'narratives' source's 'path'"):
             SceneSource(dataclasses.replace(source, path=str(data / absent)), 160, tiny_model.tokenizer, Path())
 
 
