@@ -122,7 +122,8 @@ class SceneSource:
             if not cfg.path or not cfg.image_root:
                 raise ValueError("a 'narratives' source needs 'path' (JSONL) and 'image_root' (image folder)")
             paths = sorted(glob.glob(cfg.path)) if glob.has_magic(cfg.path) else [cfg.path]
-            if not paths or not Path(paths[0]).is_file():
+            paths = [p for p in paths if Path(p).is_file()]
+            if not paths:
                 raise ValueError(
                     f"no file matches the source path {cfg.path} (a 'narratives' source's 'path', read from "
                     f"{Path.cwd()})"

@@ -36,6 +36,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message, self.headers)
+
 
 def model_error() -> ApiError:
     """500: the model raised on this request (logged where it did); other requests are unharmed."""
@@ -75,7 +78,7 @@ def from_validation(exc: ValidationError) -> ApiError:
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return exc.response()
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

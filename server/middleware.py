@@ -62,8 +62,7 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":  # answered into the void, so metrics and logs say 499, not 500
-                gone = client_gone()
-                await error_response(gone.status, gone.code, gone.message)(scope, receive, send)
+                await client_gone().response()(scope, receive, send)
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
