@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ DEPLOYMENT_NAME = "PixelLLM"
 
 
 class ServeBatcher:
-    """An `Engine` batcher on a replica: `@serve.batch` gathers concurrent jobs, `process` runs them in a thread."""
+    """An `Engine` batcher on a replica: `@serve.batch` gathers concurrent jobs, `process` runs them in one
+    worker thread (always the same: see `server.threads`)."""
 
     def __init__(
         self,
@@ -43,11 +45,13 @@ class ServeBatcher:
         on_batch: Callable[[int, float], None],
     ) -> None:
         self.process, self.on_batch = process, on_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelllm-batch")
         self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_s)(self.run_batch)
 
     async def run_batch(self, jobs: list[Job]) -> list[JobResult | BaseException]:
         start = time.monotonic()
-        results = await asyncio.to_thread(process_each, self.process, jobs)
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, process_each, self.process, jobs)
         self.on_batch(len(jobs), time.monotonic() - start)
         return results
 
@@ -59,7 +63,8 @@ class ServeBatcher:
         return result
 
     async def close(self, timeout_s: float = 30.0) -> None:
-        """Nothing to stop: Ray Serve drains a replica's requests before it stops the replica."""
+        """Stop the worker thread; Ray Serve drains a replica's requests before it stops the replica."""
+        self._executor.shutdown(wait=False)
 
 
 class RayEngine(Engine):

@@ -8,7 +8,6 @@ import math
 import time
 import unicodedata
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -43,6 +42,7 @@ from .schemas import (
     Word,
 )
 from .settings import Settings
+from .threads import in_new_thread
 
 logger = logging.getLogger(__name__)
 LINE_BREAKS = str.maketrans("\t\n\r", "   ")
@@ -63,8 +63,6 @@ class Engine:
         self.predictor: Any = None
         self._loading: asyncio.Task | None = None
         self.on_load_error: Callable[[str], None] = lambda message: None  # `run` stops the server
-        # streamed captions decode in threads of their own, each holding a queue slot (so at most max_queue)
-        self.stream_pool = ThreadPoolExecutor(max_workers=settings.max_queue, thread_name_prefix="pixelllm-stream")
 
     async def start(self) -> None:
         """Load the model in the background; until it is loaded the service answers 503."""
@@ -73,7 +71,7 @@ class Engine:
     async def load(self) -> None:
         """Load the model and make the batcher; on failure `load_error` says why."""
         try:
-            predictor, self.model_name = await asyncio.to_thread(load_predictor, self.settings)
+            predictor, self.model_name = await in_new_thread(load_predictor, self.settings, name="pixelllm-load")
         except Exception as exc:
             self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
             if isinstance(exc, (ValueError, OSError)):  # a bad checkpoint or path: the message says it all
@@ -115,7 +113,6 @@ class Engine:
             self._loading.cancel()
         if self.batcher is not None:
             await self.batcher.close(timeout_s=self.settings.request_timeout_s)
-        self.stream_pool.shutdown(wait=False, cancel_futures=True)
 
     def require_ready(self) -> None:
         if self.batcher is None:

@@ -27,6 +27,7 @@ from .inference import Job, ms_since
 from .requestlog import OUTCOME_STATUS
 from .schemas import CaptionParams, CaptionResponse, ErrorBody, ErrorResponse, ImageInfo
 from .service import Engine, caption_result, check_box, check_point, disconnected, open_image, word_results
+from .threads import in_new_thread
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
         loop.call_soon_threadsafe(items.put_nowait, item)
 
     args = (engine, job, box, point, params.max_new_tokens, emit, stop, deadline)
-    loop.run_in_executor(engine.stream_pool, _decode, *args).add_done_callback(lambda _: release())
+    # a thread of its own (`server.threads`), holding a queue slot until it ends (so at most max_queue)
+    in_new_thread(_decode, *args, name="pixelllm-stream").add_done_callback(lambda _: release())
     first = await _first_event(request, items, stop)
     outcome: dict[str, int] = {}
 
