@@ -72,6 +72,8 @@ def _predictor(args):
 
     try:
         model = load_model(args.model, device=args.device)
+        if args.quantize == "int8":
+            model.quantize_language_model()
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: a device torch cannot use
         raise CLIError(str(e)) from None
     return Predictor(model)
@@ -288,12 +290,13 @@ def cmd_eval(args) -> None:
         if args.refcoco:
             result = run_refexp_eval(
                 args.model, args.out, args.refcoco, args.dataset, args.split_by, args.split, args.image_dir,
-                args.max_images, args.device,
+                args.max_images, args.device, args.quantize,
             )  # fmt: skip
         else:
             result = run_eval(
-                args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device, args.num_beams
-            )
+                args.model, args.out, args.data, args.num_scenes, args.seed, args.renderer, args.device, args.num_beams,
+                args.quantize,
+            )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from None
     print(json.dumps(result, indent=2))
@@ -311,9 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def quantize_arg(p):
+        p.add_argument(
+            "--quantize",
+            choices=["none", "int8"],
+            default="none",
+            help="int8: the language model's weights in int8, for faster decoding on CPU (captions may differ slightly)",
+        )
+
     def model_args(p):
         p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+        quantize_arg(p)
         p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     p = sub.add_parser("caption", help="caption an image (or a region) with a location for every word")
@@ -385,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
     p.add_argument("--device", default=None)
+    quantize_arg(p)
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("serve", help="run the REST service (settings from PIXELLLM_* environment variables)")
@@ -427,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model on held-out scenes and write JSON metrics")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default=None)
+    quantize_arg(p)
     p.add_argument("--data", help="a folder written by `pixelllm data synth` (default: generate scenes)")
     p.add_argument("--num-scenes", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=1000)

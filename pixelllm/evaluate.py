@@ -393,6 +393,18 @@ def caption_scores(references: dict, candidates: dict) -> dict:
     return {k: float(v) for k, v in scores.items()}
 
 
+def _predictor(model_dir: str, device: str | None, quantize: str) -> Predictor:
+    """The model's predictor; `quantize` "int8" quantizes its language model (`PixelLLM.quantize_language_model`)."""
+    from .build import load_model
+
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
+    model = load_model(model_dir, device=device)
+    if quantize == "int8":
+        model.quantize_language_model()
+    return Predictor(model)
+
+
 def run_eval(
     model_dir: str,
     out: str | None,
@@ -402,9 +414,9 @@ def run_eval(
     renderer: str,
     device: str | None = None,
     num_beams: int = 1,
+    quantize: str = "none",
 ) -> dict:
-    from .build import load_model
-
+    """Caption and localize scenes (a `pixelllm data synth` folder `data`, else generated) and score them."""
     annotations = Path(data) / "annotations.jsonl" if data else None
     if annotations is not None and not annotations.is_file():
         raise ValueError(
@@ -412,15 +424,14 @@ def run_eval(
             "scores words against the generator's objects; for your own data, caption it (`pixelllm caption`, "
             "`pixelllm batch`) or write a RefCOCO-layout set for --refcoco"
         )
-    model = load_model(model_dir, device=device)
-    predictor = Predictor(model)
+    predictor = _predictor(model_dir, device, quantize)
     if annotations is not None:
         scenes, total = load_scenes(data), len(annotations.read_text().splitlines())
     else:
         scenes, total = generated_scenes(num_scenes, seed, renderer), num_scenes
     with torch.no_grad():
         result = evaluate(predictor, scenes, total, num_beams)
-    result.update(model=str(model_dir), data=data or f"{renderer} renderer, seed {seed}")
+    result.update(model=str(model_dir), data=data or f"{renderer} renderer, seed {seed}", quantize=quantize)
     _write(result, out)
     return result
 
@@ -435,15 +446,14 @@ def run_refexp_eval(
     image_dir: str | None = None,
     max_images: int | None = None,
     device: str | None = None,
+    quantize: str = "none",
 ) -> dict:
     """`pixelllm eval --refcoco DATA_ROOT`: `evaluate_refexp` on one split of a RefCOCO-family dataset."""
-    from .build import load_model
-
     examples = load_refexp(data_root, dataset, split_by, split, image_dir)
-    predictor = Predictor(load_model(model_dir, device=device))
+    predictor = _predictor(model_dir, device, quantize)
     with torch.no_grad():
         result = evaluate_refexp(predictor, examples, max_images)
-    result.update(model=str(model_dir), data=f"{dataset} ({split_by}) {split}, {data_root}")
+    result.update(model=str(model_dir), data=f"{dataset} ({split_by}) {split}, {data_root}", quantize=quantize)
     _write(result, out)
     return result
 

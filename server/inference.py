@@ -65,7 +65,11 @@ def load_predictor(settings: Settings) -> tuple[Any, str]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=getattr(torch, settings.dtype)).eval()
     model.set_lora_merged(True)  # the service only infers: fold LoRA into the base weights once
-    logger.info("loaded model %s from %s on %s (%s)", model.name, spec, device, settings.dtype)
+    if settings.quantize == "int8":
+        model.quantize_language_model()
+    logger.info(
+        "loaded model %s from %s on %s (%s, quantize: %s)", model.name, spec, device, settings.dtype, settings.quantize
+    )
     return Predictor(model), model.name
 
 

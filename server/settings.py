@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     t5_path: str | None = None
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="'int8': the language model's linear layers in int8 (CPU and float32 only; inference), for "
+        "faster decoding; captions may differ slightly (pixelllm/modeling/language_model.py)",
+    )
     keep_freed_memory: bool = Field(
         True,
         description="Reuse freed memory instead of returning it to the kernel (glibc malloc, pixelllm/memory.py): "

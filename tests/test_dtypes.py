@@ -1,5 +1,5 @@
-"""Half precision (`PIXELLLM_DTYPE=bfloat16 / float16`): the shipped default model answers every kind of prompt,
-close to its float32 answers, in the library and over HTTP."""
+"""Half precision (`PIXELLLM_DTYPE=bfloat16 / float16`) and an int8 language model (`PIXELLLM_QUANTIZE=int8`): the
+shipped default model answers every kind of prompt, close to its float32 answers, in the library and over HTTP."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ SAMPLE = ROOT / "assets" / "sample.jpg"
 TEXT = "the red circle"
 
 
-def predictor(dtype: torch.dtype) -> Predictor:
+def predictor(dtype: torch.dtype, quantize: bool = False) -> Predictor:
     model = PixelLLM.from_pretrained(DEFAULT_MODEL_DIR).to(dtype=dtype).eval()
+    if quantize:
+        model.quantize_language_model()
     predictor = Predictor(model)
     predictor.set_image(Image.open(SAMPLE))
     return predictor
@@ -48,7 +50,18 @@ def answers(p: Predictor) -> dict:
 def test_half_precision_answers_every_prompt_like_float32(dtype: torch.dtype, answers_fp32: dict) -> None:
     p = predictor(dtype)
     assert p.model.dtype == dtype
-    got = answers(p)
+    assert_close(answers(p), answers_fp32, p)
+
+
+def test_int8_language_model_answers_every_prompt_like_float32(answers_fp32: dict) -> None:
+    p = predictor(torch.float32, quantize=True)
+    t5 = p.model.language_model.t5
+    assert p.model.language_model.quantized
+    assert not any(isinstance(m, torch.nn.Linear) for m in t5.modules())  # the vocabulary head too
+    assert_close(answers(p), answers_fp32, p)
+
+
+def assert_close(got: dict, answers_fp32: dict, p: Predictor) -> None:
     height, width = p.embedding.original_size  # (H, W), as SAM
     for caption in (got["caption"], got["box"], got["point"], got["beams"]):
         assert caption.words
@@ -68,8 +81,9 @@ def test_half_precision_answers_every_prompt_like_float32(dtype: torch.dtype, an
     assert max(box_iou(got["dense"][0].box, r.box) for r in answers_fp32["dense"]) > 0.9
 
 
-def test_server_in_bfloat16_answers_caption_and_localize(tmp_path_factory: pytest.TempPathFactory) -> None:
-    server = start_server(tmp_path_factory, DEFAULT_MODEL_DIR, dtype="bfloat16")
+@pytest.mark.parametrize("settings", [{"dtype": "bfloat16"}, {"quantize": "int8"}], ids=["bfloat16", "int8"])
+def test_server_answers_caption_and_localize(tmp_path_factory: pytest.TempPathFactory, settings: dict) -> None:
+    server = start_server(tmp_path_factory, DEFAULT_MODEL_DIR, **settings)
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             image = {"image": ("sample.jpg", SAMPLE.read_bytes(), "image/jpeg")}
@@ -82,3 +96,4 @@ def test_server_in_bfloat16_answers_caption_and_localize(tmp_path_factory: pytes
     finally:
         assert server.stop() in GRACEFUL, server.log()[-4000:]
     assert "Traceback" not in server.log(), server.log()[-4000:]
+    assert f"quantize: {settings.get('quantize', 'none')}" in server.log()

@@ -5,10 +5,14 @@ Visual tokens are concatenated before the embedded text prompt as the encoder's 
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from torch.ao.quantization import quantize_dynamic
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import Cache
 
@@ -91,8 +95,37 @@ class LanguageModel(nn.Module):
             hidden = hidden * (self.t5.model_dim**-0.5)
         return self.t5.lm_head(hidden)
 
+    @property
+    def quantized(self) -> bool:
+        """Has `quantize_int8` run (inference only from then on)?"""
+        return any(isinstance(m, DynamicQuantizedLinear) for m in self.t5.modules())
+
+    def quantize_int8(self) -> None:
+        """Inference on CPU only: LoRA folded in and removed, then every linear layer of T5 (the vocabulary head too)
+        stored in int8 with activations quantized on the fly (`torch.ao` dynamic quantization). Decoding reads a
+        quarter of the weight bytes per token; scores and occasionally tokens differ slightly from float32."""
+        if self.t5.device.type != "cpu" or self.t5.dtype != torch.float32:
+            raise ValueError(
+                f"int8 quantization needs a float32 model on the CPU, this one is {self.t5.dtype} on "
+                f"{self.t5.device} (on a GPU, use a bfloat16 or float16 model instead)"
+            )
+        if self.quantized:
+            return
+        self.set_lora_merged(True)
+        for name, module in list(self.t5.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(self.t5.get_submodule(parent), child, module.get_base_layer())
+        with warnings.catch_warnings():  # torch marks torch.ao quantization deprecated; 2.x still runs it
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            quantize_dynamic(self.t5, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self.t5.requires_grad_(False)
+
     def set_lora_merged(self, merged: bool) -> None:
         """Fold LoRA weights into the base weights (faster inference) or take them back out."""
+        if not merged and self.quantized:
+            raise RuntimeError("the language model is int8-quantized: its LoRA weights are folded in for good")
         for module in self.t5.modules():
             if isinstance(module, LoraLayer):
                 if merged and not module.merged:

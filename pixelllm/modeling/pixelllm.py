@@ -517,6 +517,11 @@ class PixelLLM(nn.Module):
     def set_lora_merged(self, merged: bool) -> None:
         self.language_model.set_lora_merged(merged)
 
+    def quantize_language_model(self) -> None:
+        """int8 weights for the language model, for faster decoding on CPU (`LanguageModel.quantize_int8`); the
+        image encoders and heads stay as they are. Inference only: such a model cannot be trained or saved."""
+        self.language_model.quantize_int8()
+
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise RuntimeError(
@@ -529,6 +534,11 @@ class PixelLLM(nn.Module):
     def save_pretrained(self, directory) -> None:
         from ..checkpoints import save_pretrained
 
+        if self.language_model.quantized:
+            raise ValueError(
+                "this model's language model is int8-quantized, which is for inference only: save the float32 model "
+                "and quantize it again after loading"
+            )
         save_pretrained(self, directory)
 
     @classmethod
