@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--quantize",
             choices=["none", "int8"],
             default="none",
-            help="int8: the language model's weights in int8, for faster decoding on CPU (captions may differ slightly)",
+            help="int8: the language model's weights in int8, for faster CPU decoding with a large language model "
+            "(pixelllm-base and up; slower on the tiny default); answers may differ slightly",
         )
 
     def model_args(p):

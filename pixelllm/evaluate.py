@@ -405,6 +405,11 @@ def _predictor(model_dir: str, device: str | None, quantize: str) -> Predictor:
     return Predictor(model)
 
 
+def _quantized(predictor: Predictor) -> str:
+    """What the evaluated language model is: "int8" or "none"."""
+    return "int8" if predictor.model.language_model.quantized else "none"
+
+
 def run_eval(
     model_dir: str,
     out: str | None,
@@ -431,7 +436,9 @@ def run_eval(
         scenes, total = generated_scenes(num_scenes, seed, renderer), num_scenes
     with torch.no_grad():
         result = evaluate(predictor, scenes, total, num_beams)
-    result.update(model=str(model_dir), data=data or f"{renderer} renderer, seed {seed}", quantize=quantize)
+    result.update(
+        model=str(model_dir), data=data or f"{renderer} renderer, seed {seed}", quantize=_quantized(predictor)
+    )
     _write(result, out)
     return result
 
@@ -453,7 +460,9 @@ def run_refexp_eval(
     predictor = _predictor(model_dir, device, quantize)
     with torch.no_grad():
         result = evaluate_refexp(predictor, examples, max_images)
-    result.update(model=str(model_dir), data=f"{dataset} ({split_by}) {split}, {data_root}", quantize=quantize)
+    result.update(
+        model=str(model_dir), data=f"{dataset} ({split_by}) {split}, {data_root}", quantize=_quantized(predictor)
+    )
     _write(result, out)
     return result
 

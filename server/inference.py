@@ -67,8 +67,9 @@ def load_predictor(settings: Settings) -> tuple[Any, str]:
     model.set_lora_merged(True)  # the service only infers: fold LoRA into the base weights once
     if settings.quantize == "int8":
         model.quantize_language_model()
+    language = "int8" if model.language_model.quantized else settings.dtype
     logger.info(
-        "loaded model %s from %s on %s (%s, quantize: %s)", model.name, spec, device, settings.dtype, settings.quantize
+        "loaded model %s from %s on %s (%s, language model %s)", model.name, spec, device, settings.dtype, language
     )
     return Predictor(model), model.name
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pixelllm.config import DEFAULT_WEIGHTS
@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     quantize: Literal["none", "int8"] = Field(
         "none",
-        description="'int8': the language model's linear layers in int8 (CPU and float32 only; inference), for "
-        "faster decoding; captions may differ slightly (pixelllm/modeling/language_model.py)",
+        description="'int8': the language model's linear layers in int8 (CPU and float32 only), for faster decoding "
+        "where the language model is large (pixelllm-base and up; slower on the tiny default); answers may differ "
+        "slightly",
     )
     keep_freed_memory: bool = Field(
         True,
@@ -96,6 +97,15 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _int8_on_cpu_in_float32(self) -> Settings:
+        if self.quantize == "int8" and (self.dtype != "float32" or self.device.startswith("cuda")):
+            raise ValueError(
+                "PIXELLLM_QUANTIZE=int8 is for float32 models on the CPU: set PIXELLLM_DTYPE=float32 and "
+                "PIXELLLM_DEVICE=cpu (on a GPU, use PIXELLLM_DTYPE=bfloat16 instead of int8)"
+            )
+        return self
 
     @property
     def auth_enabled(self) -> bool:

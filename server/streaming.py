@@ -1,7 +1,7 @@
 """Streamed captions as Server-Sent Events: a `word` event per completed word, then `done` (or `error`).
 
 Decoding is greedy: a beam's words are only known once the search ends, so `num_beams` > 1 is refused (422).
-Each stream decodes in a thread of the engine's stream pool while holding a queue slot (429 when none is
+Each stream decodes in a thread of its own (`server.threads`) while holding a queue slot (429 when none is
 free), on the image embedding from the cache. The response starts with the first word, so what fails before it is a
 plain JSON error. The client leaving (even before the first event), or the request timeout, stops the decoding
 before its next decoder step; the metrics and the access log count such a stream as 499 or 504.
@@ -64,8 +64,12 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
         loop.call_soon_threadsafe(items.put_nowait, item)
 
     args = (engine, job, box, point, params.max_new_tokens, emit, stop, deadline)
-    # a thread of its own (`server.threads`), holding a queue slot until it ends (so at most max_queue)
-    in_new_thread(_decode, *args, name="pixelllm-stream").add_done_callback(lambda _: release())
+    try:  # a thread of its own (`server.threads`), holding a queue slot until it ends (so at most max_queue)
+        decoding = in_new_thread(_decode, *args, name="pixelllm-stream")
+    except BaseException:
+        release()
+        raise
+    decoding.add_done_callback(lambda _: release())
     first = await _first_event(request, items, stop)
     outcome: dict[str, int] = {}
 

@@ -20,8 +20,8 @@ R = TypeVar("R")
 
 
 def in_new_thread(fn: Callable[..., R], *args: object, name: str) -> asyncio.Future[R]:
-    """`fn(*args)` in a new daemon thread named `name`; the future (of the running loop) gets its result or
-    exception. Cancelling the future does not stop the thread."""
+    """`fn(*args)` in a new thread named `name`; the future (of the running loop) gets its result or exception.
+    Cancelling the future does not stop the thread, and the interpreter waits for the thread at exit."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[R] = loop.create_future()
 
@@ -36,10 +36,13 @@ def in_new_thread(fn: Callable[..., R], *args: object, name: str) -> asyncio.Fut
     def run() -> None:
         try:
             value, error = fn(*args), None
+        except StopIteration as exc:  # a future cannot hold one
+            value, error = None, RuntimeError(f"{getattr(fn, '__name__', fn)} raised StopIteration")
+            error.__cause__ = exc
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             value, error = None, exc
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is left to tell
             loop.call_soon_threadsafe(settle, error, value)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    threading.Thread(target=run, name=name).start()
     return future

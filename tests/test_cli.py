@@ -204,6 +204,7 @@ def test_eval_writes_metrics_json(capsys, tmp_path, model_dir):
     ):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["num_scenes"] == 2 and metrics["num_objects"] >= 2 and metrics["num_beams"] == 1
+    assert metrics["quantize"] == "none"
     assert torch.is_grad_enabled(), "eval must not switch autograd off for the rest of the process"
 
 
@@ -213,6 +214,10 @@ def test_eval_num_beams(capsys, tmp_path, model_dir):
         capsys, "eval", "--model", model_dir, "--num-scenes", "1", "--num-beams", "2", "--out", str(out_file)
     )
     assert code == 0 and json.loads(out_file.read_text())["num_beams"] == 2
+    code, _, _ = run(
+        capsys, "eval", "--model", model_dir, "--num-scenes", "1", "--quantize", "int8", "--out", str(out_file)
+    )
+    assert code == 0 and json.loads(out_file.read_text())["quantize"] == "int8"  # the evaluated model's state
     with pytest.raises(SystemExit) as exited:  # argparse refuses it
         main(["eval", "--model", model_dir, "--num-scenes", "1", "--num-beams", "0"])
     assert exited.value.code == 2 and "--num-beams: must be at least 1, got 0" in capsys.readouterr().err

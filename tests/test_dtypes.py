@@ -96,4 +96,5 @@ def test_server_answers_caption_and_localize(tmp_path_factory: pytest.TempPathFa
     finally:
         assert server.stop() in GRACEFUL, server.log()[-4000:]
     assert "Traceback" not in server.log(), server.log()[-4000:]
-    assert f"quantize: {settings.get('quantize', 'none')}" in server.log()
+    language = "int8" if settings.get("quantize") == "int8" else settings["dtype"]
+    assert f"language model {language})" in server.log()

@@ -12,7 +12,7 @@ from conftest import perturb_
 from peft.tuners.lora import LoraLayer
 from server_helpers import ROOT
 
-from pixelllm import build_pixelllm
+from pixelllm import PixelLLM, build_pixelllm
 from pixelllm.cli import main
 from pixelllm.config import load_config
 from server import Settings
@@ -85,13 +85,29 @@ def test_service_setting_takes_none_or_int8_only() -> None:
         Settings(quantize="int4")
 
 
-def test_cli_caption_with_an_int8_language_model(capsys, lora_model, tmp_path) -> None:
+def test_service_refuses_int8_with_half_precision_or_a_gpu() -> None:
+    for settings in ({"dtype": "bfloat16"}, {"device": "cuda:0"}):
+        with pytest.raises(pydantic.ValidationError, match="PIXELLLM_QUANTIZE=int8 is for float32 models on the CPU"):
+            Settings(quantize="int8", **settings)
+    assert Settings(dtype="bfloat16", device="cuda").quantize == "none"
+
+
+def test_cli_caption_with_an_int8_language_model(capsys, lora_model, tmp_path, monkeypatch) -> None:
+    quantized = []
+    quantize = PixelLLM.quantize_language_model
+
+    def recording(model: PixelLLM) -> None:
+        quantize(model)
+        quantized.append(model.language_model.quantized)
+
+    monkeypatch.setattr(PixelLLM, "quantize_language_model", recording)
     lora_model.save_pretrained(tmp_path / "tiny")
     image = str(ROOT / "assets" / "sample.jpg")
     argv = ["caption", image, "--model", str(tmp_path / "tiny"), "--json", "--max-new-tokens", "6"]
     assert main([*argv, "--quantize", "int8"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["words"] and all(len(w["box"]) == 4 for w in result["words"])
+    assert quantized == [True]
     with pytest.raises(SystemExit):
         main([*argv, "--quantize", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err

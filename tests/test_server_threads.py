@@ -4,17 +4,20 @@ holding an OpenMP pool to slow the batches down."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import time
 
 import pytest
-from server_helpers import DEFAULT_MODEL_DIR
+from server_helpers import DEFAULT_MODEL_DIR, ROOT, wait_for
 
-from server import Settings, service
+from server import Settings, inference, service, streaming
 from server.inference import load_predictor
 from server.metrics import Metrics
 from server.service import Engine
 from server.threads import in_new_thread
+
+SAMPLE = ROOT / "assets" / "sample.jpg"
 
 
 def live(name: str) -> list[threading.Thread]:
@@ -49,6 +52,14 @@ def test_exception_reaches_the_awaiting_coroutine() -> None:
     wait_gone("test-failing")
 
 
+def test_stop_iteration_reaches_the_coroutine_as_a_runtime_error() -> None:
+    async def main() -> None:
+        await asyncio.wait_for(in_new_thread(next, iter(()), name="test-stop"), 10)
+
+    with pytest.raises(RuntimeError, match="raised StopIteration"):
+        asyncio.run(main())
+
+
 def test_a_cancelled_future_lets_the_thread_finish_quietly() -> None:
     finished, errors = threading.Event(), []
 
@@ -58,13 +69,13 @@ def test_a_cancelled_future_lets_the_thread_finish_quietly() -> None:
         future = in_new_thread(lambda: (release.wait(5), finished.set()), name="test-cancelled")
         future.cancel()
         release.set()
-        while not finished.is_set():
+        while live("test-cancelled"):  # the thread hands its result to the loop, then ends
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # the thread's result reaches the loop, which drops it
+        for _ in range(3):  # the loop runs the handed-over callback, which drops the result
+            await asyncio.sleep(0)
 
     asyncio.run(main())
-    wait_gone("test-cancelled")
-    assert errors == []
+    assert finished.is_set() and errors == []
 
 
 def test_engine_loads_the_model_in_a_thread_that_ends(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,7 +88,7 @@ def test_engine_loads_the_model_in_a_thread_that_ends(monkeypatch: pytest.Monkey
     monkeypatch.setattr(service, "load_predictor", recording_load)
 
     async def main() -> Engine:
-        engine = Engine(Settings(model=str(DEFAULT_MODEL_DIR), device="cpu"), Metrics())
+        engine = Engine(Settings(model=str(DEFAULT_MODEL_DIR), device="cpu", keep_freed_memory=False), Metrics())
         await engine.load()
         assert len(loaders) == 1 and loaders[0] is not threading.main_thread()
         loaders[0].join(timeout=10)  # while the loop runs: an executor's idle worker would stay
@@ -87,3 +98,37 @@ def test_engine_loads_the_model_in_a_thread_that_ends(monkeypatch: pytest.Monkey
 
     engine = asyncio.run(main())
     assert engine.load_error is None and engine.predictor is not None
+
+
+def test_a_streamed_caption_decodes_in_a_thread_that_ends_and_batches_run_in_one(monkeypatch) -> None:
+    from starlette.testclient import TestClient
+
+    from server import create_app
+
+    decoders: list[threading.Thread] = []
+    batch_threads: set[threading.Thread] = set()
+    decode, run = streaming._decode, inference.run_jobs
+
+    def recording_decode(*args: object) -> None:
+        decoders.append(threading.current_thread())
+        decode(*args)
+
+    def recording_run(*args: object, **kwargs: object) -> object:
+        batch_threads.add(threading.current_thread())
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "_decode", recording_decode)
+    monkeypatch.setattr(service, "run_jobs", recording_run)
+    image = {"image": base64.b64encode(SAMPLE.read_bytes()).decode()}
+    settings = Settings(model=str(DEFAULT_MODEL_DIR), keep_freed_memory=False)
+    with TestClient(create_app(settings)) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, 120.0)
+        for _ in range(2):
+            streamed = client.post("/v1/caption", json={**image, "stream": True})
+            assert streamed.status_code == 200 and "event: done" in streamed.text
+            assert client.post("/v1/caption", json={**image, "box": {"x0": 0, "y0": 0, "x1": 99, "y1": 99}}).is_success
+        assert len(decoders) == 2 and decoders[0] is not decoders[1]
+        for thread in decoders:
+            thread.join(timeout=10)  # while the service runs: a pool's idle worker would stay
+            assert not thread.is_alive()
+        assert len(batch_threads) == 1 and next(iter(batch_threads)).is_alive()

@@ -107,7 +107,7 @@ class LanguageModel(nn.Module):
         if self.t5.device.type != "cpu" or self.t5.dtype != torch.float32:
             raise ValueError(
                 f"int8 quantization needs a float32 model on the CPU, this one is {self.t5.dtype} on "
-                f"{self.t5.device} (on a GPU, use a bfloat16 or float16 model instead)"
+                f"{self.t5.device}: quantize the float32 model on the CPU (on a GPU, use bfloat16 instead of int8)"
             )
         if self.quantized:
             return
@@ -116,8 +116,8 @@ class LanguageModel(nn.Module):
             if isinstance(module, LoraLayer):
                 parent, _, child = name.rpartition(".")
                 setattr(self.t5.get_submodule(parent), child, module.get_base_layer())
-        with warnings.catch_warnings():  # torch marks torch.ao quantization deprecated; 2.x still runs it
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # torch.ao quantization is deprecated (torchao replaces it); 2.x still runs it
+            warnings.filterwarnings("ignore", message=".*deprecated", category=UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             quantize_dynamic(self.t5, {nn.Linear}, dtype=torch.qint8, inplace=True)
         self.t5.requires_grad_(False)
@@ -125,7 +125,9 @@ class LanguageModel(nn.Module):
     def set_lora_merged(self, merged: bool) -> None:
         """Fold LoRA weights into the base weights (faster inference) or take them back out."""
         if not merged and self.quantized:
-            raise RuntimeError("the language model is int8-quantized: its LoRA weights are folded in for good")
+            raise RuntimeError(
+                "the language model is int8-quantized: LoRA weights, where it had any, are folded in for good"
+            )
         for module in self.t5.modules():
             if isinstance(module, LoraLayer):
                 if merged and not module.merged:

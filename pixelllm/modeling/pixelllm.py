@@ -519,7 +519,8 @@ class PixelLLM(nn.Module):
 
     def quantize_language_model(self) -> None:
         """int8 weights for the language model, for faster decoding on CPU (`LanguageModel.quantize_int8`); the
-        image encoders and heads stay as they are. Inference only: such a model cannot be trained or saved."""
+        image encoders and heads stay as they are. Inference only: such a model is not meant to be trained, and
+        cannot be saved."""
         self.language_model.quantize_int8()
 
     def _require_tokenizer(self) -> Tokenizer:
