@@ -29,6 +29,7 @@ REPORT = HERE / "RESULTS.md"
 SCRIPTS = {
     "point_head_overhead.py": ["point_head_overhead"],
     "service_bench.py": ["batching_speedup", "latency", "regions_scaling", "cache_speedup"],
+    "quantize_int8.py": ["quantize_int8"],
     "stream_latency.py": ["stream_latency"],
     "train_throughput.py": ["train_throughput"],
     "vs_kosmos2.py": ["vs_kosmos2"],
@@ -39,6 +40,7 @@ SCRIPTS = {
 ORDER = [  # rows of the report
     "point_head_overhead",
     "cache_speedup",
+    "quantize_int8",
     "batching_speedup",
     "latency",
     "regions_scaling",

@@ -111,3 +111,19 @@ def test_point_head_overhead_smallest_form(tmp_path: Path) -> None:
     assert result["summary"]["figure"].startswith(f"tiny {ratio:.3f}")
     assert {"cpu", "cpu_count", "torch", "device", "device_name", "load_average"} <= set(result["machine"])
     assert "point_head_overhead: tiny" in proc.stdout
+
+
+def test_quantize_int8_smallest_form(tmp_path: Path) -> None:
+    cmd = [sys.executable, "benchmarks/quantize_int8.py", "--quick", "--presets", "pixelllm-tiny", "--tokens", "4"]
+    cmd += ["--scenes", "1", "--results-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "quantize_int8.json").read_text())
+    assert result["benchmark"] == "quantize_int8" and result["mode"] == "quick"
+    tiny = result["speed"]["pixelllm-tiny"]
+    assert len(tiny["ms_all"]["float32"]) == len(tiny["ms_all"]["int8"]) == 3
+    assert tiny["speedup"] == pytest.approx(tiny["ms_median"]["float32"] / tiny["ms_median"]["int8"])
+    assert set(result["eval"]) == {"float32", "int8"} and 0 <= result["eval"]["int8"]["referring_acc@0.5"] <= 1
+    assert result["summary"]["figure"].startswith("cached-image region caption, 4 tokens: tiny ")
+    skipped = subprocess.run([*cmd[:2], "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert skipped.returncode == 0 and "runs on the CPU only" in skipped.stderr
