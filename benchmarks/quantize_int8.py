@@ -1,11 +1,12 @@
 """int8 language model (`PixelLLM.quantize_language_model`, `PIXELLLM_QUANTIZE=int8`) vs float32, on the CPU.
 
 - speed: a region caption (box prompt) on a cached image embedding, exactly `--tokens` tokens (EOS suppressed),
-  through `Predictor.caption_embeddings` as the service calls it; float32 and int8 copies of the same random-weight
-  model timed side by side, alternating which goes first, per preset (random weights say nothing of quality).
+  through `Predictor.caption_embeddings` as the service calls it (LoRA merged); float32 and int8 copies of the
+  same random-weight model timed side by side, alternating which goes first, per preset (random weights say
+  nothing of quality).
 - quality: `pixelllm eval` on the shipped default model (held-out generated scenes), float32 and int8.
 
-    python benchmarks/quantize_int8.py            # pixelllm-tiny and pixelllm-base, 200 scenes (about 6 minutes)
+    python benchmarks/quantize_int8.py            # pixelllm-tiny and pixelllm-base, 200 scenes (about 3.5 minutes)
     python benchmarks/quantize_int8.py --quick    # 3 repeats, 20 scenes
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, ROOT, machine, no_eos, random_pixelllm, timed, write_result
+from common import RESULTS_DIR, ROOT, machine, no_eos, random_pixelllm, resolve_device, timed, write_result
 
 from pixelllm import Predictor
 from pixelllm.evaluate import run_eval
@@ -42,6 +43,7 @@ EVAL_KEYS = (
 def speed(preset: str, tokens: int, repeats: int) -> dict[str, Any]:
     """Median ms of a cached-image region caption, float32 vs int8."""
     models = {"float32": random_pixelllm(preset)}
+    models["float32"].set_lora_merged(True)  # as the service serves it (int8 folds LoRA in too)
     models["int8"] = copy.deepcopy(models["float32"])
     models["int8"].quantize_language_model()
     image = torch.Generator().manual_seed(0)
@@ -51,7 +53,7 @@ def speed(preset: str, tokens: int, repeats: int) -> dict[str, Any]:
 
     def caption(name: str):
         with no_eos(models[name]):
-            return predictors[name].caption_embeddings([embedding], [BOX], [None], tokens, 1, refine=False)[0]
+            return predictors[name].caption_embeddings([embedding], [BOX], [None], tokens, 1)[0]
 
     for name in models:  # warm-up
         caption(name)
@@ -80,15 +82,16 @@ def quality(num_scenes: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 repeats, 20 scenes")
-    parser.add_argument("--device", default="cpu", help="cpu only: int8 dynamic quantization runs on the CPU")
+    parser.add_argument("--device", default="cpu", help="cpu (auto: cpu without a GPU); elsewhere it skips")
     parser.add_argument("--presets", default="pixelllm-tiny,pixelllm-base")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--scenes", type=int, help="eval scenes (default 200, --quick 20; 0 skips the eval)")
     parser.add_argument("--note", default="")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
-    if args.device != "cpu":
-        parser.exit(0, f"quantize_int8: skipped on {args.device} (int8 dynamic quantization runs on the CPU only)\n")
+    device = resolve_device(args.device)
+    if device != "cpu":
+        parser.exit(0, f"quantize_int8: skipped on {device} (int8 dynamic quantization runs on the CPU only)\n")
     mode = "quick" if args.quick else "full"
     repeats = 3 if args.quick else 11
     scenes = args.scenes if args.scenes is not None else (20 if args.quick else 200)

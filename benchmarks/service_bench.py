@@ -328,7 +328,7 @@ def cache_limits(cache: dict[str, Any], tokens: int) -> str:
     return "; ".join(
         f"{kind}: the encoders are {c['encode_ms_median']:.0f} of the first {c['first_ms_median']:.0f} ms, but the "
         f"prompt itself costs {c['second_ms_median']:.0f} ms"
-        + (f" ({tokens} random-weight tokens through T5-base on CPU)" if kind == "caption" else "")
+        + (f" (up to {tokens} random-weight tokens through T5-base on CPU)" if kind == "caption" else "")
         for kind, c in cache.items()
         if c["speedup_median"] < CACHE_GOAL
     )
@@ -425,10 +425,10 @@ def main() -> None:
             with serve(base, work, device, args.threads, quantize="int8") as server:
                 cache_int8 = asyncio.run(cache_speedup(server.url, images, counts, tokens))
         machine_info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    figure = ", ".join(f"{kind} {c['speedup_median']:.1f}x" for kind, c in cache.items())
+    figure = ", ".join(f"{kind} {c['speedup_median']:.2f}x" for kind, c in cache.items())
     if cache_int8 is not None:
         figure += "; with PIXELLLM_QUANTIZE=int8: " + ", ".join(
-            f"{kind} {c['speedup_median']:.1f}x" for kind, c in cache_int8.items()
+            f"{kind} {c['speedup_median']:.2f}x" for kind, c in cache_int8.items()
         )
     write_result(
         "cache_speedup",

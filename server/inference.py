@@ -61,8 +61,8 @@ def load_predictor(settings: Settings) -> tuple[Any, str]:
     paths = {k: getattr(settings, k) for k in ("sam_checkpoint", "eva_checkpoint", "t5_path")}
     model = load_model(spec, **{k: v for k, v in paths.items() if v})
     device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # int8 runs on the CPU only
+        device = "cuda" if torch.cuda.is_available() and settings.quantize == "none" else "cpu"
     model = model.to(device=device, dtype=getattr(torch, settings.dtype)).eval()
     model.set_lora_merged(True)  # the service only infers: fold LoRA into the base weights once
     if settings.quantize == "int8":

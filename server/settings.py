@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     quantize: Literal["none", "int8"] = Field(
         "none",
-        description="'int8': the language model's linear layers in int8 (CPU and float32 only), for faster decoding "
+        description="'int8': the language model's linear layers in int8 (CPU and float32 only; device 'auto' is then "
+        "the CPU), for faster decoding "
         "where the language model is large (pixelllm-base and up; slower on the tiny default); answers may differ "
         "slightly",
     )

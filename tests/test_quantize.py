@@ -16,6 +16,7 @@ from pixelllm import PixelLLM, build_pixelllm
 from pixelllm.cli import main
 from pixelllm.config import load_config
 from server import Settings
+from server.inference import load_predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,6 +91,12 @@ def test_service_refuses_int8_with_half_precision_or_a_gpu() -> None:
         with pytest.raises(pydantic.ValidationError, match="PIXELLLM_QUANTIZE=int8 is for float32 models on the CPU"):
             Settings(quantize="int8", **settings)
     assert Settings(dtype="bfloat16", device="cuda").quantize == "none"
+
+
+def test_service_on_device_auto_runs_int8_on_the_cpu_even_with_a_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    predictor, _ = load_predictor(Settings(model="pixelllm-tiny", quantize="int8", keep_freed_memory=False))
+    assert predictor.model.device.type == "cpu" and predictor.model.language_model.quantized
 
 
 def test_cli_caption_with_an_int8_language_model(capsys, lora_model, tmp_path, monkeypatch) -> None:

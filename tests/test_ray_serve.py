@@ -125,3 +125,28 @@ def test_replicas_or_autoscaling_from_settings() -> None:
     auto = deployment_options(Settings(ray_min_replicas=2, ray_max_replicas=6, max_batch_size=16))
     assert auto["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16}
     assert "num_replicas" not in auto
+
+
+def test_a_replica_runs_every_batch_on_one_thread() -> None:
+    """Torch work stays on one long-lived thread (`server.threads`): `ServeBatcher` keeps its own worker."""
+    import threading
+
+    from server.ray_app import ServeBatcher
+
+    threads: list[threading.Thread] = []
+
+    def process(jobs: list[int]) -> list[int]:
+        threads.append(threading.current_thread())
+        return [job * 2 for job in jobs]
+
+    async def main() -> tuple[list[list[int]], threading.Thread]:
+        other = await asyncio.to_thread(threading.current_thread)  # the loop's shared pool now has an idle thread
+        batcher = ServeBatcher(process, max_batch_size=4, max_wait_s=0.01, on_batch=lambda size, seconds: None)
+        results = [await batcher.run_batch([1, 2]), await batcher.run_batch([3])]
+        await batcher.close()
+        return results, other
+
+    results, shared_pool_thread = asyncio.run(main())
+    assert results == [[2, 4], [6]]
+    assert len(threads) == 2 and threads[0] is threads[1]
+    assert threads[0] not in (threading.main_thread(), shared_pool_thread)
