@@ -66,8 +66,8 @@ def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
     """An opened, not yet loaded image -> RGB (`to_rgb`), EXIF orientation applied.
 
     With `image_size` (the model input side S) a JPEG is decoded at the smallest of 1/2, 1/4 and 1/8 scale whose
-    longer side is still at least S (libjpeg's DCT scaling: a 4000x3000 photo for S = 288 took 27 ms against 84 in
-    full in benchmarks/service_bench.py), as the model input is resized from it anyway; other formats decode in full.
+    longer side is still at least S (libjpeg's DCT scaling; benchmarks/service_bench.py times a 4000x3000 photo both
+    ways), as the model input is resized from it anyway; other formats decode in full.
     `img` is changed by the decode.
     """
     width, height = img.size
