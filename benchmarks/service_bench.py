@@ -323,6 +323,11 @@ def regions_limits(regions: dict[str, Any]) -> str:
     )
 
 
+def speedups(cache: dict[str, Any]) -> str:
+    """`cache_speedup`'s ratio per prompt kind, e.g. "localize 10.75x, caption 3.07x"."""
+    return ", ".join(f"{kind} {c['speedup_median']:.2f}x" for kind, c in cache.items())
+
+
 def cache_limits(cache: dict[str, Any], tokens: int) -> str:
     """Why a cached prompt is not 5x faster: what the second prompt itself costs."""
     return "; ".join(
@@ -425,11 +430,9 @@ def main() -> None:
             with serve(base, work, device, args.threads, quantize="int8") as server:
                 cache_int8 = asyncio.run(cache_speedup(server.url, images, counts, tokens))
         machine_info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    figure = ", ".join(f"{kind} {c['speedup_median']:.2f}x" for kind, c in cache.items())
+    figure = speedups(cache)
     if cache_int8 is not None:
-        figure += "; with PIXELLLM_QUANTIZE=int8: " + ", ".join(
-            f"{kind} {c['speedup_median']:.2f}x" for kind, c in cache_int8.items()
-        )
+        figure += f"; with PIXELLLM_QUANTIZE=int8: {speedups(cache_int8)}"
     write_result(
         "cache_speedup",
         {

@@ -90,21 +90,29 @@ def _t5_shape(t5) -> dict:
     }
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device | None = None, **checkpoints) -> PixelLLM:
-    """A saved model directory (`PixelLLM.from_pretrained`) or anything `build_pixelllm` takes."""
+def load_model(
+    name_or_path: str | Path, device: str | torch.device | None = None, quantize: str = "none", **checkpoints
+) -> PixelLLM:
+    """A saved model directory (`PixelLLM.from_pretrained`) or anything `build_pixelllm` takes; `quantize` "int8"
+    gives it an int8 language model (`PixelLLM.quantize_language_model`)."""
     from .checkpoints import from_pretrained
 
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
     path = Path(name_or_path)
     if path.is_dir():
-        return from_pretrained(name_or_path, device=device)
-    if path.is_file() and (hint := model_path_hint(path)):  # e.g. a model directory's config: random weights
+        model = from_pretrained(name_or_path, device=device)
+    elif path.is_file() and (hint := model_path_hint(path)):  # e.g. a model directory's config: random weights
         raise ValueError(f"{path} is not a model to load{hint}")
-    model = build_pixelllm(name_or_path, device=device, **checkpoints)
-    if not any(checkpoints.values()):
-        log.warning(
-            "%s is built with RANDOM weights (no model directory, no checkpoints): its answers mean nothing; "
-            "the trained default model is the directory %s",
-            name_or_path,
-            DEFAULT_WEIGHTS,
-        )
+    else:
+        model = build_pixelllm(name_or_path, device=device, **checkpoints)
+        if not any(checkpoints.values()):
+            log.warning(
+                "%s is built with RANDOM weights (no model directory, no checkpoints): its answers mean nothing; "
+                "the trained default model is the directory %s",
+                name_or_path,
+                DEFAULT_WEIGHTS,
+            )
+    if quantize == "int8":
+        model.quantize_language_model()
     return model

@@ -71,9 +71,7 @@ def _predictor(args):
     from .predictor import Predictor
 
     try:
-        model = load_model(args.model, device=args.device)
-        if args.quantize == "int8":
-            model.quantize_language_model()
+        model = load_model(args.model, device=args.device, quantize=args.quantize)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: a device torch cannot use
         raise CLIError(str(e)) from None
     return Predictor(model)

@@ -393,18 +393,6 @@ def caption_scores(references: dict, candidates: dict) -> dict:
     return {k: float(v) for k, v in scores.items()}
 
 
-def _predictor(model_dir: str, device: str | None, quantize: str) -> Predictor:
-    """The model's predictor; `quantize` "int8" quantizes its language model (`PixelLLM.quantize_language_model`)."""
-    from .build import load_model
-
-    if quantize not in ("none", "int8"):
-        raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
-    model = load_model(model_dir, device=device)
-    if quantize == "int8":
-        model.quantize_language_model()
-    return Predictor(model)
-
-
 def _quantized(predictor: Predictor) -> str:
     """What the evaluated language model is: "int8" or "none"."""
     return "int8" if predictor.model.language_model.quantized else "none"
@@ -422,6 +410,8 @@ def run_eval(
     quantize: str = "none",
 ) -> dict:
     """Caption and localize scenes (a `pixelllm data synth` folder `data`, else generated) and score them."""
+    from .build import load_model
+
     annotations = Path(data) / "annotations.jsonl" if data else None
     if annotations is not None and not annotations.is_file():
         raise ValueError(
@@ -429,7 +419,7 @@ def run_eval(
             "scores words against the generator's objects; for your own data, caption it (`pixelllm caption`, "
             "`pixelllm batch`) or write a RefCOCO-layout set for --refcoco"
         )
-    predictor = _predictor(model_dir, device, quantize)
+    predictor = Predictor(load_model(model_dir, device=device, quantize=quantize))
     if annotations is not None:
         scenes, total = load_scenes(data), len(annotations.read_text().splitlines())
     else:
@@ -456,8 +446,10 @@ def run_refexp_eval(
     quantize: str = "none",
 ) -> dict:
     """`pixelllm eval --refcoco DATA_ROOT`: `evaluate_refexp` on one split of a RefCOCO-family dataset."""
+    from .build import load_model
+
     examples = load_refexp(data_root, dataset, split_by, split, image_dir)
-    predictor = _predictor(model_dir, device, quantize)
+    predictor = Predictor(load_model(model_dir, device=device, quantize=quantize))
     with torch.no_grad():
         result = evaluate_refexp(predictor, examples, max_images)
     result.update(

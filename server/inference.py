@@ -59,14 +59,12 @@ def load_predictor(settings: Settings) -> tuple[Any, str]:
         keep_freed_memory()
     spec = settings.resolved_model()
     paths = {k: getattr(settings, k) for k in ("sam_checkpoint", "eva_checkpoint", "t5_path")}
-    model = load_model(spec, **{k: v for k, v in paths.items() if v})
+    model = load_model(spec, quantize=settings.quantize, **{k: v for k, v in paths.items() if v})
     device = settings.device
     if device == "auto":  # int8 runs on the CPU only
         device = "cuda" if torch.cuda.is_available() and settings.quantize == "none" else "cpu"
     model = model.to(device=device, dtype=getattr(torch, settings.dtype)).eval()
     model.set_lora_merged(True)  # the service only infers: fold LoRA into the base weights once
-    if settings.quantize == "int8":
-        model.quantize_language_model()
     language = "int8" if model.language_model.quantized else settings.dtype
     logger.info(
         "loaded model %s from %s on %s (%s, language model %s)", model.name, spec, device, settings.dtype, language

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _int8_on_cpu_in_float32(self) -> Settings:
-        if self.quantize == "int8" and (self.dtype != "float32" or self.device.startswith("cuda")):
+        if self.quantize == "int8" and (self.dtype != "float32" or self.device not in ("cpu", "auto")):
             raise ValueError(
                 "PIXELLLM_QUANTIZE=int8 is for float32 models on the CPU: set PIXELLLM_DTYPE=float32 and "
                 "PIXELLLM_DEVICE=cpu (on a GPU, use PIXELLLM_DTYPE=bfloat16 instead of int8)"

@@ -87,7 +87,7 @@ def test_service_setting_takes_none_or_int8_only() -> None:
 
 
 def test_service_refuses_int8_with_half_precision_or_a_gpu() -> None:
-    for settings in ({"dtype": "bfloat16"}, {"device": "cuda:0"}):
+    for settings in ({"dtype": "bfloat16"}, {"device": "cuda:0"}, {"device": "mps"}):
         with pytest.raises(pydantic.ValidationError, match="PIXELLLM_QUANTIZE=int8 is for float32 models on the CPU"):
             Settings(quantize="int8", **settings)
     assert Settings(dtype="bfloat16", device="cuda").quantize == "none"
