@@ -70,6 +70,7 @@ class Engine:
 
     async def load(self) -> None:
         """Load the model and make the batcher; on failure `load_error` says why."""
+        await asyncio.sleep(self.settings.debug_load_delay_ms / 1000.0)
         try:
             predictor, self.model_name = await in_new_thread(load_predictor, self.settings, name="pixelllm-load")
         except Exception as exc:
@@ -115,9 +116,11 @@ class Engine:
             await self.batcher.close(timeout_s=self.settings.request_timeout_s)
 
     def require_ready(self) -> None:
+        """503 `not_ready` (with Retry-After) while the model loads, `load_failed` (retrying won't help) if it failed."""
+        if self.load_error:
+            raise ApiError(503, "load_failed", self.load_error)
         if self.batcher is None:
-            message = self.load_error or "the model is still loading"
-            raise ApiError(503, "not_ready", message, {"Retry-After": "5"})
+            raise ApiError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
 
     def hold_slot(self) -> Callable[[], None]:
         """One queue slot for a streamed caption (429 if the queue is full); call the result to free it."""

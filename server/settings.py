@@ -76,6 +76,7 @@ class Settings(BaseSettings):
         default_factory=list, description="Origins allowed to call the API from a browser, comma-separated"
     )
 
+    debug_load_delay_ms: float = Field(0.0, ge=0, description="Test only: wait this long before loading the model")
     debug_batch_delay_ms: float = Field(0.0, ge=0, description="Test only: sleep this long in every batch")
     debug_fail_model_every: int = Field(0, ge=0, description="Test only: every Nth model call raises; 0: never")
     debug_fail_rate: float = Field(

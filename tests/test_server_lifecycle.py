@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import threading
 import time
 
 import httpx
 import pytest
-from server_helpers import GRACEFUL, assert_error, metric, png, start_server
+from server_helpers import GRACEFUL, ServerProcess, assert_error, metric, png, settings_env, start_server, wait_for
 from starlette.testclient import TestClient
 
 from server import Settings, StartupError, create_app, run
@@ -42,6 +43,37 @@ async def post_many(url: str, n: int, timeout: float = 30) -> list[httpx.Respons
         return await asyncio.gather(*calls, return_exceptions=True)
 
 
+def test_loading_server_answers_503_not_ready(tmp_path, random_tiny_dir) -> None:
+    """A real server while its model loads (held back 4 s): live, not ready, every model route 503 with
+    Retry-After; then ready and answering."""
+    env = settings_env(random_tiny_dir, debug_load_delay_ms=4000)
+    server = ServerProcess(env, tmp_path / "server.log")
+    try:
+        wait_for(lambda: _answers(f"{server.url}/healthz"), timeout_s=120)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            assert client.get("/healthz").json() == {"status": "ok", "model": None}
+            for r in (
+                client.get("/readyz"),
+                client.post("/v1/caption", files={"image": IMAGE}),
+                client.post("/v1/localize", json={"image": base64.b64encode(IMAGE).decode(), "text": "a dog"}),
+            ):
+                assert_error(r, 503, "not_ready")
+                assert r.headers["retry-after"] == "5"
+            assert client.get("/metrics").status_code == 200
+            server.wait_ready()
+            answer = client.post("/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": "2"})
+            assert answer.status_code == 200, answer.text
+    finally:
+        assert server.stop() in GRACEFUL, server.log()[-4000:]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_not_ready_is_503() -> None:
     """Before the model is loaded (here: never, as the app's lifespan does not run) the service says 503."""
 
@@ -71,8 +103,25 @@ def test_model_that_fails_to_load(tmp_path, random_tiny_dir) -> None:
         deadline = time.monotonic() + 60
         while client.get("/healthz").status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert_error(client.get("/healthz"), 503, "load_failed")
-        assert "failed to load" in assert_error(client.get("/readyz"), 503, "not_ready")["message"]
+        for r in (client.get("/healthz"), client.get("/readyz"), client.post("/v1/caption", files={"image": IMAGE})):
+            assert "failed to load" in assert_error(r, 503, "load_failed")["message"]
+            assert "retry-after" not in r.headers  # retrying will not help: the weights need fixing
+
+
+def test_closed_batcher_is_503_shutting_down(random_tiny_dir) -> None:
+    """Once shutdown has closed the batcher (Ray Serve or another ASGI host may still route a request), model
+    routes, streamed captions included, say 503 shutting_down with Retry-After."""
+    app = create_app(Settings(model=str(random_tiny_dir)))
+    with TestClient(app) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=120)
+        client.portal.call(app.state.engine.batcher.close)
+        for r in (
+            client.post("/v1/caption", files={"image": IMAGE}),
+            client.post("/v1/caption?stream=true", files={"image": IMAGE}),
+            client.post("/v1/localize", files={"image": IMAGE}, data={"text": "a dog"}),
+        ):
+            assert_error(r, 503, "shutting_down")
+            assert r.headers["retry-after"] == "5"
 
 
 def test_unknown_model_fails_at_start() -> None:
@@ -107,23 +156,22 @@ def test_client_disconnect_frees_the_slot(slow_service) -> None:
     assert metric(after, "pixelllm_requests_total", **closed) - metric(before, "pixelllm_requests_total", **closed) == 3
 
 
-def test_graceful_shutdown_answers_requests_in_flight(slow_service) -> None:
-    """Runs last in this module: SIGTERM while a request runs; it is still answered, then the server exits."""
-    result: dict[str, httpx.Response] = {}
-    url = slow_service.url
-
-    def call() -> None:
-        result["r"] = httpx.post(f"{url}/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": "2"}, timeout=30)
-
-    thread = threading.Thread(target=call)
+def test_graceful_shutdown_answers_running_and_queued_requests(tmp_path_factory, random_tiny_dir) -> None:
+    """SIGTERM while one request runs and two wait in the queue (one per batch, each batch 0.5 s): all three are
+    answered, then the server exits and no longer listens."""
+    server = start_server(
+        tmp_path_factory, random_tiny_dir, debug_batch_delay_ms=500, max_batch_size=1, request_timeout_s=30
+    )
+    results: list[httpx.Response | Exception] = []
+    thread = threading.Thread(target=lambda: results.extend(asyncio.run(post_many(server.url, 3))))
     thread.start()
-    time.sleep(0.2)
-    slow_service.terminate()
-    thread.join(timeout=30)
-    assert result["r"].status_code == 200, result["r"].text
-    assert slow_service.proc.wait(timeout=30) in GRACEFUL
+    wait_for(lambda: metric(httpx.get(f"{server.url}/metrics").text, "pixelllm_queue_depth") == 3, timeout_s=10)
+    server.terminate()
+    thread.join(timeout=60)
+    assert [getattr(r, "status_code", r) for r in results] == [200, 200, 200], [getattr(r, "text", r) for r in results]
+    assert server.stop() in GRACEFUL, server.log()[-4000:]
     with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/healthz", timeout=2)
+        httpx.get(f"{server.url}/healthz", timeout=2)
 
 
 def test_idle_keep_alive_connection_outlives_client_expiry(service) -> None:
