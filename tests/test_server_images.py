@@ -126,6 +126,40 @@ def test_decode_converts_modes() -> None:
     assert decode_image(exif_turned("WEBP"), 10**6, 100).image.size == (160, 80)
 
 
+def halves(orientation: int, fmt: str) -> bytes:
+    """Stored 160x80, left half red and right half blue, with this EXIF orientation."""
+    image = Image.new("RGB", (160, 80), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 80, 80))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def colour(image: Image.Image, xy: tuple[int, int]) -> str:
+    r, _, b = image.getpixel(xy)
+    return "red" if r > 200 and b < 60 else "blue" if b > 200 and r < 60 else f"neither {image.getpixel(xy)}"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decode_turns_the_way_the_exif_orientation_says(fmt: str) -> None:
+    """Orientation 6 turns the stored image clockwise (its left half ends on top), 8 anticlockwise (at the
+    bottom), 3 half a turn (on the right): a wrong direction would keep the size but move the colours."""
+    expected = {6: ((80, 160), "red", "blue"), 8: ((80, 160), "blue", "red"), 3: ((160, 80), "blue", "red")}
+    for orientation, (size, first, second) in expected.items():
+        image = decode_image(halves(orientation, fmt), 10**6, 100).image
+        assert image.size == size, orientation
+        corners = ((40, 20), (40, 140)) if size == (80, 160) else ((20, 40), (140, 40))  # top/bottom or left/right
+        assert [colour(image, xy) for xy in corners] == [first, second], orientation
+
+
+def test_decode_keeps_a_webp_as_stored_and_a_gif_first_frame() -> None:
+    webp = decode_image(halves(6, "WEBP"), 10**6, 100).image
+    assert webp.size == (160, 80) and [colour(webp, xy) for xy in ((20, 40), (140, 40))] == ["red", "blue"]
+    frame = decode_image(GIF, 10**6, 100).image
+    assert frame.size == (64, 48)
+    assert {frame.getpixel((x, y)) for x in range(0, 64, 7) for y in range(0, 48, 7)} == {(220, 30, 30)}
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decode_keeps_pillow_bomb_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
