@@ -222,7 +222,7 @@ async def regions_scaling(url: str, images: Images, counts: dict[str, Any], toke
         "ratio": float(np.median(times[32]) / np.median(times[1])),
         "mean_words_per_caption": {"one_box": words[1], "boxes_32": words[32]},
         "longest_caption_words_32": longest,
-        "batched": "caption_embeddings: all boxes of one request in one generate call (server/inference.py)",
+        "note": "how the server runs it, not a measurement: all boxes of one request in one caption_embeddings call",
     }
 
 
@@ -299,27 +299,38 @@ def make_model(script: str, path: Path) -> Path:
     return path
 
 
-def batching_limits(sweep: dict[str, Any], cores: int) -> str:
-    """Why batching gains little here, from the server's own timings: per-request work alone vs in a batch."""
+def hardware(machine_info: dict[str, Any]) -> str:
+    """What ran the model, for the limits notes: "2 CPU cores" or the GPU's name."""
+    if machine_info["device"] == "cpu":
+        return f"{machine_info['cpu_count']} CPU cores"
+    return machine_info["device_name"]
+
+
+def batching_limits(sweep: dict[str, Any], machine_info: dict[str, Any]) -> str:
+    """Where a request's server time goes alone vs in a batch (the server's own timings); on a CPU, why batching
+    gains little there."""
     alone, batched = sweep["clients"]["1"], sweep["clients"][str(BATCH_CLIENTS)]
     b = batched["mean_batch_size"]
     t1, tb = alone["server_timing_ms_median"], batched["server_timing_ms_median"]
+    on_cpu = machine_info["device"] == "cpu"
     return (
-        f"{cores} CPU cores, compute-bound. Server time per request alone vs at {BATCH_CLIENTS} clients (mean batch "
-        f"{b:.1f}): image decoding {t1['decode']:.0f} vs {tb['decode']:.0f} ms (per request, competing for the same "
-        f"cores), encoders {t1['encode']:.0f} vs {tb['encode'] / b:.0f} ms, caption {t1['caption']:.0f} vs "
-        f"{tb['caption'] / b:.0f} ms. Batching shares per-call overhead, not arithmetic; a GPU run is the real test"
+        f"{hardware(machine_info)}{', compute-bound' if on_cpu else ''}. Server time per request alone vs at "
+        f"{BATCH_CLIENTS} clients (mean batch {b:.1f}): image decoding {t1['decode']:.0f} vs {tb['decode']:.0f} ms "
+        f"(per request, on the CPU beside the batches), encoders {t1['encode']:.0f} vs {tb['encode'] / b:.0f} ms, "
+        f"caption {t1['caption']:.0f} vs {tb['caption'] / b:.0f} ms"
+        + (". Batching shares per-call overhead, not arithmetic; a GPU run is the real test" if on_cpu else "")
     )
 
 
-def regions_limits(regions: dict[str, Any]) -> str:
-    """Why 32 boxes cost more than 4 boxes' time although they run in one batched call."""
+def regions_limits(regions: dict[str, Any], machine_info: dict[str, Any]) -> str:
+    """Why 32 boxes cost more than one box's time although they run in one batched call."""
     one, many = (regions[k]["server_timing_ms_median"]["caption"] for k in ("one_box", "boxes_32"))
     return (
         f"the 32 boxes run as one batched call ({many:.0f} ms of model time, {many / 32:.1f} ms per box, vs {one:.0f} "
         "ms for one box), but each box still has its own prompt feature extractor pass over all the image's tokens, "
         f"T5 encoder pass and decoder row until the longest caption ({regions['longest_caption_words_32']} words) "
-        "ends; on a compute-bound CPU that work grows with the boxes, batching removes only per-call overhead"
+        f"ends, on {hardware(machine_info)}"
+        + ("; on a compute-bound CPU that work grows with the boxes" if machine_info["device"] == "cpu" else "")
     )
 
 
@@ -328,12 +339,13 @@ def speedups(cache: dict[str, Any]) -> str:
     return ", ".join(f"{kind} {c['speedup_median']:.2f}x" for kind, c in cache.items())
 
 
-def cache_limits(cache: dict[str, Any], tokens: int) -> str:
+def cache_limits(cache: dict[str, Any], tokens: int, machine_info: dict[str, Any]) -> str:
     """Why a cached prompt is not 5x faster: what the second prompt itself costs."""
     return "; ".join(
         f"{kind}: the encoders are {c['encode_ms_median']:.0f} of the first {c['first_ms_median']:.0f} ms, but the "
         f"prompt itself costs {c['second_ms_median']:.0f} ms"
-        + (f" (up to {tokens} random-weight tokens through T5-base on CPU)" if kind == "caption" else "")
+        + (f" (up to {tokens} random-weight tokens through T5-base)" if kind == "caption" else "")
+        + f", on {hardware(machine_info)}"
         for kind, c in cache.items()
         if c["speedup_median"] < CACHE_GOAL
     )
@@ -357,7 +369,7 @@ def report_default_model(
         f"mean batch {sweep['clients'][str(BATCH_CLIENTS)]['mean_batch_size']:.1f})",
         goal=f">= {BATCHING_GOAL:g}x",
         met=speedup >= BATCHING_GOAL,
-        limits=batching_limits(sweep, os.cpu_count() or 1),
+        limits=batching_limits(sweep, common["machine_info"]),
         **common,
     )
     print(f"{'endpoint':42s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s}")
@@ -383,7 +395,7 @@ def report_default_model(
         figure=f"{regions['ratio']:.2f}x ({regions['boxes_32']['p50_ms']:.0f} / {regions['one_box']['p50_ms']:.0f} ms)",
         goal=f"< {REGIONS_GOAL:g}x",
         met=regions["ratio"] < REGIONS_GOAL,
-        limits=regions_limits(regions),
+        limits=regions_limits(regions, common["machine_info"]),
         **common,
     )
 
@@ -446,7 +458,7 @@ def main() -> None:
         figure=figure + " (pixelllm-base, random weights)",
         goal=f">= {CACHE_GOAL:g}x",
         met=all(c["speedup_median"] >= CACHE_GOAL for c in cache.values()),  # in the default configuration
-        limits=cache_limits(cache, tokens),
+        limits=cache_limits(cache, tokens, machine_info),
         results_dir=args.results_dir,
     )
     print(f"{mode} run in {time.perf_counter() - started:.0f} s")

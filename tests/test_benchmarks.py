@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,37 @@ def test_quantize_int8_smallest_form(tmp_path: Path) -> None:
     assert result["summary"]["figure"].startswith("cached-image region caption, 4 tokens: tiny ")
     skipped = subprocess.run([*cmd[:2], "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert skipped.returncode == 0 and "runs on the CPU only" in skipped.stderr
+
+
+@pytest.mark.slow
+def test_service_bench_quick(tmp_path: Path) -> None:
+    """`service_bench.py --quick` end to end (real servers; pixelllm-base built with random weights): its four
+    result files, each figure recomputed from the measurements beside it."""
+    cmd = [sys.executable, "benchmarks/service_bench.py", "--quick", "--device", "cpu", "--max-new-tokens", "4"]
+    proc = subprocess.run(
+        [*cmd, "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1500
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(results) == {"batching_speedup", "latency", "regions_scaling", "cache_speedup"}
+    assert all(r["mode"] == "quick" and r["settings"]["max_new_tokens"] == 4 for r in results.values())
+
+    batching = results["batching_speedup"]
+    rps = {n: c["rps"] for n, c in batching["sweep"]["clients"].items()}
+    assert set(rps) == {"1", "4", "8", "16"} and all(v > 0 for v in rps.values())
+    assert batching["speedup"] == pytest.approx(rps["8"] / rps["1"])
+    assert batching["summary"]["met"] == (batching["speedup"] >= 3)
+    assert batching["summary"]["limits"].startswith(f"{os.cpu_count()} CPU cores, compute-bound.")
+
+    endpoints = results["latency"]["endpoints"]
+    assert {"POST /v1/caption", "POST /v1/localize (mask png)", "GET /healthz"} <= set(endpoints)
+    assert all(0 < e["p50_ms"] <= e["p95_ms"] for e in endpoints.values())
+
+    regions = results["regions_scaling"]
+    assert regions["ratio"] == pytest.approx(regions["boxes_32"]["p50_ms"] / regions["one_box"]["p50_ms"])
+
+    cache = results["cache_speedup"]
+    for prompts in (cache["prompts"], cache["prompts_quantize_int8"]):
+        for c in prompts.values():
+            assert c["second_ms_median"] < c["first_ms_median"] and c["encode_ms_median"] > 0
+    assert cache["summary"]["met"] == all(c["speedup_median"] >= 5 for c in cache["prompts"].values())
