@@ -100,7 +100,7 @@ clean:
 browser-deps:
 	@if (command -v chromium && command -v chromedriver) >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update && apt-get install -y chromium chromium-driver; \
-	else echo "chromium/chromedriver missing (install them as root on Debian): the browser tests will be skipped"; fi
+	else echo "chromium/chromedriver missing (install them as root on Debian): the browser tests will be skipped (fail where CI is set)"; fi
 
 # Container images (README "Docker"): podman where installed (no daemon needed), else docker.
 DOCKER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)

@@ -300,9 +300,9 @@ def make_model(script: str, path: Path) -> Path:
 
 
 def hardware(machine_info: dict[str, Any]) -> str:
-    """What ran the model, for the limits notes: "2 CPU cores" or the GPU's name."""
+    """What ran the model, for the limits notes: "2 CPU threads (of 2 cores)" or the GPU's name."""
     if machine_info["device"] == "cpu":
-        return f"{machine_info['cpu_count']} CPU cores"
+        return f"{machine_info['threads']} CPU threads (of {machine_info['cpu_count']} cores)"
     return machine_info["device_name"]
 
 

@@ -148,7 +148,7 @@ def test_service_bench_quick(tmp_path: Path) -> None:
     assert set(rps) == {"1", "4", "8", "16"} and all(v > 0 for v in rps.values())
     assert batching["speedup"] == pytest.approx(rps["8"] / rps["1"])
     assert batching["summary"]["met"] == (batching["speedup"] >= 3)
-    assert batching["summary"]["limits"].startswith(f"{os.cpu_count()} CPU cores, compute-bound.")
+    assert batching["summary"]["limits"].startswith(f"{os.cpu_count()} CPU threads (of {os.cpu_count()} cores), ")
 
     endpoints = results["latency"]["endpoints"]
     assert {"POST /v1/caption", "POST /v1/localize (mask png)", "GET /healthz"} <= set(endpoints)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -60,17 +61,26 @@ def test_zero_entries_disables_the_cache() -> None:
 
 
 def test_concurrent_puts_keep_the_byte_count_exact() -> None:
-    cache = EmbeddingCache(max_entries=7, max_bytes=10_000)
+    cache, errors = EmbeddingCache(max_entries=7, max_bytes=10_000), []
 
     def fill(offset: int) -> None:
-        for i in range(500):
-            cache.put(str((offset + i) % 23), Value(1 + (offset + i) % 5))
+        try:
+            for i in range(5000):
+                cache.put(str((offset + i) % 23), Value(1 + (offset + i) % 5))
+        except Exception as exc:  # noqa: BLE001 - a race shows as any error; the test reports it
+            errors.append(exc)
 
-    threads = [threading.Thread(target=fill, args=(n * 100,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often, inside `put` too
+    try:
+        threads = [threading.Thread(target=fill, args=(n * 100,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
     held = [cache.get(str(k)) for k in range(23)]
     assert len(cache) == 7 and cache.nbytes == sum(v.nbytes for v in held if v is not None)
 

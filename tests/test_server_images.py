@@ -126,35 +126,55 @@ def test_decode_converts_modes() -> None:
     assert decode_image(exif_turned("WEBP"), 10**6, 100).image.size == (160, 80)
 
 
-def halves(orientation: int, fmt: str) -> bytes:
-    """Stored 160x80, left half red and right half blue, with this EXIF orientation."""
-    image = Image.new("RGB", (160, 80), (0, 0, 255))
-    image.paste((255, 0, 0), (0, 0, 80, 80))
+QUADRANT_COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "white": (255, 255, 255)}
+STORED = np.array([["red", "blue"], ["green", "white"]])  # the stored image's quadrants, top row first
+# EXIF orientation -> how the viewer turns the stored image (the EXIF 2.3 table), as numpy does it to STORED
+VIEWED = {
+    1: lambda q: q,
+    2: np.fliplr,
+    3: lambda q: np.rot90(q, 2),
+    4: np.flipud,
+    5: lambda q: q.T,
+    6: lambda q: np.rot90(q, -1),  # clockwise
+    7: lambda q: np.rot90(q, 2).T,
+    8: lambda q: np.rot90(q, 1),  # anticlockwise
+}
+
+
+def quadrants(orientation: int, fmt: str) -> bytes:
+    """Stored 160x80 in four coloured quadrants (`STORED`), with this EXIF orientation."""
+    image = Image.new("RGB", (160, 80))
+    for (row, col), name in np.ndenumerate(STORED):
+        image.paste(QUADRANT_COLOURS[name], (col * 80, row * 40, col * 80 + 80, row * 40 + 40))
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(image, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
 
 
-def colour(image: Image.Image, xy: tuple[int, int]) -> str:
-    r, _, b = image.getpixel(xy)
-    return "red" if r > 200 and b < 60 else "blue" if b > 200 and r < 60 else f"neither {image.getpixel(xy)}"
+def seen_quadrants(image: Image.Image) -> np.ndarray:
+    """The colour names at the centres of the image's four quadrants, top row first."""
+    w, h = image.size
+
+    def name(xy: tuple[int, int]) -> str:
+        pixel = np.array(image.getpixel(xy))
+        return min(QUADRANT_COLOURS, key=lambda c: np.abs(pixel - QUADRANT_COLOURS[c]).sum())
+
+    return np.array([[name((w // 4 + c * w // 2, h // 4 + r * h // 2)) for c in (0, 1)] for r in (0, 1)])
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_decode_turns_the_way_the_exif_orientation_says(fmt: str) -> None:
-    """Orientation 6 turns the stored image clockwise (its left half ends on top), 8 anticlockwise (at the
-    bottom), 3 half a turn (on the right): a wrong direction would keep the size but move the colours."""
-    expected = {6: ((80, 160), "red", "blue"), 8: ((80, 160), "blue", "red"), 3: ((160, 80), "blue", "red")}
-    for orientation, (size, first, second) in expected.items():
-        image = decode_image(halves(orientation, fmt), 10**6, 100).image
-        assert image.size == size, orientation
-        corners = ((40, 20), (40, 140)) if size == (80, 160) else ((20, 40), (140, 40))  # top/bottom or left/right
-        assert [colour(image, xy) for xy in corners] == [first, second], orientation
+@pytest.mark.parametrize("orientation", list(VIEWED))
+def test_decode_turns_the_way_the_exif_orientation_says(fmt: str, orientation: int) -> None:
+    """Every orientation, mirrored ones included: a wrong turn or flip keeps the size but moves the colours."""
+    image = decode_image(quadrants(orientation, fmt), 10**6, 100).image
+    expected = VIEWED[orientation](STORED)
+    assert image.size == ((160, 80) if orientation < 5 else (80, 160))
+    assert seen_quadrants(image).tolist() == expected.tolist()
 
 
 def test_decode_keeps_a_webp_as_stored_and_a_gif_first_frame() -> None:
-    webp = decode_image(halves(6, "WEBP"), 10**6, 100).image
-    assert webp.size == (160, 80) and [colour(webp, xy) for xy in ((20, 40), (140, 40))] == ["red", "blue"]
+    webp = decode_image(quadrants(6, "WEBP"), 10**6, 100).image
+    assert webp.size == (160, 80) and seen_quadrants(webp).tolist() == STORED.tolist()
     frame = decode_image(GIF, 10**6, 100).image
     assert frame.size == (64, 48)
     assert {frame.getpixel((x, y)) for x in range(0, 64, 7) for y in range(0, 48, 7)} == {(220, 30, 30)}
