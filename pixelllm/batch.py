@@ -82,7 +82,8 @@ class Item:
 
 @dataclass(frozen=True)
 class Options:
-    """How to talk to the service. `retries` are extra attempts on 429/502/503/504 and connection errors."""
+    """How to talk to the service. `retries` are extra attempts on 429/502/503/504 (but not 503 `load_failed`) and
+    connection errors."""
 
     server: str = "http://127.0.0.1:8000"
     concurrency: int = 8
@@ -404,8 +405,8 @@ class _Session:
                 wait = retry_delay(attempt, None, self.options, self.rng)
                 logger.info("%s %s: %s; retrying in %.2f s", method, url, type(e).__name__, wait)
             else:
-                if response.status_code not in RETRY_STATUSES or last:
-                    return response, attempt + 1
+                if response.status_code not in RETRY_STATUSES or last or _error(response)[0] == "load_failed":
+                    return response, attempt + 1  # a model that failed to load will not load on a retry
                 wait = retry_delay(attempt, retry_after_s(response.headers.get("retry-after")), self.options, self.rng)
                 logger.info("%s %s: %d; retrying in %.2f s", method, url, response.status_code, wait)
             self.retries += 1

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve import Application
 
 from .app import create_app, serving_settings
-from .batching import process_each
+from .batching import BatcherClosed, process_each
 from .inference import Job, JobResult
 from .service import Engine
 from .settings import Settings
@@ -46,6 +46,7 @@ class ServeBatcher:
     ) -> None:
         self.process, self.on_batch = process, on_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixelllm-batch")
+        self._closed = False
         self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=max_wait_s)(self.run_batch)
 
     async def run_batch(self, jobs: list[Job]) -> list[JobResult | BaseException]:
@@ -56,14 +57,18 @@ class ServeBatcher:
         return results
 
     async def submit(self, job: Job) -> JobResult:
-        """`job`'s result; a caller cancelled before its batch starts is left out of the batch."""
+        """`job`'s result; a caller cancelled before its batch starts is left out of the batch. Raises
+        `BatcherClosed` after `close`."""
+        if self._closed:
+            raise BatcherClosed
         result = await self._batched(job)
         if isinstance(result, BaseException):
             raise result
         return result
 
     async def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the worker thread; Ray Serve drains a replica's requests before it stops the replica."""
+        """Refuse new jobs and stop the worker thread; Ray Serve drains a replica's requests before it stops it."""
+        self._closed = True
         self._executor.shutdown(wait=False)
 
 

@@ -43,7 +43,10 @@ ERRORS = {
     422: {"model": ErrorResponse, "description": "Invalid field or corrupt image; the message names the field"},
     429: {"model": ErrorResponse, "description": "Queue full or the key's rate limit reached; see Retry-After"},
     500: {"model": ErrorResponse, "description": "The model failed on this request (code model_error)"},
-    503: {"model": ErrorResponse, "description": "Model not loaded yet or shutting down; see Retry-After"},
+    503: {
+        "model": ErrorResponse,
+        "description": "Model still loading or shutting down (see Retry-After), or it failed to load (load_failed)",
+    },
     504: {"model": ErrorResponse, "description": "No answer within the request timeout"},
 }
 

@@ -8,16 +8,19 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from email.utils import formatdate
 from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import GRACEFUL, ROOT, free_port, metric, png, start_server
+import uvicorn
+from server_helpers import GRACEFUL, ROOT, free_port, metric, png, start_server, wait_for
 
 from pixelllm.batch import BatchError, Options, discover, recover, retry_after_s, retry_delay, run_batch
 from pixelllm.cli import main
+from server import Settings, create_app
 from server.security import hash_key
 
 pytest_plugins = ["server_fixtures"]
@@ -252,6 +255,32 @@ def test_files_whose_paths_make_one_id_are_refused_on_every_run(service, tmp_pat
         (error,) = read_jsonl(tmp_path / "out.errors.jsonl")
         assert error["id"] == "a_b.png" and error["error"]["code"] == "duplicate_id"
     assert [r["id"] for r in read_jsonl(out)] == ["a_b.png"]
+
+
+def test_a_model_that_failed_to_load_is_not_retried(tmp_path: Path, images: Path, random_tiny_dir: Path) -> None:
+    """An app whose weights do not load, under uvicorn in this process (`pixelllm serve` itself would exit): the
+    client stops at once with the reason instead of retrying a 503 that retrying cannot fix."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((random_tiny_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Settings(model=str(broken))), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: server.started and httpx.get(f"{url}/healthz").status_code == 503, timeout_s=60)
+        items, refused = discover(str(images))
+        start = time.monotonic()
+        with pytest.raises(BatchError, match="not ready: load_failed: the model failed to load"):
+            run_batch(
+                items, refused, tmp_path / "o.jsonl", tmp_path / "e.jsonl", Options(url, retries=5, progress=False)
+            )
+        assert time.monotonic() - start < 0.5  # a retry would wait at least backoff_s (0.5 s)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def test_errors_that_stop_the_batch_exit_2(tmp_path: Path, images: Path, capsys) -> None:

@@ -131,6 +131,7 @@ def test_a_replica_runs_every_batch_on_one_thread() -> None:
     """Torch work stays on one long-lived thread (`server.threads`): `ServeBatcher` keeps its own worker."""
     import threading
 
+    from server.batching import BatcherClosed
     from server.ray_app import ServeBatcher
 
     threads: list[threading.Thread] = []
@@ -144,6 +145,8 @@ def test_a_replica_runs_every_batch_on_one_thread() -> None:
         batcher = ServeBatcher(process, max_batch_size=4, max_wait_s=0.01, on_batch=lambda size, seconds: None)
         results = [await batcher.run_batch([1, 2]), await batcher.run_batch([3])]
         await batcher.close()
+        with pytest.raises(BatcherClosed):  # the service answers 503 shutting_down
+            await batcher.submit(4)
         return results, other
 
     results, shared_pool_thread = asyncio.run(main())
