@@ -99,14 +99,15 @@ def caption(client: httpx.Client, image: bytes) -> dict:
 
 
 def test_server_keeps_the_two_most_recent_images(two_entry_service) -> None:
-    """PIXELLLM_CACHE_ENTRIES=2: after images A, B, C, A was evicted (encoded again), C is still a hit."""
+    """PIXELLLM_CACHE_ENTRIES=2, images A, B, A, C: C evicts B, the least recently used (first in, first out would
+    evict A), so A is still a hit and B is encoded again."""
     a, b, c = (png(96, 64, seed=70 + i) for i in range(3))
     with httpx.Client(base_url=two_entry_service.url, timeout=60) as client:
-        hits = [caption(client, image)["cache_hit"] for image in (a, b, c, c, a)]
+        hits = [caption(client, image)["cache_hit"] for image in (a, b, a, c, a, b)]
         text = client.get("/metrics").text
-    assert hits == [False, False, False, True, False]
+    assert hits == [False, False, True, False, True, False]
     assert metric(text, "pixelllm_cache_entries") == 2
-    assert metric(text, "pixelllm_cache_hits_total") == 1 and metric(text, "pixelllm_cache_misses_total") == 4
+    assert metric(text, "pixelllm_cache_hits_total") == 2 and metric(text, "pixelllm_cache_misses_total") == 4
 
 
 def test_server_with_cache_off_encodes_every_time(unbatched_service) -> None:
