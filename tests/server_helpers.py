@@ -74,18 +74,19 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
+    def wait_ready(self, timeout_s: float = 180.0, path: str = "/readyz") -> None:
+        """Poll until `path` answers 200 (by default: the model is loaded); raise if the server exits first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.log()[-4000:]}")
+        raise TimeoutError(f"{path} not 200 after {timeout_s}s:\n{self.log()[-4000:]}")
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
@@ -116,6 +117,14 @@ def start_server(tmp_path_factory: Any, model_dir: Path, **settings: object) -> 
         server.stop()
         raise
     return server
+
+
+def broken_model_dir(directory: Path, like: Path) -> Path:
+    """A model directory with `like`'s config and weights that are not safetensors: it fails to load."""
+    directory.mkdir()
+    (directory / "config.json").write_text((like / "config.json").read_text())
+    (directory / "model.safetensors").write_bytes(b"not safetensors")
+    return directory
 
 
 def random_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:

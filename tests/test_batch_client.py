@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from server_helpers import GRACEFUL, ROOT, free_port, metric, png, start_server, wait_for
+from server_helpers import GRACEFUL, ROOT, broken_model_dir, free_port, metric, png, start_server, wait_for
 
 from pixelllm.batch import BatchError, Options, discover, recover, retry_after_s, retry_delay, run_batch
 from pixelllm.cli import main
@@ -260,10 +260,7 @@ def test_files_whose_paths_make_one_id_are_refused_on_every_run(service, tmp_pat
 def test_a_model_that_failed_to_load_is_not_retried(tmp_path: Path, images: Path, random_tiny_dir: Path) -> None:
     """An app whose weights do not load, under uvicorn in this process (`pixelllm serve` itself would exit): the
     client stops at once with the reason instead of retrying a 503 that retrying cannot fix."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((random_tiny_dir / "config.json").read_text())
-    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    broken = broken_model_dir(tmp_path / "broken", like=random_tiny_dir)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(Settings(model=str(broken))), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run)

@@ -10,7 +10,17 @@ import time
 
 import httpx
 import pytest
-from server_helpers import GRACEFUL, ServerProcess, assert_error, metric, png, settings_env, start_server, wait_for
+from server_helpers import (
+    GRACEFUL,
+    ServerProcess,
+    assert_error,
+    broken_model_dir,
+    metric,
+    png,
+    settings_env,
+    start_server,
+    wait_for,
+)
 from starlette.testclient import TestClient
 
 from server import Settings, StartupError, create_app, run
@@ -49,7 +59,7 @@ def test_loading_server_answers_503_not_ready(tmp_path, random_tiny_dir) -> None
     env = settings_env(random_tiny_dir, debug_load_delay_ms=4000)
     server = ServerProcess(env, tmp_path / "server.log")
     try:
-        wait_for(lambda: _answers(f"{server.url}/healthz"), timeout_s=120)
+        server.wait_ready(timeout_s=120, path="/healthz")  # live, the model held back
         with httpx.Client(base_url=server.url, timeout=30) as client:
             assert client.get("/healthz").json() == {"status": "ok", "model": None}
             for r in (
@@ -65,13 +75,6 @@ def test_loading_server_answers_503_not_ready(tmp_path, random_tiny_dir) -> None
             assert answer.status_code == 200, answer.text
     finally:
         assert server.stop() in GRACEFUL, server.log()[-4000:]
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_not_ready_is_503() -> None:
@@ -95,10 +98,7 @@ def test_not_ready_is_503() -> None:
 
 def test_model_that_fails_to_load(tmp_path, random_tiny_dir) -> None:
     """Weights that do not load: not ready, and not live either, so an orchestrator restarts it."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((random_tiny_dir / "config.json").read_text())
-    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    broken = broken_model_dir(tmp_path / "broken", like=random_tiny_dir)
     with TestClient(create_app(Settings(model=str(broken)))) as client:
         deadline = time.monotonic() + 60
         while client.get("/healthz").status_code == 200 and time.monotonic() < deadline:
