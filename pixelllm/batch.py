@@ -172,11 +172,18 @@ def discover(
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         found = _from_files(files, Path(root) if root else path, allow_outside_root, text)
     elif path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            raise BatchError(
+                f"{source} is an image: give a folder, a quoted glob or a JSONL manifest of images "
+                f"(`pixelllm caption {source}` captions one image)"
+            )
         if text:
             raise BatchError("a text is for a folder or a glob; in a manifest, give each entry its own 'text'")
         found = _from_manifest(path, Path(root) if root else path.parent, allow_outside_root)
     elif glob.has_magic(source):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        if not files:
+            raise BatchError(f"nothing to send: no file matches {source}")
         fixed = takewhile(lambda part: not glob.has_magic(part), Path(source).parts)
         found = _from_files(files, Path(root) if root else Path(*fixed), allow_outside_root, text)
     else:
@@ -333,30 +340,60 @@ class JsonlWriter:
         self.close()
 
 
-def recover(path: Path) -> set[str]:
-    """The ids already in an output JSONL, after truncating the file to its last complete line."""
-    if not path.exists():
-        return set()
+RESULT_KEYS = ("id", "task", "image", "result")
+ERROR_KEYS = ("id", "error")
+RECORD_START = b'{"id": '  # how `JsonlWriter` starts every record, so a torn last line starts so too
+
+
+def _scan(path: Path, keys: tuple[str, ...], kind: str) -> tuple[set[str], int]:
+    """The ids of a JSONL file of `kind` ("a results", "an errors") records, objects with `keys`, that this client
+    wrote, and the length of its complete lines. Raises `BatchError`, and leaves the file as it is, if it holds anything else."""
     done, end = set(), 0
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
+                if not (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+                    raise BatchError(
+                        f"{path} is not {kind} file of pixelllm batch (its last line is not a record); "
+                        "give another file: this one is left as it is"
+                    )
                 break
             end += len(line)
             if not line.strip():
                 continue
             try:
-                done.add(str(json.loads(line)["id"]))
-            except (ValueError, KeyError, TypeError) as e:
+                record = json.loads(line)
+            except ValueError as e:
+                reason = f"{type(e).__name__}: {e}"
+            else:
+                missing = [key for key in keys if key not in record] if isinstance(record, dict) else None
+                reason = "not a JSON object" if missing is None else f"no {', '.join(missing)}" if missing else ""
+            if reason:
                 raise BatchError(
-                    f"{path} line {n} is not a result record ({type(e).__name__}: {e}); "
-                    "remove that line, or write to another output"
-                ) from None
+                    f"{path} line {n} is not {kind} record ({reason}); remove that line, or give another file: "
+                    "this one is left as it is"
+                )
+            done.add(str(record["id"]))
+    return done, end
+
+
+def recover(path: Path) -> set[str]:
+    """The ids already in an output JSONL, after truncating the file to its last complete line. Raises
+    `BatchError` for a file that is not such an output (a manifest, an image, notes given by mistake)."""
+    if not path.exists():
+        return set()
+    done, end = _scan(path, RESULT_KEYS, "a results")
     size = path.stat().st_size
     if end < size:
         logger.warning("%s: cutting off a torn last line (%d bytes) left by an interrupted run", path, size - end)
         os.truncate(path, end)
     return done
+
+
+def check_errors_file(path: Path) -> None:
+    """Raise `BatchError` unless `path`, which a run rewrites, is absent, empty or an errors JSONL of this client."""
+    if path.exists() and path.stat().st_size:
+        _scan(path, ERROR_KEYS, "an errors")
 
 
 # ---- requests ---------------------------------------------------------------------------------------------
@@ -482,6 +519,7 @@ async def _run(
     items: list[Item], refused: list[dict[str, Any]], output: Path, errors: Path, options: Options
 ) -> Summary:
     start = time.perf_counter()
+    check_errors_file(errors)
     done = recover(output)
     todo = [item for item in items if item.id not in done]
     # a refused entry whose id is done has nothing to do, unless it was refused for that id: it is another image

@@ -246,6 +246,12 @@ def cmd_api_key(args) -> None:
 def cmd_batch(args) -> int:
     from .batch import BatchError, Options, default_errors_path, discover, run_batch
 
+    if len(args.input) > 1:  # an unquoted glob, expanded by the shell
+        shown = " ".join(args.input[:3]) + (" ..." if len(args.input) > 3 else "")
+        raise CLIError(
+            f"give one input, got {len(args.input)} ({shown}): quote a glob, as in 'imgs/*.jpg', so that the "
+            "shell does not expand it"
+        )
     output = Path(args.output)
     errors = Path(args.errors) if args.errors else default_errors_path(output)
     try:
@@ -257,7 +263,7 @@ def cmd_batch(args) -> int:
             progress=not args.no_progress,
             api_key=os.environ.get("PIXELLLM_API_KEY") or None,
         )
-        items, refused = discover(args.input, args.root, args.allow_outside_root, args.text)
+        items, refused = discover(args.input[0], args.root, args.allow_outside_root, args.text)
         summary = run_batch(items, refused, output, errors, options)
     except BatchError as e:
         raise CLIError(str(e)) from None
@@ -413,9 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "batch",
         help="send a folder, glob or JSONL manifest of images to the service; results JSONL keyed by id, resumable",
-        description="Exit codes: 0 all done, 1 some entries failed (see the errors file), 2 the batch could not run.",
+        description="Exit codes: 0 all done, 1 some entries failed (see the errors file), 2 the batch could not run, "
+        "130 interrupted (Ctrl-C; a rerun resumes).",
     )
-    p.add_argument("input", help="a folder of images, a quoted glob ('imgs/**/*.png') or a JSONL manifest")
+    p.add_argument("input", nargs="+", help="a folder of images, a quoted glob ('imgs/**/*.png') or a JSONL manifest")
     p.add_argument("-o", "--output", required=True, help="results JSONL; a rerun skips the ids already in it")
     p.add_argument("--errors", help="failures JSONL, rewritten each run (default: OUTPUT with .errors.jsonl)")
     p.add_argument("--server", default="http://127.0.0.1:8000", help="service URL (default: %(default)s)")
@@ -424,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outside-root", action="store_true", help="read images anywhere the manifest points")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=5, help="retries on 429/502/503/504 and connection errors")
+    p.add_argument(
+        "--retries", type=int, default=5, help="retries on 429/502/503/504 and connection errors (default: %(default)s)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.epilog = "A service with API keys: export PIXELLLM_API_KEY=<key> (sent as Authorization: Bearer)."
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

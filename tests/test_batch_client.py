@@ -291,9 +291,55 @@ def test_errors_that_stop_the_batch_exit_2(tmp_path: Path, images: Path, capsys)
     code, _, err = batch(capsys, str(images), "-o", str(tmp_path / "o.jsonl"), "--server", server, "--retries", "1")
     assert code == 2 and "cannot reach the service" in err
     corrupt = tmp_path / "corrupt.jsonl"
-    corrupt.write_text('{"id": "a"}\nnot a record\n')
+    corrupt.write_text(RESULT_LINE + "not a record\n")
     code, _, err = batch(capsys, str(images), "-o", str(corrupt))
-    assert code == 2 and "line 2 is not a result record" in err
+    assert code == 2 and "line 2 is not a results record" in err
+    code, _, err = batch(capsys, str(images / IDS[0]), "-o", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "is an image: give a folder, a quoted glob or a JSONL manifest" in err
+    code, _, err = batch(capsys, str(images / IDS[0]), str(images / IDS[1]), "-o", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "give one input, got 2" in err and "quote a glob" in err
+
+
+RESULT_LINE = '{"id": "a", "task": "caption", "image": "a.png", "result": {}}\n'
+ERROR_LINE = '{"id": "b", "image": "b.png", "status": 415, "attempts": 1, "error": {"code": "c", "message": "m"}}\n'
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"important notes, no newline",
+        b'{"id": "m1", "image": "imgs/cat.png"}\n{"id": "m2", "image": "imgs/dog.png"}\n',  # a manifest
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+        RESULT_LINE.encode() + b"notes\n",
+        RESULT_LINE.encode() + b"a torn line that is no record",
+    ],
+    ids=["notes", "manifest", "png", "results-then-notes", "results-then-other-tail"],
+)
+@pytest.mark.parametrize("as_errors", [False, True], ids=["output", "errors"])
+def test_a_file_given_by_mistake_is_left_as_it_is(
+    tmp_path: Path, images: Path, capsys, content: bytes, as_errors: bool
+) -> None:
+    """Neither the output (appended to, torn line cut) nor the errors file (rewritten) may be anything but a
+    file of this client: the batch exits 2 before touching it, or the other one, or the service."""
+    given, other = tmp_path / "given.txt", tmp_path / "other.jsonl"
+    given.write_bytes(content)
+    other_line = ERROR_LINE if not as_errors else RESULT_LINE  # valid for its role: only `given` is refused
+    other.write_text(other_line)
+    output, errors = (other, given) if as_errors else (given, other)
+    server = f"http://127.0.0.1:{free_port()}"  # nothing listens: a batch that got as far as sending fails else
+    code, _, err = batch(capsys, str(images), "-o", str(output), "--errors", str(errors), "--server", server)
+    assert code == 2, err
+    assert f"{given} " in err and ("an errors" if as_errors else "a results") in err and "left as it is" in err
+    assert given.read_bytes() == content and other.read_text() == other_line
+
+
+def test_the_input_manifest_as_output_is_refused(tmp_path: Path, images: Path, capsys) -> None:
+    manifest = tmp_path / "m.jsonl"
+    text = "".join(json.dumps({"id": i, "image": str(images / i)}) + "\n" for i in IDS[:3])
+    manifest.write_text(text)
+    code, _, err = batch(capsys, str(manifest), "-o", str(manifest), "--allow-outside-root")
+    assert code == 2 and "line 1 is not a results record (no task, result)" in err
+    assert manifest.read_text() == text
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
@@ -306,13 +352,16 @@ def test_a_failed_write_names_its_file(tmp_path: Path, capsys) -> None:
 
 def test_recover_cuts_only_a_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
-    path.write_bytes(b'{"id": "a"}\n\n{"id": 2}\n{"id": "c", "res')
-    assert recover(path) == {"a", "2"}
-    assert path.read_bytes() == b'{"id": "a"}\n\n{"id": 2}\n'
+    second = b'{"id": 2, "task": "localize", "image": "b.png", "result": {}}\n'
+    for torn in (b'{"id": "c", "res', b'{"i', b"{"):
+        path.write_bytes(RESULT_LINE.encode() + b"\n" + second + torn)
+        assert recover(path) == {"a", "2"}
+        assert path.read_bytes() == RESULT_LINE.encode() + b"\n" + second
     assert recover(tmp_path / "absent.jsonl") == set()
-    path.write_bytes(b'{"id": "a"}\n[1]\n')
-    with pytest.raises(BatchError, match="line 2"):
-        recover(path)
+    for line, reason in (b"[1]", "not a JSON object"), (b'"id task image result"', "not a JSON object"):
+        path.write_bytes(RESULT_LINE.encode() + line + b"\n")
+        with pytest.raises(BatchError, match=f"line 2 is not a results record \\({reason}\\)"):
+            recover(path)
 
 
 def test_retry_delay_honors_retry_after_with_jitter() -> None:
