@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,9 +21,11 @@ R = TypeVar("R")
 
 
 def in_new_thread(fn: Callable[..., R], *args: object, name: str) -> asyncio.Future[R]:
-    """`fn(*args)` in a new thread named `name`; the future (of the running loop) gets its result or exception.
-    Cancelling the future does not stop the thread, and the interpreter waits for the thread at exit."""
+    """`fn(*args)` in a new thread named `name`, in a copy of the caller's context (its request ID for the log, as
+    `asyncio.to_thread`); the future (of the running loop) gets its result or exception. Cancelling the future
+    does not stop the thread, and the interpreter waits for the thread at exit."""
     loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
     future: asyncio.Future[R] = loop.create_future()
 
     def settle(error: BaseException | None, value: R | None) -> None:
@@ -35,7 +38,7 @@ def in_new_thread(fn: Callable[..., R], *args: object, name: str) -> asyncio.Fut
 
     def run() -> None:
         try:
-            value, error = fn(*args), None
+            value, error = context.run(fn, *args), None
         except StopIteration as exc:  # a future cannot hold one
             value, error = None, RuntimeError(f"{getattr(fn, '__name__', fn)} raised StopIteration")
             error.__cause__ = exc

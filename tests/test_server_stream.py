@@ -177,7 +177,8 @@ def test_client_disconnect_stops_the_decoding(slow_stream_service, client: httpx
     before = slow_metrics(slow_stream_service)
     with httpx.Client(base_url=slow_stream_service.url, timeout=30) as c:
         started = time.monotonic()
-        with c.stream("POST", "/v1/caption", params={"stream": "true"}, files={"image": SAMPLE}) as r:
+        headers = {"X-Request-ID": "stream-left-early"}
+        with c.stream("POST", "/v1/caption", params={"stream": "true"}, files={"image": SAMPLE}, headers=headers) as r:
             answer = events(r.iter_lines())  # (dropping this generator would close the connection)
             kind, first = next(answer)
             assert kind == "word" and first["text"] == words[0]["text"]
@@ -190,7 +191,7 @@ def test_client_disconnect_stops_the_decoding(slow_stream_service, client: httpx
         assert metric(after, name, **labels) == metric(before, name, **labels) + 1, name  # counted as 499, not 200
     assert metric(after, "pixelllm_requests_total", **DONE) == metric(before, "pixelllm_requests_total", **DONE)
     log = slow_stream_service.log()
-    assert "streamed caption cancelled: the client left" in log
+    assert "[stream-left-early] streamed caption cancelled: the client left" in log  # logged in the decoding thread
     assert re.search(r"POST /v1/caption 499 ", log), log[-2000:]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import threading
 import time
 
@@ -38,6 +39,18 @@ def test_result_comes_from_a_thread_of_its_own_that_then_ends() -> None:
     name, value = asyncio.run(main())
     assert (name, value) == ("test-worker", 42)
     wait_gone("test-worker")
+
+
+def test_the_thread_runs_in_the_callers_context() -> None:
+    """As `asyncio.to_thread`: a request's context variables (its ID in every log line) reach the thread."""
+    variable: contextvars.ContextVar[str] = contextvars.ContextVar("variable", default="unset")
+
+    async def main() -> str:
+        variable.set("the caller's")
+        return await in_new_thread(variable.get, name="test-context")
+
+    assert asyncio.run(main()) == "the caller's"
+    assert variable.get() == "unset"
 
 
 def test_exception_reaches_the_awaiting_coroutine() -> None:
