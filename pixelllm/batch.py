@@ -251,7 +251,10 @@ def parse_entry(entry: Any, base: Path, root: Path, allow_outside_root: bool = F
         raise ItemError("invalid_id", "id: required, a string or an integer")
     id = str(id)
     if id != sanitize_id(id):
-        raise ItemError("invalid_id", f"id {id!r} is not a safe file name: use letters, digits, '.', '_', '-'")
+        raise ItemError(
+            "invalid_id",
+            f"id {id!r} is not a safe file name: use letters, digits, '.', '_', '-', not starting with '.'",
+        )
     image = entry.get("image")
     if not isinstance(image, str) or not image:
         raise ItemError("invalid_entry", "image: required, a file path")

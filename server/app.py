@@ -54,6 +54,12 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
     install_error_handlers(app)
     install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON, DenseJSON])
     if settings.debug_fail_rate > 0:  # inside the body limit, so a refused request's body is read
+        logger.warning(
+            "PIXELLLM_DEBUG_FAIL_RATE=%g: that fraction of /v1 requests is answered %s on purpose (for tests of "
+            "clients only: never set it in production)",
+            settings.debug_fail_rate,
+            " or ".join(map(str, settings.debug_fail_statuses)),
+        )
         app.add_middleware(
             FaultInjectionMiddleware, rate=settings.debug_fail_rate, statuses=settings.debug_fail_statuses
         )

@@ -19,17 +19,26 @@ P = TypeVar("P", bound=BaseModel)
 MAX_FIELD_BYTES = 64 << 10
 LIST_FIELDS = {"text", "boxes", "points", "texts"}
 COORDS = {"box": 4, "boxes": 4, "point": 2, "points": 2}
+_DIGITS = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 # One multipart coordinate, spaces around it allowed ("200, 110"); the OpenAPI patterns are made of it
-NUMBER = r"[ \t]*\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*"
+NUMBER = rf"[ \t]*\+?{_DIGITS}[ \t]*"
 _NUMBER = re.compile(NUMBER)
+_NEGATIVE = re.compile(rf"[ \t]*-{_DIGITS}[ \t]*")  # out of range, not badly written: said as JSON's is
 
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, params_model: type[P], json_model: type[P], max_fields: int) -> tuple[bytes, P]:
-    """The image bytes and the parameters; `json_model` is `params_model` plus a base64 `image`."""
+async def read_body(
+    request: Request, params_model: type[P], json_model: type[P], max_fields: int, query: tuple[str, ...] = ()
+) -> tuple[bytes, P]:
+    """The image bytes and the parameters; `json_model` is `params_model` plus a base64 `image`. A query
+    parameter not in `query` is a 422, as an unknown body field is (one that did nothing would go unnoticed)."""
+    for name in request.query_params:
+        if name not in query:
+            takes = f"only {', '.join(query)}" if query else "none"
+            raise invalid(name, f"unknown query parameter (this endpoint takes {takes}); parameters go in the body")
     kind = media_type(request)
     if kind == "application/json":
         try:
@@ -66,6 +75,8 @@ async def _read_form(request: Request, params_model: type[P], max_fields: int) -
                 raise invalid("image", "give exactly one image")
             image = await values[0].read() if isinstance(values[0], UploadFile) else values[0].encode()
             continue
+        if name not in params_model.model_fields:
+            raise invalid(name, f"unknown field (fields: image, {', '.join(params_model.model_fields)})")
         if any(isinstance(v, UploadFile) for v in values):
             raise invalid(name, "must be a text field, not a file")
         parsed = [_parse_field(name, v, f"{name}.{i}" if name in LIST_FIELDS else name) for i, v in enumerate(values)]
@@ -75,6 +86,8 @@ async def _read_form(request: Request, params_model: type[P], max_fields: int) -
             raise invalid(name, "give one value")
         else:
             fields[name] = parsed[0]
+    if not form:  # python-multipart drops a part whose closing boundary never came
+        raise ApiError(422, "invalid_body", "malformed multipart body: no complete part (is it cut short?)")
     if image is None:
         raise invalid("image", "field required")
     try:
@@ -90,6 +103,10 @@ def _parse_field(name: str, value: str, label: str) -> Any:
         return value
     keys = ("x0", "y0", "x1", "y1") if COORDS[name] == 4 else ("x", "y")
     parts = value.split(",")
+    if len(parts) == len(keys):
+        for key, part in zip(keys, parts):
+            if _NEGATIVE.fullmatch(part):
+                raise invalid(f"{label}.{key}", f"Input should be greater than or equal to 0, got {part.strip()}")
     numbers = [float(p) for p in parts] if all(_NUMBER.fullmatch(p) for p in parts) else []
     if len(numbers) != len(keys) or not all(math.isfinite(n) for n in numbers):
         raise invalid(

@@ -90,7 +90,7 @@ async def caption(
 ) -> Response:
     """Caption the image, or the region given by `box` or `point`; every word comes with a point and box."""
     engine = _engine(request)
-    data, params = await read_body(request, CaptionParams, CaptionJSON, _max_fields(engine))
+    data, params = await read_body(request, CaptionParams, CaptionJSON, _max_fields(engine), query=("stream",))
     if stream or params.stream:
         return await caption_stream(engine, request, data, params)
     return await service.caption(engine, request, data, params)

@@ -103,6 +103,7 @@ def test_retries_429_and_503_until_every_record_arrives(flaky_service, images: P
     assert summary.retries == injected["429"] + injected["503"]  # each injected failure retried once, no more
     assert requests_total(url, "/v1/caption", "200") - before["200"] == N
     assert summary.elapsed_s >= 1.0  # a retry waits for Retry-After: 1
+    assert "WARNING server.app [-] PIXELLLM_DEBUG_FAIL_RATE=0.3: that fraction of /v1 requests" in flaky_service.log()
 
 
 def test_api_key_from_the_environment(
