@@ -93,8 +93,9 @@ def _t5_shape(t5) -> dict:
 def load_model(
     name_or_path: str | Path, device: str | torch.device | None = None, quantize: str = "none", **checkpoints
 ) -> PixelLLM:
-    """A saved model directory (`PixelLLM.from_pretrained`) or anything `build_pixelllm` takes; `quantize` "int8"
-    gives it an int8 language model (`PixelLLM.quantize_language_model`)."""
+    """A model to answer with: a saved model directory (`PixelLLM.from_pretrained`) or anything `build_pixelllm`
+    takes that has a tokenizer (its own, or `t5_path`'s); `quantize` "int8" gives it an int8 language model
+    (`PixelLLM.quantize_language_model`)."""
     from .checkpoints import from_pretrained
 
     if quantize not in ("none", "int8"):
@@ -105,6 +106,11 @@ def load_model(
     elif path.is_file() and (hint := model_path_hint(path)):  # e.g. a model directory's config: random weights
         raise ValueError(f"{path} is not a model to load{hint}")
     else:
+        if not checkpoints.get("t5_path") and default_tokenizer(load_config(name_or_path)) is None:
+            raise ValueError(
+                f"{name_or_path} ships no tokenizer, so it cannot read texts or write captions: give it its "
+                "Flan-T5 (t5_path; the service: PIXELLLM_T5_PATH), or give a saved model directory"
+            )
         model = build_pixelllm(name_or_path, device=device, **checkpoints)
         if not any(checkpoints.values()):
             log.warning(

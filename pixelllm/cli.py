@@ -212,7 +212,10 @@ def cmd_serve(args) -> None:
     try:
         settings = Settings()
     except ValidationError as e:
-        problems = "; ".join(f"PIXELLLM_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"PIXELLLM_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
         raise CLIError(f"bad settings: {problems}") from None
     except SettingsError as e:  # a list setting that is not JSON: 'error parsing value for field "name" ...'
         field = re.search(r'field "(\w+)"', str(e))
@@ -338,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--box", help="region to caption: x0,y0,x1,y1 in image pixels")
     group.add_argument("--point", help="point on the region to caption: x,y in image pixels")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None)
-    p.add_argument("--num-beams", type=positive_int, default=1)
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=None, help="longest caption in tokens (default: the model's)"
+    )
+    p.add_argument("--num-beams", type=positive_int, default=1, help="beam width (default: 1, greedy)")
     p.add_argument(
         "--stream",
         action="store_true",
@@ -399,15 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="localize this text instead of captioning (box, words and mask)")
     p.add_argument("--dense", action="store_true", help="draw the dense-caption regions instead")
     dense_args(p)
-    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg, ...: by its suffix)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     quantize_arg(p)
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("serve", help="run the REST service (settings from PIXELLLM_* environment variables)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve: replicas from PIXELLLM_RAY_* settings")
     p.set_defaults(func=cmd_serve)
 
@@ -440,19 +445,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("train", help="train from a config JSON (see pixelllm/configs/train/)")
-    p.add_argument("config")
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--out-dir")
+    p.add_argument("config", help="training config JSON")
+    p.add_argument("--steps", type=positive_int, help="train to this step (default: the config's steps)")
+    p.add_argument("--out-dir", help="checkpoints and the final model go here (default: the config's out_dir)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model on held-out scenes and write JSON metrics")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", default=None)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     quantize_arg(p)
     p.add_argument("--data", help="a folder written by `pixelllm data synth` (default: generate scenes)")
-    p.add_argument("--num-scenes", type=positive_int, default=500)
-    p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--renderer", choices=["independent", "synthetic"], default="independent")
+    p.add_argument("--num-scenes", type=positive_int, default=500, help="scenes to generate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1000, help="of the first scene (default: %(default)s)")
+    p.add_argument(
+        "--renderer",
+        choices=["independent", "synthetic"],
+        default="independent",
+        help="independent: other drawing code than training's (default); synthetic: training's own",
+    )
     p.add_argument(
         "--num-beams", type=positive_int, default=1, help="beam width of every generated caption (1: greedy)"
     )
@@ -469,10 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("synth", help="write synthetic grounded narratives (LN JSONL + images + annotations)")
-    q.add_argument("--out", required=True)
-    q.add_argument("--n", type=positive_int, default=1000)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--renderer", choices=["synthetic", "independent"], default="synthetic")
+    q.add_argument("--out", required=True, help="folder to write")
+    q.add_argument("--n", type=positive_int, default=1000, help="scenes (default: %(default)s)")
+    q.add_argument("--seed", type=int, default=0, help="of the first scene (default: %(default)s)")
+    q.add_argument(
+        "--renderer",
+        choices=["synthetic", "independent"],
+        default="synthetic",
+        help="synthetic: training's drawing code (default); independent: other code, for evaluation",
+    )
     q.set_defaults(func=cmd_data_synth)
     return parser
 

@@ -407,7 +407,7 @@ class Predictor:
             return []
         for i, text in enumerate(texts):
             if not text or not text.strip():
-                raise ValueError(f"texts[{i}] is empty")
+                raise ValueError(f"texts[{i}] is empty" if len(texts) > 1 else "the text is empty")
         cfg = self.model.cfg
         features, image_index = self._distinct(embeddings)
         prompts = Prompts(texts=[cfg.localize_prompt + t for t in texts], image_index=image_index)

@@ -93,7 +93,10 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
         data["sources"] = [_from_dict(SourceConfig, s) for s in data.get("sources", [{}])]
         return _from_dict(cls, data)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import numpy as np
 import torch
@@ -129,6 +130,8 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     array -> (H, W, 3) uint8 RGB array."""
     if isinstance(image, Image.Image):
         return np.asarray(to_rgb(upright(image)))
+    if isinstance(image, (str, PurePath)):
+        raise TypeError(f"got the path {str(image)!r}, not an image: open it first, e.g. PIL.Image.open(path)")
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}")

@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():  # not ".": `=$KEYS` with KEYS unset is a mistake to say
+            raise ValueError(
+                "is empty: give the keys file (`pixelllm api-key --keys-file FILE` makes one), or unset it"
+            )
+        return value
+
     @model_validator(mode="after")
     def _int8_on_cpu_in_float32(self) -> Settings:
         if self.quantize == "int8" and (self.dtype != "float32" or self.device not in ("cpu", "auto")):

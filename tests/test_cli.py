@@ -279,6 +279,15 @@ def test_the_default_model_is_found_from_any_folder_and_a_preset_warns_of_random
     assert "RANDOM" not in caplog.text
     load_model("pixelllm-tiny")
     assert "pixelllm-tiny is built with RANDOM weights" in caplog.text
+    for preset in ("pixelllm-base", "pixelllm-t5xl"):  # refused before building billions of random weights
+        with pytest.raises(ValueError, match=f"{preset} ships no tokenizer.*PIXELLLM_T5_PATH"):
+            load_model(preset)
+
+
+def test_a_preset_without_a_tokenizer_is_a_one_line_error(capsys) -> None:
+    assert main(["caption", SAMPLE, "--model", "pixelllm-base"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixelllm: error: pixelllm-base ships no tokenizer") and "Traceback" not in err
 
 
 @pytest.mark.parametrize("stream", [["--stream"], []])

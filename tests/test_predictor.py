@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,8 +226,10 @@ def test_invalid_prompts_raise_value_error(predictor, size):
             predictor.caption(point=make(h, w), max_new_tokens=1)
     with pytest.raises(ValueError):
         predictor.caption(box=(0, 0, 10, 10), point=(5, 5), max_new_tokens=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^the text is empty$"):
         predictor.localize("  ")
+    with pytest.raises(ValueError, match=r"^texts\[1\] is empty$"):
+        predictor.localize_batch(["a circle", ""])
     for bad in (dict(max_new_tokens=0), dict(max_new_tokens=-1), dict(num_beams=0), dict(num_beams=-2)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             predictor.caption(**bad)
@@ -250,6 +253,9 @@ def test_image_inputs_and_state(tiny_model):
     for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32)):
         with pytest.raises(ValueError):
             p.set_image(bad)
+    for path in ("assets/sample.jpg", Path("assets/sample.jpg")):  # a likely slip: the message says what to do
+        with pytest.raises(TypeError, match="got the path 'assets/sample.jpg', not an image: open it first"):
+            p.set_image(path)
     p.reset_image()
     with pytest.raises(RuntimeError):
         p.localize("the red circle")

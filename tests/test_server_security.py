@@ -272,6 +272,16 @@ def test_bad_keys_file_stops_the_start(tmp_path: Path) -> None:
     assert raw not in str(e.value)
 
 
+def test_an_empty_keys_file_setting_stops_the_start(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`PIXELLLM_API_KEYS_FILE=$KEYS` with KEYS unset: neither no keys (open to all) nor the folder '.'."""
+    from pixelllm.cli import main
+
+    monkeypatch.setenv("PIXELLLM_API_KEYS_FILE", "")
+    assert main(["serve", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bad settings: PIXELLLM_API_KEYS_FILE: is empty: give the keys file" in err, err
+
+
 def test_keys_are_off_by_default(service_client: httpx.Client) -> None:
     r = service_client.post("/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": "2"})
     assert r.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])

@@ -143,6 +143,13 @@ def test_shipped_training_configs_parse(path):
     assert cfg.steps > 0 and cfg.batch_size > 0 and sum(cfg.tasks.values()) > 0
 
 
+def test_a_config_that_is_not_json_names_its_file(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text('{\n  "steps": 4,\n}\n')
+    with pytest.raises(ValueError, match=f"^{path} is not valid JSON: .*line 3"):
+        TrainConfig.from_json(path)
+
+
 def test_default_model_recipe_chains_its_stages():
     """`make train-default`: each stage starts from the model the step before saves (a stage, or the mean of stages
     saved before it), on scenes of its own."""
