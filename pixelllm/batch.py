@@ -349,40 +349,44 @@ RECORD_START = b'{"id": '  # how `JsonlWriter` starts every record, so a torn la
 
 
 def _scan(path: Path, keys: tuple[str, ...], kind: str) -> tuple[set[str], int]:
-    """The ids of a JSONL file of `kind` ("a results", "an errors") records, objects with `keys`, that this client
-    wrote, and the length of its complete lines. Raises `BatchError`, and leaves the file as it is, if it holds anything else."""
+    """The ids in a JSONL file of `kind` ("a results", "an errors") records, objects with `keys`, that this
+    client wrote, and the length of its records: a last line cut short by a killed run (a record's start that
+    is no JSON) is left out. Raises `BatchError`, and leaves the file as it is, if it holds anything else."""
     done, end = set(), 0
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                if not (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    last = not line.endswith(b"\n")
+                    if last and (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+                        break
+                    record, problem = None, f"{type(e).__name__}: {e}"
+                else:
+                    problem = _missing(record, keys)
+                if problem:
                     raise BatchError(
-                        f"{path} is not {kind} file of pixelllm batch (its last line is not a record); "
-                        "give another file: this one is left as it is"
+                        f"{path} line {n} is not {kind} record ({problem}); remove that line, or give another "
+                        "file: this one is left as it is"
                     )
-                break
+                done.add(str(record["id"]))
             end += len(line)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                reason = f"{type(e).__name__}: {e}"
-            else:
-                missing = [key for key in keys if key not in record] if isinstance(record, dict) else None
-                reason = "not a JSON object" if missing is None else f"no {', '.join(missing)}" if missing else ""
-            if reason:
-                raise BatchError(
-                    f"{path} line {n} is not {kind} record ({reason}); remove that line, or give another file: "
-                    "this one is left as it is"
-                )
-            done.add(str(record["id"]))
     return done, end
 
 
+def _missing(record: Any, keys: tuple[str, ...]) -> str:
+    """What keeps `record` from being an object with `keys` ("" if nothing)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [key for key in keys if key not in record]
+    return f"no {', '.join(missing)}" if missing else ""
+
+
 def recover(path: Path) -> set[str]:
-    """The ids already in an output JSONL, after truncating the file to its last complete line. Raises
-    `BatchError` for a file that is not such an output (a manifest, an image, notes given by mistake)."""
+    """The ids already in an output JSONL, after cutting off a torn last line (and ending a last record that
+    lacks its newline with one). Raises `BatchError` for a file that is not such an output (a manifest, an
+    image, notes given by mistake)."""
     if not path.exists():
         return set()
     done, end = _scan(path, RESULT_KEYS, "a results")
@@ -390,6 +394,11 @@ def recover(path: Path) -> set[str]:
     if end < size:
         logger.warning("%s: cutting off a torn last line (%d bytes) left by an interrupted run", path, size - end)
         os.truncate(path, end)
+    if end:
+        with open(path, "rb+") as f:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     return done
 
 

@@ -17,9 +17,13 @@ __all__ = ["build_pixelllm", "load_model", "list_presets", "default_tokenizer"]
 log = logging.getLogger(__name__)
 
 
+def _tokenizer_file(cfg: PixelLLMConfig) -> Path:
+    return CONFIG_DIR / "tokenizers" / f"{cfg.tokenizer or cfg.name}.json"
+
+
 def default_tokenizer(cfg: PixelLLMConfig) -> Tokenizer | None:
     """The tokenizer shipped with a preset (`configs/tokenizers/<name>.json`), if any."""
-    path = CONFIG_DIR / "tokenizers" / f"{cfg.tokenizer or cfg.name}.json"
+    path = _tokenizer_file(cfg)
     return Tokenizer.from_file(path) if path.is_file() else None
 
 
@@ -106,10 +110,10 @@ def load_model(
     elif path.is_file() and (hint := model_path_hint(path)):  # e.g. a model directory's config: random weights
         raise ValueError(f"{path} is not a model to load{hint}")
     else:
-        if not checkpoints.get("t5_path") and default_tokenizer(load_config(name_or_path)) is None:
+        if not checkpoints.get("t5_path") and not _tokenizer_file(load_config(name_or_path)).is_file():
             raise ValueError(
-                f"{name_or_path} ships no tokenizer, so it cannot read texts or write captions: give it its "
-                "Flan-T5 (t5_path; the service: PIXELLLM_T5_PATH), or give a saved model directory"
+                f"{name_or_path} ships no tokenizer, so it cannot read texts or write captions: give a saved model "
+                "directory, or its Flan-T5 directory as t5_path (the service: PIXELLLM_T5_PATH)"
             )
         model = build_pixelllm(name_or_path, device=device, **checkpoints)
         if not any(checkpoints.values()):

@@ -330,11 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(pixelllm-base and up; slower on the tiny default); answers may differ slightly",
         )
 
-    def model_args(p):
+    def model_args(p, json_output: bool = True):
         p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
         quantize_arg(p)
-        p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+        if json_output:
+            p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     p = sub.add_parser("caption", help="caption an image (or a region) with a location for every word")
     p.add_argument("image")
@@ -405,14 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="draw the dense-caption regions instead")
     dense_args(p)
     p.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg, ...: by its suffix)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-    quantize_arg(p)
+    model_args(p, json_output=False)
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("serve", help="run the REST service (settings from PIXELLLM_* environment variables)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve: replicas from PIXELLLM_RAY_* settings")
     p.set_defaults(func=cmd_serve)
 
@@ -427,7 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit codes: 0 all done, 1 some entries failed (see the errors file), 2 the batch could not run, "
         "130 interrupted (Ctrl-C; a rerun resumes).",
     )
-    p.add_argument("input", nargs="+", help="a folder of images, a quoted glob ('imgs/**/*.png') or a JSONL manifest")
+    p.add_argument(  # nargs="+" only to catch a glob the shell expanded: one input is taken
+        "input",
+        nargs="+",
+        metavar="INPUT",
+        help="a folder of images, a quoted glob ('imgs/**/*.png') or a JSONL manifest",
+    )
     p.add_argument("-o", "--output", required=True, help="results JSONL; a rerun skips the ids already in it")
     p.add_argument("--errors", help="failures JSONL, rewritten each run (default: OUTPUT with .errors.jsonl)")
     p.add_argument("--server", default="http://127.0.0.1:8000", help="service URL (default: %(default)s)")
@@ -451,9 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model on held-out scenes and write JSON metrics")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-    quantize_arg(p)
+    model_args(p, json_output=False)
     p.add_argument("--data", help="a folder written by `pixelllm data synth` (default: generate scenes)")
     p.add_argument("--num-scenes", type=positive_int, default=500, help="scenes to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1000, help="of the first scene (default: %(default)s)")

@@ -86,10 +86,8 @@ async def _read_form(request: Request, params_model: type[P], max_fields: int) -
             raise invalid(name, "give one value")
         else:
             fields[name] = parsed[0]
-    if not form:  # python-multipart drops a part whose closing boundary never came
-        raise ApiError(422, "invalid_body", "malformed multipart body: no complete part (is it cut short?)")
-    if image is None:
-        raise invalid("image", "field required")
+    if image is None:  # python-multipart drops a part whose closing boundary never came
+        raise invalid("image", "field required" + ("" if form else " (the body has no complete part: cut short?)"))
     try:
         return image, params_model.model_validate(fields)
     except ValidationError as exc:
@@ -105,7 +103,7 @@ def _parse_field(name: str, value: str, label: str) -> Any:
     parts = value.split(",")
     if len(parts) == len(keys):
         for key, part in zip(keys, parts):
-            if _NEGATIVE.fullmatch(part):
+            if _NEGATIVE.fullmatch(part) and float(part) < 0:  # "-0" is badly written: the pattern has no sign
                 raise invalid(f"{label}.{key}", f"Input should be greater than or equal to 0, got {part.strip()}")
     numbers = [float(p) for p in parts] if all(_NUMBER.fullmatch(p) for p in parts) else []
     if len(numbers) != len(keys) or not all(math.isfinite(n) for n in numbers):

@@ -309,12 +309,13 @@ ERROR_LINE = '{"id": "b", "image": "b.png", "status": 415, "attempts": 1, "error
     "content",
     [
         b"important notes, no newline",
+        b'{"id": "m1", "image": "imgs/cat.png"}',  # a one-line manifest without its newline
         b'{"id": "m1", "image": "imgs/cat.png"}\n{"id": "m2", "image": "imgs/dog.png"}\n',  # a manifest
         b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
         RESULT_LINE.encode() + b"notes\n",
         RESULT_LINE.encode() + b"a torn line that is no record",
     ],
-    ids=["notes", "manifest", "png", "results-then-notes", "results-then-other-tail"],
+    ids=["notes", "manifest-line", "manifest", "png", "results-then-notes", "results-then-other-tail"],
 )
 @pytest.mark.parametrize("as_errors", [False, True], ids=["output", "errors"])
 def test_a_file_given_by_mistake_is_left_as_it_is(
@@ -359,6 +360,11 @@ def test_recover_cuts_only_a_torn_last_line(tmp_path: Path) -> None:
         assert recover(path) == {"a", "2"}
         assert path.read_bytes() == RESULT_LINE.encode() + b"\n" + second
     assert recover(tmp_path / "absent.jsonl") == set()
+    compact = b'{"id":"d","task":"caption","image":"d.png","result":{}}'
+    for last in (second.rstrip(), compact):  # a whole record without its newline (an editor, jq -c) is kept
+        path.write_bytes(RESULT_LINE.encode() + last)
+        assert recover(path) == {"a", str(json.loads(last)["id"])}
+        assert path.read_bytes() == RESULT_LINE.encode() + last + b"\n"  # and ended, for the records to come
     for line, reason in (b"[1]", "not a JSON object"), (b'"id task image result"', "not a JSON object"):
         path.write_bytes(RESULT_LINE.encode() + line + b"\n")
         with pytest.raises(BatchError, match=f"line 2 is not a results record \\({reason}\\)"):

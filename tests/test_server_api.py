@@ -339,6 +339,7 @@ def test_malformed_multipart_is_422(service_client: httpx.Client) -> None:
     assert_error(service_client.post("/v1/caption", content=b"abc", headers=no_boundary), 422)
     part = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + IMAGE
     cut_short = service_client.post("/v1/caption", content=part, headers=headers)  # no closing boundary
-    assert "no complete part" in assert_error(cut_short, 422, "invalid_body")["message"]
+    error = assert_error(cut_short, 422, "invalid_request", field="image")
+    assert error["message"] == "image: field required (the body has no complete part: cut short?)"
     complete = service_client.post("/v1/caption", content=part + b"\r\n--xyz--\r\n", headers=headers)
     assert complete.status_code == 200, complete.text
