@@ -330,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
             "(pixelllm-base and up; slower on the tiny default); answers may differ slightly",
         )
 
+    def renderer_arg(p, default: str):
+        p.add_argument(
+            "--renderer",
+            choices=["synthetic", "independent"],
+            default=default,
+            help="synthetic: the drawing code of training; independent: other code, for evaluation "
+            "(default: %(default)s)",
+        )
+
     def model_args(p, json_output: bool = True):
         p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or preset (default: %(default)s)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
@@ -459,12 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a folder written by `pixelllm data synth` (default: generate scenes)")
     p.add_argument("--num-scenes", type=positive_int, default=500, help="scenes to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1000, help="of the first scene (default: %(default)s)")
-    p.add_argument(
-        "--renderer",
-        choices=["independent", "synthetic"],
-        default="independent",
-        help="independent: other drawing code than training's (default); synthetic: training's own",
-    )
+    renderer_arg(p, "independent")
     p.add_argument(
         "--num-beams", type=positive_int, default=1, help="beam width of every generated caption (1: greedy)"
     )
@@ -484,12 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to write")
     q.add_argument("--n", type=positive_int, default=1000, help="scenes (default: %(default)s)")
     q.add_argument("--seed", type=int, default=0, help="of the first scene (default: %(default)s)")
-    q.add_argument(
-        "--renderer",
-        choices=["synthetic", "independent"],
-        default="synthetic",
-        help="synthetic: training's drawing code (default); independent: other code, for evaluation",
-    )
+    renderer_arg(q, "synthetic")
     q.set_defaults(func=cmd_data_synth)
     return parser
 
