@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .config import DEFAULT_WEIGHTS, MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD
 
@@ -316,8 +317,17 @@ def cmd_data_synth(args) -> None:
     print(f"wrote {args.n} scenes to {out}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse takes `--point -5,-5`'s value for a flag: its error then says how to give one."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.endswith("expected one argument"):
+            message += " (a value that starts with '-' goes after '=', as in --point=-5,-5)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixelllm", description=__doc__)
+    parser = _Parser(prog="pixelllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -284,6 +284,15 @@ def test_the_default_model_is_found_from_any_folder_and_a_preset_warns_of_random
             load_model(preset)
 
 
+def test_a_negative_coordinate_after_a_space_says_to_use_equals(capsys) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["caption", SAMPLE, "--point", "-5,-5"])
+    assert exit.value.code == 2
+    assert "--point: expected one argument (a value that starts with '-' goes after '='" in capsys.readouterr().err
+    assert main(["caption", SAMPLE, "--point=-5,-5"]) == 2  # then the one-line error about the point itself
+    assert "point" in capsys.readouterr().err
+
+
 def test_a_preset_without_a_tokenizer_is_a_one_line_error(capsys) -> None:
     assert main(["caption", SAMPLE, "--model", "pixelllm-base"]) == 2
     err = capsys.readouterr().err
