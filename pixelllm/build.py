@@ -110,12 +110,13 @@ def load_model(
     elif path.is_file() and (hint := model_path_hint(path)):  # e.g. a model directory's config: random weights
         raise ValueError(f"{path} is not a model to load{hint}")
     else:
-        if not checkpoints.get("t5_path") and not _tokenizer_file(load_config(name_or_path)).is_file():
+        cfg = load_config(name_or_path)
+        if not checkpoints.get("t5_path") and not _tokenizer_file(cfg).is_file():
             raise ValueError(
                 f"{name_or_path} ships no tokenizer, so it cannot read texts or write captions: give a saved model "
                 "directory, or its Flan-T5 directory as t5_path (the service: PIXELLLM_T5_PATH)"
             )
-        model = build_pixelllm(name_or_path, device=device, **checkpoints)
+        model = build_pixelllm(cfg, device=device, **checkpoints)
         if not any(checkpoints.values()):
             log.warning(
                 "%s is built with RANDOM weights (no model directory, no checkpoints): its answers mean nothing; "
