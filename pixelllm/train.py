@@ -108,19 +108,15 @@ def _prepare_synthetic(args: tuple[int, int, int, str]) -> PreparedScene:
 
 
 class SceneSource:
-    """Prepared scenes of one source, by index."""
+    """Prepared scenes of one source, by index. Synthetic scenes are prepared when first asked for, or ahead in
+    parallel by `prepare`; narratives are read from disk at each access."""
 
     def __init__(self, cfg: SourceConfig, image_size: int, tokenizer: Tokenizer, tokenizer_file: Path):
-        self.cfg, self.image_size, self.tokenizer = cfg, image_size, tokenizer
+        self.cfg, self.image_size, self.tokenizer, self.tokenizer_file = cfg, image_size, tokenizer, tokenizer_file
         if cfg.kind == "synthetic":
-            jobs = [(cfg.seed, i, image_size, str(tokenizer_file)) for i in range(cfg.num_scenes)]
-            if len(jobs) <= 64:  # not worth starting worker processes
-                self.scenes = [_prepare_synthetic(job) for job in jobs]
-            else:
-                # spawn, not fork: forking after torch has started its thread pools can deadlock
-                with multiprocessing.get_context("spawn").Pool(min(2, os.cpu_count() or 1)) as pool:
-                    it = pool.imap(_prepare_synthetic, jobs, chunksize=16)
-                    self.scenes = list(tqdm(it, total=len(jobs), desc="preparing scenes", unit="scene"))
+            if cfg.num_scenes < 1:
+                raise ValueError(f"a synthetic source's num_scenes is {cfg.num_scenes}: give it at least 1")
+            self.scenes: dict[int, PreparedScene] = {}
         elif cfg.kind == "narratives":
             if not cfg.path or not cfg.image_root:
                 raise ValueError("a 'narratives' source needs 'path' (JSONL) and 'image_root' (image folder)")
@@ -148,10 +144,26 @@ class SceneSource:
         return Path(self.cfg.image_root or "") / self.cfg.image_name.format(image_id=record["image_id"])
 
     def __len__(self) -> int:
-        return len(self.scenes) if self.cfg.kind == "synthetic" else len(self.records)
+        return self.cfg.num_scenes if self.cfg.kind == "synthetic" else len(self.records)
+
+    def prepare(self, indices: set[int]) -> None:
+        """Prepare the synthetic scenes `indices` not prepared yet, in worker processes when there are many."""
+        todo = sorted(indices - self.scenes.keys())
+        if len(todo) <= 64:  # not worth starting worker processes
+            for i in todo:
+                self.scenes[i] = prepare_scene(
+                    generate_scene(scene_seed(self.cfg.seed, i)), self.image_size, self.tokenizer
+                )
+            return
+        jobs = [(self.cfg.seed, i, self.image_size, str(self.tokenizer_file)) for i in todo]
+        # spawn, not fork: forking after torch has started its thread pools can deadlock
+        with multiprocessing.get_context("spawn").Pool(min(2, os.cpu_count() or 1)) as pool:
+            it = pool.imap(_prepare_synthetic, jobs, chunksize=16)
+            self.scenes.update(zip(todo, tqdm(it, total=len(jobs), desc="preparing scenes", unit="scene")))
 
     def __getitem__(self, i: int) -> PreparedScene:
         if self.cfg.kind == "synthetic":
+            self.prepare({i})
             return self.scenes[i]
         record = self.records[i]
         path = self.image_path(record)
@@ -163,24 +175,49 @@ class SceneSource:
         return prepare_record(image, record, self.image_size, self.tokenizer)
 
 
-def batch_for_step(step: int, cfg: TrainConfig, sources: list[SceneSource], model_cfg, tokenizer, rank=0, world=1):
-    """The samples of `step` that belong to `rank`: a pure function of (cfg.seed, step)."""
+def step_draws(step: int, cfg: TrainConfig, lengths: list[int], rank: int = 0, world: int = 1):
+    """(sample, source, scene index, task) of each sample of `step` that belongs to `rank`, where `lengths` are the
+    sources' sizes: a pure function of (cfg.seed, step)."""
     rng = np.random.default_rng([cfg.seed, step])
     weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
     task_names = list(cfg.tasks)
     task_p = np.array([cfg.tasks[t] for t in task_names], dtype=np.float64)
-    samples = []
+    draws = []
     for j in range(cfg.batch_size):
-        src = sources[rng.choice(len(sources), p=weights / weights.sum())]
-        scene_index = int(rng.integers(len(src)))
+        source = int(rng.choice(len(lengths), p=weights / weights.sum()))
+        scene_index = int(rng.integers(lengths[source]))
         task = task_names[rng.choice(len(task_names), p=task_p / task_p.sum())]
-        sample_rng = np.random.default_rng([cfg.seed, step, j])
         if j % world == rank:
-            sample = make_sample(src[scene_index], task, sample_rng, model_cfg, tokenizer)
-            if src.cfg.prompt is not None and sample["task"] == "caption":  # a narrative gives captions for any task
-                sample["prompt"] = src.cfg.prompt
-            samples.append(sample)
+            draws.append((j, source, scene_index, task))
+    return draws
+
+
+def batch_for_step(step: int, cfg: TrainConfig, sources: list[SceneSource], model_cfg, tokenizer, rank=0, world=1):
+    """The samples of `step` that belong to `rank`: a pure function of (cfg.seed, step)."""
+    samples = []
+    for j, source, scene_index, task in step_draws(step, cfg, [len(s) for s in sources], rank, world):
+        src = sources[source]
+        sample_rng = np.random.default_rng([cfg.seed, step, j])
+        sample = make_sample(src[scene_index], task, sample_rng, model_cfg, tokenizer)
+        if src.cfg.prompt is not None and sample["task"] == "caption":  # a narrative gives captions for any task
+            sample["prompt"] = src.cfg.prompt
+        samples.append(sample)
     return collate(samples, model_cfg.language_model.max_text_tokens)
+
+
+def prepare_synthetic_sources(cfg: TrainConfig, sources: list[SceneSource], start: int, rank=0, world=1) -> None:
+    """Prepare ahead, in parallel, the synthetic scenes that steps `start` to `cfg.steps` will draw, and only those:
+    a short run does not wait for all of a large source."""
+    if not any(source.cfg.kind == "synthetic" for source in sources):
+        return
+    needed: list[set[int]] = [set() for _ in sources]
+    lengths = [len(s) for s in sources]
+    for step in range(start, cfg.steps):
+        for _, source, scene_index, _ in step_draws(step, cfg, lengths, rank, world):
+            needed[source].add(scene_index)
+    for source, indices in zip(sources, needed):
+        if source.cfg.kind == "synthetic":
+            source.prepare(indices)
 
 
 # ----------------------------------------------------------------------------- schedule and checkpoints
@@ -344,6 +381,7 @@ def train(cfg: TrainConfig) -> Path:
         )
     elif start:
         log.info("resumed from %s at step %d", ckpt, start)
+    prepare_synthetic_sources(cfg, sources, start, rank, world)
     net = DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 

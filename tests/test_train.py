@@ -263,6 +263,29 @@ def test_a_sources_prompt_goes_with_every_caption_it_gives(tmp_path, tiny_model)
     assert batch["prompts"] == ["SOURCE PROMPT: "] * 8
 
 
+def test_a_short_run_prepares_only_the_synthetic_scenes_it_draws(tiny_model):
+    """Scenes are a pure function of (seed, index): a 2-step run of a million-scene source prepares its 8 draws."""
+    from pixelllm.train import SceneSource, batch_for_step, prepare_synthetic_sources, step_draws
+
+    source = SourceConfig(kind="synthetic", seed=3, num_scenes=1_000_000)
+    cfg = TrainConfig(sources=[source], batch_size=4, steps=3)
+    args = (tiny_model.cfg.image_size, tiny_model.tokenizer, Path())
+    ahead = [SceneSource(source, *args)]
+    prepare_synthetic_sources(cfg, ahead, start=1)
+    drawn = {index for step in (1, 2) for _, _, index, _ in step_draws(step, cfg, [source.num_scenes])}
+    assert ahead[0].scenes.keys() == drawn and 2 <= len(drawn) <= 8
+    lazy = [SceneSource(source, *args)]  # prepared at first access instead: the same batch
+    for step in (1, 2):
+        a, b = (batch_for_step(step, cfg, s, tiny_model.cfg, tiny_model.tokenizer) for s in (ahead, lazy))
+        assert a.keys() == b.keys()
+        for key in a:
+            x, y = (v if isinstance(v, list) else [v] for v in (a[key], b[key]))
+            assert len(x) == len(y) and all(torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(x, y))
+    assert ahead[0].scenes.keys() == lazy[0].scenes.keys() == drawn
+    with pytest.raises(ValueError, match="num_scenes is -1: give it at least 1"):
+        SceneSource(dataclasses.replace(source, num_scenes=-1), *args)
+
+
 def test_resume_drops_the_log_lines_written_after_its_checkpoint(tmp_path):
     train(tiny_config(tmp_path, steps=2))
     saved = (tmp_path / "checkpoint.pt").read_bytes()  # at step 2
