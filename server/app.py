@@ -46,7 +46,13 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
 
     # /docs is a route of ours (Swagger UI served from static/docs, not a CDN); no ReDoc
     app = FastAPI(
-        title="PixelLLM", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+        title="PixelLLM",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,  # a 307 has no error body; the 404 says the path without the slash
     )
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.include_router(router)
@@ -65,8 +71,8 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_access_control(app, settings)  # outside the body limit: a refused request's body is never read
-    paths = {route.path for route in router.routes} | {app.openapi_url}
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
+    app.state.paths = {route.path for route in router.routes} | {app.openapi_url}
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.state.paths)
     app.add_middleware(RequestLogMiddleware)  # outermost: every response gets its X-Request-ID
     return app
 

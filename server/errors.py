@@ -82,8 +82,11 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    code = HTTP_CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    code, message = HTTP_CODES.get(exc.status_code, "error"), str(exc.detail)
+    path = request.url.path
+    if exc.status_code == 404 and path.endswith("/") and path.rstrip("/") in request.app.state.paths:
+        message = f"{message}: the path is {path.rstrip('/')}, without the trailing slash"
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
 
 async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

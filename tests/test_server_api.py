@@ -219,6 +219,9 @@ def test_the_openapi_box_pattern_is_what_the_server_takes(service_client: httpx.
 def test_not_found_and_method_not_allowed(service_client: httpx.Client) -> None:
     assert_error(service_client.get("/v2/caption"), 404, "not_found")
     assert_error(service_client.get("/v1/caption"), 405, "method_not_allowed")
+    slash = assert_error(service_client.post("/v1/caption/", files={"image": IMAGE}), 404, "not_found")
+    assert slash["message"] == "Not Found: the path is /v1/caption, without the trailing slash"
+    assert assert_error(service_client.get("/v2/caption/"), 404)["message"] == "Not Found"
 
 
 def test_body_too_large(service_client: httpx.Client, service) -> None:
