@@ -362,6 +362,11 @@ def _scan(path: Path, keys: tuple[str, ...], kind: str) -> tuple[set[str], int]:
                     last = not line.endswith(b"\n")
                     if last and (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
                         break
+                    if isinstance(e, UnicodeDecodeError):
+                        raise BatchError(
+                            f"{path} is not {kind} file: it is not UTF-8 text (an image?); give another file: this "
+                            "one is left as it is"
+                        ) from None
                     record, problem = None, f"{type(e).__name__}: {e}"
                 else:
                     problem = _missing(record, keys)
@@ -536,19 +541,20 @@ async def _run(
     todo = [item for item in items if item.id not in done]
     # a refused entry whose id is done has nothing to do, unless it was refused for that id: it is another image
     unsent = [r for r in refused if r["id"] not in done or r["error"]["code"] == "duplicate_id"]
-    succeeded = failed = 0
+    succeeded, failed = 0, len(unsent)
     limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
-    with JsonlWriter(output) as out, JsonlWriter(errors, truncate=True) as err:
-        for record in unsent:
-            err.write(record)
-        headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-        client = httpx.AsyncClient(base_url=options.server, timeout=options.timeout_s, limits=limits, headers=headers)
-        async with client:
-            session = _Session(client, options, random.Random())
-            if todo:
-                await _check_ready(session)
+    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+    client = httpx.AsyncClient(base_url=options.server, timeout=options.timeout_s, limits=limits, headers=headers)
+    async with client:
+        session = _Session(client, options, random.Random())
+        if todo:  # before any file is written: a batch that cannot run leaves none
+            await _check_ready(session)
+        with JsonlWriter(output) as out, JsonlWriter(errors, truncate=True) as err:
+            for record in unsent:
+                err.write(record)
             pending: Iterator[Item] = iter(todo)
             with tqdm(total=len(todo), unit="img", desc="batch", disable=not options.progress) as bar:
+                bar.set_postfix(failed=failed, retries=0, refresh=False)
 
                 async def worker() -> None:
                     nonlocal succeeded, failed
@@ -560,12 +566,12 @@ async def _run(
                         bar.set_postfix(failed=failed, retries=session.retries, refresh=False)
 
                 await asyncio.gather(*(worker() for _ in range(min(options.concurrency, len(todo)))))
-            retries = session.retries
+        retries = session.retries
     return Summary(
         total=len(items) + len(refused),
         skipped=len(items) - len(todo) + len(refused) - len(unsent),
         succeeded=succeeded,
-        failed=failed + len(unsent),
+        failed=failed,
         refused=len(unsent),
         retries=retries,
         elapsed_s=time.perf_counter() - start,

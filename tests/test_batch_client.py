@@ -256,6 +256,9 @@ def test_files_whose_paths_make_one_id_are_refused_on_every_run(service, tmp_pat
         (error,) = read_jsonl(tmp_path / "out.errors.jsonl")
         assert error["id"] == "a_b.png" and error["error"]["code"] == "duplicate_id"
     assert [r["id"] for r in read_jsonl(out)] == ["a_b.png"]
+    assert main(["batch", str(folder), "-o", str(out), "--server", service.url]) == 1  # with the progress bar
+    bar = capsys.readouterr().err
+    assert "failed=1" in bar and "failed=0" not in bar  # the refused entry counts from the start
 
 
 def test_a_model_that_failed_to_load_is_not_retried(tmp_path: Path, images: Path, random_tiny_dir: Path) -> None:
@@ -291,6 +294,12 @@ def test_errors_that_stop_the_batch_exit_2(tmp_path: Path, images: Path, capsys)
     server = f"http://127.0.0.1:{free_port()}"
     code, _, err = batch(capsys, str(images), "-o", str(tmp_path / "o.jsonl"), "--server", server, "--retries", "1")
     assert code == 2 and "cannot reach the service" in err
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.errors.jsonl").exists()  # nothing written
+    picture = tmp_path / "picture.png"  # an image given as the output by mistake
+    picture.write_bytes(png(24, 16, seed=1))
+    code, _, err = batch(capsys, str(images), "-o", str(picture))
+    assert code == 2 and "picture.png is not a results file: it is not UTF-8 text (an image?)" in err
+    assert picture.read_bytes() == png(24, 16, seed=1)
     corrupt = tmp_path / "corrupt.jsonl"
     corrupt.write_text(RESULT_LINE + "not a record\n")
     code, _, err = batch(capsys, str(images), "-o", str(corrupt))
