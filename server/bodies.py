@@ -44,6 +44,9 @@ async def read_body(
         try:
             body = json_model.model_validate_json(await request.body())
         except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            if errors[0]["type"] == "json_invalid":  # not JSON at all: as malformed as a broken multipart body
+                raise ApiError(422, "invalid_body", f"body: malformed JSON ({errors[0]['ctx']['error']})") from exc
             raise from_validation(exc) from exc
         return decode_base64(body.image), body
     if kind == "multipart/form-data":

@@ -86,6 +86,8 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     path = request.url.path
     if exc.status_code == 404 and path.endswith("/") and path.rstrip("/") in request.app.state.paths:
         message = f"{message}: the path is {path.rstrip('/')}, without the trailing slash"
+    if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+        message = f"{message}: {path} takes {exc.headers['Allow']}"
     return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
 

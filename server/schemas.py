@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -28,6 +28,14 @@ class Point(BaseModel):
     y: float
 
 
+def expect_object(data: Any, keys: str) -> Any:
+    """Say what to send where a prompt comes as a list or a multipart-style string instead of an object."""
+    if isinstance(data, (list, tuple, str)):
+        kind = "a list" if not isinstance(data, str) else "a string (that form is for multipart bodies)"
+        raise ValueError(f"give an object {{{keys}}} in pixels, not {kind}")
+    return data
+
+
 class BoxPrompt(Box):
     """A box prompt: finite, non-negative, x0 < x1 and y0 < y1."""
 
@@ -35,6 +43,11 @@ class BoxPrompt(Box):
     y0: float = Coord
     x1: float = Coord
     y1: float = Coord
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: Any) -> Any:
+        return expect_object(data, '"x0", "y0", "x1", "y1"')
 
     @model_validator(mode="after")
     def _ordered(self) -> BoxPrompt:
@@ -51,6 +64,11 @@ class PointPrompt(Point):
 
     x: float = Coord
     y: float = Coord
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: Any) -> Any:
+        return expect_object(data, '"x", "y"')
 
     def as_tuple(self) -> tuple[float, float]:
         return (self.x, self.y)

@@ -333,6 +333,14 @@ def test_error_messages_say_what_is_wrong(service_client: httpx.Client) -> None:
     assert error["message"] == "stream: unknown query parameter (this endpoint takes none); parameters go in the body"
     error = assert_error(service_client.post("/v1/caption", params={"beams": "2"}, **form()), 422)
     assert "(this endpoint takes only stream)" in error["message"]
+    error = assert_error(service_client.post("/v1/caption", **js(box=[0, 0, 5, 5])), 422, "invalid_request", "box")
+    assert error["message"] == 'box: give an object {"x0", "y0", "x1", "y1"} in pixels, not a list'
+    error = assert_error(service_client.post("/v1/regions", **js(points=["1,1"])), 422, field="points.0")
+    assert error["message"].endswith('{"x", "y"} in pixels, not a string (that form is for multipart bodies)')
+    broken = service_client.post("/v1/caption", content=b"{not json", headers={"content-type": "application/json"})
+    assert assert_error(broken, 422, "invalid_body")["message"].startswith("body: malformed JSON (")
+    error = assert_error(service_client.get("/v1/caption"), 405, "method_not_allowed")
+    assert error["message"] == "Method Not Allowed: /v1/caption takes POST"
 
 
 def test_malformed_multipart_is_422(service_client: httpx.Client) -> None:
