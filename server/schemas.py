@@ -188,6 +188,10 @@ class Mask(BaseModel):
 class CaptionResult(BaseModel):
     caption: str
     words: list[Word]
+    score: float = Field(
+        description="The geometric mean of the caption's token probabilities, in [0, 1] (with beams: of its "
+        "length-normalized log-probability)"
+    )
     box: Box | None = Field(None, description="The region prompt, if any")
     point: Point | None = Field(None, description="The point prompt, if any")
 

@@ -273,7 +273,13 @@ def word_results(words: list[Any], width: int, height: int) -> list[Word]:
 def caption_result(
     caption: Any, box: BoxPrompt | None, point: PointPrompt | None, width: int, height: int
 ) -> CaptionResult:
-    return CaptionResult(caption=caption.text, words=word_results(caption.words, width, height), box=box, point=point)
+    return CaptionResult(
+        caption=caption.text,
+        words=word_results(caption.words, width, height),
+        score=_num(caption.score, 0.0, 1.0),
+        box=box,
+        point=point,
+    )
 
 
 def _localization(loc: Any, fmt: MaskFormat | None, width: int, height: int) -> Localization:

@@ -223,7 +223,7 @@ def answers(response: httpx.Response) -> list[dict]:
         return body["results"]
     if "captions" in body:
         return body["captions"] + body["localizations"]
-    return [{k: body[k] for k in ("caption", "words", "box", "point")}]
+    return [{k: body[k] for k in ("caption", "words", "score", "box", "point")}]
 
 
 def assert_same(a: object, b: object, path: str = "") -> None:
