@@ -39,6 +39,7 @@ W, H = 128, 96
 IMAGE = encode(Image.fromarray(np.random.RandomState(0).randint(0, 255, (H, W, 3), dtype=np.uint8)))
 TOKENS = "8"
 WAIT_S = 60
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="30"><rect width="40" height="30" fill="red"/></svg>'
 
 
 def test_page_and_static_files_are_served(service_client: httpx.Client) -> None:
@@ -356,6 +357,93 @@ def test_a_box_dragged_while_a_caption_streams_is_not_taken(driver, slow_stream_
     assert driver.find_element("id", "caption").text == expected["caption"]  # the whole image's
     assert not driver.find_element("id", "clear-box").is_enabled()  # no box was taken
     assert not (overlay_pixels(driver)[..., 3] == 255).any()  # and none is drawn (words are drawn faint)
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_word_hovered_while_the_caption_streams_stays_active(driver, slow_stream_service, tmp_path: Path) -> None:
+    """Each new word rebuilds the caption under the still mouse: the hovered word keeps its box drawn."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    expected = start_sample_caption(driver, slow_stream_service.url, tmp_path)
+    active = "return [...document.querySelectorAll('#caption .word.active')].map((s) => s.dataset.index)"
+    first = WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements("css selector", "#caption .word"))[0]
+    hover(driver, first)
+    # after each rebuild, before any later event (the browser's own hover update comes as one): is a word active?
+    driver.execute_script(
+        "window.activeAfterRebuild = [];"
+        "new MutationObserver(() => window.activeAfterRebuild.push("
+        "  document.querySelectorAll('#caption .word.active').length"
+        ")).observe(document.getElementById('caption'), {childList: true});"
+    )
+    count = len(driver.find_elements("css selector", "#caption .word"))
+    WebDriverWait(driver, WAIT_S).until(lambda d: len(d.find_elements("css selector", "#caption .word")) >= count + 2)
+    assert driver.execute_script(active) == ["0"]
+    wait_for_answer(driver, previous="")
+    assert driver.execute_script(active) == ["0"]  # and after the final answer
+    rebuilds = driver.execute_script("return window.activeAfterRebuild")
+    assert len(rebuilds) >= 3 and set(rebuilds) == {1}, rebuilds  # never dropped, even for a moment
+    drawn = color_mask(
+        overlay_pixels(driver), driver.execute_script(active.replace(".dataset.index", ".dataset.color"))[0]
+    )
+    assert outline_drawn(drawn, expected["words"][0]["box"], SAMPLE_SIZE) >= 0.8
+    hover(driver, driver.find_element("tag name", "h1"))
+    assert driver.execute_script(active) == []
+
+
+def page_error(driver, contains: str) -> str:
+    """Wait until the page shows an error containing `contains`; its text."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    error = driver.find_element("id", "error")
+    WebDriverWait(driver, WAIT_S).until(lambda d: error.is_displayed() and contains in error.text)
+    return error.text
+
+
+def assert_no_image(driver) -> None:
+    """The page holds no image: none shown, no answer left, nothing to click but the file picker."""
+    assert not driver.find_element("id", "stage").is_displayed()
+    assert driver.find_element("id", "caption").text == "" and driver.find_element("id", "timings").text == ""
+    assert driver.execute_script("return document.getElementById('file').value") == ""
+    for button in ("caption-btn", "dense-btn", "localize-btn", "clear-box"):
+        assert not driver.find_element("id", button).is_enabled(), button
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_file_the_page_cannot_use_is_dropped_not_kept_beside_the_last(driver, service, tmp_path: Path) -> None:
+    """A file the browser cannot show, or one the service refuses (an SVG shows, and is a 415), leaves no image on
+    the page: not the one before it, answered as if it were the one chosen."""
+    open_page(driver, service.url)
+    for name, data, message in (
+        ("notes.txt", b"not an image", "This browser cannot display that file"),
+        ("drawing.svg", SVG, "unsupported_media_type"),
+    ):
+        upload(driver, tmp_path / "first.png", IMAGE)
+        (tmp_path / name).write_bytes(data)
+        driver.find_element("id", "file").send_keys(str(tmp_path / name))
+        page_error(driver, message)
+        assert_no_image(driver)
+    assert "(choose another image)" in driver.find_element("id", "error").text
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_inputs_the_page_cannot_send_say_so(driver, service, tmp_path: Path) -> None:
+    """Spaces as the text to find, and a number field the browser cannot read (it reports ""), are errors, not
+    silently nothing or the default."""
+    open_page(driver, service.url)
+    upload(driver, tmp_path / "inputs.png", IMAGE)
+    driver.find_element("id", "localize-text").send_keys("   ")
+    driver.find_element("id", "localize-btn").click()
+    page_error(driver, "Type a text to find")
+    tokens = driver.find_element("id", "max-tokens")
+    tokens.clear()
+    tokens.send_keys("e")
+    driver.find_element("id", "caption-btn").click()
+    page_error(driver, "Max tokens: not a number")
+    assert driver.find_element("id", "status").text == "Caption failed."
+    assert driver.find_element("id", "caption-btn").is_enabled()  # the image is kept: only the field is wrong
 
 
 # Replaces the model's words in (streamed) caption answers with two words of known, large boxes (arguments[0]).

@@ -71,6 +71,19 @@ function showError(error) {
   els.error.hidden = !error;
 }
 
+// Forget the image (one the browser cannot show, or the service refused): nothing is shown that is not used.
+function dropImage() {
+  state.generation += 1;
+  if (state.abort) state.abort.abort();
+  Object.assign(state, { busy: false, file: null, image: null, size: null, words: [], active: -1, promptBox: null });
+  Object.assign(state, { localization: null, regions: [], activeRegion: -1 });
+  els.file.value = "";
+  for (const pane of [els.caption, els.localization, els.regions, els.timings]) pane.replaceChildren();
+  els.stage.hidden = true;
+  setStatus("Choose an image to start.");
+  updateControls();
+}
+
 function updateControls() {
   const usable = state.ready && state.file !== null && !state.busy;
   els.captionBtn.disabled = !usable;
@@ -248,6 +261,14 @@ const errorText = (body, status) => {
   return error ? `${error.code}: ${error.message}` : `HTTP ${status}`;
 };
 
+// An Error with the service's error `code` (if any), so the image it refused can be dropped.
+function apiError(body, status) {
+  return Object.assign(new Error(errorText(body, status)), { code: body?.error?.code });
+}
+
+// Codes that refuse the image itself: every later request with it would fail alike.
+const IMAGE_REFUSED = new Set(["unsupported_media_type", "invalid_image", "image_too_large", "payload_too_large"]);
+
 // With API keys on (PIXELLLM_API_KEYS_FILE), the page asks for a key once and keeps it for this tab only.
 const KEY_ITEM = "pixelllm-api-key";
 
@@ -270,12 +291,15 @@ async function post(path, fields, onWord = null) {
   const form = new FormData();
   form.append("image", state.file);
   for (const [name, value] of fields) form.append(name, value);
-  const start = performance.now();
   state.abort = new AbortController();
   const send = () => fetch(path, { method: "POST", body: form, headers: keyHeaders(), signal: state.abort.signal });
+  let start = performance.now();
   let response = await send();
-  if ((response.status === 401 || response.status === 403) && askForKey(response.status)) response = await send();
-  if (!response.ok) throw new Error(errorText(await response.json().catch(() => null), response.status));
+  if ((response.status === 401 || response.status === 403) && askForKey(response.status)) {
+    start = performance.now(); // the time spent typing the key is not the service's
+    response = await send();
+  }
+  if (!response.ok) throw apiError(await response.json().catch(() => null), response.status);
   const body = onWord ? await readEvents(response, onWord) : await response.json();
   return { body, roundTrip: performance.now() - start };
 }
@@ -296,7 +320,7 @@ async function readEvents(response, onWord) {
       buffer = buffer.slice(end + 2);
       const data = fields.data ? JSON.parse(fields.data) : null;
       if (fields.event === "word") onWord(data);
-      if (fields.event === "error") throw new Error(errorText(data, response.status));
+      if (fields.event === "error") throw apiError(data, response.status);
       if (fields.event === "done") {
         reader.cancel();
         return data;
@@ -325,6 +349,11 @@ async function request(label, work) {
     setStatus(`${label}: done in ${Math.round(roundTrip)} ms.`);
   } catch (error) {
     if (generation !== state.generation) return;
+    if (IMAGE_REFUSED.has(error.code)) {
+      dropImage();
+      showError(`${error.message} (choose another image)`);
+      return;
+    }
     showError(error);
     setStatus(`${label} failed.`);
   } finally {
@@ -339,16 +368,24 @@ async function request(label, work) {
 // The caption so far: its words at their offsets (what lies between them is known once it is done).
 const draft = (words) => words.reduce((text, word) => text.padEnd(word.start, " ") + word.text, "");
 
+// A number field's text; what the browser cannot read as a number (it reports "") is an error, not the default.
+function numberText(input, name) {
+  if (input.validity.badInput) throw new Error(`${name}: not a number`);
+  return input.value;
+}
+
 // The max_new_tokens field when one is typed in; without it the service decodes up to the model's own limit.
-const maxTokens = () => (els.maxTokens.value ? [["max_new_tokens", els.maxTokens.value]] : []);
+function maxTokens() {
+  const value = numberText(els.maxTokens, "Max tokens");
+  return value ? [["max_new_tokens", value]] : [];
+}
 
 // Streamed: each word and its point appear as soon as the model has decoded it.
 function caption() {
-  const tokens = maxTokens();
   const words = [];
   return request("Caption", {
     request: () => {
-      const fields = [...tokens];
+      const fields = maxTokens();
       const b = state.promptBox;
       if (b) fields.push(["box", [b.x0, b.y0, b.x1, b.y1].map((v) => v.toFixed(1)).join(",")]);
       return ["/v1/caption?stream=true", fields];
@@ -367,7 +404,7 @@ function dense() {
   return request("Dense captions", {
     request: () => [
       "/v1/dense",
-      [...maxTokens(), ["score_threshold", els.denseThreshold.value || "0.3"]],
+      [...maxTokens(), ["score_threshold", numberText(els.denseThreshold, "Least region score") || "0.3"]],
     ],
     show: (body) => showRegions(body.regions),
   });
@@ -392,7 +429,7 @@ function localize(text) {
 
 function showCaption(body) {
   state.words = body.words;
-  state.active = -1;
+  if (state.active >= body.words.length) state.active = -1; // a word hovered while the caption streams stays so
   els.caption.replaceChildren();
   let pos = 0;
   body.words.forEach((word, i) => {
@@ -404,11 +441,12 @@ function showCaption(body) {
     span.tabIndex = 0;
     span.dataset.index = String(i);
     span.dataset.color = color;
+    span.classList.toggle("active", i === state.active);
     span.style.setProperty("--word-color", color);
     span.title = `point (${fmt(word.point.x)}, ${fmt(word.point.y)}), box ${boxText(word.box)}, score ${word.score.toFixed(2)}`;
     if (word.generated_text) span.title += `, verified (the decoder said "${word.generated_text}")`;
-    for (const on of ["mouseenter", "focus"]) span.addEventListener(on, () => setActive(i));
-    for (const off of ["mouseleave", "blur"]) span.addEventListener(off, () => setActive(-1));
+    span.addEventListener("focus", () => setActive(i));
+    span.addEventListener("blur", () => setActive(-1));
     els.caption.append(span);
     pos = word.end;
   });
@@ -505,7 +543,10 @@ els.file.addEventListener("change", async () => {
   try {
     await image.decode();
   } catch {
-    if (pick === state.pick) showError("This browser cannot display that file; choose a PNG, JPEG, WEBP, BMP or GIF image.");
+    if (pick === state.pick) {
+      dropImage();
+      showError("This browser cannot display that file; choose a PNG, JPEG, WEBP, BMP or GIF image.");
+    }
     return;
   } finally {
     URL.revokeObjectURL(url);
@@ -526,12 +567,20 @@ els.file.addEventListener("change", async () => {
   caption();
 });
 
+// Hover, on the caption rather than on each word: a streamed caption is rebuilt under a still mouse, and the
+// word under it stays active (the next move lands on the new span and sets it again).
+els.caption.addEventListener("mouseover", (event) => {
+  const span = event.target.closest(".word");
+  setActive(span ? Number(span.dataset.index) : -1);
+});
+els.caption.addEventListener("mouseleave", () => setActive(-1));
 els.captionBtn.addEventListener("click", () => caption());
 els.denseBtn.addEventListener("click", () => dense());
 els.localizeForm.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = els.localizeText.value.trim();
   if (text) localize(text);
+  else showError("Type a text to find: it is only spaces.");
 });
 window.addEventListener("resize", layout);
 
