@@ -13,7 +13,11 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -335,6 +339,27 @@ def initial_model(cfg: TrainConfig) -> PixelLLM:
     return model
 
 
+@contextmanager
+def finish_step_on_ctrl_c(enabled: bool) -> Iterator[threading.Event]:
+    """Inside, a first Ctrl-C (SIGINT) sets the event, for the loop to end its step, save a checkpoint and stop; a
+    second one interrupts at once. Off (the event never set) when not `enabled` or off the main thread."""
+    stop = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def first(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+        log.warning("Ctrl-C: ending this step and saving a checkpoint (Ctrl-C again stops at once, losing it)")
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train per `cfg`; returns the directory of the final model (`<out_dir>/final`)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -392,38 +417,44 @@ def train(cfg: TrainConfig) -> Path:
     log_file = log_path.open("a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     t_last, samples_since = time.time(), 0
-    for step in range(start, cfg.steps):
-        batch = batch_for_step(step, cfg, sources, model.cfg, tokenizer, rank, world)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            losses = net(batch)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        samples_since += cfg.batch_size
-        done = step + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-            elapsed = time.time() - t_last
-            record = {k: round(float(v.detach()), 4) for k, v in losses.items()}
-            record.update(
-                step=done,
-                lr=lr_at(step, cfg),
-                grad_norm=round(float(grad_norm), 3),
-                samples_per_s=round(samples_since / elapsed, 2),
-                time=time.time(),
-            )
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            bar.set_postfix(loss=record["loss"], sps=record["samples_per_s"])
-            t_last, samples_since = time.time(), 0
-        bar.update(1)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            rng = rng_states(device, distributed)
-            if rank == 0:
-                save_checkpoint(ckpt, model, optimizer, done, rng)
+    with finish_step_on_ctrl_c(enabled=not distributed) as stop:
+        for step in range(start, cfg.steps):
+            batch = batch_for_step(step, cfg, sources, model.cfg, tokenizer, rank, world)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                losses = net(batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            samples_since += cfg.batch_size
+            done = step + 1
+            if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+                elapsed = time.time() - t_last
+                record = {k: round(float(v.detach()), 4) for k, v in losses.items()}
+                record.update(
+                    step=done,
+                    lr=lr_at(step, cfg),
+                    grad_norm=round(float(grad_norm), 3),
+                    samples_per_s=round(samples_since / elapsed, 2),
+                    time=time.time(),
+                )
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=record["loss"], sps=record["samples_per_s"])
+                t_last, samples_since = time.time(), 0
+            bar.update(1)
+            stopping = stop.is_set()  # read once: a Ctrl-C from here on waits for the next step
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
+                rng = rng_states(device, distributed)
+                if rank == 0:
+                    save_checkpoint(ckpt, model, optimizer, done, rng)
+            if stopping:
+                bar.close()
+                log.warning("stopped at step %d of %d, saved in %s: the same command resumes", done, cfg.steps, ckpt)
+                raise KeyboardInterrupt
     bar.close()
     final = out / "final"
     if rank == 0:

@@ -274,8 +274,11 @@ def test_the_default_model_is_found_from_any_folder_and_a_preset_warns_of_random
     monkeypatch.delenv("PIXELLLM_MODEL", raising=False)
     assert DEFAULT_WEIGHTS.is_dir() and Settings().resolved_model() == str(DEFAULT_WEIGHTS)
     load_model(Settings().resolved_model())
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown model") as raised:
         load_model("weights/pixelllm-tny")  # a typo: the error alone, no warning of weights never built
+    assert f"(there is no weights/pixelllm-tny under {tmp_path}, where relative paths are read from)" in str(
+        raised.value
+    )
     assert "RANDOM" not in caplog.text
     load_model("pixelllm-tiny")
     assert "pixelllm-tiny is built with RANDOM weights" in caplog.text

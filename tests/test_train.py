@@ -124,6 +124,31 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+def test_ctrl_c_ends_the_step_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """`ckpt_every` is past the run's end, so only the Ctrl-C's checkpoint can hold its steps."""
+    config = write_config(tiny_config(tmp_path / "run", steps=200, ckpt_every=1000), tmp_path / "run.json")
+    cmd = [sys.executable, "-m", "pixelllm.cli", "train", str(config)]
+    log, ckpt, stderr = tmp_path / "run" / "log.jsonl", tmp_path / "run" / "checkpoint.pt", tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 240
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and len(log.read_text().splitlines() if log.exists() else []) < 2
+        ):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, stderr.read_text()[-2000:]
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 2 <= step < 200
+    assert f"stopped at step {step} of 200, saved in {ckpt}: the same command resumes" in stderr.read_text()
+    assert not (tmp_path / "run" / "final").exists()
+    resumed = subprocess.run([*cmd, "--steps", str(step + 1)], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0 and f"resumed from {ckpt} at step {step}" in resumed.stderr, resumed.stderr[-2000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
 def test_resume_at_another_thread_count_than_the_config_says_warns(tmp_path, caplog):
     first = tiny_config(tmp_path, steps=2, ckpt_every=1, threads=1)
     with single_thread():
