@@ -266,7 +266,7 @@ def load_config(name_or_path: str | Path | PixelLLMConfig) -> PixelLLMConfig:
     if preset.is_file():
         return PixelLLMConfig.from_json(preset)
     hint = model_path_hint(path)
-    if not hint and not path.is_absolute() and len(path.parts) > 1:  # a relative path, from another folder?
+    if not hint and not path.exists() and not path.is_absolute() and len(path.parts) > 1:  # from another folder?
         hint = f" (there is no {path} under {Path.cwd()}, where relative paths are read from)"
     raise ValueError(
         f"unknown model {str(name_or_path)!r}: not a preset ({', '.join(list_presets())}), "

@@ -106,9 +106,13 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
+def synthetic_scene(seed: int, index: int, image_size: int, tokenizer: Tokenizer) -> PreparedScene:
+    return prepare_scene(generate_scene(scene_seed(seed, index)), image_size, tokenizer)
+
+
 def _prepare_synthetic(args: tuple[int, int, int, str]) -> PreparedScene:
-    seed, index, image_size, tokenizer_json = args
-    return prepare_scene(generate_scene(scene_seed(seed, index)), image_size, Tokenizer.from_file(tokenizer_json))
+    seed, index, image_size, tokenizer_json = args  # a worker process reads the tokenizer from its file
+    return synthetic_scene(seed, index, image_size, Tokenizer.from_file(tokenizer_json))
 
 
 class SceneSource:
@@ -155,9 +159,7 @@ class SceneSource:
         todo = sorted(indices - self.scenes.keys())
         if len(todo) <= 64:  # not worth starting worker processes
             for i in todo:
-                self.scenes[i] = prepare_scene(
-                    generate_scene(scene_seed(self.cfg.seed, i)), self.image_size, self.tokenizer
-                )
+                self.scenes[i] = synthetic_scene(self.cfg.seed, i, self.image_size, self.tokenizer)
             return
         jobs = [(self.cfg.seed, i, self.image_size, str(self.tokenizer_file)) for i in todo]
         # spawn, not fork: forking after torch has started its thread pools can deadlock
@@ -342,18 +344,22 @@ def initial_model(cfg: TrainConfig) -> PixelLLM:
 @contextmanager
 def finish_step_on_ctrl_c(enabled: bool) -> Iterator[threading.Event]:
     """Inside, a first Ctrl-C (SIGINT) sets the event, for the loop to end its step, save a checkpoint and stop; a
-    second one interrupts at once. Off (the event never set) when not `enabled` or off the main thread."""
+    second one interrupts at once. Off (the event never set) when not `enabled`, off the main thread, or where
+    SIGINT is ignored (a job started in the background by a script)."""
     stop = threading.Event()
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not enabled or not main_thread or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield stop
         return
+    # None: a handler not installed from Python, which cannot be put back; Python's own raises KeyboardInterrupt
+    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
 
     def first(signum: int, frame: object) -> None:
         stop.set()
         signal.signal(signal.SIGINT, previous)
         log.warning("Ctrl-C: ending this step and saving a checkpoint (Ctrl-C again stops at once, losing it)")
 
-    previous = signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGINT, first)
     try:
         yield stop
     finally:
@@ -446,7 +452,7 @@ def train(cfg: TrainConfig) -> Path:
                 bar.set_postfix(loss=record["loss"], sps=record["samples_per_s"])
                 t_last, samples_since = time.time(), 0
             bar.update(1)
-            stopping = stop.is_set()  # read once: a Ctrl-C from here on waits for the next step
+            stopping = stop.is_set() and done < cfg.steps  # read once; at the last step the run just ends
             if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
                 rng = rng_states(device, distributed)
                 if rank == 0:

@@ -279,6 +279,11 @@ def test_the_default_model_is_found_from_any_folder_and_a_preset_warns_of_random
     assert f"(there is no weights/pixelllm-tny under {tmp_path}, where relative paths are read from)" in str(
         raised.value
     )
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "model.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="unknown model") as raised:
+        load_model("notes/model.txt")  # there, but not a model: no hint that it is missing
+    assert "there is no" not in str(raised.value)
     assert "RANDOM" not in caplog.text
     load_model("pixelllm-tiny")
     assert "pixelllm-tiny is built with RANDOM weights" in caplog.text

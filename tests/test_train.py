@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,6 +149,42 @@ def test_ctrl_c_ends_the_step_saves_a_checkpoint_and_the_same_command_resumes(tm
     resumed = subprocess.run([*cmd, "--steps", str(step + 1)], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0 and f"resumed from {ckpt} at step {step}" in resumed.stderr, resumed.stderr[-2000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_a_stop_asked_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+    """A Ctrl-C seen after step 1 of 3 stops there with a checkpoint; after the last step, the run just ends."""
+    import pixelllm.train as training
+
+    @contextlib.contextmanager
+    def asked(enabled: bool):
+        stop = threading.Event()
+        stop.set()
+        yield stop
+
+    monkeypatch.setattr(training, "finish_step_on_ctrl_c", asked)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "early", steps=3))
+    assert torch.load(tmp_path / "early" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "early" / "final").exists()
+    assert (train(tiny_config(tmp_path / "last", steps=1)) / "model.safetensors").exists()
+
+
+def test_ctrl_c_handling_is_off_where_sigint_is_ignored_and_put_back_after():
+    from pixelllm.train import finish_step_on_ctrl_c
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job a script started in the background
+    try:
+        with finish_step_on_ctrl_c(True) as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    with finish_step_on_ctrl_c(True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.time() + 10
+        while not stop.is_set() and time.time() < deadline:
+            time.sleep(0.01)
+        assert stop.is_set() and signal.getsignal(signal.SIGINT) is before  # a second one interrupts at once
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_resume_at_another_thread_count_than_the_config_says_warns(tmp_path, caplog):

@@ -71,15 +71,22 @@ function showError(error) {
   els.error.hidden = !error;
 }
 
+// Put `image` (an Image, or null) in place of the current one: its answers, requests and drawings go with it.
+function setImage(file, image) {
+  state.generation += 1;
+  if (state.abort) state.abort.abort(); // the server stops decoding a caption nobody reads
+  dragStart = null;
+  Object.assign(state, { busy: false, file, image, words: [], active: -1, promptBox: null, drag: null });
+  Object.assign(state, { localization: null, regions: [], activeRegion: -1 });
+  state.size = image && { width: image.naturalWidth, height: image.naturalHeight };
+  for (const pane of [els.caption, els.localization, els.regions, els.timings]) pane.replaceChildren();
+  els.stage.hidden = !image;
+}
+
 // Forget the image (one the browser cannot show, or the service refused): nothing is shown that is not used.
 function dropImage() {
-  state.generation += 1;
-  if (state.abort) state.abort.abort();
-  Object.assign(state, { busy: false, file: null, image: null, size: null, words: [], active: -1, promptBox: null });
-  Object.assign(state, { localization: null, regions: [], activeRegion: -1 });
+  setImage(null, null);
   els.file.value = "";
-  for (const pane of [els.caption, els.localization, els.regions, els.timings]) pane.replaceChildren();
-  els.stage.hidden = true;
   setStatus("Choose an image to start.");
   updateControls();
 }
@@ -334,6 +341,7 @@ async function readEvents(response, onWord) {
 async function request(label, work) {
   if (state.busy || !state.ready || !state.file) return;
   const generation = state.generation;
+  const pick = state.pick;
   state.busy = true;
   updateControls();
   showError(null);
@@ -350,6 +358,7 @@ async function request(label, work) {
   } catch (error) {
     if (generation !== state.generation) return;
     if (IMAGE_REFUSED.has(error.code)) {
+      if (pick !== state.pick) return; // another file is being opened: it replaces this one anyway
       dropImage();
       showError(`${error.message} (choose another image)`);
       return;
@@ -385,6 +394,7 @@ function caption() {
   const words = [];
   return request("Caption", {
     request: () => {
+      state.active = -1; // kept across the rebuilds of this caption's stream only
       const fields = maxTokens();
       const b = state.promptBox;
       if (b) fields.push(["box", [b.x0, b.y0, b.x1, b.y1].map((v) => v.toFixed(1)).join(",")]);
@@ -552,16 +562,7 @@ els.file.addEventListener("change", async () => {
     URL.revokeObjectURL(url);
   }
   if (pick !== state.pick) return; // a file chosen after this one decoded first and is shown
-  state.generation += 1;
-  state.busy = false;
-  if (state.abort) state.abort.abort(); // the server stops decoding a caption nobody reads
-  Object.assign(state, { file, image, words: [], active: -1, promptBox: null, localization: null, regions: [] });
-  state.size = { width: image.naturalWidth, height: image.naturalHeight };
-  els.caption.replaceChildren();
-  els.localization.replaceChildren();
-  els.regions.replaceChildren();
-  els.timings.replaceChildren();
-  els.stage.hidden = false;
+  setImage(file, image);
   layout();
   updateControls();
   caption();
