@@ -132,7 +132,9 @@ def test_ctrl_c_ends_the_step_saves_a_checkpoint_and_the_same_command_resumes(tm
     cmd = [sys.executable, "-m", "pixelllm.cli", "train", str(config)]
     log, ckpt, stderr = tmp_path / "run" / "log.jsonl", tmp_path / "run" / "checkpoint.pt", tmp_path / "stderr.txt"
     with stderr.open("w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        # SIGINT as at a terminal: a background job (CI under nohup) inherits it ignored, and so would the run
+        sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=sigint)
         deadline = time.time() + 240
         while (
             time.time() < deadline
@@ -172,19 +174,21 @@ def test_a_stop_asked_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch
 def test_ctrl_c_handling_is_off_where_sigint_is_ignored_and_put_back_after():
     from pixelllm.train import finish_step_on_ctrl_c
 
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job a script started in the background
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job a script started in the background
     try:
         with finish_step_on_ctrl_c(True) as stop:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
+        before = signal.default_int_handler  # as at a terminal (this test may run in such a job itself)
         signal.signal(signal.SIGINT, before)
-    with finish_step_on_ctrl_c(True) as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        deadline = time.time() + 10
-        while not stop.is_set() and time.time() < deadline:
-            time.sleep(0.01)
-        assert stop.is_set() and signal.getsignal(signal.SIGINT) is before  # a second one interrupts at once
-    assert signal.getsignal(signal.SIGINT) is before
+        with finish_step_on_ctrl_c(True) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.time() + 10
+            while not stop.is_set() and time.time() < deadline:
+                time.sleep(0.01)
+            assert stop.is_set() and signal.getsignal(signal.SIGINT) is before  # a second one interrupts at once
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_resume_at_another_thread_count_than_the_config_says_warns(tmp_path, caplog):
