@@ -11,7 +11,8 @@ file names; a folder's or glob's file paths are sanitized into such ids.
 Each result is one line `{"id", "task", "image", "result"}` of the output, `result` being the service's
 answer; each failure one line `{"id", "image", "status", "attempts", "error": {"code", "message"}}` of the
 errors file, which holds the last run's failures. A rerun skips the ids already in the output and cuts off a
-torn last line left by a killed run, so every id is written once.
+torn last line left by a killed run, so every id is written once; it refuses to run if the output holds
+another task's (or text's) results for its ids. A service that stops answering midway stops the run.
 """
 
 from __future__ import annotations
@@ -165,27 +166,32 @@ def discover(
     """The items to send from a folder, a glob or a JSONL manifest, and error records for refused entries.
 
     `root` bounds the images read (default: the folder, the glob's fixed prefix, or the manifest's folder);
-    `text` localizes that text in every image of a folder or glob instead of captioning it.
+    a folder's or glob's ids are the files' paths from that folder or prefix, whatever the root. Hidden files
+    and folders (".name") are left out, as are files without an image suffix. `text` localizes that text in
+    every image of a folder or glob instead of captioning it.
     """
+    if text is not None and not text.strip():
+        raise BatchError("the text is empty: give what to localize, or no text to caption")
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        found = _from_files(files, Path(root) if root else path, allow_outside_root, text)
+        files = sorted(p for p in path.rglob("*") if _is_image(p) and not _hidden(p.relative_to(path)))
+        found = _from_files(files, path, Path(root) if root else path, allow_outside_root, text)
     elif path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             raise BatchError(
                 f"{source} is an image: give a folder, a quoted glob or a JSONL manifest of images "
                 f"(`pixelllm caption {source}` captions one image)"
             )
-        if text:
+        if text is not None:
             raise BatchError("a text is for a folder or a glob; in a manifest, give each entry its own 'text'")
         found = _from_manifest(path, Path(root) if root else path.parent, allow_outside_root)
     elif glob.has_magic(source):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
-        if not files:
+        matches = [Path(p) for p in glob.glob(source, recursive=True)]
+        if not matches:
             raise BatchError(f"nothing to send: no file matches {source}")
-        fixed = takewhile(lambda part: not glob.has_magic(part), Path(source).parts)
-        found = _from_files(files, Path(root) if root else Path(*fixed), allow_outside_root, text)
+        fixed = Path(*takewhile(lambda part: not glob.has_magic(part), Path(source).parts))
+        files = sorted(p for p in matches if _is_image(p))
+        found = _from_files(files, fixed, Path(root) if root else fixed, allow_outside_root, text)
     else:
         raise BatchError(f"input not found: {source} (give a folder, a glob like 'images/*.png' or a JSONL manifest)")
     if not any(found):
@@ -193,12 +199,22 @@ def discover(
     return found
 
 
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _hidden(relative: Path) -> bool:
+    """A path under a hidden folder or a hidden file itself (macOS's `._x.jpg`, `.thumbnails/`)."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def _from_files(
-    files: list[Path], root: Path, allow_outside_root: bool, text: str | None
+    files: list[Path], base: Path, root: Path, allow_outside_root: bool, text: str | None
 ) -> tuple[list[Item], list[dict[str, Any]]]:
+    """Items for `files`, each with its path from `base` as its id; files outside `root` are refused."""
     items, refused, seen = [], [], set()
     for file in files:
-        id = sanitize_id(os.path.relpath(file, root))
+        id = sanitize_id(os.path.relpath(file, base))
         try:
             if id in seen:
                 raise ItemError("duplicate_id", f"{file} has the id {id!r} of an earlier file")
@@ -207,7 +223,8 @@ def _from_files(
             refused.append(error_record(id, e.code, e.message, str(file)))
             continue
         seen.add(id)
-        items.append(Item(id, resolved, str(file), "localize" if text else "caption", texts=(text,) if text else ()))
+        task, texts = ("localize", (text,)) if text is not None else ("caption", ())
+        items.append(Item(id, resolved, str(file), task, texts=texts))
     return items, refused
 
 
@@ -348,11 +365,15 @@ ERROR_KEYS = ("id", "error")
 RECORD_START = b'{"id": '  # how `JsonlWriter` starts every record, so a torn last line starts so too
 
 
-def _scan(path: Path, keys: tuple[str, ...], kind: str) -> tuple[set[str], int]:
+Request = tuple[str, tuple[str, ...]]  # what was asked of an id: the task and the texts localized
+
+
+def _scan(path: Path, keys: tuple[str, ...], kind: str) -> tuple[dict[str, Request], int]:
     """The ids in a JSONL file of `kind` ("a results", "an errors") records, objects with `keys`, that this
-    client wrote, and the length of its records: a last line cut short by a killed run (a record's start that
-    is no JSON) is left out. Raises `BatchError`, and leaves the file as it is, if it holds anything else."""
-    done, end = set(), 0
+    client wrote, each with its `Request` (a results record's), and the length of its records: a last line cut
+    short by a killed run (a record's start that is no JSON) is left out. Raises `BatchError`, and leaves the
+    file as it is, if it holds anything else."""
+    done, end = {}, 0
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
@@ -375,9 +396,17 @@ def _scan(path: Path, keys: tuple[str, ...], kind: str) -> tuple[set[str], int]:
                         f"{path} line {n} is not {kind} record ({problem}); remove that line, or give another "
                         "file: this one is left as it is"
                     )
-                done.add(str(record["id"]))
+                done[str(record["id"])] = _request(record)
             end += len(line)
     return done, end
+
+
+def _request(record: dict[str, Any]) -> Request:
+    """The task of a results record and the texts its answer localized (none for an errors record)."""
+    answer = record.get("result")
+    results = answer.get("results") if isinstance(answer, dict) else None
+    texts = [r.get("text") for r in results if isinstance(r, dict)] if isinstance(results, list) else []
+    return str(record.get("task")), tuple(str(t) for t in texts)
 
 
 def _missing(record: Any, keys: tuple[str, ...]) -> str:
@@ -388,12 +417,12 @@ def _missing(record: Any, keys: tuple[str, ...]) -> str:
     return f"no {', '.join(missing)}" if missing else ""
 
 
-def recover(path: Path) -> set[str]:
-    """The ids already in an output JSONL, after cutting off a torn last line (and ending a last record that
-    lacks its newline with one). Raises `BatchError` for a file that is not such an output (a manifest, an
-    image, notes given by mistake)."""
+def recover(path: Path) -> dict[str, Request]:
+    """The ids already in an output JSONL, each with what was asked of it, after cutting off a torn last line
+    (and ending a last record that lacks its newline with one). Raises `BatchError` for a file that is not
+    such an output (a manifest, an image, notes given by mistake)."""
     if not path.exists():
-        return set()
+        return {}
     done, end = _scan(path, RESULT_KEYS, "a results")
     size = path.stat().st_size
     if end < size:
@@ -405,6 +434,24 @@ def recover(path: Path) -> set[str]:
             if f.read(1) != b"\n":
                 f.write(b"\n")
     return done
+
+
+def check_same_requests(items: list[Item], done: dict[str, Request], output: Path) -> None:
+    """Raise `BatchError` if `output` holds results of another task or text under ids of `items`: skipping
+    those ids, as a rerun does, would leave what is asked now undone."""
+    clashes = [item for item in items if item.id in done and done[item.id] != (item.task, item.texts)]
+    if clashes:
+        item = clashes[0]
+        raise BatchError(
+            f"{output} already holds other results for {len(clashes)} of these ids, such as {item.id!r} "
+            f"({_describe(done[item.id])}; asked now: {_describe((item.task, item.texts))}); write them to "
+            "another file with -o, or remove those lines to redo them"
+        )
+
+
+def _describe(request: Request) -> str:
+    task, texts = request
+    return f"{task} {', '.join(map(repr, texts))}" if texts else task
 
 
 def check_errors_file(path: Path) -> None:
@@ -493,6 +540,14 @@ class _Session:
                 pass
         return False, error_record(item.id, *_error(response), item.image, response.status_code, attempts)
 
+    async def answers(self) -> bool:
+        """Whether the service answers at all (any status to one `GET /readyz`, no retries)."""
+        try:
+            await self.client.get("/readyz")
+        except httpx.TransportError:
+            return False
+        return True
+
 
 def _error(response: httpx.Response) -> tuple[str, str]:
     """(code, message) of the service's `{"error": {"code", "message"}}`, or made from the status and body."""
@@ -538,6 +593,7 @@ async def _run(
     start = time.perf_counter()
     check_errors_file(errors)
     done = recover(output)
+    check_same_requests(items, done, output)
     todo = [item for item in items if item.id not in done]
     # a refused entry whose id is done has nothing to do, unless it was refused for that id: it is another image
     unsent = [r for r in refused if r["id"] not in done or r["error"]["code"] == "duplicate_id"]
@@ -557,16 +613,31 @@ async def _run(
                 bar.set_postfix(failed=failed, retries=0, refresh=False)
 
                 async def worker() -> None:
-                    nonlocal succeeded, failed
+                    nonlocal succeeded, failed, gone
                     for item in pending:  # one shared iterator: every item is taken by one worker
                         ok, record = await session.send(item)
                         (out if ok else err).write(record)
                         succeeded, failed = succeeded + ok, failed + (not ok)
                         bar.update()
                         bar.set_postfix(failed=failed, retries=session.retries, refresh=False)
+                        if not ok and record["error"]["code"] == "connection_error" and not await session.answers():
+                            gone = gone or record["error"]["message"]
+                        if gone:  # every item left would spend its retries on a service that is not there
+                            return
 
-                await asyncio.gather(*(worker() for _ in range(min(options.concurrency, len(todo)))))
+                gone = ""
+                workers = [asyncio.create_task(worker()) for _ in range(min(options.concurrency, len(todo)))]
+                try:
+                    await asyncio.gather(*workers)
+                finally:  # one raised (a 401, say): the others write nothing more to files about to close
+                    for task in workers:
+                        task.cancel()
         retries = session.retries
+    if gone:
+        raise BatchError(
+            f"the service at {options.server} stopped answering ({gone}); {succeeded} results written, "
+            f"{len(todo) - succeeded} ids left: rerun the same command when it is back, done ids are skipped"
+        )
     return Summary(
         total=len(items) + len(refused),
         skipped=len(items) - len(todo) + len(refused) - len(unsent),

@@ -89,7 +89,7 @@ def load_scenes(data_dir: str | Path) -> Iterator[Scene]:
             if not line.strip():
                 continue
             ann = json.loads(line)
-            image = to_rgb_array(Image.open(data_dir / "images" / ann["file_name"]))
+            image = to_rgb_array(Image.open(data_dir / ann["file_name"]))  # "images/<id>.jpg"
             objects = [
                 SceneObject(
                     shape=o["shape"],

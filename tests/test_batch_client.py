@@ -261,6 +261,92 @@ def test_files_whose_paths_make_one_id_are_refused_on_every_run(service, tmp_pat
     assert "failed=1" in bar and "failed=0" not in bar  # the refused entry counts from the start
 
 
+def test_folder_and_glob_ids_and_what_they_leave_out(tmp_path: Path) -> None:
+    """Ids are paths from the folder (or the glob's fixed prefix) whatever `--root` says; hidden files, a
+    glob's non-images (the run's own results) and a link out of the root unless widened are not sent."""
+    folder, outside = tmp_path / "shots", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True), (folder / ".thumbnails").mkdir(), outside.mkdir()
+    for path in (folder / "a.png", folder / "sub" / "b.jpg", folder / "._a.png", folder / ".thumbnails" / "c.png"):
+        path.write_bytes(png(24, 16, seed=1))
+    (outside / "d.png").write_bytes(png(24, 16, seed=2))
+    (folder / "d.png").symlink_to(outside / "d.png")
+    (folder / "results.jsonl").write_text(RESULT_LINE)
+    (folder / "notes.txt").write_text("notes")
+
+    def ids(source: str, root: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+        items, refused = discover(source, root)
+        return [i.id for i in items], [(r["id"], r["error"]["code"]) for r in refused]
+
+    assert ids(str(folder)) == (["a.png", "sub_b.jpg"], [("d.png", "outside_root")])
+    assert ids(str(folder), root=str(tmp_path)) == (["a.png", "d.png", "sub_b.jpg"], [])  # the same ids, widened
+    assert ids(str(folder / "*")) == (["a.png"], [("d.png", "outside_root")])
+    assert ids(str(folder / "**" / "*"), root=str(tmp_path)) == (["a.png", "d.png", "sub_b.jpg"], [])
+    with pytest.raises(BatchError, match="has no images"):
+        discover(str(folder / "*.txt"))
+
+
+def test_an_empty_text_is_refused(tmp_path: Path, images: Path, capsys) -> None:
+    for text in ("", "  "):  # an unset $VAR would caption everything instead
+        code, _, err = batch(capsys, str(images), "-o", str(tmp_path / "o.jsonl"), "--text", text)
+        assert code == 2 and "the text is empty" in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_rerun_asking_another_task_of_done_ids_is_refused(service, tmp_path: Path, capsys) -> None:
+    """Skipping done ids would leave what is asked now undone: the run stops before sending anything."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i}.png").write_bytes(png(32, 24, seed=i))
+    out = tmp_path / "out.jsonl"
+    common = ["-o", str(out), "--server", service.url]
+    assert batch(capsys, str(folder), *common)[0] == 0
+    written = out.read_bytes()
+    code, _, err = batch(capsys, str(folder), *common, "--text", "the dog")
+    assert code == 2 and "already holds other results for 2 of these ids" in err, err
+    assert "(caption; asked now: localize 'the dog')" in err and "another file with -o" in err
+    assert out.read_bytes() == written
+    there = tmp_path / "there.jsonl"
+    assert batch(capsys, str(folder), "-o", str(there), "--server", service.url, "--text", "the dog")[0] == 0
+    code, _, err = batch(capsys, str(folder), "-o", str(there), "--server", service.url, "--text", "the cat")
+    assert code == 2 and "(localize 'the dog'; asked now: localize 'the cat')" in err, err
+    assert batch(capsys, str(folder), "-o", str(there), "--server", service.url, "--text", "the dog")[0] == 0
+
+
+def test_a_service_gone_midway_stops_the_batch(tmp_path_factory, tmp_path: Path, images: Path, random_tiny_dir) -> None:
+    """A crashed service ends the run (exit 2 from the CLI) after the requests in flight fail, instead of
+    spending every remaining item's retries; the rerun goes on from there."""
+    server = start_server(tmp_path_factory, random_tiny_dir, debug_batch_delay_ms=200, max_batch_size=1)
+    items, refused = discover(str(images))
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    options = Options(server.url, concurrency=2, retries=2, backoff_s=0.1, progress=False)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_batch(items, refused, out, errors, options)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 3, timeout_s=120)
+    finally:
+        server.proc.kill()  # a crash: no draining
+        server.stop()
+    killed = time.monotonic()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert time.monotonic() - killed < 10  # 2 retries at 0.1-0.2 s backoff, not 47 items' worth
+    (error,) = outcome
+    assert isinstance(error, BatchError) and f"the service at {server.url} stopped answering" in str(error)
+    written = len(read_jsonl(out))
+    assert f"{written} results written, {N - written} ids left: rerun the same command" in str(error)
+    failures = read_jsonl(errors)
+    assert 1 <= len(failures) <= 2 and {f["error"]["code"] for f in failures} == {"connection_error"}
+
+
 def test_a_model_that_failed_to_load_is_not_retried(tmp_path: Path, images: Path, random_tiny_dir: Path) -> None:
     """An app whose weights do not load, under uvicorn in this process (`pixelllm serve` itself would exit): the
     client stops at once with the reason instead of retrying a 503 that retrying cannot fix."""
@@ -366,13 +452,13 @@ def test_recover_cuts_only_a_torn_last_line(tmp_path: Path) -> None:
     second = b'{"id": 2, "task": "localize", "image": "b.png", "result": {}}\n'
     for torn in (b'{"id": "c", "res', b'{"i', b"{"):
         path.write_bytes(RESULT_LINE.encode() + b"\n" + second + torn)
-        assert recover(path) == {"a", "2"}
+        assert recover(path) == {"a": ("caption", ()), "2": ("localize", ())}
         assert path.read_bytes() == RESULT_LINE.encode() + b"\n" + second
-    assert recover(tmp_path / "absent.jsonl") == set()
+    assert recover(tmp_path / "absent.jsonl") == {}
     compact = b'{"id":"d","task":"caption","image":"d.png","result":{}}'
     for last in (second.rstrip(), compact):  # a whole record without its newline (an editor, jq -c) is kept
         path.write_bytes(RESULT_LINE.encode() + last)
-        assert recover(path) == {"a", str(json.loads(last)["id"])}
+        assert set(recover(path)) == {"a", str(json.loads(last)["id"])}
         assert path.read_bytes() == RESULT_LINE.encode() + last + b"\n"  # and ended, for the records to come
     for line, reason in (b"[1]", "not a JSON object"), (b'"id task image result"', "not a JSON object"):
         path.write_bytes(RESULT_LINE.encode() + line + b"\n")

@@ -207,6 +207,13 @@ def test_eval_writes_metrics_json(capsys, tmp_path, model_dir):
     assert metrics["quantize"] == "none"
     assert torch.is_grad_enabled(), "eval must not switch autograd off for the rest of the process"
 
+    data = str(tmp_path / "synth")  # the same scenes written by `pixelllm data synth`, read back by --data
+    assert run(capsys, "data", "synth", "--out", data, "--n", "2", "--seed", "4", "--renderer", "independent")[0] == 0
+    code, _, _ = run(capsys, "eval", "--model", model_dir, "--data", data, "--out", str(out_file))
+    on_disk = json.loads(out_file.read_text())
+    assert code == 0 and on_disk["data"] == data
+    assert (on_disk["num_scenes"], on_disk["num_objects"]) == (2, metrics["num_objects"])
+
 
 def test_eval_num_beams(capsys, tmp_path, model_dir):
     out_file = tmp_path / "eval.json"

@@ -60,14 +60,27 @@ def test_utterance_without_trace_is_unlocated():
     assert empty.point is None and empty.box is None
 
 
-def test_multiple_segments_are_merged_in_time():
-    # segments given out of time order; the gap between them (t 1..2) is interpolated
+def test_no_location_between_segments_where_the_pointer_left_the_image():
+    # segments given out of time order; between them (t 1..2) the pointer was off the image
     traces = [[(0.8, 0.8, 2.0), (0.9, 0.9, 3.0)], [(0.0, 0.0, 0.0), (0.2, 0.2, 1.0)]]
-    rec = make_record("a b c", [("a", 0.0, 1.0), ("b", 1.0, 2.0), ("c", 2.0, 3.0)], traces)
-    a, b, c = word_locations(rec)
+    utterances = [("a", 0.0, 1.0), ("b", 1.2, 1.8), ("c", 2.0, 3.0), ("d", 0.5, 2.5)]
+    a, b, c, d = word_locations(make_record("a b c d", utterances, traces), samples_per_word=21)
     assert a.box == pytest.approx((0.0, 0.0, 0.2, 0.2))
-    assert b.box == pytest.approx((0.2, 0.2, 0.8, 0.8))
+    assert b.point is None and b.box is None
     assert c.box == pytest.approx((0.8, 0.8, 0.9, 0.9))
+    # d: 5 samples in each segment (t 0.5..1.0, 2.0..2.5), none of the gap's 11
+    assert d.box == pytest.approx((0.1, 0.1, 0.85, 0.85))
+    assert d.point == pytest.approx((((0.1 + 0.2) / 2 + (0.8 + 0.85) / 2) / 2,) * 2)
+
+
+def test_a_short_segment_between_two_instants_is_not_missed():
+    traces = [
+        [(0.0, 0.0, 0.0), (0.1, 0.1, 1.0)],
+        [(0.7, 0.3, 5.02), (0.7, 0.3, 5.03)],
+        [(0.9, 0.9, 9.0), (1.0, 1.0, 10.0)],
+    ]
+    (word,) = word_locations(make_record("dog", [("dog", 2.0, 8.0)], traces), samples_per_word=4)
+    assert word.box == pytest.approx((0.7, 0.3, 0.7, 0.3))
 
 
 def test_utterances_matched_in_caption_order():

@@ -23,6 +23,7 @@ from pixelllm.data.synthetic import (
     scene_seed,
     write_dataset,
 )
+from pixelllm.evaluate import load_scenes
 from pixelllm.tokenizer import Tokenizer
 
 RENDERERS = {"synthetic": generate_scene, "independent": render_independent_scene}
@@ -158,6 +159,13 @@ def test_write_dataset_round_trip(tmp_path, renderer):
         assert targets.boxes.shape == (len(targets.ids), 4)
         assert targets.located[:-1].any() and not targets.located[-1]
         assert ((targets.boxes >= 0) & (targets.boxes <= 1)).all()
+
+    for i, loaded in enumerate(load_scenes(out)):  # as `pixelllm eval --data` reads it back
+        sc = RENDERERS[renderer](scene_seed(7, i))
+        assert loaded.image.shape == sc.image.shape and np.abs(loaded.image.astype(int) - sc.image).mean() < 4
+        assert (loaded.caption, loaded.narrative) == (sc.caption, sc.narrative)
+        assert [(o.box, o.referring) for o in loaded.objects] == [(o.box, o.referring) for o in sc.objects]
+    assert i == 1
 
 
 def test_unknown_renderer(tmp_path):

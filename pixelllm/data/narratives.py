@@ -7,10 +7,11 @@ Records follow the official JSONL format (one record per line)::
      "traces": [[{"x", "y", "t"}, ...], ...], "voice_recording"}
 
 x, y are normalized image coordinates (x right, y down, [0, 1]; raw points slightly outside are clipped),
-t is seconds. A word's location comes from the trace during its utterance: the trace is linearly
-interpolated at `samples_per_word` instants spread uniformly over [start_time, end_time] (clamped to the
-trace's time range); the mean of those samples is the word's point and their min/max its box. All
-coordinates here stay normalized to [0, 1].
+t is seconds. Each trace segment runs from the pointer entering the image to its leaving it. A word's
+location comes from the trace during its utterance: each segment is linearly interpolated at those of
+`samples_per_word` instants spread uniformly over [start_time, end_time] (clamped to the trace's time range)
+that fall within it, never across the gap between two segments; the mean of those samples is the word's
+point and their min/max its box. All coordinates here stay normalized to [0, 1].
 """
 
 from __future__ import annotations
@@ -109,23 +110,39 @@ def record_problem(record: dict) -> str | None:
     return None
 
 
-def _flat_trace(traces: list[list[dict]]) -> np.ndarray:
-    """All trace segments as one (N, 3) array of (t, x, y), sorted by t, x and y clipped to [0, 1]."""
-    points = [(p["t"], p["x"], p["y"]) for segment in traces for p in segment]
-    if not points:
-        return np.zeros((0, 3))
-    trace = np.asarray(points, dtype=np.float64)
-    trace = trace[np.argsort(trace[:, 0], kind="stable")]
-    trace[:, 1:] = np.clip(trace[:, 1:], 0.0, 1.0)
-    return trace
+def _trace_segments(traces: list[list[dict]]) -> list[np.ndarray]:
+    """Each non-empty trace segment (the pointer on the image, from entering it to leaving it) as an (N, 3)
+    array of (t, x, y) sorted by t, x and y clipped to [0, 1]; the segments in order of their start."""
+    segments = []
+    for segment in traces:
+        if segment:
+            trace = np.asarray([(p["t"], p["x"], p["y"]) for p in segment], dtype=np.float64)
+            trace = trace[np.argsort(trace[:, 0], kind="stable")]
+            trace[:, 1:] = np.clip(trace[:, 1:], 0.0, 1.0)
+            segments.append(trace)
+    return sorted(segments, key=lambda trace: trace[0, 0])
 
 
-def _sample_trace(trace: np.ndarray, start: float, end: float, n: int) -> np.ndarray | None:
-    """(n, 2) trace positions at n instants uniform over [start, end] ∩ the trace's time range, or None."""
-    if len(trace) == 0 or end < trace[0, 0] or start > trace[-1, 0]:
+def _sample_trace(segments: list[np.ndarray], start: float, end: float, n: int) -> np.ndarray | None:
+    """(m, 2) trace positions at those of n instants uniform over [start, end] ∩ the traces' time range that
+    fall within a segment, each interpolated within its segment: none between segments, where the pointer was
+    off the image. A segment inside the interval but between two instants gives its points. None if nothing."""
+    if not segments:
         return None
-    times = np.linspace(max(start, trace[0, 0]), min(end, trace[-1, 0]), n)
-    return np.stack([np.interp(times, trace[:, 0], trace[:, 1]), np.interp(times, trace[:, 0], trace[:, 2])], 1)
+    first, last = segments[0][0, 0], max(trace[-1, 0] for trace in segments)
+    if end < first or start > last:
+        return None
+    times = np.linspace(max(start, first), min(end, last), n)
+    parts = []
+    for trace in segments:
+        inside = times[(times >= trace[0, 0]) & (times <= trace[-1, 0])]
+        if len(inside) == 0:
+            inside = trace[(trace[:, 0] >= start) & (trace[:, 0] <= end), 0]
+        parts.append(
+            np.stack([np.interp(inside, trace[:, 0], trace[:, 1]), np.interp(inside, trace[:, 0], trace[:, 2])], 1)
+        )
+    samples = np.concatenate(parts)
+    return samples if len(samples) else None
 
 
 def _normalized(text: str) -> tuple[str, list[int], set[int], set[int]]:
@@ -164,11 +181,12 @@ def word_locations(record: dict, samples_per_word: int = 16) -> list[LocatedWord
 
     Utterances are matched in caption order (case-insensitive, ignoring punctuation and spacing, on word
     borders); an utterance not found after the previous match is skipped. A found utterance whose interval
-    lies outside the trace's time range (or with an empty trace) gets point=None, box=None.
+    holds no trace (outside the trace's time range, between two segments while the pointer was off the image,
+    or an empty trace) gets point=None, box=None.
     """
     caption = record["caption"]
     hay, index, starts, ends = _normalized(caption)
-    trace = _flat_trace(record["traces"])
+    segments = _trace_segments(record["traces"])
     words, pos = [], 0
     for utt in record["timed_caption"]:
         needle = _normalized(utt["utterance"])[0]
@@ -177,7 +195,7 @@ def word_locations(record: dict, samples_per_word: int = 16) -> list[LocatedWord
             continue
         pos = i + len(needle)
         start, end = index[i], index[pos - 1] + 1
-        samples = _sample_trace(trace, float(utt["start_time"]), float(utt["end_time"]), samples_per_word)
+        samples = _sample_trace(segments, float(utt["start_time"]), float(utt["end_time"]), samples_per_word)
         point = box = None
         if samples is not None:
             point = (float(samples[:, 0].mean()), float(samples[:, 1].mean()))
