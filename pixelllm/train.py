@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .build import build_pixelllm, load_model
 from .checkpoints import resize_input
 from .config import _from_dict, load_config
-from .data.narratives import read_narratives
+from .data.narratives import read_narratives, word_locations
 from .data.synthetic import generate_scene, scene_seed
 from .data.tasks import TASKS, PreparedScene, collate, make_sample, prepare_record, prepare_scene
 from .modeling.pixelllm import PixelLLM
@@ -80,6 +80,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     point_weight: float | None = None
+    max_text_tokens: int | None = None  # train (and caption) up to this many tokens with EOS; default: the model's
     log_every: int = 10
     ckpt_every: int = 100
     seed: int = 0
@@ -94,6 +95,8 @@ class TrainConfig:
                 raise ValueError(f"the weights of '{name}' must be >= 0 with a positive sum, got {weights}")
         if self.batch_size < 1 or self.steps < 0:
             raise ValueError(f"need batch_size >= 1 and steps >= 0, got {self.batch_size} and {self.steps}")
+        if self.max_text_tokens is not None and self.max_text_tokens < 2:
+            raise ValueError(f"max_text_tokens is {self.max_text_tokens}: a caption needs at least 2 (a token and EOS)")
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -149,7 +152,15 @@ class SceneSource:
             raise ValueError(f"the {cfg.kind} source {cfg.path or ''} has no scenes: give it some, or drop it")
 
     def image_path(self, record: dict) -> Path:
-        return Path(self.cfg.image_root or "") / self.cfg.image_name.format(image_id=record["image_id"])
+        try:
+            name = self.cfg.image_name.format(image_id=record["image_id"])
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"the source's image_name {self.cfg.image_name!r} cannot be formatted with image_id "
+                f"{record['image_id']!r} ({type(e).__name__}: {e}): it may use {{image_id}} only, as in "
+                "'{image_id}.jpg' or, for a zero-padded id, '{image_id:0>12}.jpg'"
+            ) from None
+        return Path(self.cfg.image_root or "") / name
 
     def __len__(self) -> int:
         return self.cfg.num_scenes if self.cfg.kind == "synthetic" else len(self.records)
@@ -179,6 +190,48 @@ class SceneSource:
         except Exception as e:  # Pillow raises many kinds for a broken file
             raise ValueError(f"cannot read the image {path} of image_id {record['image_id']!r}: {e}") from None
         return prepare_record(image, record, self.image_size, self.tokenizer)
+
+
+def _check_narratives(source: SceneSource, max_tokens: int, checked: int = 1000) -> None:
+    """Log how much of a narratives source's captions gets a location, and warn where it is little or where
+    captions are longer than `max_tokens` with EOS (training cuts them, and a cut caption teaches no end); up to
+    `checked` records, spread over the source, are read."""
+    if source.cfg.kind != "narratives":
+        return
+    records = source.records[:: max(1, len(source.records) // checked)]
+    lengths = [len(source.tokenizer.encode(r["caption"])) for r in records]
+    words = [word_locations(r) for r in records]
+    utterances = sum(len(r["timed_caption"]) for r in records)
+    found = sum(len(w) for w in words) / max(utterances, 1)
+    located = sum(w.box is not None for ws in words for w in ws) / max(utterances, 1)
+    log.info(
+        "%s: %d records; of %d checked, %.0f%% of the utterances are found in their captions and %.0f%% located "
+        "by the trace",
+        source.cfg.path,
+        len(source.records),
+        len(records),
+        100 * found,
+        100 * located,
+    )
+    if utterances and found < 0.9:
+        log.warning(
+            "%s: only %.0f%% of the utterances are found in their captions, in order: the others' words get no "
+            "location; check that each timed_caption holds its caption's words",
+            source.cfg.path,
+            100 * found,
+        )
+    long = sum(n > max_tokens for n in lengths)
+    if long:
+        log.warning(
+            "%s: %d of %d captions checked are longer than the model's max_text_tokens, %d tokens with EOS (the "
+            "longest: %d): training cuts them, and a cut caption teaches no end; set max_text_tokens in the "
+            "training config to train on them whole",
+            source.cfg.path,
+            long,
+            len(records),
+            max_tokens,
+            max(lengths),
+        )
 
 
 def step_draws(step: int, cfg: TrainConfig, lengths: list[int], rank: int = 0, world: int = 1):
@@ -386,6 +439,8 @@ def train(cfg: TrainConfig) -> Path:
     model = initial_model(cfg).to(device)
     if cfg.point_weight is not None:
         model.cfg.loss.point_weight = cfg.point_weight
+    if cfg.max_text_tokens is not None:
+        model.cfg.language_model.max_text_tokens = cfg.max_text_tokens
     model.train()
     tokenizer = model.tokenizer
     tokenizer_file = out / "tokenizer.json"
@@ -398,6 +453,9 @@ def train(cfg: TrainConfig) -> Path:
     if distributed:
         dist.barrier()
     sources = [SceneSource(s, model.cfg.image_size, tokenizer, tokenizer_file) for s in cfg.sources]
+    if rank == 0:
+        for source in sources:
+            _check_narratives(source, model.cfg.language_model.max_text_tokens)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -83,6 +83,16 @@ def test_a_short_segment_between_two_instants_is_not_missed():
     assert word.box == pytest.approx((0.7, 0.3, 0.7, 0.3))
 
 
+def test_a_misheard_utterance_does_not_jump_ahead_past_the_words_before():
+    caption = "this dog is near the car"
+    utts = [("the", 0, 1), ("dog", 1, 2), ("is", 2, 3), ("near", 3, 4), ("the", 4, 5), ("car", 5, 6)]
+    words = word_locations(make_record(caption, utts, [[(0.5, 0.5, 0.0), (0.5, 0.5, 6.0)]]))
+    assert [(w.text, w.start) for w in words] == [("dog", 5), ("is", 9), ("near", 12), ("the", 17), ("car", 21)]
+    # within MAX_SKIPPED_WORDS words a match is still found: a word the speaker left out of the recording
+    skipped = word_locations(make_record("a big red dog", [("a", 0, 1), ("dog", 1, 2)], [[(0.5, 0.5, 0.0)]]))
+    assert [w.text for w in skipped] == ["a", "dog"]
+
+
 def test_utterances_matched_in_caption_order():
     caption = "The large cat, and... a DOG!"
     utts = [("the", 0, 1), ("large", 1, 2), ("zebra", 2, 3), ("cat", 3, 4), ("and", 4, 5), ("a", 5, 6), ("dog", 6, 7)]

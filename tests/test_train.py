@@ -319,6 +319,56 @@ def test_narratives_sources_check_their_images_and_read_glob_shards(tmp_path, ti
             SceneSource(dataclasses.replace(source, path=str(data / absent)), 160, tiny_model.tokenizer, Path())
 
 
+def test_an_image_name_that_does_not_format_names_the_key(tmp_path, tiny_model):
+    from pixelllm.train import SceneSource
+
+    source = narratives_source(tmp_path)
+    for template in ("{id}.jpg", "{image_id:012d}.jpg", "{0}.jpg"):  # the ids are strings: 'd' does not apply
+        with pytest.raises(ValueError, match=r"image_name .* cannot be formatted with image_id .*'\{image_id:0>12\}"):
+            SceneSource(dataclasses.replace(source, image_name=template), 160, tiny_model.tokenizer, Path())
+
+
+def test_a_source_whose_utterances_are_not_its_captions_words_warns(tmp_path, tiny_model, caplog):
+    from pixelllm.train import SceneSource, _check_narratives
+
+    source = narratives_source(tmp_path)
+    records = [json.loads(line) for line in Path(source.path).read_text().splitlines()]
+    for record in records:
+        record["caption"] = "something else altogether"
+    Path(source.path).write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level("INFO", logger="pixelllm.train"):
+        _check_narratives(SceneSource(source, 160, tiny_model.tokenizer, Path()), 48)
+    assert "of 3 checked, 0% of the utterances are found in their captions and 0% located" in caplog.text
+    assert "only 0% of the utterances are found in their captions, in order" in caplog.text
+
+
+def test_captions_longer_than_max_text_tokens_warn_and_the_config_can_raise_it(tmp_path, caplog):
+    source = narratives_source(tmp_path)
+    records = [json.loads(line) for line in Path(source.path).read_text().splitlines()]
+    for record in records[:2]:
+        record["caption"] = " ".join([record["caption"]] * 6)  # well past pixelllm-tiny's 48 tokens
+    Path(source.path).write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = tiny_config(tmp_path / "run", steps=1, sources=[source])
+    with single_thread(), caplog.at_level("INFO", logger="pixelllm.train"):
+        train(cfg)
+    (stats,) = [r.getMessage() for r in caplog.records if "utterances are found" in r.getMessage()]
+    assert stats.endswith(
+        ": 3 records; of 3 checked, 100% of the utterances are found in their captions and 100% located by the trace"
+    )
+    (warning,) = [r.getMessage() for r in caplog.records if "max_text_tokens" in r.getMessage()]
+    assert "2 of 3 captions checked are longer than the model's max_text_tokens, 48 tokens" in warning
+    longest = int(re.search(r"the longest: (\d+)", warning).group(1))
+    assert longest > 48 and "set max_text_tokens in the training config" in warning
+
+    caplog.clear()
+    with single_thread(), caplog.at_level("WARNING", logger="pixelllm.train"):
+        final = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "whole"), max_text_tokens=longest))
+    assert not [r for r in caplog.records if "max_text_tokens" in r.getMessage()]
+    assert PixelLLM.from_pretrained(final).cfg.language_model.max_text_tokens == longest
+    with pytest.raises(ValueError, match="max_text_tokens is 1"):
+        TrainConfig(max_text_tokens=1)
+
+
 def test_a_sources_prompt_goes_with_every_caption_it_gives(tmp_path, tiny_model):
     """A narrative has no objects, so every task drawn from it gives a caption, with the source's prompt."""
     from pixelllm.train import SceneSource, batch_for_step

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from pixelllm.tokenizer import EOS_ID, Tokenizer
 
 REQUIRED_FIELDS = ("image_id", "caption", "timed_caption", "traces")
+MAX_SKIPPED_WORDS = 2  # an utterance matched further on in the caption than this many words is taken for another
 
 
 @dataclass
@@ -180,18 +182,20 @@ def word_locations(record: dict, samples_per_word: int = 16) -> list[LocatedWord
     """Locate each utterance of `record` in its caption and give it a point and box from the trace.
 
     Utterances are matched in caption order (case-insensitive, ignoring punctuation and spacing, on word
-    borders); an utterance not found after the previous match is skipped. A found utterance whose interval
+    borders) within MAX_SKIPPED_WORDS words of the previous match; an utterance not found there is skipped
+    (a misheard "the" for "this" does not jump to a later "the", skipping the words before it). A found utterance whose interval
     holds no trace (outside the trace's time range, between two segments while the pointer was off the image,
     or an empty trace) gets point=None, box=None.
     """
     caption = record["caption"]
     hay, index, starts, ends = _normalized(caption)
+    run_starts = sorted(starts)
     segments = _trace_segments(record["traces"])
     words, pos = [], 0
     for utt in record["timed_caption"]:
         needle = _normalized(utt["utterance"])[0]
         i = _find_span(needle, hay, starts, ends, pos) if needle else -1
-        if i < 0:
+        if i < 0 or bisect_left(run_starts, i) - bisect_left(run_starts, pos) > MAX_SKIPPED_WORDS:
             continue
         pos = i + len(needle)
         start, end = index[i], index[pos - 1] + 1
