@@ -120,7 +120,9 @@ def _prepare_synthetic(args: tuple[int, int, int, str]) -> PreparedScene:
 
 class SceneSource:
     """Prepared scenes of one source, by index. Synthetic scenes are prepared when first asked for, or ahead in
-    parallel by `prepare`; narratives are read from disk at each access."""
+    parallel by `prepare`; narratives are read from disk at each access, and one whose image cannot be read
+    (a truncated file) is skipped with a warning: the next record stands in, so a run goes on (and resumes
+    the same)."""
 
     def __init__(self, cfg: SourceConfig, image_size: int, tokenizer: Tokenizer, tokenizer_file: Path):
         self.cfg, self.image_size, self.tokenizer, self.tokenizer_file = cfg, image_size, tokenizer, tokenizer_file
@@ -139,6 +141,7 @@ class SceneSource:
                     f"{Path.cwd()})"
                 )
             self.records = [record for path in paths for record in read_narratives(path)]
+            self.unreadable: set[int] = set()  # records whose image failed to read: the next one stands in
             missing = [path for path in map(self.image_path, self.records) if not path.is_file()]
             if missing:
                 shown = ", ".join(str(p) for p in missing[:3])
@@ -182,14 +185,25 @@ class SceneSource:
         if self.cfg.kind == "synthetic":
             self.prepare({i})
             return self.scenes[i]
-        record = self.records[i]
-        path = self.image_path(record)
-        try:
-            with Image.open(path) as im:
-                image = to_rgb_array(im)
-        except Exception as e:  # Pillow raises many kinds for a broken file
-            raise ValueError(f"cannot read the image {path} of image_id {record['image_id']!r}: {e}") from None
-        return prepare_record(image, record, self.image_size, self.tokenizer)
+        for j in (k % len(self.records) for k in range(i, i + len(self.records))):
+            if j in self.unreadable:
+                continue
+            record, path = self.records[j], self.image_path(self.records[j])
+            try:
+                with Image.open(path) as im:
+                    image = to_rgb_array(im)
+            except Exception as e:  # Pillow raises many kinds for a broken file
+                self.unreadable.add(j)
+                log.warning(
+                    "cannot read the image %s of image_id %r (%s): its record is skipped, the next one trains in "
+                    "its place",
+                    path,
+                    record["image_id"],
+                    e,
+                )
+                continue
+            return prepare_record(image, record, self.image_size, self.tokenizer)
+        raise ValueError(f"no image of {self.cfg.path} can be read (each was logged): check 'image_root'")
 
 
 def _check_narratives(source: SceneSource, max_tokens: int, checked: int = 1000) -> None:

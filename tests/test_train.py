@@ -319,6 +319,24 @@ def test_narratives_sources_check_their_images_and_read_glob_shards(tmp_path, ti
             SceneSource(dataclasses.replace(source, path=str(data / absent)), 160, tiny_model.tokenizer, Path())
 
 
+def test_a_record_whose_image_cannot_be_read_is_skipped_for_the_next(tmp_path, tiny_model, caplog):
+    from pixelllm.train import SceneSource
+
+    source = narratives_source(tmp_path)
+    loaded = SceneSource(source, 160, tiny_model.tokenizer, Path())
+    second = loaded[1].caption_ids
+    broken = loaded.image_path(loaded.records[0])
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated JPEG
+    with caplog.at_level("WARNING", logger="pixelllm.train"):
+        assert loaded[0].caption_ids == second and loaded[0].caption_ids == second
+    (warning,) = [r.getMessage() for r in caplog.records]  # once per record
+    assert f"cannot read the image {broken}" in warning and "the next one trains in its place" in warning
+    for record in loaded.records:
+        loaded.image_path(record).write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="no image of .* can be read"):
+        loaded[2]
+
+
 def test_an_image_name_that_does_not_format_names_the_key(tmp_path, tiny_model):
     from pixelllm.train import SceneSource
 
