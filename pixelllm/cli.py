@@ -317,6 +317,16 @@ def cmd_data_synth(args) -> None:
     print(f"wrote {args.n} scenes to {out}")
 
 
+def cmd_data_coco_captions(args) -> None:
+    from .data.narratives import coco_captions_to_narratives
+
+    try:
+        n = coco_captions_to_narratives(args.annotations, args.out)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(f"wrote {n} captions to {args.out}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse takes `--point -5,-5`'s value for a flag: its error then says how to give one."""
 
@@ -500,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="of the first scene (default: %(default)s)")
     renderer_arg(q, "synthetic")
     q.set_defaults(func=cmd_data_synth)
+    q = data_sub.add_parser(
+        "coco-captions", help="write COCO captions (captions_train2017.json) as narratives JSONL, for training"
+    )
+    q.add_argument("annotations", help="a COCO captions JSON file")
+    q.add_argument("--out", required=True, help="the JSONL file to write")
+    q.set_defaults(func=cmd_data_coco_captions)
     return parser
 
 

@@ -218,15 +218,22 @@ def _check_narratives(source: SceneSource, max_tokens: int, checked: int = 1000)
     utterances = sum(len(r["timed_caption"]) for r in records)
     found = sum(len(w) for w in words) / max(utterances, 1)
     located = sum(w.box is not None for ws in words for w in ws) / max(utterances, 1)
-    log.info(
-        "%s: %d records; of %d checked, %.0f%% of the utterances are found in their captions and %.0f%% located "
-        "by the trace",
-        source.cfg.path,
-        len(source.records),
-        len(records),
-        100 * found,
-        100 * located,
-    )
+    if not utterances:
+        log.info(
+            "%s: %d records, with no timed utterances: captions only, no word located",
+            source.cfg.path,
+            len(source.records),
+        )
+    else:
+        log.info(
+            "%s: %d records; of %d checked, %.0f%% of the utterances are found in their captions and %.0f%% "
+            "located by the trace",
+            source.cfg.path,
+            len(source.records),
+            len(records),
+            100 * found,
+            100 * located,
+        )
     if utterances and found < 0.9:
         log.warning(
             "%s: only %.0f%% of the utterances are found in their captions, in order: the others' words get no "

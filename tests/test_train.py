@@ -337,6 +337,43 @@ def test_a_record_whose_image_cannot_be_read_is_skipped_for_the_next(tmp_path, t
         loaded[2]
 
 
+def test_coco_captions_become_a_captions_only_narratives_source(tmp_path, tiny_model, capsys, caplog):
+    """`pixelllm data coco-captions`, then the paper recipe's COCO source reads it with its image_name."""
+    from PIL import Image
+
+    from pixelllm.cli import main
+    from pixelllm.train import SceneSource, _check_narratives
+
+    images = tmp_path / "train2017"
+    images.mkdir()
+    for image_id in (9, 25):
+        Image.new("RGB", (64, 48), (image_id, 90, 40)).save(images / f"{image_id:012d}.jpg")
+    captions = [(1, 9, "A dog  on a\nbeach."), (2, 9, "a brown dog"), (3, 25, "Two cats.")]
+    coco = {
+        "images": [{"id": 9}, {"id": 25}],
+        "annotations": [{"id": i, "image_id": m, "caption": c} for i, m, c in captions],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    out = tmp_path / "coco" / "captions_as_ln.jsonl"
+    assert main(["data", "coco-captions", str(tmp_path / "captions.json"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote 3 captions to {out}\n"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["image_id"], r["caption"], r["traces"]) for r in records] == [
+        (9, "A dog on a beach.", []), (9, "a brown dog", []), (25, "Two cats.", [])
+    ]  # fmt: skip
+    config = json.loads((ROOT / "pixelllm/configs/train/t5xl_ln_coco.json").read_text())
+    coco_source = SourceConfig(**{**config["sources"][1], "path": str(out), "image_root": str(images)})
+    source = SceneSource(coco_source, 160, tiny_model.tokenizer, Path())
+    assert len(source) == 3 and not source[2].caption_located.any()
+    with caplog.at_level("INFO", logger="pixelllm.train"):
+        _check_narratives(source, 48)
+    assert f"{out}: 3 records, with no timed utterances: captions only, no word located" in caplog.text
+
+    (tmp_path / "instances.json").write_text(json.dumps({"images": []}))
+    assert main(["data", "coco-captions", str(tmp_path / "instances.json"), "--out", str(out)]) == 2
+    assert "is not a COCO captions file: it has no 'annotations' list" in capsys.readouterr().err
+
+
 def test_an_image_name_that_does_not_format_names_the_key(tmp_path, tiny_model):
     from pixelllm.train import SceneSource
 

@@ -230,3 +230,39 @@ def token_targets(text: str, words: list[LocatedWord], tokenizer: Tokenizer) -> 
         if word is not None:
             boxes[k], points[k], located[k] = word.box, word.point, True
     return TokenTargets(ids=list(ids) + [EOS_ID], boxes=boxes, points=points, located=located)
+
+
+def coco_captions_to_narratives(annotations: str | Path, out: str | Path) -> int:
+    """Write COCO captions (`captions_train2017.json`: `annotations: [{id, image_id, caption}]`) as narratives
+    JSONL, one record per caption with no trace (captions only: no word gets a location); returns the count.
+
+    `image_id` stays COCO's integer, so `image_name` "{image_id:0>12}.jpg" names its train2017 file.
+    """
+    annotations = Path(annotations)
+    try:
+        data = json.loads(annotations.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the COCO captions file {annotations}: {e}") from None
+    entries = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{annotations} is not a COCO captions file: it has no 'annotations' list")
+    records = []
+    for n, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("caption"), str) and "image_id" in entry):
+            raise ValueError(f"{annotations}: annotations[{n}] needs 'image_id' and a string 'caption'")
+        record = {
+            "dataset_id": "coco_captions",
+            "image_id": entry["image_id"],
+            "annotator_id": entry.get("id", n),
+            "caption": " ".join(entry["caption"].split()),
+            "timed_caption": [],
+            "traces": [],
+            "voice_recording": "",
+        }
+        problem = record_problem(record)
+        if problem:
+            raise ValueError(f"{annotations}: annotations[{n}]: {problem}")
+        records.append(json.dumps(record) + "\n")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(records), encoding="utf-8")
+    return len(records)
