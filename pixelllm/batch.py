@@ -8,8 +8,8 @@ folder, and no image outside the root (that folder unless told another) is read,
 unless `allow_outside_root`. Ids are letters, digits, '.', '_' and '-' (no leading '.'), so they are safe as
 file names; a folder's or glob's file paths are sanitized into such ids.
 
-Each result is one line `{"id", "task", "image", "result"}` of the output, `result` being the service's
-answer; each failure one line `{"id", "image", "status", "attempts", "error": {"code", "message"}}` of the
+Each result is one line `{"id", "task", "image", "result"}` of the output (with `text`, the texts asked, for
+"localize"), `result` being the service's answer; each failure one line `{"id", "image", "status", "attempts", "error": {"code", "message"}}` of the
 errors file, which holds the last run's failures. A rerun skips the ids already in the output and cuts off a
 torn last line left by a killed run, so every id is written once; it refuses to run if the output holds
 another task's (or text's) results for its ids. A service that stops answering midway stops the run.
@@ -402,10 +402,13 @@ def _scan(path: Path, keys: tuple[str, ...], kind: str) -> tuple[dict[str, Reque
 
 
 def _request(record: dict[str, Any]) -> Request:
-    """The task of a results record and the texts its answer localized (none for an errors record)."""
-    answer = record.get("result")
-    results = answer.get("results") if isinstance(answer, dict) else None
-    texts = [r.get("text") for r in results if isinstance(r, dict)] if isinstance(results, list) else []
+    """The task of a results record and the texts it asked to localize (none for an errors record); a record
+    without `text` (an older client's) has them from its answer, as the service cleaned them."""
+    texts = record.get("text")
+    if not isinstance(texts, list):
+        answer = record.get("result")
+        results = answer.get("results") if isinstance(answer, dict) else None
+        texts = [r.get("text") for r in results if isinstance(r, dict)] if isinstance(results, list) else []
     return str(record.get("task")), tuple(str(t) for t in texts)
 
 
@@ -535,7 +538,8 @@ class _Session:
             raise BatchError(f"the service refused the request ({code}: {message}); {hint}")
         if response.status_code == 200:
             try:
-                return True, {"id": item.id, "task": item.task, "image": item.image, "result": response.json()}
+                asked = {"text": list(item.texts)} if item.task == "localize" else {}
+                return True, {"id": item.id, "task": item.task, "image": item.image, **asked, "result": response.json()}
             except ValueError:  # not the service's JSON (a proxy's page?): an error record with the body
                 pass
         return False, error_record(item.id, *_error(response), item.image, response.status_code, attempts)

@@ -212,7 +212,7 @@ def _check_narratives(source: SceneSource, max_tokens: int, checked: int = 1000)
     `checked` records, spread over the source, are read."""
     if source.cfg.kind != "narratives":
         return
-    records = source.records[:: max(1, len(source.records) // checked)]
+    records = source.records[:: math.ceil(len(source.records) / checked)]
     lengths = [len(source.tokenizer.encode(r["caption"])) for r in records]
     words = [word_locations(r) for r in records]
     utterances = sum(len(r["timed_caption"]) for r in records)

@@ -311,6 +311,14 @@ def test_a_rerun_asking_another_task_of_done_ids_is_refused(service, tmp_path: P
     code, _, err = batch(capsys, str(folder), "-o", str(there), "--server", service.url, "--text", "the cat")
     assert code == 2 and "(localize 'the dog'; asked now: localize 'the cat')" in err, err
     assert batch(capsys, str(folder), "-o", str(there), "--server", service.url, "--text", "the dog")[0] == 0
+    assert [r["text"] for r in read_jsonl(there)] == [["the dog"]] * 2
+    # texts the service cleans (a tab, a decomposed accent) are compared as asked: the same command resumes
+    raw, raw_out = "cafe\u0301\tdog\n", tmp_path / "raw.jsonl"
+    for _ in range(2):
+        code, stdout, err = batch(capsys, str(folder), "-o", str(raw_out), "--server", service.url, "--text", raw)
+        assert code == 0, err
+    assert stdout.startswith("2 entries: 0 written, 2 already done"), stdout
+    assert [r["result"]["results"][0]["text"] for r in read_jsonl(raw_out)] == ["caf\u00e9 dog "] * 2
 
 
 def test_a_service_gone_midway_stops_the_batch(tmp_path_factory, tmp_path: Path, images: Path, random_tiny_dir) -> None:

@@ -83,14 +83,45 @@ def test_a_short_segment_between_two_instants_is_not_missed():
     assert word.box == pytest.approx((0.7, 0.3, 0.7, 0.3))
 
 
-def test_a_misheard_utterance_does_not_jump_ahead_past_the_words_before():
-    caption = "this dog is near the car"
-    utts = [("the", 0, 1), ("dog", 1, 2), ("is", 2, 3), ("near", 3, 4), ("the", 4, 5), ("car", 5, 6)]
-    words = word_locations(make_record(caption, utts, [[(0.5, 0.5, 0.0), (0.5, 0.5, 6.0)]]))
-    assert [(w.text, w.start) for w in words] == [("dog", 5), ("is", 9), ("near", 12), ("the", 17), ("car", 21)]
-    # within MAX_SKIPPED_WORDS words a match is still found: a word the speaker left out of the recording
-    skipped = word_locations(make_record("a big red dog", [("a", 0, 1), ("dog", 1, 2)], [[(0.5, 0.5, 0.0)]]))
-    assert [w.text for w in skipped] == ["a", "dog"]
+def spoken(words: str) -> list[tuple[str, float, float]]:
+    """One utterance per word, a second each."""
+    return [(w, float(i), i + 1.0) for i, w in enumerate(words.split())]
+
+
+@pytest.mark.parametrize(
+    "caption, said, found",
+    [
+        # a misheard "the" for "this" does not jump to a later "the", skipping the words before it
+        ("this dog is near the car", "the dog is near the car", "dog@5 is near the@17 car"),
+        # words of the caption nobody said: the rest is still found, each with its own utterance's time
+        (
+            "a dog on the left side of the big red ball and a cat on the right",
+            "a dog on the left side red ball and a cat on the right",
+            "a@0 dog on the@9 left side red ball and a@47 cat on the@56 right",
+        ),
+        # three misheard words in a row cost those three only
+        ("a dog on the left side of a ball", "a dog on teh lfet sdie of a ball", "a@0 dog on of a@26 ball"),
+        ("a big red dog", "a dog", "a dog"),
+    ],
+    ids=["misheard", "unspoken", "misheard-run", "unspoken-adjectives"],
+)
+def test_utterances_align_with_the_caption_despite_misheard_or_unspoken_words(caption, said, found):
+    utts = spoken(said)
+    words = word_locations(make_record(caption, utts, [[(0.5, 0.5, 0.0), (0.5, 0.5, float(len(utts)))]]))
+    expected = [w.split("@") for w in found.split()]
+    assert [w.text for w in words] == [text for text, *_ in expected]
+    for word, (_, *at) in zip(words, expected):
+        assert caption[word.start : word.end] == word.text and (not at or word.start == int(at[0]))
+
+
+def test_each_found_word_has_its_own_utterances_time():
+    caption = "a dog on the left side of the big red ball"
+    said = spoken("a dog on the left side red ball")
+    trace = [[(i / 10, 0.5, float(i)) for i in range(11)]]  # x = t / 10
+    words = word_locations(make_record(caption, said, trace), samples_per_word=3)
+    assert [(w.text, round(w.point[0], 3)) for w in words] == [
+        (text, round((t0 + t1) / 20, 3)) for text, t0, t1 in said
+    ]
 
 
 def test_utterances_matched_in_caption_order():

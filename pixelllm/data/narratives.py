@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-from bisect import bisect_left
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,6 @@ import numpy as np
 from pixelllm.tokenizer import EOS_ID, Tokenizer
 
 REQUIRED_FIELDS = ("image_id", "caption", "timed_caption", "traces")
-MAX_SKIPPED_WORDS = 2  # an utterance matched further on in the caption than this many words is taken for another
 
 
 @dataclass
@@ -147,66 +147,42 @@ def _sample_trace(segments: list[np.ndarray], start: float, end: float, n: int) 
     return samples if len(samples) else None
 
 
-def _normalized(text: str) -> tuple[str, list[int], set[int], set[int]]:
-    """Lowercased letters/digits of `text`, the text index of each, and the run starts/ends among them.
-
-    A run is a maximal stretch of letters/digits in `text`; matches must start and end on run borders so
-    that "a" never matches inside "large".
-    """
-    chars, index, starts, ends = [], [], set(), set()
-    prev = -2
-    for i, c in enumerate(text):
-        if not c.isalnum():
-            continue
-        if i != prev + 1:
-            starts.add(len(chars))
-            ends.add(len(chars))
-        for lc in c.lower():
-            chars.append(lc)
-            index.append(i)
-        prev = i
-    ends.add(len(chars))
-    return "".join(chars), index, starts, ends
-
-
-def _find_span(needle: str, hay: str, starts: set[int], ends: set[int], pos: int) -> int:
-    """Index in `hay` of the first occurrence of `needle` at or after `pos` on run borders, or -1."""
-    while (i := hay.find(needle, pos)) >= 0:
-        if i in starts and i + len(needle) in ends:
-            return i
-        pos = i + 1
-    return -1
+def _words(text: str) -> list[tuple[str, int, int]]:
+    """The words of `text` (maximal runs of letters and digits), lowercased, each with its (start, end)."""
+    return [(m.group().lower(), m.start(), m.end()) for m in re.finditer(r"[^\W_]+", text)]
 
 
 def word_locations(record: dict, samples_per_word: int = 16) -> list[LocatedWord]:
     """Locate each utterance of `record` in its caption and give it a point and box from the trace.
 
-    Utterances are matched in caption order (case-insensitive, ignoring punctuation and spacing, on word
-    borders) within MAX_SKIPPED_WORDS words of the previous match; an utterance not found there is skipped
-    (a misheard "the" for "this" does not jump to a later "the", skipping the words before it). A found utterance whose interval
-    holds no trace (outside the trace's time range, between two segments while the pointer was off the image,
-    or an empty trace) gets point=None, box=None.
+    The utterances' words are aligned with the caption's (case-insensitive, punctuation aside) by longest
+    common runs, in order: an utterance is found when all its words align with consecutive caption words, and
+    a misheard or unspoken word costs only its own utterance. A found utterance whose interval holds no trace
+    (outside the trace's time range, between two segments while the pointer was off the image, or an empty
+    trace) gets point=None, box=None.
     """
     caption = record["caption"]
-    hay, index, starts, ends = _normalized(caption)
-    run_starts = sorted(starts)
+    words = _words(caption)
+    utterances = [(utt, _words(utt["utterance"])) for utt in record["timed_caption"]]
+    spoken = [word for _, utt_words in utterances for word, _, _ in utt_words]
+    matcher = SequenceMatcher(None, spoken, [word for word, _, _ in words], autojunk=False)
+    aligned = {a + k: b + k for a, b, size in matcher.get_matching_blocks() for k in range(size)}
     segments = _trace_segments(record["traces"])
-    words, pos = [], 0
-    for utt in record["timed_caption"]:
-        needle = _normalized(utt["utterance"])[0]
-        i = _find_span(needle, hay, starts, ends, pos) if needle else -1
-        if i < 0 or bisect_left(run_starts, i) - bisect_left(run_starts, pos) > MAX_SKIPPED_WORDS:
+    located, first = [], 0
+    for utt, utt_words in utterances:
+        at = [aligned.get(k) for k in range(first, first + len(utt_words))]
+        first += len(utt_words)
+        if not at or None in at or at[-1] - at[0] != len(at) - 1:
             continue
-        pos = i + len(needle)
-        start, end = index[i], index[pos - 1] + 1
+        start, end = words[at[0]][1], words[at[-1]][2]
         samples = _sample_trace(segments, float(utt["start_time"]), float(utt["end_time"]), samples_per_word)
         point = box = None
         if samples is not None:
             point = (float(samples[:, 0].mean()), float(samples[:, 1].mean()))
             (x0, y0), (x1, y1) = samples.min(0), samples.max(0)
             box = (float(x0), float(y0), float(x1), float(y1))
-        words.append(LocatedWord(start, end, caption[start:end], point, box))
-    return words
+        located.append(LocatedWord(start, end, caption[start:end], point, box))
+    return located
 
 
 def token_targets(text: str, words: list[LocatedWord], tokenizer: Tokenizer) -> TokenTargets:
