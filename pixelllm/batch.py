@@ -545,11 +545,14 @@ class _Session:
         return False, error_record(item.id, *_error(response), item.image, response.status_code, attempts)
 
     async def answers(self) -> bool:
-        """Whether the service answers at all (any status to one `GET /readyz`, no retries)."""
+        """Whether the service is there: one `GET /readyz` connects (a slow answer, or none in time, is a busy
+        service, not a gone one)."""
         try:
             await self.client.get("/readyz")
-        except httpx.TransportError:
+        except (httpx.ConnectError, httpx.ConnectTimeout):
             return False
+        except httpx.TransportError:
+            pass  # connected: busy
         return True
 
 

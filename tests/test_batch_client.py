@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,7 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -353,6 +356,42 @@ def test_a_service_gone_midway_stops_the_batch(tmp_path_factory, tmp_path: Path,
     assert f"{written} results written, {N - written} ids left: rerun the same command" in str(error)
     failures = read_jsonl(errors)
     assert 1 <= len(failures) <= 2 and {f["error"]["code"] for f in failures} == {"connection_error"}
+
+
+def test_a_service_too_slow_to_answer_is_not_taken_for_gone(tmp_path: Path, images: Path) -> None:
+    """A listener that is ready, then answers nothing in time: each request times out (a connection error
+    after its retries) but the /readyz probe connects, so the run goes through every item."""
+
+    class Hung(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.server.ready_answered:
+                time.sleep(2)
+            self.server.ready_answered = True
+            with contextlib.suppress(OSError):  # a late answer: the client has gone
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        def do_POST(self) -> None:
+            time.sleep(2)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hung)
+    server.ready_answered, server.daemon_threads = False, True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        items, refused = discover(str(images / "img_0[0-2].png"))
+        options = Options(f"http://127.0.0.1:{server.server_port}", concurrency=2, timeout_s=0.3, retries=0)
+        summary = run_batch(
+            items, refused, tmp_path / "o.jsonl", tmp_path / "e.jsonl", replace(options, progress=False)
+        )
+    finally:
+        server.shutdown()
+    assert (summary.succeeded, summary.failed) == (0, 3)
+    assert {e["error"]["code"] for e in read_jsonl(tmp_path / "e.jsonl")} == {"connection_error"}
 
 
 def test_a_model_that_failed_to_load_is_not_retried(tmp_path: Path, images: Path, random_tiny_dir: Path) -> None:
