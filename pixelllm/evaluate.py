@@ -207,7 +207,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     keys = ("ref_iou", "ref_hit", "mask_iou", "ref_iou_regressed", "ref_hit_regressed", "mask_iou_regressed")
     keys += ("region_box", "region_point", "region_point_unverified")
     keys += ("word_point", "word_point_regressed", "word_point_unverified", "word_point_any_shape")
-    keys += ("word_point_teacher_forced",)
+    keys += ("word_point_teacher_forced", "texts_cut")
     stats = {k: [] for k in keys}
     l1_sum, l1_count = 0.0, 0
     phrases_total, phrases_paired = 0, 0
@@ -303,8 +303,11 @@ def _score_referring(
     stats: dict[str, list],
 ) -> None:
     """Localize (text, true box, true HxW mask) targets on one image: box IoU, hit at 0.5 and mask IoU, with the
-    refined box (`Predictor.localize`'s default) and, suffixed `_regressed`, with the point head's own box."""
-    locs = predictor.localize_embeddings([emb] * len(targets), [text for text, _, _ in targets], mask=True)
+    refined box (`Predictor.localize`'s default) and, suffixed `_regressed`, with the point head's own box. A
+    text longer than the model reads is cut to what it reads, and counted in `texts_cut`."""
+    texts = [_readable(predictor, text) for text, _, _ in targets]
+    stats["texts_cut"].extend(text != cut for (text, _, _), cut in zip(targets, texts))
+    locs = predictor.localize_embeddings([emb] * len(targets), texts, mask=True)
     for (_, true_box, true_mask), loc, mask_regressed in zip(targets, locs, _regressed_masks(predictor, emb, locs)):
         regressed = loc.box if loc.regressed_box is None else loc.regressed_box
         for suffix, box, mask in (("", loc.box, loc.mask), ("_regressed", regressed, mask_regressed)):
@@ -314,8 +317,16 @@ def _score_referring(
             stats["mask_iou" + suffix].append(mask_iou(mask, true_mask))
 
 
+def _readable(predictor: Predictor, text: str) -> str:
+    """`text` up to the end of its last token the model reads (`Predictor.check_text`'s limit)."""
+    limit = predictor.model.cfg.language_model.max_text_tokens - 1
+    _, offsets = predictor.model.tokenizer.encode_with_offsets(text)
+    return text if len(offsets) <= limit else text[: offsets[limit - 1][1]]
+
+
 def _referring_metrics(stats: dict[str, list]) -> dict[str, float]:
     return {
+        "referring_texts_cut": int(sum(stats["texts_cut"])),
         "referring_acc@0.5": float(np.mean(stats["ref_hit"])),
         "referring_mean_iou": float(np.mean(stats["ref_iou"])),
         "mask_iou": float(np.mean(stats["mask_iou"])),

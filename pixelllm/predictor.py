@@ -256,14 +256,28 @@ class Predictor:
         """`caption_stream` on a given image embedding (no predictor state: safe beside other calls).
 
         `should_stop()` is asked before every decoder step; True raises `GenerationCancelled` from the generator.
+        A bad box, point or max_new_tokens raises here, not at the first word.
         """
         prompts = self._location_prompts([embedding], [box], [point])
+        self.model.decoding_length(max_new_tokens)
+        return self._caption_stream(embedding, prompts, box is not None, max_new_tokens, should_stop, refine, verify)
+
+    def _caption_stream(
+        self,
+        embedding: ImageEmbedding,
+        prompts: Prompts,
+        has_box: bool,
+        max_new_tokens: int | None,
+        should_stop: ShouldStop | None,
+        refine: bool,
+        verify: bool,
+    ) -> Generator[Word, None, Caption]:
         tokenizer, transform = self.model.tokenizer, embedding.transform
         proposals = None
         if refine and self.model.proposal_head is not None:
             with torch.no_grad():
                 proposals = self.model.propose(embedding.features)[0]
-        check = self._verifies(refine, verify, box is not None)
+        check = self._verifies(refine, verify, has_box)
         proposal_boxes = {0: self._proposal_boxes(proposals, transform) if check and proposals is not None else []}
         ids: list[int] = []
         corners: list[np.ndarray] = []  # (4,) per token
@@ -390,11 +404,25 @@ class Predictor:
         the object, the proposal head draws its box. The point head's box stays in `regressed_box`. A nearest
         proposal that lies wholly in the padding outside the image is not taken.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}; for several, use localize_batch")
         return self.localize_embeddings([self._current()], [text], mask, refine)[0]
 
     def localize_batch(self, texts: Sequence[str], mask: bool = False, refine: bool = True) -> list[Localization]:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, got one string; for one text, use localize")
         emb = self._current()
         return self.localize_embeddings([emb] * len(texts), texts, mask, refine)
+
+    def check_text(self, text: str) -> None:
+        """Raise ValueError if `text` is empty or longer than the model reads: its `max_text_tokens` less the
+        end token (a longer text would be cut, and its box found from the words before the cut)."""
+        if not text or not text.strip():
+            raise ValueError("the text is empty")
+        limit = self.model.cfg.language_model.max_text_tokens - 1
+        tokens = len(self.model.tokenizer.encode(text, add_eos=False))
+        if tokens > limit:
+            raise ValueError(f"the text is {tokens} tokens; the model reads at most {limit}: shorten it")
 
     @torch.no_grad()
     def localize_embeddings(
@@ -406,8 +434,12 @@ class Predictor:
         if not texts:
             return []
         for i, text in enumerate(texts):
-            if not text or not text.strip():
-                raise ValueError(f"texts[{i}] is empty" if len(texts) > 1 else "the text is empty")
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a string")
+            try:
+                self.check_text(text)
+            except ValueError as e:
+                raise ValueError(f"texts[{i}]: {e}" if len(texts) > 1 else str(e)) from None
         cfg = self.model.cfg
         features, image_index = self._distinct(embeddings)
         prompts = Prompts(texts=[cfg.localize_prompt + t for t in texts], image_index=image_index)

@@ -108,7 +108,8 @@ def upright(img: Image.Image, turn: int | None = None) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: 16/32-bit and float scaled to 8 bits, transparency composited onto white.
+    """RGB from any PIL mode: 16/32-bit integers scaled to 8 bits, floats read as [0, 1] (as [0, 255] when
+    some value is above 1, clipped), transparency composited onto white.
 
     One rule for every way in (Python API, CLI, service), so a transparent or 16-bit PNG gives the same answer.
     """
@@ -116,7 +117,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         if img.mode == "F":
-            top = max(float(arr.max(initial=0)), 1e-12)
+            top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
@@ -128,11 +129,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """A PIL image (any mode, see `to_rgb`; its EXIF orientation applied, as `decode` does) or an (H, W, 3) uint8
     array -> (H, W, 3) uint8 RGB array."""
-    if isinstance(image, Image.Image):
-        return np.asarray(to_rgb(upright(image)))
     if isinstance(image, (str, PurePath)):
         raise TypeError(f"got the path {str(image)!r}, not an image: open it first, e.g. PIL.Image.open(path)")
-    array = np.asarray(image)
+    array = np.asarray(to_rgb(upright(image)) if isinstance(image, Image.Image) else image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got shape {array.shape} dtype {array.dtype}")
     if array.shape[0] == 0 or array.shape[1] == 0:

@@ -216,9 +216,11 @@ def clean_text(field: str, text: str) -> str:
     return text
 
 
-def check_texts(field: str, texts: list[str], settings: Settings, indexed: bool = False) -> list[str]:
-    """The texts cleaned by `clean_text`; 422 naming the field for none, too many, empty or long ones: `field.i`
-    where the field is a list (`indexed`) or holds several."""
+def check_texts(field: str, texts: list[str], engine: Engine, indexed: bool = False) -> list[str]:
+    """The texts cleaned by `clean_text`; 422 naming the field for none, too many, empty or long ones (in
+    characters, or in tokens for the loaded model): `field.i` where the field is a list (`indexed`) or holds
+    several."""
+    settings = engine.settings
     if not texts:
         raise invalid(field, "give at least one text")
     if len(texts) > settings.max_texts:
@@ -233,6 +235,11 @@ def check_texts(field: str, texts: list[str], settings: Settings, indexed: bool 
             raise invalid(name, "text is empty")
         if len(text) > settings.max_text_chars:
             raise invalid(name, f"text is {len(text)} characters; at most {settings.max_text_chars}")
+        if engine.predictor is not None:  # not loaded yet: the request is refused as not ready anyway
+            try:
+                engine.predictor.check_text(text)
+            except ValueError as e:
+                raise invalid(name, str(e)) from None
         cleaned.append(text)
     return cleaned
 
@@ -328,7 +335,7 @@ async def caption(engine: Engine, request: Request, data: bytes, params: Caption
 
 async def localize(engine: Engine, request: Request, data: bytes, params: LocalizeParams) -> LocalizeResponse:
     start = time.perf_counter()
-    texts = check_texts("text", params.texts(), engine.settings)
+    texts = check_texts("text", params.texts(), engine)
     job, width, height, decode_ms = await open_image(engine, data)
     job.texts, job.mask = texts, params.mask
     result, run_ms = await _answer(engine, request, job)
@@ -346,7 +353,7 @@ async def regions(engine: Engine, request: Request, data: bytes, params: Regions
     if count > s.max_regions:
         given = "+".join(name for name in ("boxes", "points", "texts") if getattr(params, name))
         raise invalid(given, f"at most {s.max_regions} boxes, points and texts together, got {count}")
-    texts = check_texts("texts", params.texts, s, indexed=True) if params.texts else []
+    texts = check_texts("texts", params.texts, engine, indexed=True) if params.texts else []
     job, width, height, decode_ms = await open_image(engine, data)
     boxes = [check_box(f"boxes.{i}", b, width, height) for i, b in enumerate(params.boxes)]
     points = [check_point(f"points.{i}", p, width, height) for i, p in enumerate(params.points)]

@@ -173,7 +173,8 @@ def test_eval_on_the_refer_layout_equals_the_scene_eval(tmp_path, capsys, one_th
         expected = evaluate(Predictor(load_model(model)), iter(scenes))
     assert got["num_images"] == 3 and got["num_sentences"] == expected["num_objects"]
     keys = [k for k in got if k.startswith(("referring_", "mask_iou"))]
-    assert len(keys) == 6  # acc@0.5, mean IoU and mask IoU, of the chosen and of the regressed box
+    assert len(keys) == 7  # acc@0.5, mean IoU and mask IoU, of the chosen and of the regressed box; texts cut
+    assert got["referring_texts_cut"] == 0
     for key in keys:
         assert got[key] == pytest.approx(expected[key], abs=1e-6), key
     assert got["referring_acc@0.5"] > 0.5  # the default model finds these objects

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pixelllm.data.synthetic import SceneObject
-from pixelllm.evaluate import _color_shape, _phrases, _share_true, _word_point_hits, box_iou, mask_iou
-from pixelllm.predictor import Word
+from pixelllm.evaluate import _color_shape, _phrases, _readable, _share_true, _word_point_hits, box_iou, mask_iou
+from pixelllm.predictor import Predictor, Word
 
 
 def test_box_iou_known_values():
@@ -89,3 +89,15 @@ def test_word_points_pair_phrases_by_size_and_position_before_points():
     assert _word_point_hits(twice, [small_left]) == [True]
     assert len(_phrases(twice)) == 2
     assert _share_true([None]) == 0.0
+
+
+def test_a_referring_text_longer_than_the_model_reads_is_cut_to_what_it_reads(tiny_model):
+    predictor = Predictor(tiny_model)
+    limit = tiny_model.cfg.language_model.max_text_tokens - 1
+    short = "the large green circle on the left"
+    assert _readable(predictor, short) == short
+    long = " ".join(f"circle{i}" for i in range(100))
+    cut = _readable(predictor, long)
+    assert long.startswith(cut) and len(cut) < len(long)
+    assert len(tiny_model.tokenizer.encode(cut, add_eos=False)) == limit
+    predictor.check_text(cut)  # what is left, the model reads whole

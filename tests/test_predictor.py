@@ -228,13 +228,24 @@ def test_invalid_prompts_raise_value_error(predictor, size):
         predictor.caption(box=(0, 0, 10, 10), point=(5, 5), max_new_tokens=1)
     with pytest.raises(ValueError, match="^the text is empty$"):
         predictor.localize("  ")
-    with pytest.raises(ValueError, match=r"^texts\[1\] is empty$"):
+    with pytest.raises(ValueError, match=r"^texts\[1\]: the text is empty$"):
         predictor.localize_batch(["a circle", ""])
+    with pytest.raises(TypeError, match="got one string; for one text, use localize"):
+        predictor.localize_batch("a circle")
+    with pytest.raises(TypeError, match="text must be a string, got list; for several, use localize_batch"):
+        predictor.localize(["a circle"])
+    limit = predictor.model.cfg.language_model.max_text_tokens - 1
+    long = " ".join(["circle"] * 200)
+    tokens = len(predictor.model.tokenizer.encode(long, add_eos=False))
+    with pytest.raises(ValueError, match=f"^the text is {tokens} tokens; the model reads at most {limit}: shorten it$"):
+        predictor.localize(long)
     for bad in (dict(max_new_tokens=0), dict(max_new_tokens=-1), dict(num_beams=0), dict(num_beams=-2)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             predictor.caption(**bad)
         with pytest.raises(ValueError, match=next(iter(bad))):
-            list(predictor.caption_stream(**bad)) if "max_new_tokens" in bad else predictor.caption_batch([None], **bad)
+            predictor.caption_stream(**bad) if "max_new_tokens" in bad else predictor.caption_batch([None], **bad)
+    with pytest.raises(ValueError):  # when called, not at the first word
+        predictor.caption_stream(box=(1, 2, 3))
     # the image's own corners are valid
     predictor.caption(box=(0, 0, w, h), max_new_tokens=1)
     predictor.caption(point=(w, h), max_new_tokens=1)

@@ -7,6 +7,7 @@ import base64
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -320,24 +321,27 @@ def test_tabs_and_line_breaks_are_spaces_and_text_is_nfc(client: httpx.Client) -
     r = localize(client, ["a red\tcircle\r\nleft", "cafe\u0301"])
     assert r.status_code == 200, r.text
     assert [loc["text"] for loc in r.json()["localizations"]] == ["a red circle  left", "caf\u00e9"]
-    limit = "e\u0301" * 64  # 128 code points, 64 characters once composed: within max_text_chars=64
-    assert localize(client, [limit]).status_code == 200
-    longest = "\u0391\u0313\u0342\u0345" * 64  # the longest decomposition (4 code points), 64 composed characters
-    r = localize(client, [longest])
+    # 128 code points, 64 characters once composed: within max_text_chars=64, so refused for its 65 tokens (the
+    # model reads 47), not its characters; and so the longest decomposition (4 code points a character)
+    for limit in ("e\u0301" * 64, "\u0391\u0313\u0342\u0345" * 64):
+        error = assert_error(localize(client, [limit]), 422, field="texts.0")
+        assert error["message"] == "texts.0: the text is 65 tokens; the model reads at most 47: shorten it"
+    r = localize(client, ["\u0391\u0313\u0342\u0345" * 8])
     assert r.status_code == 200, r.text
-    assert r.json()["localizations"][0]["text"] == "\u1f8e" * 64  # ALPHA WITH PSILI AND PERISPOMENI AND PROSGEGRAMMENI
-    assert_error(localize(client, ["x" * 65]), 422, field="texts.0")
+    assert r.json()["localizations"][0]["text"] == "\u1f8e" * 8  # ALPHA WITH PSILI AND PERISPOMENI AND PROSGEGRAMMENI
+    error = assert_error(localize(client, ["x" * 65]), 422, field="texts.0")
+    assert error["message"] == "texts.0: text is 65 characters; at most 64"
 
 
 def test_a_text_too_long_however_it_composes_is_refused_before_its_characters_are_read(monkeypatch) -> None:
     """The per-character pass runs on the event loop: a 20 MB text must not reach it."""
     read = []
     monkeypatch.setattr(service, "clean_text", lambda field, text: read.append(text) or text)
-    settings = Settings(max_text_chars=64)
+    engine = SimpleNamespace(settings=Settings(max_text_chars=64), predictor=None)  # before the model loads
     with pytest.raises(ApiError) as refused:
-        service.check_texts("text", ["x" * (4 * 64 + 1)], settings)
+        service.check_texts("text", ["x" * (4 * 64 + 1)], engine)
     assert refused.value.status == 422 and "at most 64" in refused.value.message and read == []
-    assert service.check_texts("text", ["x" * 64], settings) == ["x" * 64] and read == ["x" * 64]
+    assert service.check_texts("text", ["x" * 64], engine) == ["x" * 64] and read == ["x" * 64]
 
 
 def test_image_metadata_is_never_echoed(client: httpx.Client) -> None:

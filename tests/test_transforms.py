@@ -34,6 +34,16 @@ def test_transparency_goes_onto_white_and_16_bit_is_scaled() -> None:
     assert to_rgb(Image.new("RGB", (4, 4), (1, 2, 3))).getpixel((0, 0)) == (1, 2, 3)
 
 
+def test_float_images_keep_their_exposure_and_empty_images_are_refused() -> None:
+    dark = np.array([[0.0, 0.1, 0.25]], dtype=np.float32)  # a dark image in [0, 1] stays dark
+    assert to_rgb_array(Image.fromarray(dark, "F"))[0, :, 0].tolist() == [0, 25, 63]
+    wide = np.array([[0.0, 100.0, 300.0]], dtype=np.float32)  # values past 1: read as [0, 255], clipped
+    assert to_rgb_array(Image.fromarray(wide, "F"))[0, :, 0].tolist() == [0, 100, 255]
+    for empty in (Image.new("RGB", (0, 5)), np.zeros((0, 5, 3), np.uint8)):
+        with pytest.raises(ValueError, match="image is empty"):
+            to_rgb_array(empty)
+
+
 @pytest.mark.parametrize("make", [half_transparent, sixteen_bit], ids=["rgba", "16-bit"])
 def test_python_api_cli_and_service_feed_the_model_the_same_pixels(tmp_path, make) -> None:
     path = tmp_path / "image.png"
