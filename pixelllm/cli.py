@@ -78,10 +78,16 @@ def _predictor(args):
     return Predictor(model)
 
 
-def _predictor_on_image(args):
-    """The predictor with `args.image` set, decoded for the model's input size (a photo at reduced scale)."""
+def _predictor_on_image(args, text: str | None = None):
+    """The predictor with `args.image` set, decoded for the model's input size (a photo at reduced scale); a
+    `text` to localize is checked first (it must fit the model), before the image is read."""
     _require_file(args.image)  # before the model loads
     p = _predictor(args)
+    if text is not None:
+        try:
+            p.check_text(text)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     p.set_image(_load_image(args.image, p.model.cfg.image_size))
     return p
 
@@ -150,7 +156,7 @@ def cmd_caption(args) -> None:
 def cmd_localize(args) -> None:
     if not args.text.strip():
         raise CLIError("the text to localize is empty: give the words of what to find")
-    p = _predictor_on_image(args)
+    p = _predictor_on_image(args, args.text)
     try:
         result = p.localize(args.text, mask=args.mask, refine=not args.no_refine)
     except ValueError as e:
@@ -181,16 +187,18 @@ def cmd_dense(args) -> None:
 def cmd_visualize(args) -> None:
     from .visualize import render_dense, render_overlay
 
-    if sum(map(bool, (args.box, args.text, args.dense))) > 1:
+    if sum((args.box is not None, args.text is not None, args.dense)) > 1:
         raise CLIError("give one of --box, --text and --dense")
+    if args.text is not None and not args.text.strip():
+        raise CLIError("the text to localize is empty: give the words of what to find, or no --text to caption")
     box = _floats(args.box, 4, "box") if args.box else None
-    p = _predictor_on_image(args)
+    p = _predictor_on_image(args, args.text)
     image = _load_image(args.image).image  # in full, to draw on
     if args.dense:
         render_dense(image, _dense(p, args)).save(args.output)
     else:
         try:
-            result = p.localize(args.text, mask=True) if args.text else p.caption(box=box)
+            result = p.localize(args.text, mask=True) if args.text is not None else p.caption(box=box)
         except ValueError as e:
             raise CLIError(str(e)) from None
         render_overlay(image, result).save(args.output)

@@ -318,10 +318,17 @@ def _score_referring(
 
 
 def _readable(predictor: Predictor, text: str) -> str:
-    """`text` up to the end of its last token the model reads (`Predictor.check_text`'s limit)."""
+    """`text` up to the end of its last token the model reads (`Predictor.check_text`'s limit); shorter where
+    one character makes several tokens (NFKC: "½") that a cut there would keep past the limit."""
+    tokenizer = predictor.model._require_tokenizer()
     limit = predictor.model.cfg.language_model.max_text_tokens - 1
-    _, offsets = predictor.model.tokenizer.encode_with_offsets(text)
-    return text if len(offsets) <= limit else text[: offsets[limit - 1][1]]
+    _, offsets = tokenizer.encode_with_offsets(text)
+    if len(offsets) <= limit:
+        return text
+    end = offsets[limit - 1][1]
+    while end > 0 and len(tokenizer.encode(text[:end], add_eos=False)) > limit:
+        end = max(start for start, _ in offsets if start < end)  # back to the start of the token ending there
+    return text[:end]
 
 
 def _referring_metrics(stats: dict[str, list]) -> dict[str, float]:

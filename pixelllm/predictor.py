@@ -420,7 +420,7 @@ class Predictor:
         if not text or not text.strip():
             raise ValueError("the text is empty")
         limit = self.model.cfg.language_model.max_text_tokens - 1
-        tokens = len(self.model.tokenizer.encode(text, add_eos=False))
+        tokens = len(self.model._require_tokenizer().encode(text, add_eos=False))
         if tokens > limit:
             raise ValueError(f"the text is {tokens} tokens; the model reads at most {limit}: shorten it")
 

@@ -235,7 +235,7 @@ def check_texts(field: str, texts: list[str], engine: Engine, indexed: bool = Fa
             raise invalid(name, "text is empty")
         if len(text) > settings.max_text_chars:
             raise invalid(name, f"text is {len(text)} characters; at most {settings.max_text_chars}")
-        if engine.predictor is not None:  # not loaded yet: the request is refused as not ready anyway
+        if engine.predictor is not None:  # loaded (the routes require it ready first)
             try:
                 engine.predictor.check_text(text)
             except ValueError as e:
@@ -335,6 +335,7 @@ async def caption(engine: Engine, request: Request, data: bytes, params: Caption
 
 async def localize(engine: Engine, request: Request, data: bytes, params: LocalizeParams) -> LocalizeResponse:
     start = time.perf_counter()
+    engine.require_ready()  # the texts' tokens are counted by the model's tokenizer
     texts = check_texts("text", params.texts(), engine)
     job, width, height, decode_ms = await open_image(engine, data)
     job.texts, job.mask = texts, params.mask
@@ -353,6 +354,7 @@ async def regions(engine: Engine, request: Request, data: bytes, params: Regions
     if count > s.max_regions:
         given = "+".join(name for name in ("boxes", "points", "texts") if getattr(params, name))
         raise invalid(given, f"at most {s.max_regions} boxes, points and texts together, got {count}")
+    engine.require_ready()  # the texts' tokens are counted by the model's tokenizer
     texts = check_texts("texts", params.texts, engine, indexed=True) if params.texts else []
     job, width, height, decode_ms = await open_image(engine, data)
     boxes = [check_box(f"boxes.{i}", b, width, height) for i, b in enumerate(params.boxes)]

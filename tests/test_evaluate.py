@@ -101,3 +101,7 @@ def test_a_referring_text_longer_than_the_model_reads_is_cut_to_what_it_reads(ti
     assert long.startswith(cut) and len(cut) < len(long)
     assert len(tiny_model.tokenizer.encode(cut, add_eos=False)) == limit
     predictor.check_text(cut)  # what is left, the model reads whole
+    for many in ("\u00bd" * 60, "\u3392" * 60, "\ufb03 " * 50):  # one character, several tokens (NFKC)
+        cut = _readable(predictor, many)
+        assert many.startswith(cut) and 0 < len(tiny_model.tokenizer.encode(cut, add_eos=False)) <= limit
+        predictor.check_text(cut)
