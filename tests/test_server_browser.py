@@ -7,6 +7,7 @@ import base64
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -391,6 +392,23 @@ def test_a_word_hovered_while_the_caption_streams_stays_active(driver, slow_stre
     assert driver.execute_script(active) == []
 
 
+@pytest.mark.browser
+@needs_chromium
+def test_a_word_focused_while_the_caption_streams_keeps_the_focus(driver, slow_stream_service, tmp_path: Path) -> None:
+    """Each new word rebuilds the caption: a keyboard user's focused word stays focused and active."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    start_sample_caption(driver, slow_stream_service.url, tmp_path)
+    first = WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements("css selector", "#caption .word"))[0]
+    driver.execute_script("arguments[0].focus()", first)
+    count = len(driver.find_elements("css selector", "#caption .word"))
+    WebDriverWait(driver, WAIT_S).until(lambda d: len(d.find_elements("css selector", "#caption .word")) >= count + 2)
+    focused = "return [document.activeElement.dataset.index, document.activeElement.classList.contains('active')]"
+    assert driver.execute_script(focused) == ["0", True]
+    wait_for_answer(driver, previous="")
+    assert driver.execute_script(focused) == ["0", True]
+
+
 def page_error(driver, contains: str) -> str:
     """Wait until the page shows an error containing `contains`; its text."""
     from selenium.webdriver.support.ui import WebDriverWait
@@ -444,6 +462,67 @@ def test_inputs_the_page_cannot_send_say_so(driver, service, tmp_path: Path) -> 
     page_error(driver, "Max tokens: not a number")
     assert driver.find_element("id", "status").text == "Caption failed."
     assert driver.find_element("id", "caption-btn").is_enabled()  # the image is kept: only the field is wrong
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_region_caption_that_fails_puts_back_the_caption_shown_and_its_box(driver, service, tmp_path: Path) -> None:
+    """A box dragged, then refused by the service: the page shows the whole image's caption again, with no box,
+    not the new box beside the old caption."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    open_page(driver, service.url)
+    upload(driver, tmp_path / "region.png", IMAGE)
+    whole = driver.find_element("id", "caption").text
+    tokens = driver.find_element("id", "max-tokens")
+    tokens.clear()
+    tokens.send_keys("500")  # over the service's 128: a 422 for this request
+    overlay = driver.find_element("id", "overlay")
+    size = overlay.size
+    actions = ActionChains(driver).move_to_element_with_offset(overlay, -size["width"] // 4, -size["height"] // 4)
+    actions.click_and_hold().move_by_offset(size["width"] // 3, size["height"] // 3).release().perform()
+    page_error(driver, "max_new_tokens")
+    assert driver.find_element("id", "status").text == "Caption failed."
+    assert driver.find_element("id", "caption").text == whole
+    assert not driver.find_element("id", "clear-box").is_enabled()  # no box kept
+    assert not (overlay_pixels(driver)[..., 3] == 255).any()  # and none drawn (words are drawn faint)
+
+
+def touch(driver, kind: str, *points: tuple[float, float]) -> None:
+    """A touch event of Chromium's input pipeline (as a finger makes, pointer events included): `points` are the
+    fingers down, by id, in CSS pixels of the page."""
+    touch_points = [{"x": x, "y": y, "id": i} for i, (x, y) in enumerate(points)]
+    driver.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": kind, "touchPoints": touch_points})
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_one_finger_drags_a_box_and_a_second_finger_cancels_it(driver, service, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(driver, service.url)
+    upload(driver, tmp_path / "touch.png", IMAGE)
+    rect = driver.execute_script("return document.getElementById('overlay').getBoundingClientRect().toJSON()")
+    at = lambda fx, fy: (rect["left"] + fx * rect["width"], rect["top"] + fy * rect["height"])  # noqa: E731
+    timings = driver.find_element("id", "timings").text
+
+    touch(driver, "touchStart", at(0.2, 0.2))  # a pinch: the second finger cancels the box the first began
+    touch(driver, "touchMove", at(0.6, 0.6))
+    touch(driver, "touchStart", at(0.6, 0.6), at(0.8, 0.3))
+    touch(driver, "touchMove", at(0.7, 0.7), at(0.9, 0.4))
+    touch(driver, "touchEnd")
+    time.sleep(0.5)
+    assert (
+        driver.find_element("id", "timings").text == timings and not driver.find_element("id", "error").is_displayed()
+    )
+    assert not driver.find_element("id", "clear-box").is_enabled()  # no box taken
+    assert not (overlay_pixels(driver)[..., 3] == 255).any()  # and none drawn
+
+    touch(driver, "touchStart", at(0.2, 0.2))  # one finger: its box is captioned
+    touch(driver, "touchMove", at(0.6, 0.6))
+    touch(driver, "touchEnd")
+    wait_for_answer(driver, previous=timings)
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element("id", "clear-box").is_enabled())
 
 
 # Replaces the model's words in (streamed) caption answers with two words of known, large boxes (arguments[0]).

@@ -38,6 +38,7 @@ const state = {
   size: null, // the image size in the API's pixels: {width, height}
   words: [],
   active: -1,
+  shown: null, // the last whole caption shown, {body, box}: a failed caption puts it (and its box) back
   promptBox: null,
   drag: null,
   localization: null,
@@ -76,7 +77,7 @@ function setImage(file, image) {
   state.generation += 1;
   if (state.abort) state.abort.abort(); // the server stops decoding a caption nobody reads
   dragStart = null;
-  Object.assign(state, { busy: false, file, image, words: [], active: -1, promptBox: null, drag: null });
+  Object.assign(state, { busy: false, file, image, words: [], active: -1, shown: null, promptBox: null, drag: null });
   Object.assign(state, { localization: null, regions: [], activeRegion: -1 });
   state.size = image && { width: image.naturalWidth, height: image.naturalHeight };
   for (const pane of [els.caption, els.localization, els.regions, els.timings]) pane.replaceChildren();
@@ -223,23 +224,34 @@ function dragBox(start, end) {
 }
 
 let dragStart = null;
+let dragPointer = null; // the pointer drawing the box: another finger coming down cancels it (a pinch)
+
+function cancelDrag() {
+  dragStart = null;
+  dragPointer = null;
+  state.drag = null;
+  redraw();
+}
 
 els.overlay.addEventListener("pointerdown", (event) => {
+  if (dragStart) return cancelDrag();
   if (!state.image || state.busy || event.button !== 0) return; // a box drawn now would not be the one captioned
   dragStart = imagePoint(event);
+  dragPointer = event.pointerId;
   els.overlay.setPointerCapture(event.pointerId);
 });
 
 els.overlay.addEventListener("pointermove", (event) => {
-  if (!dragStart) return;
+  if (!dragStart || event.pointerId !== dragPointer) return;
   state.drag = dragBox(dragStart, imagePoint(event));
   redraw();
 });
 
 els.overlay.addEventListener("pointerup", (event) => {
-  if (!dragStart) return;
+  if (!dragStart || event.pointerId !== dragPointer) return;
   const box = dragBox(dragStart, imagePoint(event));
   dragStart = null;
+  dragPointer = null;
   state.drag = null;
   const minSide = Math.max(2, 0.01 * Math.min(state.size.width, state.size.height));
   if (box.x1 - box.x0 >= minSide && box.y1 - box.y0 >= minSide) {
@@ -250,10 +262,8 @@ els.overlay.addEventListener("pointerup", (event) => {
   }
 });
 
-els.overlay.addEventListener("pointercancel", () => {
-  dragStart = null;
-  state.drag = null;
-  redraw();
+els.overlay.addEventListener("pointercancel", (event) => {
+  if (event.pointerId === dragPointer) cancelDrag();
 });
 
 els.clearBox.addEventListener("click", () => {
@@ -301,14 +311,26 @@ async function post(path, fields, onWord = null) {
   state.abort = new AbortController();
   const send = () => fetch(path, { method: "POST", body: form, headers: keyHeaders(), signal: state.abort.signal });
   let start = performance.now();
-  let response = await send();
+  let response = await sendOrSay(send);
   if ((response.status === 401 || response.status === 403) && askForKey(response.status)) {
     start = performance.now(); // the time spent typing the key is not the service's
-    response = await send();
+    response = await sendOrSay(send);
   }
   if (!response.ok) throw apiError(await response.json().catch(() => null), response.status);
   const body = onWord ? await readEvents(response, onWord) : await response.json();
   return { body, roundTrip: performance.now() - start };
+}
+
+// A request that gets no answer at all says what may have happened (a service closes the connection on a
+// body over its limit before the browser has sent it all), rather than the browser's bare "Failed to fetch".
+async function sendOrSay(send) {
+  try {
+    return await send();
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    const mb = (state.file.size / 2 ** 20).toFixed(1);
+    throw new Error(`no answer from the service (${error.message}): it may be down, or the ${mb} MB image over its size limit`);
+  }
 }
 
 async function readEvents(response, onWord) {
@@ -337,7 +359,8 @@ async function readEvents(response, onWord) {
 }
 
 // Run `work` (which calls the API) unless busy; drop its answer if another image was uploaded meanwhile.
-// `work.prepare(body)` (optional, async) readies what `work.show(body, prepared)` draws, before that check.
+// `work.prepare(body)` (optional, async) readies what `work.show(body, prepared)` draws, before that check;
+// `work.fail()` (optional) undoes what a failed request showed of itself.
 async function request(label, work) {
   if (state.busy || !state.ready || !state.file) return;
   const generation = state.generation;
@@ -363,6 +386,7 @@ async function request(label, work) {
       showError(`${error.message} (choose another image)`);
       return;
     }
+    if (work.fail) work.fail();
     showError(error);
     setStatus(`${label} failed.`);
   } finally {
@@ -389,14 +413,16 @@ function maxTokens() {
   return value ? [["max_new_tokens", value]] : [];
 }
 
-// Streamed: each word and its point appear as soon as the model has decoded it.
+// Streamed: each word and its point appear as soon as the model has decoded it. A caption that fails (of a
+// box just dragged, or midway) gives way to the last whole caption again, with its box.
 function caption() {
   const words = [];
+  const box = state.promptBox;
   return request("Caption", {
     request: () => {
       state.active = -1; // kept across the rebuilds of this caption's stream only
       const fields = maxTokens();
-      const b = state.promptBox;
+      const b = box;
       if (b) fields.push(["box", [b.x0, b.y0, b.x1, b.y1].map((v) => v.toFixed(1)).join(",")]);
       return ["/v1/caption?stream=true", fields];
     },
@@ -406,7 +432,19 @@ function caption() {
       setStatus(`Caption… ${words.length} word${words.length === 1 ? "" : "s"}`);
       redraw();
     },
-    show: (body) => showCaption(body),
+    show: (body) => {
+      state.shown = { body, box };
+      showCaption(body);
+    },
+    fail: () => {
+      state.promptBox = state.shown && state.shown.box;
+      state.active = -1;
+      if (state.shown) showCaption(state.shown.body);
+      else {
+        state.words = [];
+        els.caption.replaceChildren();
+      }
+    },
   });
 }
 
@@ -437,10 +475,15 @@ function localize(text) {
 
 // --- results -----------------------------------------------------------------------------------------
 
+let rebuilding = false; // the caption's spans are being replaced: their blur is no user's
+
 function showCaption(body) {
   state.words = body.words;
   if (state.active >= body.words.length) state.active = -1; // a word hovered while the caption streams stays so
+  const focused = els.caption.contains(document.activeElement) ? Number(document.activeElement.dataset.index) : -1;
+  rebuilding = true;
   els.caption.replaceChildren();
+  rebuilding = false;
   let pos = 0;
   body.words.forEach((word, i) => {
     els.caption.append(body.caption.slice(pos, word.start));
@@ -456,9 +499,10 @@ function showCaption(body) {
     span.title = `point (${fmt(word.point.x)}, ${fmt(word.point.y)}), box ${boxText(word.box)}, score ${word.score.toFixed(2)}`;
     if (word.generated_text) span.title += `, verified (the decoder said "${word.generated_text}")`;
     span.addEventListener("focus", () => setActive(i));
-    span.addEventListener("blur", () => setActive(-1));
+    span.addEventListener("blur", () => rebuilding || setActive(-1));
     els.caption.append(span);
     pos = word.end;
+    if (i === focused) span.focus({ preventScroll: true }); // a keyboard user stays on the word
   });
   els.caption.append(body.caption.slice(pos));
   if (!body.caption) els.caption.textContent = "(empty caption)";
@@ -492,21 +536,31 @@ function showRegions(regions) {
   if (!regions.length) els.regions.textContent = "(no region above the score threshold)";
 }
 
+// The mask (a PNG of the image's size) tinted, on a canvas of at most MASK_SIDE px a side: it is drawn
+// scaled to the overlay anyway, and a photo-sized canvas would stall the page (or exceed a phone's limit).
+const MASK_SIDE = 2048;
+
 function maskCanvas(mask) {
   const image = new Image();
   image.src = `data:image/png;base64,${mask.png}`;
   return image.decode().then(() => {
     const [height, width] = mask.size;
+    const scale = Math.min(1, MASK_SIDE / Math.max(width, height));
     const canvas = document.createElement("canvas");
-    canvas.width = width;
-    canvas.height = height;
+    canvas.width = Math.max(1, Math.round(width * scale));
+    canvas.height = Math.max(1, Math.round(height * scale));
     const ctx = canvas.getContext("2d");
-    ctx.drawImage(image, 0, 0);
-    const pixels = ctx.getImageData(0, 0, width, height);
-    const rgb = [1, 3, 5].map((i) => parseInt(LOCALIZE_COLOR.slice(i, i + 2), 16));
-    for (let i = 0; i < pixels.data.length; i += 4) {
-      const inside = pixels.data[i] > 127;
-      pixels.data.set([...rgb, inside ? 110 : 0], i);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+    const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    const data = pixels.data;
+    const [r, g, b] = [1, 3, 5].map((i) => parseInt(LOCALIZE_COLOR.slice(i, i + 2), 16));
+    for (let i = 0; i < data.length; i += 4) {
+      const alpha = data[i] > 127 ? 110 : 0;
+      data[i] = r;
+      data[i + 1] = g;
+      data[i + 2] = b;
+      data[i + 3] = alpha;
     }
     ctx.putImageData(pixels, 0, 0);
     return canvas;
@@ -565,6 +619,7 @@ els.file.addEventListener("change", async () => {
   setImage(file, image);
   layout();
   updateControls();
+  if (!state.ready) setStatus("Waiting for the model to load…");
   caption();
 });
 
