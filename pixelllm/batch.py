@@ -9,10 +9,11 @@ unless `allow_outside_root`. Ids are letters, digits, '.', '_' and '-' (no leadi
 file names; a folder's or glob's file paths are sanitized into such ids.
 
 Each result is one line `{"id", "task", "image", "result"}` of the output (with `text`, the texts asked, for
-"localize"), `result` being the service's answer; each failure one line `{"id", "image", "status", "attempts", "error": {"code", "message"}}` of the
-errors file, which holds the last run's failures. A rerun skips the ids already in the output and cuts off a
-torn last line left by a killed run, so every id is written once; it refuses to run if the output holds
-another task's (or text's) results for its ids. A service that stops answering midway stops the run.
+"localize"), `result` being the service's answer; each failure one line
+`{"id", "image", "status", "attempts", "error": {"code", "message"}}` of the errors file, which holds the last
+run's failures. A rerun skips the ids already in the output and cuts off a torn last line left by a killed run,
+so every id is written once; it refuses to run if the output holds another task's (or text's) results for its
+ids. A service that stops answering midway stops the run.
 """
 
 from __future__ import annotations

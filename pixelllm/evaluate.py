@@ -321,7 +321,7 @@ def _readable(predictor: Predictor, text: str) -> str:
     """`text` up to the end of its last token the model reads (`Predictor.check_text`'s limit); shorter where
     one character makes several tokens (NFKC: "½") that a cut there would keep past the limit."""
     tokenizer = predictor.model._require_tokenizer()
-    limit = predictor.model.cfg.language_model.max_text_tokens - 1
+    limit = predictor.model.text_tokens_read
     _, offsets = tokenizer.encode_with_offsets(text)
     if len(offsets) <= limit:
         return text

@@ -419,7 +419,7 @@ class Predictor:
         end token (a longer text would be cut, and its box found from the words before the cut)."""
         if not text or not text.strip():
             raise ValueError("the text is empty")
-        limit = self.model.cfg.language_model.max_text_tokens - 1
+        limit = self.model.text_tokens_read
         tokens = len(self.model._require_tokenizer().encode(text, add_eos=False))
         if tokens > limit:
             raise ValueError(f"the text is {tokens} tokens; the model reads at most {limit}: shorten it")

@@ -234,13 +234,13 @@ def _check_narratives(source: SceneSource, max_tokens: int, checked: int = 1000)
             100 * found,
             100 * located,
         )
-    if utterances and found < 0.9:
-        log.warning(
-            "%s: only %.0f%% of the utterances are found in their captions, in order: the others' words get no "
-            "location; check that each timed_caption holds its caption's words",
-            source.cfg.path,
-            100 * found,
-        )
+        if found < 0.9:
+            log.warning(
+                "%s: only %.0f%% of the utterances are found in their captions, in order: the others' words get "
+                "no location; check that each timed_caption holds its caption's words",
+                source.cfg.path,
+                100 * found,
+            )
     long = sum(n > max_tokens for n in lengths)
     if long:
         log.warning(

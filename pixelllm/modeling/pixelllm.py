@@ -394,6 +394,11 @@ class PixelLLM(nn.Module):
             num_return=num_return,
         )
 
+    @property
+    def text_tokens_read(self) -> int:
+        """The most tokens of a text the decoder reads (teacher-forced, to localize it): `max_text_tokens` less EOS."""
+        return self.cfg.language_model.max_text_tokens - 1
+
     def decoding_length(self, max_new_tokens: int | None) -> int:
         """The decoding length: `max_new_tokens`, or the model's `max_text_tokens` for None."""
         if max_new_tokens is None:
@@ -432,8 +437,7 @@ class PixelLLM(nn.Module):
         log-likelihood of the text.
         """
         tok = self._require_tokenizer()
-        limit = self.cfg.language_model.max_text_tokens
-        seqs = [tok.encode(t, add_eos=False)[: limit - 1] + [EOS_ID] for t in texts]
+        seqs = [tok.encode(t, add_eos=False)[: self.text_tokens_read] + [EOS_ID] for t in texts]
         labels, _ = _pad(seqs, IGNORE_INDEX, self.device)
         enc, enc_mask = self.encode_prompts(features, prompts)
         dec_in = _shift_right(labels)

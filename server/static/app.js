@@ -422,8 +422,7 @@ function caption() {
     request: () => {
       state.active = -1; // kept across the rebuilds of this caption's stream only
       const fields = maxTokens();
-      const b = box;
-      if (b) fields.push(["box", [b.x0, b.y0, b.x1, b.y1].map((v) => v.toFixed(1)).join(",")]);
+      if (box) fields.push(["box", [box.x0, box.y0, box.x1, box.y1].map((v) => v.toFixed(1)).join(",")]);
       return ["/v1/caption?stream=true", fields];
     },
     onWord: (word) => {
