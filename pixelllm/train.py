@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .build import build_pixelllm, load_model
 from .checkpoints import resize_input
 from .config import _from_dict, load_config
-from .data.narratives import read_narratives, word_locations
+from .data.narratives import NarrativesIndex, word_locations
 from .data.synthetic import generate_scene, scene_seed
 from .data.tasks import TASKS, PreparedScene, collate, make_sample, prepare_record, prepare_scene
 from .modeling.pixelllm import PixelLLM
@@ -120,11 +120,13 @@ def _prepare_synthetic(args: tuple[int, int, int, str]) -> PreparedScene:
 
 class SceneSource:
     """Prepared scenes of one source, by index. Synthetic scenes are prepared when first asked for, or ahead in
-    parallel by `prepare`; narratives are read from disk at each access, and one whose image cannot be read
-    (a truncated file) is skipped with a warning: the next record stands in, so a run goes on (and resumes
-    the same)."""
+    parallel by `prepare`; narratives are read from disk at each access (a `NarrativesIndex`), and one whose image
+    cannot be read (a truncated file) is skipped with a warning: the next record stands in, so a run goes on (and
+    resumes the same). `progress`: show a bar while the narratives files are read at start."""
 
-    def __init__(self, cfg: SourceConfig, image_size: int, tokenizer: Tokenizer, tokenizer_file: Path):
+    def __init__(
+        self, cfg: SourceConfig, image_size: int, tokenizer: Tokenizer, tokenizer_file: Path, progress: bool = False
+    ):
         self.cfg, self.image_size, self.tokenizer, self.tokenizer_file = cfg, image_size, tokenizer, tokenizer_file
         if cfg.kind == "synthetic":
             if cfg.num_scenes < 1:
@@ -140,9 +142,9 @@ class SceneSource:
                     f"no file matches the source path {cfg.path} (a 'narratives' source's 'path', read from "
                     f"{Path.cwd()})"
                 )
-            self.records = [record for path in paths for record in read_narratives(path)]
+            self.records = NarrativesIndex(paths, progress)
             self.unreadable: set[int] = set()  # records whose image failed to read: the next one stands in
-            missing = [path for path in map(self.image_path, self.records) if not path.is_file()]
+            missing = [path for path in map(self.image_path, self.records.image_ids) if not path.is_file()]
             if missing:
                 shown = ", ".join(str(p) for p in missing[:3])
                 raise ValueError(
@@ -154,13 +156,13 @@ class SceneSource:
         if not len(self):
             raise ValueError(f"the {cfg.kind} source {cfg.path or ''} has no scenes: give it some, or drop it")
 
-    def image_path(self, record: dict) -> Path:
+    def image_path(self, image_id: str | int) -> Path:
         try:
-            name = self.cfg.image_name.format(image_id=record["image_id"])
+            name = self.cfg.image_name.format(image_id=image_id)
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(
                 f"the source's image_name {self.cfg.image_name!r} cannot be formatted with image_id "
-                f"{record['image_id']!r} ({type(e).__name__}: {e}): it may use {{image_id}} only, as in "
+                f"{image_id!r} ({type(e).__name__}: {e}): it may use {{image_id}} only, as in "
                 "'{image_id}.jpg' or, for a zero-padded id, '{image_id:0>12}.jpg'"
             ) from None
         return Path(self.cfg.image_root or "") / name
@@ -188,7 +190,7 @@ class SceneSource:
         for j in (k % len(self.records) for k in range(i, i + len(self.records))):
             if j in self.unreadable:
                 continue
-            record, path = self.records[j], self.image_path(self.records[j])
+            path = self.image_path(self.records.image_ids[j])
             try:
                 with Image.open(path) as im:
                     image = to_rgb_array(im)
@@ -198,11 +200,11 @@ class SceneSource:
                     "cannot read the image %s of image_id %r (%s): its record is skipped, the next one trains in "
                     "its place",
                     path,
-                    record["image_id"],
+                    self.records.image_ids[j],
                     e,
                 )
                 continue
-            return prepare_record(image, record, self.image_size, self.tokenizer)
+            return prepare_record(image, self.records[j], self.image_size, self.tokenizer)
         raise ValueError(f"no image of {self.cfg.path} can be read (each was logged): check 'image_root'")
 
 
@@ -212,7 +214,7 @@ def _check_narratives(source: SceneSource, max_tokens: int, checked: int = 1000)
     `checked` records, spread over the source, are read."""
     if source.cfg.kind != "narratives":
         return
-    records = source.records[:: math.ceil(len(source.records) / checked)]
+    records = [source.records[j] for j in range(0, len(source.records), math.ceil(len(source.records) / checked))]
     lengths = [len(source.tokenizer.encode(r["caption"])) for r in records]
     words = [word_locations(r) for r in records]
     utterances = sum(len(r["timed_caption"]) for r in records)
@@ -473,7 +475,7 @@ def train(cfg: TrainConfig) -> Path:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     if distributed:
         dist.barrier()
-    sources = [SceneSource(s, model.cfg.image_size, tokenizer, tokenizer_file) for s in cfg.sources]
+    sources = [SceneSource(s, model.cfg.image_size, tokenizer, tokenizer_file, rank == 0) for s in cfg.sources]
     if rank == 0:
         for source in sources:
             _check_narratives(source, model.cfg.language_model.max_text_tokens)

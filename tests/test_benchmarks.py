@@ -114,6 +114,18 @@ def test_point_head_overhead_smallest_form(tmp_path: Path) -> None:
     assert "point_head_overhead: tiny" in proc.stdout
 
 
+def test_narratives_memory_smallest_form(tmp_path: Path) -> None:
+    cmd = [sys.executable, "benchmarks/narratives_memory.py", "--records", "200", "--points", "400"]
+    proc = subprocess.run([*cmd, "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "narratives_memory.json").read_text())
+    assert result["settings"] == {"records": 200, "words": 40, "points": 400}
+    assert result["list_bytes"] > 2 * result["file_bytes"] and result["file_bytes"] > 20 * result["index_bytes"] > 0
+    assert result["list_over_index"] == result["list_bytes"] / result["index_bytes"]
+    assert 0 < result["access_ms_median"] <= result["access_ms_p95"]
+    assert result["summary"]["figure"].startswith("200 records of") and result["summary"]["met"] is None
+
+
 def test_quantize_int8_smallest_form(tmp_path: Path) -> None:
     cmd = [sys.executable, "benchmarks/quantize_int8.py", "--quick", "--presets", "pixelllm-tiny", "--tokens", "4"]
     cmd += ["--scenes", "1", "--results-dir", str(tmp_path)]

@@ -1,10 +1,11 @@
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pixelllm.data.narratives import read_narratives, token_targets, word_locations
+from pixelllm.data.narratives import NarrativesIndex, read_narratives, token_targets, word_locations
 from pixelllm.tokenizer import EOS_ID, Tokenizer, words_with_tokens
 
 
@@ -184,6 +185,54 @@ def test_read_narratives(tmp_path):
     path.write_text(json.dumps({k: v for k, v in rec.items() if k != "traces"}) + "\n")
     with pytest.raises(ValueError, match=r"ln\.jsonl:1: .*traces"):
         list(read_narratives(path))
+
+    path.write_bytes(json.dumps({**rec, "caption": "dog"}).encode()[:-2] + b"\xff\xfe}\n")  # not UTF-8
+    with pytest.raises(ValueError, match=r"ln\.jsonl:1: invalid JSON"):
+        list(read_narratives(path))
+
+
+def test_the_index_reads_each_record_from_disk_when_asked(tmp_path):
+    """Over shards, blank lines, a BOM and CRLF: the same records as read_narratives, in order, holding only
+    offsets and image_ids in memory; a file changed under it is an error that says so."""
+    records = [make_record(f"dog {i}", [("dog", 0.0, 1.0)], [[(0.1 * i, 0.5, 0.0)]]) for i in range(5)]
+    for i, record in enumerate(records):
+        record["image_id"] = i if i % 2 else f"img{i}"
+    first, second = tmp_path / "ln-0.jsonl", tmp_path / "ln-1.jsonl"
+    first.write_text("\ufeff" + json.dumps(records[0]) + "\r\n\n" + json.dumps(records[1]) + "\r\n", encoding="utf-8")
+    second.write_text("".join(json.dumps(r) + "\n" for r in records[2:]))
+    index = NarrativesIndex([first, second])
+    assert len(index) == 5 and index.image_ids == [r["image_id"] for r in records]
+    assert [index[i] for i in range(5)] == records == [*read_narratives(first), *read_narratives(second)]
+    assert index[-1] == records[-1] and list(index) == records
+    with pytest.raises(IndexError):
+        index[5]
+
+    second.write_text("\n" + json.dumps(records[3]))  # edited after it was read: offsets no longer line up
+    with pytest.raises(ValueError, match=r"ln-1\.jsonl changed since it was read: byte 0 no longer .* 'img2'"):
+        index[2]
+    with pytest.raises(ValueError, match=r"ln-1\.jsonl changed since it was read: byte \d+ no longer .* 3"):
+        index[3]
+    first.write_text(json.dumps(records[0]) + "\n{cut")
+    with pytest.raises(ValueError, match=r"ln-0\.jsonl:2: invalid JSON"):
+        NarrativesIndex([first])
+
+
+def test_the_index_keeps_far_less_in_memory_than_the_records(tmp_path):
+    """A parsed record with a trace takes several times its JSON; the index keeps an offset and an image_id."""
+    trace = [[(i / 400, 0.5, i * 0.01) for i in range(400)]]
+    path = tmp_path / "ln.jsonl"
+    path.write_text("".join(json.dumps(make_record("a dog", [("dog", 0.0, 1.0)], trace)) + "\n" for _ in range(200)))
+
+    def allocated(read):
+        tracemalloc.start()
+        kept = read()
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert len(kept) == 200
+        return size
+
+    records, index = allocated(lambda: list(read_narratives(path))), allocated(lambda: NarrativesIndex([path]))
+    assert records > 2 * path.stat().st_size and index < path.stat().st_size / 50, (records, index)
 
 
 @pytest.mark.parametrize(

@@ -325,14 +325,14 @@ def test_a_record_whose_image_cannot_be_read_is_skipped_for_the_next(tmp_path, t
     source = narratives_source(tmp_path)
     loaded = SceneSource(source, 160, tiny_model.tokenizer, Path())
     second = loaded[1].caption_ids
-    broken = loaded.image_path(loaded.records[0])
+    broken = loaded.image_path(loaded.records.image_ids[0])
     broken.write_bytes(broken.read_bytes()[:200])  # a truncated JPEG
     with caplog.at_level("WARNING", logger="pixelllm.train"):
         assert loaded[0].caption_ids == second and loaded[0].caption_ids == second
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "pixelllm.train"]  # once per record
     assert f"cannot read the image {broken}" in warning and "the next one trains in its place" in warning
-    for record in loaded.records:
-        loaded.image_path(record).write_bytes(b"not an image")
+    for image_id in loaded.records.image_ids:
+        loaded.image_path(image_id).write_bytes(b"not an image")
     with pytest.raises(ValueError, match="no image of .* can be read"):
         loaded[2]
 

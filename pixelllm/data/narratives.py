@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pixelllm.tokenizer import EOS_ID, Tokenizer
 
@@ -62,26 +63,82 @@ def read_narratives(path: str | Path) -> Iterator[dict]:
 
     Raises ValueError naming the file and line for invalid JSON or a record missing a required field.
     """
-    path = Path(path)
-    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark from a Windows editor is not JSON
+    for _, record in _records_at(Path(path)):
+        yield record
+
+
+def _records_at(path: Path) -> Iterator[tuple[int, dict]]:
+    """(byte offset of its line, record) of each record of the JSONL file `path`, checked as `read_narratives`."""
+    with path.open("rb") as f:
+        offset = 0
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}:{lineno}: invalid JSON: {e} (a JSONL file holds each record whole on one line)"
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in REQUIRED_FIELDS if k not in record]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: record is missing field(s) {', '.join(missing)}")
-            problem = record_problem(record)
-            if problem:
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            yield record
+            if line.strip():
+                yield offset, _parse_record(line, f"{path}:{lineno}")
+            offset += len(line)
+
+
+def _parse_record(line: bytes, where: str) -> dict:
+    """The record a JSONL line holds (UTF-8, a byte-order mark allowed); ValueError naming `where` if it is not one."""
+    try:
+        record = json.loads(line)  # bytes: json detects UTF-8 with or without a BOM (a Windows editor's)
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        raise ValueError(f"{where}: invalid JSON: {e} (a JSONL file holds each record whole on one line)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"{where}: record is missing field(s) {', '.join(missing)}")
+    problem = record_problem(record)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+    return record
+
+
+class NarrativesIndex(Sequence[dict]):
+    """The records of Localized Narratives JSONL files, in file order, read from disk when indexed.
+
+    Opening reads and checks every record once (as `read_narratives`) but keeps only its file, byte offset and
+    image_id: a parsed record takes several times its JSON in memory, too much for the large splits.
+    The files must not change while the index is in use.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], progress: bool = False):
+        self.paths = [Path(p) for p in paths]
+        self.image_ids: list[str | int] = []
+        files, offsets = [], []
+        total = sum(p.stat().st_size for p in self.paths)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="reading narratives", disable=not progress) as bar:
+            for k, path in enumerate(self.paths):
+                read = 0
+                for offset, record in _records_at(path):
+                    files.append(k)
+                    offsets.append(offset)
+                    self.image_ids.append(record["image_id"])
+                    bar.update(offset - read)
+                    read = offset
+                bar.update(path.stat().st_size - read)
+        self._files = np.asarray(files, dtype=np.int32)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> dict:  # one record at a time: no slices
+        """Record `i`, read from its file (checked when the index was made; here only that it is still there)."""
+        path, offset = self.paths[self._files[i]], int(self._offsets[i])
+        with path.open("rb") as f:
+            f.seek(offset)
+            line = f.readline()
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or record.get("image_id") != self.image_ids[i]:
+            raise ValueError(
+                f"{path} changed since it was read: byte {offset} no longer starts the record of image_id "
+                f"{self.image_ids[i]!r}; start again to read it anew"
+            )
+        return record
 
 
 def _is_number(value: object) -> bool:
