@@ -485,11 +485,12 @@ def train(cfg: TrainConfig) -> Path:
     start = load_checkpoint(ckpt, model, optimizer, device, rank, world, cfg.threads) if ckpt.is_file() else 0
     if start >= cfg.steps:
         log.info(
-            "nothing to train: %s is at step %d of %d (raise steps to go on: the cosine schedule stretches to the new "
-            "length, so the learning rate rises again; or give a new out_dir)",
+            "nothing to train: %s is at step %d of %d, its model in %s (raise steps to go on: the cosine schedule "
+            "stretches to the new length, so the learning rate rises again; or give a new out_dir)",
             out,
             start,
             cfg.steps,
+            out / "final",
         )
     elif start:
         log.info("resumed from %s at step %d", ckpt, start)
@@ -545,9 +546,10 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     final = out / "final"
     if rank == 0:
-        model.eval()
-        model.save_pretrained(final)
         log_file.close()
+        if start < cfg.steps or not final.is_dir():  # a finished run's final model is there already
+            model.eval()
+            model.save_pretrained(final)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

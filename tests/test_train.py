@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -552,9 +553,16 @@ def test_a_run_resumed_under_another_config_warns_and_a_finished_one_says_so(tmp
         (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert "resumes a run started with another config: lr, steps changed" in warning
         caplog.clear()
+        weights = tmp_path / "final" / "model.safetensors"
+        written = weights.stat().st_mtime_ns
+        time.sleep(0.01)
         train(dataclasses.replace(first, steps=3, lr=5e-4))
-    assert f"nothing to train: {tmp_path} is at step 3 of 3" in caplog.text
-    assert "WARNING" not in caplog.text  # the config recorded is the one resumed with
+        assert f"nothing to train: {tmp_path} is at step 3 of 3, its model in {tmp_path / 'final'}" in caplog.text
+        assert "WARNING" not in caplog.text  # the config recorded is the one resumed with
+        assert weights.stat().st_mtime_ns == written  # the final model is left as it is
+        shutil.rmtree(tmp_path / "final")
+        assert train(dataclasses.replace(first, steps=3, lr=5e-4)) == tmp_path / "final"
+    assert PixelLLM.from_pretrained(tmp_path / "final")  # a final model removed is written again
 
 
 def test_the_readmes_fine_tuning_config_trains_from_the_shipped_model(tmp_path):
