@@ -90,8 +90,14 @@ def _t5_shape(t5) -> dict:
         "num_decoder_layers": c.num_decoder_layers,
         "num_heads": c.num_heads,
         "feed_forward_proj": c.feed_forward_proj,
-        "tie_word_embeddings": c.tie_word_embeddings,
+        # transformers reads a config's tie_word_embeddings into scale_decoder_outputs and then sets it True
+        # (Flan-T5's False means: a separate LM head and no output scaling), so the value to record is that one
+        "tie_word_embeddings": c.scale_decoder_outputs,
     }
+
+
+# the official checkpoint each argument of `build_pixelllm` loads
+OFFICIAL_PARTS = {"sam_checkpoint": "SAM", "eva_checkpoint": "EVA02", "t5_path": "T5"}
 
 
 def load_model(
@@ -123,6 +129,16 @@ def load_model(
                 "the trained default model is the directory %s",
                 name_or_path,
                 DEFAULT_WEIGHTS,
+            )
+        else:  # official parts only: what joins them has never been trained
+            random = [part for key, part in OFFICIAL_PARTS.items() if not checkpoints.get(key)]
+            log.warning(
+                "%s is built with RANDOM weights for %s: official checkpoints hold no captioning weights, so its "
+                "answers mean nothing until it is fine-tuned (pixelllm train) and loaded from the saved model directory",
+                name_or_path,
+                ", ".join(
+                    [*random, "the prompt feature extractor, point head and the rest between the encoders and T5"]
+                ),
             )
     if quantize == "int8":
         model.quantize_language_model()

@@ -224,8 +224,9 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
         )
     try:
         # transformers would silently re-initialize missing or mis-shaped weights; we report them instead
+        # in float32 as the rest of the model, whatever dtype the directory was saved in (a bf16 copy)
         t5, info = T5ForConditionalGeneration.from_pretrained(
-            path, output_loading_info=True, ignore_mismatched_sizes=True
+            path, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32
         )
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
         # transformers reads pytorch_model.bin with torch.load(weights_only=True)
@@ -263,11 +264,12 @@ def official_prefixes(model: nn.Module, sources: dict[str, str]) -> list[str]:
 
 
 def _saved_state(model: nn.Module, sources: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The weights our file holds: all but those official files give (the LoRA adapters inside them are ours).
+    Chosen by config and sources alone, so what a user froze or unfroze by hand does not change the file."""
     skip = official_prefixes(model, sources)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     seen, out = set(), {}
     for k, v in model.state_dict().items():
-        if any(k.startswith(p) for p in skip) and k not in trainable:
+        if any(k.startswith(p) for p in skip) and ".lora_" not in k:
             continue
         if v.data_ptr() in seen:  # tied weights (T5's shared embeddings) are stored once
             continue

@@ -30,11 +30,18 @@ class SamEncoderConfig:
 
 @dataclass
 class EvaEncoderConfig:
-    """A timm EVA02 model (encoder B), made by `timm.create_model(model_name, **overrides)`."""
+    """A timm EVA02 model (encoder B), made by `timm.create_model(model_name, **overrides)`.
+
+    `final_norm`: put the patch tokens through the trunk's final LayerNorm, as the paper does (scenic's
+    `use_ln_post`). timm's avg-pooled EVA02 keeps that norm as `fc_norm` and applies it only after pooling, so
+    `forward_features` alone leaves it out. The presets with official EVA02 weights set it; `pixelllm-tiny` was
+    trained without it.
+    """
 
     model_name: str = "eva02_large_patch14_448"
     overrides: dict[str, Any] = field(default_factory=dict)
     trainable: bool = True
+    final_norm: bool = False
 
 
 @dataclass
@@ -107,7 +114,7 @@ class MaskDecoderConfig:
 class LoraConfig:
     r: int = 32
     alpha: int = 64
-    dropout: float = 0.1
+    dropout: float = 0.0  # the paper has no LoRA dropout (T5's own dropout_rate applies)
     target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
 
 

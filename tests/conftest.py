@@ -197,8 +197,10 @@ def official_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny checkpoints written by the peer libraries in their own formats, for `official_tiny_config()`:
 
     - `sam_same` / `sam_resized`: `torch.save(Sam.state_dict())` at our input size / at another size;
-    - `eva_pth` / `eva_safetensors`: `timm.create_model(PEER_EVA)` weights (224 px, with classifier);
-    - `t5`: `T5ForConditionalGeneration.save_pretrained` directory plus a trained `tokenizer.json`.
+    - `eva_pth` / `eva_safetensors`: `timm.create_model(PEER_EVA, num_classes=10)` weights (224 px, with
+      classifier);
+    - `t5`: `T5ForConditionalGeneration.save_pretrained` directory plus a trained `tokenizer.json`, in Flan-T5's
+      layout (`as_flan_layout`).
     """
     with single_thread():
         return _write_official_files(tmp_path_factory.mktemp("official"))
@@ -213,15 +215,30 @@ def _write_official_files(root: Path) -> dict[str, Path]:
         torch.save(perturb_(peer_sam(cfg, size), seed=seed).state_dict(), files[name])
     from safetensors.torch import save_file
 
-    eva = perturb_(timm.create_model(PEER_EVA), seed=13)
+    eva = perturb_(timm.create_model(PEER_EVA, num_classes=10), seed=13)
     files["eva_pth"] = root / "eva.pth"
     torch.save(eva.state_dict(), files["eva_pth"])
     files["eva_safetensors"] = root / "eva.safetensors"
     save_file({k: v.contiguous() for k, v in eva.state_dict().items()}, str(files["eva_safetensors"]))
     files["t5"] = root / "flan-t5-toy"
     perturb_(peer_t5(cfg), seed=14).save_pretrained(files["t5"])
+    as_flan_layout(files["t5"], seed=15)
     train_tokenizer(cfg.language_model.t5["vocab_size"]).save(files["t5"])
     return files
+
+
+def as_flan_layout(directory: Path, seed: int) -> None:
+    """Give a saved T5 directory Flan-T5's layout: an LM head of its own (`lm_head.weight`, not the input
+    embeddings) and `"tie_word_embeddings": false` (no output scaling). transformers 5 saves a T5 it builds
+    tied, whatever its config said."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=generator) * 0.05
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from pixelllm.checkpoints import (
     load_t5,
     resize_input,
 )
+from pixelllm.config import load_config
 from pixelllm.modeling.pixelllm import Prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,7 +172,7 @@ def test_eva_weights_load_like_timm_loads_them(official_files, fmt):
     reference = timm.create_model(
         PEER_EVA,
         pretrained=True,
-        pretrained_cfg_overlay={"file": str(path)},
+        pretrained_cfg_overlay={"file": str(path), "num_classes": 10},  # timm drops a head of another size
         num_classes=0,
         img_size=OFFICIAL_IMAGE_SIZE,
     ).eval()
@@ -187,6 +188,21 @@ def test_eva_weights_load_like_timm_loads_them(official_files, fmt):
     tokens = reference.forward_features((images - mean) / std)[:, reference.num_prefix_tokens :]
     got = model.image_encoder.encode_eva(images).flatten(2).transpose(1, 2)
     torch.testing.assert_close(got, tokens, rtol=1e-5, atol=1e-5)
+    # with final_norm (the presets with official EVA02 weights), the tokens go through the file's final LayerNorm
+    cfg.eva.final_norm = True
+    normed = build_pixelllm(cfg, eva_checkpoint=path).image_encoder.encode_eva(images).flatten(2).transpose(1, 2)
+    assert not torch.equal(reference.fc_norm.weight, torch.ones_like(reference.fc_norm.weight))  # the file's
+    torch.testing.assert_close(normed, reference.fc_norm(tokens), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(normed, tokens, atol=1e-2)
+
+
+@pytest.mark.parametrize("preset", ["pixelllm-t5xl", "pixelllm-base"])
+def test_presets_for_official_weights_follow_the_paper(preset):
+    """EVA02 tokens through the final LayerNorm (scenic's use_ln_post); LoRA r 32, scale 2, no LoRA dropout."""
+    cfg = load_config(preset)
+    assert cfg.eva.final_norm and cfg.language_model.mode == "lora"
+    lora = cfg.language_model.lora
+    assert (lora.r, lora.alpha / lora.r, lora.dropout, lora.target_modules) == (32, 2.0, 0.0, ["q", "v"])
 
 
 def test_eva_mismatched_model_names_file_and_shapes(tmp_path):
@@ -239,6 +255,40 @@ def test_t5_directory_loads_weights_and_tokenizer(official_files, official_model
     text = "a small green star in the middle."
     assert official_model.tokenizer.encode(text) == Tokenizer.from_file(official_files["t5"]).encode(text)
     assert official_model.cfg.language_model.t5["d_model"] == reference.config.d_model
+    # Flan-T5's layout: the LM head is the file's own, not the input embeddings, and outputs are not scaled;
+    # the config records that, so a T5 built from it (no t5_path) computes the same way
+    head = load_file(str(official_files["t5"] / "model.safetensors"))["lm_head.weight"]
+    assert torch.equal(lm.t5.lm_head.weight, head) and not torch.equal(head, lm.t5.shared.weight)
+    assert official_model.cfg.language_model.t5["tie_word_embeddings"] is False
+    rebuilt = PixelLLM(official_model.cfg, official_model.tokenizer).language_model.t5
+    assert rebuilt.config.scale_decoder_outputs is False is reference.config.scale_decoder_outputs
+
+
+def test_a_t5_directory_saved_in_bf16_loads_in_float32(official_files, tmp_path):
+    """Official directories come in bf16 too; the T5 must compute in the dtype of the rest of the model."""
+    from transformers import T5ForConditionalGeneration
+
+    bf16 = tmp_path / "flan-t5-bf16"
+    T5ForConditionalGeneration.from_pretrained(official_files["t5"], dtype=torch.bfloat16).save_pretrained(bf16)
+    shutil.copy(official_files["t5"] / "tokenizer.json", bf16)
+    assert {v.dtype for v in load_file(str(bf16 / "model.safetensors")).values()} == {torch.bfloat16}
+    model = build_pixelllm(official_tiny_config(), t5_path=bf16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert outputs(model)["ids0"].numel() > 0  # generates (a bf16 T5 beside float32 heads raised a dtype error)
+
+
+def test_a_sharded_t5_directory_loads_every_shard(official_files, official_model, tmp_path):
+    """Flan-T5-XL ships its weights in shards with an index (`model-00001-of-00002.safetensors`, ...)."""
+    from transformers import T5ForConditionalGeneration
+
+    sharded = tmp_path / "flan-t5-sharded"
+    T5ForConditionalGeneration.from_pretrained(official_files["t5"]).save_pretrained(sharded, max_shard_size="40KB")
+    shutil.copy(official_files["t5"] / "tokenizer.json", sharded)
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("model-*.safetensors"))) > 2
+    t5 = build_pixelllm(official_tiny_config(), t5_path=sharded).language_model.t5.state_dict()
+    for k, v in official_model.language_model.t5.state_dict().items():
+        if ".lora_" not in k:
+            assert torch.equal(t5[k], v), k
 
 
 def copy_t5_dir(src: Path, dst: Path) -> Path:
@@ -405,6 +455,12 @@ def test_save_from_official_files_stores_only_non_official_weights(official_file
     for k in own:
         assert torch.equal(own[k], back[k]), k
     assert_same_outputs(outputs(model), outputs(loaded))
+    # what the file holds follows the config, not what was frozen or unfrozen by hand before saving
+    model.requires_grad_(False)
+    model.mask_head.requires_grad_(True)
+    model.save_pretrained(tmp_path / "frozen")
+    assert load_file(str(tmp_path / "frozen" / "model.safetensors")).keys() == stored.keys()
+    assert_same_outputs(outputs(model), outputs(PixelLLM.from_pretrained(tmp_path / "frozen")))
 
 
 def test_resize_input_resamples_position_embeddings_and_keeps_the_rest(tiny_model, tmp_path):
@@ -522,3 +578,17 @@ def test_a_path_beside_the_model_is_refused_with_where_the_model_is(tiny_model, 
             load_model(path)
         assert hint in str(raised.value), (path, str(raised.value))
     assert isinstance(load_model(done / "final"), PixelLLM)
+
+
+def test_a_model_built_from_official_parts_says_what_is_random(official_files, tmp_path, caplog):
+    """Official checkpoints hold no captioning weights: load_model warns, naming the parts no file gave."""
+    from pixelllm.build import load_model
+
+    official_tiny_config().save(tmp_path / "official.json")
+    parts = {"sam_checkpoint": official_files["sam_same"], "t5_path": official_files["t5"]}
+    with caplog.at_level("WARNING", logger="pixelllm.build"):
+        load_model(tmp_path / "official.json", **parts)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "pixelllm.build"]
+    random = warning.split("RANDOM weights for ", 1)[1].split(": ", 1)[0]
+    assert random.startswith("EVA02, the prompt feature extractor, point head") and "SAM" not in random
+    assert "until it is fine-tuned (pixelllm train)" in warning

@@ -99,6 +99,7 @@ class ImageEncoder(nn.Module):
         self.image_size = image_size
         self.sam = build_sam_image_encoder(sam_cfg, image_size)
         self.eva = build_eva_encoder(eva_cfg, image_size)
+        self.eva_final_norm = eva_cfg.final_norm
         self.sam_grid = image_size // sam_cfg.patch_size
         self.eva_grid = tuple(self.eva.patch_embed.grid_size)
         self.grid = (max(self.sam_grid, self.eva_grid[0]), max(self.sam_grid, self.eva_grid[1]))
@@ -117,6 +118,8 @@ class ImageEncoder(nn.Module):
     def encode_eva(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> EVA patch features (B, C_eva, h, w), prefix tokens dropped."""
         tokens = self.eva.forward_features((images - self.eva_mean) / self.eva_std)
+        if self.eva_final_norm:  # `fc_norm` is the final norm of an avg-pooled EVA02, an Identity otherwise
+            tokens = self.eva.fc_norm(tokens)
         tokens = tokens[:, self.eva.num_prefix_tokens :]
         b, _, c = tokens.shape
         return tokens.transpose(1, 2).reshape(b, c, *self.eva_grid)
