@@ -423,7 +423,7 @@ def assert_no_image(driver) -> None:
     assert not driver.find_element("id", "stage").is_displayed()
     assert driver.find_element("id", "caption").text == "" and driver.find_element("id", "timings").text == ""
     assert driver.execute_script("return document.getElementById('file').value") == ""
-    for button in ("caption-btn", "dense-btn", "localize-btn", "clear-box"):
+    for button in ("caption-btn", "dense-btn", "localize-btn", "region-btn", "clear-box"):
         assert not driver.find_element("id", button).is_enabled(), button
 
 
@@ -486,6 +486,52 @@ def test_a_region_caption_that_fails_puts_back_the_caption_shown_and_its_box(dri
     assert driver.find_element("id", "caption").text == whole
     assert not driver.find_element("id", "clear-box").is_enabled()  # no box kept
     assert not (overlay_pixels(driver)[..., 3] == 255).any()  # and none drawn (words are drawn faint)
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_region_typed_as_numbers_is_captioned_and_a_dragged_one_fills_them_in(
+    driver, service, service_client: httpx.Client, tmp_path: Path
+) -> None:
+    """From the keyboard, or for an exact box: four numbers in the region field and Enter caption that box as
+    the API does; numbers that are no box say why and send nothing; a dragged box shows its numbers there."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(driver, service.url)
+    upload(driver, tmp_path / "typed.png", IMAGE)
+    field = driver.find_element("id", "region-box")
+    previous = driver.find_element("id", "timings").text
+    field.send_keys("8, 8  64,80", Keys.ENTER)
+    wait_for_answer(driver, previous)
+    box = {"box": "8,8,64,80", "max_new_tokens": TOKENS}
+    expected = service_client.post("/v1/caption", files={"image": IMAGE}, data=box).json()
+    assert driver.find_element("id", "caption").text == expected["caption"]
+    assert field.get_attribute("value") == "8, 8, 64, 80"
+    assert driver.find_element("id", "clear-box").is_enabled()
+    opaque = overlay_pixels(driver)[..., 3] == 255
+    assert outline_drawn(opaque, {"x0": 8, "y0": 8, "x1": 64, "y1": 80}, (W, H)) >= 0.95
+
+    answered = driver.find_element("id", "timings").text
+    for typed in ("64, 8, 8, 80", "8, 8, 64", "0, 0, 129, 96", "a, b, c, d"):
+        field.clear()
+        field.send_keys(typed, Keys.ENTER)
+        error = page_error(driver, "Region:")
+        assert f"x0, y0, x1, y1 in pixels of the {W} x {H} image, with x0 < x1 and y0 < y1" in error, typed
+        assert driver.find_element("id", "timings").text == answered  # nothing sent
+        driver.execute_script("document.getElementById('error').hidden = true")
+
+    overlay = driver.find_element("id", "overlay")
+    size = overlay.size
+    previous = answered
+    start = (16 * size["width"] / W - size["width"] / 2, 24 * size["height"] / H - size["height"] / 2)
+    actions = ActionChains(driver).move_to_element_with_offset(overlay, *map(round, start)).click_and_hold()
+    actions.move_by_offset(round(80 * size["width"] / W), round(48 * size["height"] / H)).release().perform()
+    wait_for_answer(driver, previous)
+    dragged = [float(v) for v in field.get_attribute("value").split(", ")]
+    assert np.allclose(dragged, [16, 24, 96, 72], atol=1.5), dragged
+    driver.find_element("id", "clear-box").click()
+    assert field.get_attribute("value") == ""
 
 
 def touch(driver, kind: str, *points: tuple[float, float]) -> None:

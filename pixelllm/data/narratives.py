@@ -107,7 +107,8 @@ class NarrativesIndex(Sequence[dict]):
         self.image_ids: list[str | int] = []
         files, offsets = [], []
         total = sum(p.stat().st_size for p in self.paths)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="reading narratives", disable=not progress) as bar:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="reading narratives", disable=not progress, delay=2)
+        with bar:  # shown for files that take more than 2 s to read
             for k, path in enumerate(self.paths):
                 read = 0
                 for offset, record in _records_at(path):

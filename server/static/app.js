@@ -9,6 +9,9 @@ const els = {
   maxTokens: $("max-tokens"),
   captionBtn: $("caption-btn"),
   clearBox: $("clear-box"),
+  regionForm: $("region-form"),
+  regionBox: $("region-box"),
+  regionBtn: $("region-btn"),
   denseBtn: $("dense-btn"),
   denseThreshold: $("dense-threshold"),
   regions: $("regions"),
@@ -77,7 +80,8 @@ function setImage(file, image) {
   state.generation += 1;
   if (state.abort) state.abort.abort(); // the server stops decoding a caption nobody reads
   dragStart = null;
-  Object.assign(state, { busy: false, file, image, words: [], active: -1, shown: null, promptBox: null, drag: null });
+  Object.assign(state, { busy: false, file, image, words: [], active: -1, shown: null, drag: null });
+  setPromptBox(null);
   Object.assign(state, { localization: null, regions: [], activeRegion: -1 });
   state.size = image && { width: image.naturalWidth, height: image.naturalHeight };
   for (const pane of [els.caption, els.localization, els.regions, els.timings]) pane.replaceChildren();
@@ -97,6 +101,7 @@ function updateControls() {
   els.captionBtn.disabled = !usable;
   els.localizeBtn.disabled = !usable;
   els.denseBtn.disabled = !usable;
+  els.regionBtn.disabled = !usable;
   els.clearBox.disabled = state.promptBox === null || state.busy;
 }
 
@@ -214,6 +219,25 @@ function imagePoint(event) {
   };
 }
 
+// The box a region caption is asked for (null: the whole image), also shown in the region field.
+function setPromptBox(box) {
+  state.promptBox = box;
+  els.regionBox.value = box ? [box.x0, box.y0, box.x1, box.y1].map((v) => fmt(v)).join(", ") : "";
+}
+
+// A box typed as "x0, y0, x1, y1" (commas or spaces between) in pixels of the image; an Error says what is wrong.
+function typedBox(text) {
+  const { width, height } = state.size;
+  const values = text.trim().split(/[\s,]+/).map(Number);
+  const wanted = `four numbers x0, y0, x1, y1 in pixels of the ${width} x ${height} image, with x0 < x1 and y0 < y1`;
+  if (values.length !== 4 || !values.every(Number.isFinite)) return new Error(`Region: give ${wanted}.`);
+  const [x0, y0, x1, y1] = values;
+  if (!(x0 < x1 && y0 < y1 && x0 >= 0 && y0 >= 0 && x1 <= width && y1 <= height)) {
+    return new Error(`Region: "${text.trim()}" is not ${wanted}.`);
+  }
+  return { x0, y0, x1, y1 };
+}
+
 function dragBox(start, end) {
   return {
     x0: Math.min(start.x, end.x),
@@ -255,7 +279,7 @@ els.overlay.addEventListener("pointerup", (event) => {
   state.drag = null;
   const minSide = Math.max(2, 0.01 * Math.min(state.size.width, state.size.height));
   if (box.x1 - box.x0 >= minSide && box.y1 - box.y0 >= minSide) {
-    state.promptBox = box;
+    setPromptBox(box);
     caption();
   } else {
     redraw();
@@ -267,7 +291,16 @@ els.overlay.addEventListener("pointercancel", (event) => {
 });
 
 els.clearBox.addEventListener("click", () => {
-  state.promptBox = null;
+  setPromptBox(null);
+  caption();
+});
+
+els.regionForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (!state.image || state.busy) return;
+  const box = typedBox(els.regionBox.value);
+  if (box instanceof Error) return showError(box);
+  setPromptBox(box);
   caption();
 });
 
@@ -436,7 +469,7 @@ function caption() {
       showCaption(body);
     },
     fail: () => {
-      state.promptBox = state.shown && state.shown.box;
+      setPromptBox(state.shown && state.shown.box);
       state.active = -1;
       if (state.shown) showCaption(state.shown.body);
       else {
