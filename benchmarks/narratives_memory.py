@@ -2,8 +2,8 @@
 
 Writes made-up records of the official format (`--words` timed words, `--points` trace points in 4 segments,
 coordinates to 4 decimals) to a temporary JSONL file, then measures with tracemalloc the memory each way keeps
-after reading it, the index's read rate, and the time to read one record by index (the cost a training step
-pays per sample, beside decoding its image).
+after reading it; then, with tracemalloc off, the time each way takes to read the file and the time to read one
+record by index (the cost a training step pays per sample, beside decoding its image).
 
     python benchmarks/narratives_memory.py --quick     # 1000 records
     python benchmarks/narratives_memory.py             # 5000 records
@@ -65,15 +65,20 @@ def make_record(image_id: int, words: int, points: int, rng: random.Random) -> d
     }
 
 
-def kept_bytes(read: Callable[[], object]) -> tuple[int, float, object]:
-    """(bytes still allocated after `read()`, its seconds, what it returned)."""
+def kept_bytes(read: Callable[[], object]) -> int:
+    """Bytes still allocated after `read()`, while what it returned is kept."""
     tracemalloc.start()
-    start = time.perf_counter()
     kept = read()
-    seconds = time.perf_counter() - start
     size = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    return size, seconds, kept
+    del kept
+    return size
+
+
+def seconds(read: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    read()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(n):
                 f.write(json.dumps(make_record(i, args.words, args.points, rng)) + "\n")
         file_bytes = path.stat().st_size
-        list_bytes, list_s, records = kept_bytes(lambda: list(read_narratives(path)))
-        del records
-        index_bytes, index_s, index = kept_bytes(lambda: NarrativesIndex([path]))
-        assert isinstance(index, NarrativesIndex) and len(index) == n
+        list_bytes = kept_bytes(lambda: list(read_narratives(path)))
+        index_bytes = kept_bytes(lambda: NarrativesIndex([path]))
+        list_s = seconds(lambda: list(read_narratives(path)))
+        index_s = seconds(lambda: NarrativesIndex([path]))
+        index = NarrativesIndex([path])
+        assert len(index) == n
         picks = [rng.randrange(n) for _ in range(200)]
         access_ms = []
         for i in picks:

@@ -1,4 +1,5 @@
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -187,8 +188,13 @@ def test_read_narratives(tmp_path):
         list(read_narratives(path))
 
     path.write_bytes(json.dumps({**rec, "caption": "dog"}).encode()[:-2] + b"\xff\xfe}\n")  # not UTF-8
-    with pytest.raises(ValueError, match=r"ln\.jsonl:1: invalid JSON"):
+    with pytest.raises(ValueError, match=r"ln\.jsonl:1: not UTF-8 text"):
         list(read_narratives(path))
+    for blank in ("\ufeff\n", "\ufeff \r\n", "\u00a0\u00a0\n"):  # a BOM on a blank first line; no-break spaces
+        path.write_text(blank + json.dumps(rec) + "\n", encoding="utf-8")
+        assert list(read_narratives(path)) == [rec], blank
+    path.write_text("\ufeff", encoding="utf-8")  # a file holding only a BOM
+    assert list(read_narratives(path)) == []
 
 
 def test_the_index_reads_each_record_from_disk_when_asked(tmp_path):
@@ -206,11 +212,24 @@ def test_the_index_reads_each_record_from_disk_when_asked(tmp_path):
     assert index[-1] == records[-1] and list(index) == records
     with pytest.raises(IndexError):
         index[5]
+    with pytest.raises(TypeError, match="one int"):
+        index[1:3]
 
-    second.write_text("\n" + json.dumps(records[3]))  # edited after it was read: offsets no longer line up
-    with pytest.raises(ValueError, match=r"ln-1\.jsonl changed since it was read: byte 0 no longer .* 'img2'"):
+    # edited after it was read: the size or time tells, and a record of another image at the offset does
+    stat = second.stat()
+    second.write_text(
+        "".join(json.dumps({**r, "image_id": "imgX"} if i == 0 else r) + "\n" for i, r in enumerate(records[2:]))
+    )
+    os.utime(second, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same length, same time: only the record differs
+    assert index[3] == records[3]
+    with pytest.raises(
+        ValueError, match=r"ln-1\.jsonl changed since it was read \(record 2, of image_id 'img2', at byte 0"
+    ):
         index[2]
-    with pytest.raises(ValueError, match=r"ln-1\.jsonl changed since it was read: byte \d+ no longer .* 3"):
+    second.write_text(json.dumps(records[3]))
+    with pytest.raises(
+        ValueError, match=r"ln-1\.jsonl changed since it was read \(record 3, of image_id 3, at byte \d+"
+    ):
         index[3]
     first.write_text(json.dumps(records[0]) + "\n{cut")
     with pytest.raises(ValueError, match=r"ln-0\.jsonl:2: invalid JSON"):

@@ -68,20 +68,26 @@ def read_narratives(path: str | Path) -> Iterator[dict]:
 
 
 def _records_at(path: Path) -> Iterator[tuple[int, dict]]:
-    """(byte offset of its line, record) of each record of the JSONL file `path`, checked as `read_narratives`."""
+    """(byte offset of its line, record) of each record of the JSONL file `path` (UTF-8, lines ending in LF or
+    CRLF, a byte-order mark allowed), checked as `read_narratives`."""
     with path.open("rb") as f:
         offset = 0
         for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield offset, _parse_record(line, f"{path}:{lineno}")
+            where = f"{path}:{lineno}"
+            try:
+                text = line.decode("utf-8-sig")  # -sig: a Windows editor's byte-order mark is not JSON
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text: {e}") from None
+            if text.strip():
+                yield offset, _parse_record(text, where)
             offset += len(line)
 
 
-def _parse_record(line: bytes, where: str) -> dict:
-    """The record a JSONL line holds (UTF-8, a byte-order mark allowed); ValueError naming `where` if it is not one."""
+def _parse_record(line: str, where: str) -> dict:
+    """The record a JSONL line holds; ValueError naming `where` if it is not one."""
     try:
-        record = json.loads(line)  # bytes: json detects UTF-8 with or without a BOM (a Windows editor's)
-    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON: {e} (a JSONL file holds each record whole on one line)") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -99,14 +105,16 @@ class NarrativesIndex(Sequence[dict]):
 
     Opening reads and checks every record once (as `read_narratives`) but keeps only its file, byte offset and
     image_id: a parsed record takes several times its JSON in memory, too much for the large splits.
-    The files must not change while the index is in use.
+    The files must not change while the index is in use (a file whose size or modification time changed is an
+    error when read).
     """
 
     def __init__(self, paths: Sequence[str | Path], progress: bool = False):
         self.paths = [Path(p) for p in paths]
         self.image_ids: list[str | int] = []
+        self._stamps = [_stamp(p) for p in self.paths]
         files, offsets = [], []
-        total = sum(p.stat().st_size for p in self.paths)
+        total = sum(size for size, _ in self._stamps)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="reading narratives", disable=not progress, delay=2)
         with bar:  # shown for files that take more than 2 s to read
             for k, path in enumerate(self.paths):
@@ -117,29 +125,42 @@ class NarrativesIndex(Sequence[dict]):
                     self.image_ids.append(record["image_id"])
                     bar.update(offset - read)
                     read = offset
-                bar.update(path.stat().st_size - read)
+                bar.update(self._stamps[k][0] - read)
         self._files = np.asarray(files, dtype=np.int32)
         self._offsets = np.asarray(offsets, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def __getitem__(self, i: int) -> dict:  # one record at a time: no slices
+    def __getitem__(self, i: int) -> dict:  # type: ignore[override]
         """Record `i`, read from its file (checked when the index was made; here only that it is still there)."""
-        path, offset = self.paths[self._files[i]], int(self._offsets[i])
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"index a NarrativesIndex with one int (records are read one at a time), not {i!r}")
+        k, offset = self._files[i], int(self._offsets[i])
+        path = self.paths[k]
         with path.open("rb") as f:
             f.seek(offset)
             line = f.readline()
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8-sig"))
         except ValueError:
             record = None
-        if not isinstance(record, dict) or record.get("image_id") != self.image_ids[i]:
+        if (
+            _stamp(path) != self._stamps[k]
+            or not isinstance(record, dict)
+            or record.get("image_id") != self.image_ids[i]
+        ):
             raise ValueError(
-                f"{path} changed since it was read: byte {offset} no longer starts the record of image_id "
-                f"{self.image_ids[i]!r}; start again to read it anew"
+                f"{path} changed since it was read (record {i}, of image_id {self.image_ids[i]!r}, at byte {offset}): "
+                "start again to read it anew"
             )
         return record
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(size, modification time in ns) of a file: what tells that it changed."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _is_number(value: object) -> bool:
