@@ -13,6 +13,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import threading
 import time
@@ -549,7 +550,11 @@ def train(cfg: TrainConfig) -> Path:
         log_file.close()
         if start < cfg.steps or not final.is_dir():  # a finished run's final model is there already
             model.eval()
-            model.save_pretrained(final)
+            partial = out / "final.partial"  # written whole, then renamed: `final` is never half a model
+            shutil.rmtree(partial, ignore_errors=True)
+            model.save_pretrained(partial)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

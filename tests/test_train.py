@@ -565,6 +565,27 @@ def test_a_run_resumed_under_another_config_warns_and_a_finished_one_says_so(tmp
     assert PixelLLM.from_pretrained(tmp_path / "final")  # a final model removed is written again
 
 
+def test_a_final_model_cut_off_while_saving_is_written_again(tmp_path, monkeypatch):
+    """A save stopped midway (a full disk, Ctrl-C) leaves no half `final/` for the next run to take as done."""
+    import pixelllm.checkpoints
+
+    cfg = tiny_config(tmp_path, steps=1)
+    real_save_file = pixelllm.checkpoints.save_file
+
+    def disk_full(state, path, **kwargs):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pixelllm.checkpoints, "save_file", disk_full)
+    with single_thread(), pytest.raises(OSError, match="No space left"):
+        train(cfg)
+    assert not (tmp_path / "final").exists()
+    monkeypatch.setattr(pixelllm.checkpoints, "save_file", real_save_file)
+    with single_thread():
+        final = train(cfg)  # nothing to train, and no final model yet: it is saved
+    assert PixelLLM.from_pretrained(final) and not (tmp_path / "final.partial").exists()
+
+
 def test_the_readmes_fine_tuning_config_trains_from_the_shipped_model(tmp_path):
     """The README's config, its data paths pointed at the README's one record and an image, for two steps."""
     from PIL import Image
