@@ -238,6 +238,7 @@ def as_flan_layout(directory: Path, seed: int) -> None:
     state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=generator) * 0.05
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((directory / "config.json").read_text())
+    config.pop("scale_decoder_outputs", None)  # transformers 5 writes it; Flan's config.json has no such key
     (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
 
 

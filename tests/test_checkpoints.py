@@ -256,7 +256,7 @@ def test_t5_directory_loads_weights_and_tokenizer(official_files, official_model
     assert official_model.tokenizer.encode(text) == Tokenizer.from_file(official_files["t5"]).encode(text)
     assert official_model.cfg.language_model.t5["d_model"] == reference.config.d_model
     # Flan-T5's layout: the LM head is the file's own, not the input embeddings, and outputs are not scaled;
-    # the config records that, so a T5 built from it (no t5_path) computes the same way
+    # the config records that, so a T5 built from it (no t5_path) does not scale them either
     head = load_file(str(official_files["t5"] / "model.safetensors"))["lm_head.weight"]
     assert torch.equal(lm.t5.lm_head.weight, head) and not torch.equal(head, lm.t5.shared.weight)
     assert official_model.cfg.language_model.t5["tie_word_embeddings"] is False

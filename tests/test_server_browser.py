@@ -513,13 +513,20 @@ def test_a_region_typed_as_numbers_is_captioned_and_a_dragged_one_fills_them_in(
     assert outline_drawn(opaque, {"x0": 8, "y0": 8, "x1": 64, "y1": 80}, (W, H)) >= 0.95
 
     answered = driver.find_element("id", "timings").text
-    for typed in ("64, 8, 8, 80", "8, 8, 64", "0, 0, 129, 96", "a, b, c, d"):
+    done = driver.find_element("id", "status").text
+    for typed in ("64, 8, 8, 80", "8, 8, 64", "0, 0, 129, 96", "a, b, c, d", "0, 0, 0.04, 0.04"):
         field.clear()
         field.send_keys(typed, Keys.ENTER)
         error = page_error(driver, "Region:")
         assert f"x0, y0, x1, y1 in pixels of the {W} x {H} image, with x0 < x1 and y0 < y1" in error, typed
-        assert driver.find_element("id", "timings").text == answered  # nothing sent
+        assert driver.find_element("id", "status").text == done  # no request began (it says "Caption…" at once)
         driver.execute_script("document.getElementById('error').hidden = true")
+    field.clear()
+    field.send_keys("1, 2, 3, 4")  # typed, not sent: the caption of the box shown is asked for
+    driver.find_element("id", "caption-btn").click()
+    wait_for_answer(driver, answered)
+    assert field.get_attribute("value") == "8, 8, 64, 80"
+    answered = driver.find_element("id", "timings").text
 
     overlay = driver.find_element("id", "overlay")
     size = overlay.size

@@ -225,10 +225,11 @@ function setPromptBox(box) {
   els.regionBox.value = box ? [box.x0, box.y0, box.x1, box.y1].map((v) => fmt(v)).join(", ") : "";
 }
 
-// A box typed as "x0, y0, x1, y1" (commas or spaces between) in pixels of the image; an Error says what is wrong.
+// A box typed as "x0, y0, x1, y1" (commas or spaces between) in pixels of the image, to 0.1 px as it is sent;
+// an Error says what is wrong.
 function typedBox(text) {
   const { width, height } = state.size;
-  const values = text.trim().split(/[\s,]+/).map(Number);
+  const values = text.trim().split(/[\s,]+/).map((v) => Math.round(Number(v) * 10) / 10);
   const wanted = `four numbers x0, y0, x1, y1 in pixels of the ${width} x ${height} image, with x0 < x1 and y0 < y1`;
   if (values.length !== 4 || !values.every(Number.isFinite)) return new Error(`Region: give ${wanted}.`);
   const [x0, y0, x1, y1] = values;
@@ -451,6 +452,7 @@ function maxTokens() {
 function caption() {
   const words = [];
   const box = state.promptBox;
+  setPromptBox(box); // the region field shows the box captioned, not what was typed there and not sent
   return request("Caption", {
     request: () => {
       state.active = -1; // kept across the rebuilds of this caption's stream only
