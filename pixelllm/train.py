@@ -123,10 +123,17 @@ class SceneSource:
     """Prepared scenes of one source, by index. Synthetic scenes are prepared when first asked for, or ahead in
     parallel by `prepare`; narratives are read from disk at each access (a `NarrativesIndex`), and one whose image
     cannot be read (a truncated file) is skipped with a warning: the next record stands in, so a run goes on (and
-    resumes the same). `progress`: show a bar while the narratives files are read at start."""
+    resumes the same). `progress`: show a bar while the narratives files are read at start; `index_cache`: where
+    their index is saved and read back from (`NarrativesIndex`'s `cache`)."""
 
     def __init__(
-        self, cfg: SourceConfig, image_size: int, tokenizer: Tokenizer, tokenizer_file: Path, progress: bool = False
+        self,
+        cfg: SourceConfig,
+        image_size: int,
+        tokenizer: Tokenizer,
+        tokenizer_file: Path,
+        progress: bool = False,
+        index_cache: Path | None = None,
     ):
         self.cfg, self.image_size, self.tokenizer, self.tokenizer_file = cfg, image_size, tokenizer, tokenizer_file
         if cfg.kind == "synthetic":
@@ -143,7 +150,7 @@ class SceneSource:
                     f"no file matches the source path {cfg.path} (a 'narratives' source's 'path', read from "
                     f"{Path.cwd()})"
                 )
-            self.records = NarrativesIndex(paths, progress)
+            self.records = NarrativesIndex(paths, progress, index_cache)
             self.unreadable: set[int] = set()  # records whose image failed to read: the next one stands in
             missing = [path for path in map(self.image_path, self.records.image_ids) if not path.is_file()]
             if missing:
@@ -476,7 +483,10 @@ def train(cfg: TrainConfig) -> Path:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     if distributed:
         dist.barrier()
-    sources = [SceneSource(s, model.cfg.image_size, tokenizer, tokenizer_file, rank == 0) for s in cfg.sources]
+    sources = [
+        SceneSource(s, model.cfg.image_size, tokenizer, tokenizer_file, rank == 0, out / f"narratives-index-{i}.json")
+        for i, s in enumerate(cfg.sources)
+    ]
     if rank == 0:
         for source in sources:
             _check_narratives(source, model.cfg.language_model.max_text_tokens)

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -234,6 +235,41 @@ def test_the_index_reads_each_record_from_disk_when_asked(tmp_path):
     first.write_text(json.dumps(records[0]) + "\n{cut")
     with pytest.raises(ValueError, match=r"ln-0\.jsonl:2: invalid JSON"):
         NarrativesIndex([first])
+
+
+def test_the_index_is_saved_and_read_back_while_the_files_are_as_they_were(tmp_path, monkeypatch, caplog):
+    import pixelllm.data.narratives as narratives
+
+    records = [make_record(f"dog {i}", [("dog", 0.0, 1.0)], [[(0.5, 0.5, 0.0)]]) for i in range(3)]
+    for i, record in enumerate(records):
+        record["image_id"] = i if i % 2 else f"img{i}"
+    path, cache = tmp_path / "ln.jsonl", tmp_path / "run" / "index.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    built = NarrativesIndex([path], cache=cache)
+    assert cache.is_file() and not list(cache.parent.glob("*.partial"))
+
+    def not_read(path):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(narratives, "_records_at", not_read)
+    with caplog.at_level("INFO", logger="pixelllm.data.narratives"):
+        again = NarrativesIndex([path], cache=cache)
+    assert f"read the index of 3 narratives from {cache}" in caplog.text
+    assert again.image_ids == built.image_ids == [r["image_id"] for r in records]
+    assert [again[i] for i in range(3)] == records
+    monkeypatch.undo()
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(records)))  # changed: read again
+    assert NarrativesIndex([path], cache=cache).image_ids == [r["image_id"] for r in reversed(records)]
+    other = tmp_path / "other.jsonl"
+    shutil.copy(path, other)  # another file of the same size and time: read, not taken from the cache
+    os.utime(other, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    monkeypatch.setattr(narratives, "_records_at", not_read)
+    with pytest.raises(AssertionError, match="other.jsonl was read again"):
+        NarrativesIndex([other], cache=cache)
+    monkeypatch.undo()
+    cache.write_text("{cut")  # a broken cache is read past
+    assert len(NarrativesIndex([path], cache=cache)) == 3 and json.loads(cache.read_text())["image_ids"]
 
 
 def test_the_index_keeps_far_less_in_memory_than_the_records(tmp_path):

@@ -425,6 +425,18 @@ def test_captions_longer_than_max_text_tokens_warn_and_the_config_can_raise_it(t
         TrainConfig(max_text_tokens=1)
 
 
+def test_a_resumed_run_reads_its_narratives_index_back(tmp_path, caplog):
+    """The run directory keeps each narratives source's index: a resumed run does not read the split again."""
+    cfg = tiny_config(tmp_path / "run", steps=1, sources=[narratives_source(tmp_path)])
+    with single_thread():
+        train(cfg)
+    cache = tmp_path / "run" / "narratives-index-0.json"
+    assert json.loads(cache.read_text())["paths"] == [str(Path(cfg.sources[0].path).resolve())]
+    with single_thread(), caplog.at_level("INFO", logger="pixelllm.data.narratives"):
+        train(dataclasses.replace(cfg, steps=2))
+    assert f"read the index of 3 narratives from {cache}" in caplog.text
+
+
 def test_a_sources_prompt_goes_with_every_caption_it_gives(tmp_path, tiny_model):
     """A narrative has no objects, so every task drawn from it gives a caption, with the source's prompt."""
     from pixelllm.train import SceneSource, batch_for_step

@@ -17,7 +17,9 @@ point and their min/max its box. All coordinates here stay normalized to [0, 1].
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pixelllm.tokenizer import EOS_ID, Tokenizer
+
+log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("image_id", "caption", "timed_caption", "traces")
 
@@ -106,14 +110,28 @@ class NarrativesIndex(Sequence[dict]):
     Opening reads and checks every record once (as `read_narratives`) but keeps only its file, byte offset and
     image_id: a parsed record takes several times its JSON in memory, too much for the large splits.
     The files must not change while the index is in use (a file whose size or modification time changed is an
-    error when read).
+    error when read). `cache`: a JSON file the index is saved to, and read back from while the files are as they
+    were (same paths, sizes and modification times), so a resumed run does not read the whole split again.
     """
 
-    def __init__(self, paths: Sequence[str | Path], progress: bool = False):
+    def __init__(self, paths: Sequence[str | Path], progress: bool = False, cache: str | Path | None = None):
         self.paths = [Path(p) for p in paths]
-        self.image_ids: list[str | int] = []
         self._stamps = [_stamp(p) for p in self.paths]
-        files, offsets = [], []
+        key = {"paths": [str(p.resolve()) for p in self.paths], "stamps": self._stamps}
+        saved = _read_index(Path(cache), key) if cache is not None else None
+        if saved is not None:
+            files, offsets, self.image_ids = saved["files"], saved["offsets"], saved["image_ids"]
+            log.info("read the index of %d narratives from %s", len(offsets), cache)
+        else:
+            files, offsets, self.image_ids = self._scan(progress)
+            if cache is not None:
+                _write_index(Path(cache), {**key, "files": files, "offsets": offsets, "image_ids": self.image_ids})
+        self._files = np.asarray(files, dtype=np.int32)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+
+    def _scan(self, progress: bool) -> tuple[list[int], list[int], list[str | int]]:
+        """(file, byte offset, image_id) of every record, each read and checked."""
+        files, offsets, image_ids = [], [], []
         total = sum(size for size, _ in self._stamps)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="reading narratives", disable=not progress, delay=2)
         with bar:  # shown for files that take more than 2 s to read
@@ -122,12 +140,11 @@ class NarrativesIndex(Sequence[dict]):
                 for offset, record in _records_at(path):
                     files.append(k)
                     offsets.append(offset)
-                    self.image_ids.append(record["image_id"])
+                    image_ids.append(record["image_id"])
                     bar.update(offset - read)
                     read = offset
                 bar.update(self._stamps[k][0] - read)
-        self._files = np.asarray(files, dtype=np.int32)
-        self._offsets = np.asarray(offsets, dtype=np.int64)
+        return files, offsets, image_ids
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -155,6 +172,30 @@ class NarrativesIndex(Sequence[dict]):
                 "start again to read it anew"
             )
         return record
+
+
+def _read_index(cache: Path, key: dict) -> dict | None:
+    """The index saved in `cache` if it was made from the files `key` names, as they are now; else None."""
+    try:
+        saved = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    current = json.loads(json.dumps(key))  # as JSON holds it: lists, not tuples
+    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in current.items()):
+        return None
+    return saved
+
+
+def _write_index(cache: Path, index: dict) -> None:
+    """Save `index` to `cache` whole (written beside it, then renamed), or log why not: it only saves time."""
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(index))
+        os.replace(partial, cache)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        log.warning("cannot save the narratives index to %s (%s): the next run reads the files again", cache, e)
 
 
 def _stamp(path: Path) -> tuple[int, int]:
