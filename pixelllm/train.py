@@ -63,6 +63,7 @@ class SourceConfig:
 @dataclass
 class TrainConfig:
     model: str = "pixelllm-tiny"
+    name: str | None = None  # the saved model's name, which the service reports; default: the starting model's
     init_from: str | None = None  # a saved model directory to start from (a second stage), instead of `model`
     image_size: int | None = None  # train at this input size (position embeddings resampled); default: the model's
     object_tokens: int | None = None  # give the model up to this many object tokens (`ExtractorConfig`) if it has none
@@ -468,6 +469,9 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     model = initial_model(cfg).to(device)
+    if cfg.name:
+        model.cfg.tokenizer = model.cfg.tokenizer or model.cfg.name  # a preset's tokenizer is found by its name
+        model.cfg.name = cfg.name
     if cfg.point_weight is not None:
         model.cfg.loss.point_weight = cfg.point_weight
     if cfg.max_text_tokens is not None:
@@ -572,7 +576,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 # keys that do not change what a run learns: resuming with other values is no change to warn of
-BOOKKEEPING = {"out_dir", "threads", "log_every", "ckpt_every"}
+BOOKKEEPING = {"out_dir", "threads", "log_every", "ckpt_every", "name"}
 
 
 def _warn_of_changes(saved: Path, cfg: TrainConfig) -> None:

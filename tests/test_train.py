@@ -616,4 +616,7 @@ def test_the_readmes_fine_tuning_config_trains_from_the_shipped_model(tmp_path):
     (tmp_path / "my-model.json").write_text(json.dumps(data))
     with single_thread():
         final = train(TrainConfig.from_json(tmp_path / "my-model.json"))
-    assert isinstance(PixelLLM.from_pretrained(final), PixelLLM)
+    model = PixelLLM.from_pretrained(final)
+    assert model.name == data["name"] == "my-model"  # what the service reports as "model"
+    shipped = PixelLLM.from_pretrained(ROOT / "weights" / "pixelllm-tiny")
+    assert model.tokenizer.encode("a red circle") == shipped.tokenizer.encode("a red circle")
