@@ -25,6 +25,7 @@ from .schemas import (
     LocalizeJSON,
     LocalizeParams,
     LocalizeResponse,
+    Ready,
     RegionsJSON,
     RegionsParams,
     RegionsResponse,
@@ -136,11 +137,12 @@ async def healthz(request: Request) -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
-async def readyz(request: Request) -> Health:
-    """Readiness: 200 once the model is loaded, 503 before."""
+@router.get("/readyz", response_model=Ready, responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> Ready:
+    """Readiness: 200 once the model is loaded, 503 before; with the body limit, so a client (the web page) can
+    refuse a file over it before sending it."""
     engine = _engine(request)
-    return Health(status="ready", model=engine.model_name)
+    return Ready(status="ready", model=engine.model_name, max_body_bytes=request.app.state.settings.max_body_bytes)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

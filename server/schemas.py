@@ -250,3 +250,7 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model: str | None = None
+
+
+class Ready(Health):
+    max_body_bytes: int = Field(description="the largest request body the service reads, in bytes (413 above)")

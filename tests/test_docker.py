@@ -151,7 +151,7 @@ def assert_same_caption(served: list, expected: list) -> None:
 def test_image_serves_baked_model_read_only_as_non_root(image: str, expected: dict[Path, list]) -> None:
     with container(image) as (cid, client):
         assert client.get("/healthz").json()["status"] == "ok"
-        assert client.get("/readyz").json() == {"status": "ready", "model": "pixelllm-tiny"}
+        assert client.get("/readyz").json() == {"status": "ready", "model": "pixelllm-tiny", "max_body_bytes": 20 << 20}
         served = served_caption(client, sample_png())
         assert served, "empty caption"
         assert_same_caption(served, expected[DEFAULT_MODEL_DIR])

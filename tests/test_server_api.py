@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
+from server_fixtures import MAIN_SETTINGS
 from server_helpers import assert_error, metric, png
 
 pytest_plugins = ["server_fixtures"]
@@ -43,7 +44,8 @@ def check_common(body: dict, random_tiny_dir) -> None:
 
 def test_health_and_ready(service_client: httpx.Client) -> None:
     assert service_client.get("/healthz").json() == {"status": "ok", "model": None}
-    assert service_client.get("/readyz").json() == {"status": "ready", "model": "pixelllm-tiny"}
+    ready = {"status": "ready", "model": "pixelllm-tiny", "max_body_bytes": MAIN_SETTINGS["max_body_bytes"]}
+    assert service_client.get("/readyz").json() == ready
 
 
 def test_caption_multipart(service_client: httpx.Client, random_tiny_dir) -> None:

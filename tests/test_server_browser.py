@@ -445,6 +445,35 @@ def test_a_file_the_page_cannot_use_is_dropped_not_kept_beside_the_last(driver, 
     assert "(choose another image)" in driver.find_element("id", "error").text
 
 
+def model_requests(client: httpx.Client) -> float:
+    """Requests the service has counted on its model routes (/v1/...), any status."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    samples = [s for f in families for s in f.samples if s.name == "pixelllm_requests_total"]
+    return sum(s.value for s in samples if s.labels["route"].startswith("/v1/"))
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_an_image_over_the_services_body_limit_is_refused_before_it_is_sent(
+    driver, service, service_client: httpx.Client, tmp_path: Path
+) -> None:
+    """The page reads the limit from /readyz: a file over it gets the sizes, not a reset connection's message."""
+    from server_fixtures import MAIN_SETTINGS
+
+    big = encode(Image.fromarray(np.random.RandomState(3).randint(0, 255, (900, 900, 3), dtype=np.uint8)))
+    assert len(big) > MAIN_SETTINGS["max_body_bytes"]
+    open_page(driver, service.url)
+    sent = model_requests(service_client)
+    (tmp_path / "big.png").write_bytes(big)
+    driver.find_element("id", "file").send_keys(str(tmp_path / "big.png"))
+    error = page_error(driver, "this service takes at most 1.9 MB per request")
+    assert error.startswith(f"the image is {len(big) / 2**20:.1f} MB;") and error.endswith("(choose another image)")
+    assert_no_image(driver)
+    assert model_requests(service_client) == sent
+
+
 @pytest.mark.browser
 @needs_chromium
 def test_inputs_the_page_cannot_send_say_so(driver, service, tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ const FAINT_ALPHA = 0.35;
 
 const state = {
   ready: false,
+  maxBodyBytes: Infinity, // the service's body limit, from /readyz: a file over it is refused before it is sent
   busy: false,
   generation: 0, // bumped on every upload, so answers about an older image are dropped
   pick: 0, // bumped on every file chosen, so a slower decode of an earlier choice is dropped
@@ -339,6 +340,12 @@ function askForKey(status) {
 // POST the image and `fields`. With `onWord` the answer is a stream of Server-Sent Events (read from the
 // fetch body, as EventSource cannot POST): onWord(word) for each `word` event, and the body is the `done` event's.
 async function post(path, fields, onWord = null) {
+  if (state.file.size > state.maxBodyBytes) {
+    const mb = (bytes) => (bytes / 2 ** 20).toFixed(1);
+    const error = new Error(`the image is ${mb(state.file.size)} MB; this service takes at most ${mb(state.maxBodyBytes)} MB per request`);
+    error.code = "payload_too_large";
+    throw error;
+  }
   const form = new FormData();
   form.append("image", state.file);
   for (const [name, value] of fields) form.append(name, value);
@@ -680,6 +687,7 @@ async function pollReady() {
     const body = await response.json();
     if (response.ok) {
       state.ready = true;
+      state.maxBodyBytes = body.max_body_bytes ?? Infinity;
       els.ready.textContent = `model ${body.model} ready`;
       updateControls();
       if (state.file && !state.words.length) caption();
