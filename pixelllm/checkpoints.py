@@ -212,6 +212,13 @@ def resize_input(model: nn.Module, image_size: int) -> nn.Module:
 
 
 # ------------------------------------------------------------------------- T5 (transformers)
+def _flan_head_notice(record: logging.LogRecord) -> bool:
+    """False for transformers 5's notice that a T5's LM head is "NOT tied" to its embeddings: it says to set
+    tie_word_embeddings=False, which Flan-T5's config.json already does (transformers sets it True on reading
+    it), and a Flan head of its own is right. Every other record passes."""
+    return "so we will NOT tie them" not in record.getMessage()
+
+
 def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
     """A Hugging Face Flan-T5 directory (`config.json`, weights, `tokenizer.json`) -> model and tokenizer."""
     path = Path(path)
@@ -222,6 +229,8 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
             f"{path} has no tokenizer.json; save the fast tokenizer there first, e.g. "
             "transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
         )
+    loader_log = logging.getLogger("transformers.modeling_utils")
+    loader_log.addFilter(_flan_head_notice)
     try:
         # transformers would silently re-initialize missing or mis-shaped weights; we report them instead
         # in float32 as the rest of the model, whatever dtype the directory was saved in (a bf16 copy)
@@ -233,6 +242,8 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
         raise refused_pickle(path, e) or CheckpointError(
             f"could not load T5 weights from {path}: {str(e).splitlines()[0]}"
         ) from None
+    finally:
+        loader_log.removeFilter(_flan_head_notice)
     shapes = [
         f"{k}: file {tuple(a)} vs model {tuple(b)}"
         for k, a, b in sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])

@@ -264,6 +264,29 @@ def test_t5_directory_loads_weights_and_tokenizer(official_files, official_model
     assert rebuilt.config.scale_decoder_outputs is False is reference.config.scale_decoder_outputs
 
 
+def test_a_flan_directory_loads_without_transformers_advice_to_untie_what_is_untied(official_files):
+    """transformers 5 reads Flan's tie_word_embeddings=false as True, then warns to set it False: not shown."""
+    import logging
+
+    from transformers import T5ForConditionalGeneration
+
+    notices = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())
+    loader_log = logging.getLogger("transformers.modeling_utils")  # transformers' loggers do not propagate
+    loader_log.addHandler(handler)
+    try:
+        T5ForConditionalGeneration.from_pretrained(official_files["t5"])
+        assert any("NOT tie them" in n for n in notices)  # transformers says it, loading a Flan layout on its own
+        notices.clear()
+        load_t5(official_files["t5"])
+        assert not any("NOT tie them" in n for n in notices)
+        T5ForConditionalGeneration.from_pretrained(official_files["t5"])
+        assert any("NOT tie them" in n for n in notices)  # only while we load: transformers' logging is left as is
+    finally:
+        loader_log.removeHandler(handler)
+
+
 def test_a_t5_directory_saved_in_bf16_loads_in_float32(official_files, tmp_path):
     """Official directories come in bf16 too; the T5 must compute in the dtype of the rest of the model."""
     from transformers import T5ForConditionalGeneration
