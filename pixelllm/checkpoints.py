@@ -230,7 +230,12 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
             "transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
         )
     loader_log = logging.getLogger("transformers.modeling_utils")
-    loader_log.addFilter(_flan_head_notice)
+    try:
+        flan = json.loads((path / "config.json").read_text()).get("tie_word_embeddings") is False
+    except (OSError, ValueError, AttributeError):
+        flan = False  # from_pretrained says what is wrong with the file
+    if flan:  # elsewhere an LM head unlike the embeddings contradicts the config, and the notice says so
+        loader_log.addFilter(_flan_head_notice)
     try:
         # transformers would silently re-initialize missing or mis-shaped weights; we report them instead
         # in float32 as the rest of the model, whatever dtype the directory was saved in (a bf16 copy)

@@ -29,7 +29,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .build import build_pixelllm, load_model
+from .build import build_pixelllm, default_tokenizer, load_model
 from .checkpoints import resize_input
 from .config import _from_dict, load_config
 from .data.narratives import NarrativesIndex, word_locations
@@ -97,6 +97,8 @@ class TrainConfig:
                 raise ValueError(f"the weights of '{name}' must be >= 0 with a positive sum, got {weights}")
         if self.batch_size < 1 or self.steps < 0:
             raise ValueError(f"need batch_size >= 1 and steps >= 0, got {self.batch_size} and {self.steps}")
+        if self.name is not None and not (isinstance(self.name, str) and self.name.strip()):
+            raise ValueError(f"name must be a non-empty string (the saved model's name), got {self.name!r}")
         if self.max_text_tokens is not None and self.max_text_tokens < 2:
             raise ValueError(f"max_text_tokens is {self.max_text_tokens}: a caption needs at least 2 (a token and EOS)")
 
@@ -470,7 +472,8 @@ def train(cfg: TrainConfig) -> Path:
 
     model = initial_model(cfg).to(device)
     if cfg.name:
-        model.cfg.tokenizer = model.cfg.tokenizer or model.cfg.name  # a preset's tokenizer is found by its name
+        if default_tokenizer(model.cfg) is not None:  # a preset's tokenizer, found by its name: keep finding it
+            model.cfg.tokenizer = model.cfg.tokenizer or model.cfg.name
         model.cfg.name = cfg.name
     if cfg.point_weight is not None:
         model.cfg.loss.point_weight = cfg.point_weight

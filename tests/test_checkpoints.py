@@ -4,6 +4,7 @@ the file and the first mismatched keys and shapes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -264,7 +265,7 @@ def test_t5_directory_loads_weights_and_tokenizer(official_files, official_model
     assert rebuilt.config.scale_decoder_outputs is False is reference.config.scale_decoder_outputs
 
 
-def test_a_flan_directory_loads_without_transformers_advice_to_untie_what_is_untied(official_files):
+def test_a_flan_directory_loads_without_transformers_advice_to_untie_what_is_untied(official_files, tmp_path):
     """transformers 5 reads Flan's tie_word_embeddings=false as True, then warns to set it False: not shown."""
     import logging
 
@@ -283,6 +284,12 @@ def test_a_flan_directory_loads_without_transformers_advice_to_untie_what_is_unt
         assert not any("NOT tie them" in n for n in notices)
         T5ForConditionalGeneration.from_pretrained(official_files["t5"])
         assert any("NOT tie them" in n for n in notices)  # only while we load: transformers' logging is left as is
+        notices.clear()
+        tied = copy_t5_dir(official_files["t5"], tmp_path / "says-tied")  # a head of its own against its config
+        config = json.loads((tied / "config.json").read_text())
+        (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        load_t5(tied)
+        assert any("NOT tie them" in n for n in notices)  # there the notice is right, and shown
     finally:
         loader_log.removeHandler(handler)
 

@@ -259,17 +259,46 @@ def test_the_index_is_saved_and_read_back_while_the_files_are_as_they_were(tmp_p
     assert [again[i] for i in range(3)] == records
     monkeypatch.undo()
 
-    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(records)))  # changed: read again
+    stat = path.stat()
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(records)))  # changed in place, same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later time, whatever the clock's tick
     assert NarrativesIndex([path], cache=cache).image_ids == [r["image_id"] for r in reversed(records)]
-    other = tmp_path / "other.jsonl"
-    shutil.copy(path, other)  # another file of the same size and time: read, not taken from the cache
-    os.utime(other, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
-    monkeypatch.setattr(narratives, "_records_at", not_read)
-    with pytest.raises(AssertionError, match="other.jsonl was read again"):
-        NarrativesIndex([other], cache=cache)
-    monkeypatch.undo()
-    cache.write_text("{cut")  # a broken cache is read past
-    assert len(NarrativesIndex([path], cache=cache)) == 3 and json.loads(cache.read_text())["image_ids"]
+    saved = json.loads(cache.read_text())
+
+    def read_again(paths):
+        monkeypatch.setattr(narratives, "_records_at", not_read)
+        with pytest.raises(AssertionError, match="was read again"):
+            NarrativesIndex(paths, cache=cache)
+        monkeypatch.undo()
+
+    other, copy = tmp_path / "other.jsonl", tmp_path / "copy.jsonl"
+    shutil.copy2(path, other)
+    read_again([other])  # the same bytes and times under another name
+    shutil.copy2(path, copy)
+    os.replace(copy, path)
+    read_again([path])  # another file put in its place, with its size and modification time (cp -p)
+    NarrativesIndex([path], cache=cache)
+    saved = json.loads(cache.read_text())
+    for broken in (
+        "{cut",
+        json.dumps({**saved, "version": saved["version"] + 1}),
+        json.dumps({**saved, "offsets": saved["offsets"][:-1]}),
+        json.dumps({**saved, "files": [1, 1, 1]}),
+        json.dumps({k: v for k, v in saved.items() if k != "image_ids"}),
+    ):
+        cache.write_text(broken)
+        read_again([path])  # broken, of another version, or not whole
+    assert NarrativesIndex([path], cache=cache).image_ids == [r["image_id"] for r in reversed(records)]
+    assert not list(cache.parent.glob("*.partial"))
+
+
+def test_an_index_that_cannot_be_saved_warns_and_works(tmp_path, caplog):
+    path = tmp_path / "ln.jsonl"
+    path.write_text(json.dumps(make_record("dog", [("dog", 0.0, 1.0)], [[(0.5, 0.5, 0.0)]])) + "\n")
+    (tmp_path / "file").write_text("")  # the cache's folder is a file: nothing can be written there
+    with caplog.at_level("WARNING", logger="pixelllm.data.narratives"):
+        index = NarrativesIndex([path], cache=tmp_path / "file" / "index.json")
+    assert len(index) == 1 and "cannot save the narratives index to" in caplog.text
 
 
 def test_the_index_keeps_far_less_in_memory_than_the_records(tmp_path):

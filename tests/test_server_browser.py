@@ -468,8 +468,8 @@ def test_an_image_over_the_services_body_limit_is_refused_before_it_is_sent(
     sent = model_requests(service_client)
     (tmp_path / "big.png").write_bytes(big)
     driver.find_element("id", "file").send_keys(str(tmp_path / "big.png"))
-    error = page_error(driver, "this service takes at most 1.9 MB per request")
-    assert error.startswith(f"the image is {len(big) / 2**20:.1f} MB;") and error.endswith("(choose another image)")
+    error = page_error(driver, "this service takes at most 1.91 MiB per request, form fields included")
+    assert error.startswith(f"the image is {len(big) / 2**20:.2f} MiB;") and error.endswith("(choose another image)")
     assert_no_image(driver)
     assert model_requests(service_client) == sent
 

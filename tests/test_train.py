@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from server_helpers import ROOT
 
 from pixelllm import PixelLLM, build_pixelllm
+from pixelllm.build import default_tokenizer
 from pixelllm.config import load_config
 from pixelllm.data.synthetic import write_dataset
 from pixelllm.train import SourceConfig, TrainConfig, initial_model, lr_at, train
@@ -618,5 +619,9 @@ def test_the_readmes_fine_tuning_config_trains_from_the_shipped_model(tmp_path):
         final = train(TrainConfig.from_json(tmp_path / "my-model.json"))
     model = PixelLLM.from_pretrained(final)
     assert model.name == data["name"] == "my-model"  # what the service reports as "model"
-    shipped = PixelLLM.from_pretrained(ROOT / "weights" / "pixelllm-tiny")
-    assert model.tokenizer.encode("a red circle") == shipped.tokenizer.encode("a red circle")
+    saved = load_config(final / "config.json")  # built from the config alone, it still finds the preset's tokenizer
+    text = "a small red circle on the left."
+    assert saved.tokenizer == "pixelllm-tiny" and default_tokenizer(saved).encode(text) == model.tokenizer.encode(text)
+    for name in ("", "  ", 2024):
+        with pytest.raises(ValueError, match="name must be a non-empty string"):
+            TrainConfig(name=name)

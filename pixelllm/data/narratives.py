@@ -16,11 +16,13 @@ point and their min/max its box. All coordinates here stay normalized to [0, 1].
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -32,6 +34,8 @@ from tqdm import tqdm
 from pixelllm.tokenizer import EOS_ID, Tokenizer
 
 log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1  # of the saved index's layout and of the checks its records passed: raise it when either changes
 
 REQUIRED_FIELDS = ("image_id", "caption", "timed_caption", "traces")
 
@@ -111,13 +115,18 @@ class NarrativesIndex(Sequence[dict]):
     image_id: a parsed record takes several times its JSON in memory, too much for the large splits.
     The files must not change while the index is in use (a file whose size or modification time changed is an
     error when read). `cache`: a JSON file the index is saved to, and read back from while the files are as they
-    were (same paths, sizes and modification times), so a resumed run does not read the whole split again.
+    were (same paths, sizes, inodes, modification and change times), so a resumed run does not read the whole
+    split again.
     """
 
     def __init__(self, paths: Sequence[str | Path], progress: bool = False, cache: str | Path | None = None):
         self.paths = [Path(p) for p in paths]
         self._stamps = [_stamp(p) for p in self.paths]
-        key = {"paths": [str(p.resolve()) for p in self.paths], "stamps": self._stamps}
+        key = {
+            "version": INDEX_VERSION,
+            "paths": [str(p.resolve()) for p in self.paths],
+            "files_as_read": [_identity(p) for p in self.paths],
+        }
         saved = _read_index(Path(cache), key) if cache is not None else None
         if saved is not None:
             files, offsets, self.image_ids = saved["files"], saved["offsets"], saved["image_ids"]
@@ -175,7 +184,8 @@ class NarrativesIndex(Sequence[dict]):
 
 
 def _read_index(cache: Path, key: dict) -> dict | None:
-    """The index saved in `cache` if it was made from the files `key` names, as they are now; else None."""
+    """The index saved in `cache` if it was made, in this format, from the files `key` names as they are now;
+    else None (no such file, another format or files, or not whole)."""
     try:
         saved = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -183,18 +193,27 @@ def _read_index(cache: Path, key: dict) -> dict | None:
     current = json.loads(json.dumps(key))  # as JSON holds it: lists, not tuples
     if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in current.items()):
         return None
+    files, offsets, image_ids = (saved.get(k) for k in ("files", "offsets", "image_ids"))
+    if not (isinstance(files, list) and isinstance(offsets, list) and isinstance(image_ids, list)):
+        return None
+    if not len(files) == len(offsets) == len(image_ids) or not set(files) <= set(range(len(key["paths"]))):
+        return None
     return saved
 
 
 def _write_index(cache: Path, index: dict) -> None:
     """Save `index` to `cache` whole (written beside it, then renamed), or log why not: it only saves time."""
-    partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+    partial = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(index))
+        fd, partial = tempfile.mkstemp(dir=cache.parent, prefix=f"{cache.name}.", suffix=".partial")
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f)
         os.replace(partial, cache)
     except OSError as e:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
         log.warning("cannot save the narratives index to %s (%s): the next run reads the files again", cache, e)
 
 
@@ -202,6 +221,13 @@ def _stamp(path: Path) -> tuple[int, int]:
     """(size, modification time in ns) of a file: what tells that it changed."""
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """(size, inode, modification and change times in ns) of a file: a saved index is of these contents only
+    while all four hold (a copy that keeps the modification time, `cp -p`, still changes the change time)."""
+    stat = path.stat()
+    return stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _is_number(value: object) -> bool:

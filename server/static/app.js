@@ -319,6 +319,9 @@ function apiError(body, status) {
 }
 
 // Codes that refuse the image itself: every later request with it would fail alike.
+// What a request's form adds to the image's bytes (boundaries, part headers, fields), at most: a file within
+// this of the body limit would be refused by the service as it arrives (a reset connection, no answer).
+const FORM_BYTES = 4096;
 const IMAGE_REFUSED = new Set(["unsupported_media_type", "invalid_image", "image_too_large", "payload_too_large"]);
 
 // With API keys on (PIXELLLM_API_KEYS_FILE), the page asks for a key once and keeps it for this tab only.
@@ -340,9 +343,12 @@ function askForKey(status) {
 // POST the image and `fields`. With `onWord` the answer is a stream of Server-Sent Events (read from the
 // fetch body, as EventSource cannot POST): onWord(word) for each `word` event, and the body is the `done` event's.
 async function post(path, fields, onWord = null) {
-  if (state.file.size > state.maxBodyBytes) {
-    const mb = (bytes) => (bytes / 2 ** 20).toFixed(1);
-    const error = new Error(`the image is ${mb(state.file.size)} MB; this service takes at most ${mb(state.maxBodyBytes)} MB per request`);
+  if (state.file.size + FORM_BYTES > state.maxBodyBytes) {
+    const size = (bytes) => `${(bytes / 2 ** 20).toFixed(2)} MiB`;
+    const error = new Error(
+      `the image is ${size(state.file.size)}; this service takes at most ${size(state.maxBodyBytes)} per request, ` +
+        `form fields included`,
+    );
     error.code = "payload_too_large";
     throw error;
   }
