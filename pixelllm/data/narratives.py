@@ -121,12 +121,9 @@ class NarrativesIndex(Sequence[dict]):
 
     def __init__(self, paths: Sequence[str | Path], progress: bool = False, cache: str | Path | None = None):
         self.paths = [Path(p) for p in paths]
-        self._stamps = [_stamp(p) for p in self.paths]
-        key = {
-            "version": INDEX_VERSION,
-            "paths": [str(p.resolve()) for p in self.paths],
-            "files_as_read": [_identity(p) for p in self.paths],
-        }
+        identities = [_identity(p) for p in self.paths]
+        self._stamps = [(size, mtime) for size, _, mtime, _ in identities]  # what `_stamp` reads at each access
+        key = {"version": INDEX_VERSION, "paths": [str(p.resolve()) for p in self.paths], "files_as_read": identities}
         saved = _read_index(Path(cache), key) if cache is not None else None
         if saved is not None:
             files, offsets, self.image_ids = saved["files"], saved["offsets"], saved["image_ids"]

@@ -65,6 +65,7 @@ function wordColor(i) {
 }
 
 const fmt = (v) => (Math.round(v * 10) / 10).toString();
+const mebibytes = (bytes) => `${(bytes / 2 ** 20).toFixed(2)} MiB`;
 const boxText = (b) => `(${fmt(b.x0)}, ${fmt(b.y0)}) to (${fmt(b.x1)}, ${fmt(b.y1)})`;
 
 function setStatus(text) {
@@ -223,7 +224,7 @@ function imagePoint(event) {
 // The box a region caption is asked for (null: the whole image), also shown in the region field.
 function setPromptBox(box) {
   state.promptBox = box;
-  els.regionBox.value = box ? [box.x0, box.y0, box.x1, box.y1].map((v) => fmt(v)).join(", ") : "";
+  els.regionBox.value = box ? [box.x0, box.y0, box.x1, box.y1].map(fmt).join(", ") : "";
 }
 
 // A box typed as "x0, y0, x1, y1" (commas or spaces between) in pixels of the image, to 0.1 px as it is sent;
@@ -344,9 +345,8 @@ function askForKey(status) {
 // fetch body, as EventSource cannot POST): onWord(word) for each `word` event, and the body is the `done` event's.
 async function post(path, fields, onWord = null) {
   if (state.file.size + FORM_BYTES > state.maxBodyBytes) {
-    const size = (bytes) => `${(bytes / 2 ** 20).toFixed(2)} MiB`;
     const error = new Error(
-      `the image is ${size(state.file.size)}; this service takes at most ${size(state.maxBodyBytes)} per request, ` +
+      `the image is ${mebibytes(state.file.size)}; this service takes at most ${mebibytes(state.maxBodyBytes)} per request, ` +
         `form fields included`,
     );
     error.code = "payload_too_large";
@@ -375,8 +375,9 @@ async function sendOrSay(send) {
     return await send();
   } catch (error) {
     if (error.name === "AbortError") throw error;
-    const mb = (state.file.size / 2 ** 20).toFixed(1);
-    throw new Error(`no answer from the service (${error.message}): it may be down, or the ${mb} MB image over its size limit`);
+    throw new Error(
+      `no answer from the service (${error.message}): it may be down, or the ${mebibytes(state.file.size)} image over its size limit`,
+    );
   }
 }
 
