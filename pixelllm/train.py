@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -60,6 +61,9 @@ class SourceConfig:
     prompt: str | None = None  # caption prompt for this source (default: the model's caption_prompt)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     model: str = "pixelllm-tiny"
@@ -75,12 +79,13 @@ class TrainConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     tasks: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
     batch_size: int = 32
+    grad_accum_steps: int = 1  # each process's share of a batch goes through the model in this many passes
     steps: int = 1000
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
-    grad_clip: float = 1.0
-    precision: str = "fp32"
+    grad_clip: float | None = 1.0  # the gradient's largest norm; 0 or None: not clipped
+    precision: str = "fp32"  # "fp32", or "bf16" autocast
     point_weight: float | None = None
     max_text_tokens: int | None = None  # train (and caption) up to this many tokens with EOS; default: the model's
     log_every: int = 10
@@ -97,6 +102,14 @@ class TrainConfig:
                 raise ValueError(f"the weights of '{name}' must be >= 0 with a positive sum, got {weights}")
         if self.batch_size < 1 or self.steps < 0:
             raise ValueError(f"need batch_size >= 1 and steps >= 0, got {self.batch_size} and {self.steps}")
+        if not 1 <= self.grad_accum_steps <= self.batch_size:
+            raise ValueError(
+                f"grad_accum_steps is {self.grad_accum_steps}: it must be between 1 and batch_size ({self.batch_size})"
+            )
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip is {self.grad_clip}: give the largest gradient norm, or 0 for no clipping")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision is {self.precision!r}: it must be one of {', '.join(PRECISIONS)}")
         if self.name is not None and not (isinstance(self.name, str) and self.name.strip()):
             raise ValueError(f"name must be a non-empty string (the saved model's name), got {self.name!r}")
         if self.max_text_tokens is not None and self.max_text_tokens < 2:
@@ -285,8 +298,12 @@ def step_draws(step: int, cfg: TrainConfig, lengths: list[int], rank: int = 0, w
     return draws
 
 
-def batch_for_step(step: int, cfg: TrainConfig, sources: list[SceneSource], model_cfg, tokenizer, rank=0, world=1):
-    """The samples of `step` that belong to `rank`: a pure function of (cfg.seed, step)."""
+def batches_for_step(
+    step: int, cfg: TrainConfig, sources: list[SceneSource], model_cfg, tokenizer, rank=0, world=1
+) -> list[dict]:
+    """The samples of `step` that belong to `rank`, in `cfg.grad_accum_steps` micro-batches: a pure function of
+    (cfg.seed, step). Micro-batch m takes every k-th sample from the m-th, as k processes share a batch, so k passes
+    on one process learn what k processes do in one pass each."""
     samples = []
     for j, source, scene_index, task in step_draws(step, cfg, [len(s) for s in sources], rank, world):
         src = sources[source]
@@ -295,7 +312,32 @@ def batch_for_step(step: int, cfg: TrainConfig, sources: list[SceneSource], mode
         if src.cfg.prompt is not None and sample["task"] == "caption":  # a narrative gives captions for any task
             sample["prompt"] = src.cfg.prompt
         samples.append(sample)
-    return collate(samples, model_cfg.language_model.max_text_tokens)
+    k = cfg.grad_accum_steps
+    return [collate(samples[m::k], model_cfg.language_model.max_text_tokens) for m in range(k)]
+
+
+def accumulate_gradients(
+    net: nn.Module, batches: list[dict], device: torch.device, autocast_dtype: torch.dtype | None
+) -> dict[str, float]:
+    """Forward and backward each micro-batch, its loss weighted by its share of the samples: each loss is a mean
+    over its own micro-batch, and the gradients add up as DDP averages its processes'. Under DDP the gradients are
+    all-reduced once, after the last. Returns each loss averaged over the micro-batches that have it, weighted
+    alike."""
+    total = sum(len(batch["prompts"]) for batch in batches)
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        share = len(batch["prompts"]) / total
+        last = i == len(batches) - 1
+        with nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync():
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                losses = net(batch)
+            (losses["loss"] * share).backward()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) * share
+            weights[key] = weights.get(key, 0.0) + share
+    return {key: sums[key] / weights[key] for key in sums}
 
 
 def prepare_synthetic_sources(cfg: TrainConfig, sources: list[SceneSource], start: int, rank=0, world=1) -> None:
@@ -459,8 +501,11 @@ def train(cfg: TrainConfig) -> Path:
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if cfg.batch_size < world:
-        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes: each needs samples")
+    if cfg.batch_size < world * cfg.grad_accum_steps:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is smaller than the {world} processes times grad_accum_steps "
+            f"({cfg.grad_accum_steps}): each pass of each process needs samples"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -525,21 +570,18 @@ def train(cfg: TrainConfig) -> Path:
     t_last, samples_since = time.time(), 0
     with finish_step_on_ctrl_c(enabled=not distributed) as stop:
         for step in range(start, cfg.steps):
-            batch = batch_for_step(step, cfg, sources, model.cfg, tokenizer, rank, world)
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batches = batches_for_step(step, cfg, sources, model.cfg, tokenizer, rank, world)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                losses = net(batch)
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            losses = accumulate_gradients(net, batches, device, autocast_dtype)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # inf: the norm, unclipped
             optimizer.step()
             samples_since += cfg.batch_size
             done = step + 1
             if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
                 elapsed = time.time() - t_last
-                record = {k: round(float(v.detach()), 4) for k, v in losses.items()}
+                record = {k: round(v, 4) for k, v in losses.items()}
                 record.update(
                     step=done,
                     lr=lr_at(step, cfg),

@@ -113,6 +113,39 @@ def _row(batch: dict, row: int) -> Prompts:
 
 @pytest.mark.filterwarnings("error::FutureWarning")  # e.g. a KV-cache keyword transformers deprecated
 @torch.no_grad()
+def select(batch: dict, rows: list[int]) -> dict:
+    """The training batch of `rows` only."""
+    return {k: [v[i] for i in rows] if isinstance(v, list) else v[rows] for k, v in batch.items()}
+
+
+def test_a_text_with_no_location_at_all_is_left_out_of_the_confidence_loss(tiny_model):
+    """A plain caption (COCO's, no traces) says nothing of where its words are: it must not teach the confidence
+    that they are nowhere. Its other losses stay; the confidence is learnt from the texts that locate a token."""
+    batch = make_batch(tiny_model)  # caption, region by box, region by point, referring
+    batch["located"][0] = False
+    with torch.no_grad():
+        whole = tiny_model(batch)
+        rest = tiny_model(select(batch, [1, 2, 3]))
+        alone = tiny_model(select(batch, [0]))
+    assert whole["confidence_bce"] == pytest.approx(float(rest["confidence_bce"]), rel=1e-5)
+    assert whole["ce"] != pytest.approx(float(rest["ce"]), rel=1e-3)  # the caption still trains its words
+    assert float(alone["confidence_bce"]) == 0.0 and torch.isfinite(alone["loss"])
+
+
+def test_corners_are_float32_under_bf16_autocast(tiny_model):
+    """bf16 rounds a corner near the middle of the image to 2**-9 of its side (0.75 px of 384): the point head and
+    its loss run in float32 under autocast."""
+    batch = make_batch(tiny_model)
+    dtypes = []
+    hook = tiny_model.point_head.register_forward_hook(lambda m, i, out: dtypes.append(out[0].dtype))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tiny_model(batch)
+    finally:
+        hook.remove()
+    assert dtypes == [torch.float32] and torch.isfinite(out["point_l1"])
+
+
 def test_generation_gives_one_point_pair_per_token(lively_model):
     model = lively_model
     batch = make_batch(model, seed=1)

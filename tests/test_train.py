@@ -293,6 +293,57 @@ def test_config_refuses_unknown_tasks_and_weights_that_cannot_draw():
         TrainConfig(batch_size=0)
 
 
+def test_config_refuses_a_precision_clip_or_accumulation_it_cannot_honour():
+    with pytest.raises(ValueError, match="precision is 'fp16': it must be one of fp32, bf16"):
+        TrainConfig(precision="fp16")  # it used to train in fp32, at twice the memory, without a word
+    with pytest.raises(ValueError, match="grad_clip is -1.0"):
+        TrainConfig(grad_clip=-1.0)
+    for steps in (0, 33):
+        with pytest.raises(ValueError, match=f"grad_accum_steps is {steps}: it must be between 1 and batch_size"):
+            TrainConfig(grad_accum_steps=steps, batch_size=32)
+
+
+def test_grad_clip_zero_or_none_trains_unclipped(tmp_path):
+    """0 is "no clipping", as for most trainers (clipping to norm 0 zeroed every gradient: no step moved)."""
+    for clip in (0.0, None):
+        cfg = tiny_config(tmp_path / str(clip), steps=1, grad_clip=clip)
+        torch.manual_seed(cfg.seed)
+        before = initial_model(cfg).point_head.state_dict()
+        after = load_file(str(train(cfg) / "model.safetensors"))
+        changed = [k for k, v in before.items() if not torch.equal(v, after[f"point_head.{k}"])]
+        assert changed, clip
+        grad_norm = json.loads((tmp_path / str(clip) / "log.jsonl").read_text())["grad_norm"]
+        assert grad_norm > 1.0, clip  # the norm the step took, not clipped to the default 1.0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")
+def test_grad_accum_steps_on_one_process_learn_what_more_processes_do(tmp_path):
+    """batch 8 as 4 passes on one process, and as 2 processes of 2 passes each (DDP, gradients all-reduced after
+    the last pass): the same micro-batches, the same gradient, the same step."""
+    one = tiny_config(tmp_path / "one", steps=1, batch_size=8, grad_accum_steps=4)
+    ddp = dataclasses.replace(one, out_dir=str(tmp_path / "ddp"), grad_accum_steps=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*torchrun, "-m", "pixelllm.train", str(write_config(ddp, tmp_path / "ddp.json"))],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with single_thread():
+        train(one)
+    (a,), (b,) = (
+        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "ddp")
+    )
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    one_weights = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    ddp_weights = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    for k, v in one_weights.items():
+        torch.testing.assert_close(v, ddp_weights[k], rtol=0, atol=1e-5, msg=k)
+
+
 def narratives_source(tmp_path: Path) -> SourceConfig:
     data = write_dataset(tmp_path / "ln", n=3, seed=5)
     return SourceConfig(kind="narratives", path=str(data / "narratives.jsonl"), image_root=str(data / "images"))
@@ -440,18 +491,18 @@ def test_a_resumed_run_reads_its_narratives_index_back(tmp_path, caplog):
 
 def test_a_sources_prompt_goes_with_every_caption_it_gives(tmp_path, tiny_model):
     """A narrative has no objects, so every task drawn from it gives a caption, with the source's prompt."""
-    from pixelllm.train import SceneSource, batch_for_step
+    from pixelllm.train import SceneSource, batches_for_step
 
     source = dataclasses.replace(narratives_source(tmp_path), prompt="SOURCE PROMPT: ")
     cfg = TrainConfig(sources=[source], batch_size=8)  # the default mix: all four tasks
     sources = [SceneSource(source, tiny_model.cfg.image_size, tiny_model.tokenizer, Path())]
-    batch = batch_for_step(0, cfg, sources, tiny_model.cfg, tiny_model.tokenizer)
+    (batch,) = batches_for_step(0, cfg, sources, tiny_model.cfg, tiny_model.tokenizer)
     assert batch["prompts"] == ["SOURCE PROMPT: "] * 8
 
 
 def test_a_short_run_prepares_only_the_synthetic_scenes_it_draws(tiny_model):
     """Scenes are a pure function of (seed, index): a 2-step run of a million-scene source prepares its 8 draws."""
-    from pixelllm.train import SceneSource, batch_for_step, prepare_synthetic_sources, step_draws
+    from pixelllm.train import SceneSource, batches_for_step, prepare_synthetic_sources, step_draws
 
     source = SourceConfig(kind="synthetic", seed=3, num_scenes=1_000_000)
     cfg = TrainConfig(sources=[source], batch_size=4, steps=3)
@@ -462,7 +513,7 @@ def test_a_short_run_prepares_only_the_synthetic_scenes_it_draws(tiny_model):
     assert ahead[0].scenes.keys() == drawn and 2 <= len(drawn) <= 8
     lazy = [SceneSource(source, *args)]  # prepared at first access instead: the same batch
     for step in (1, 2):
-        a, b = (batch_for_step(step, cfg, s, tiny_model.cfg, tiny_model.tokenizer) for s in (ahead, lazy))
+        ((a,), (b,)) = (batches_for_step(step, cfg, s, tiny_model.cfg, tiny_model.tokenizer) for s in (ahead, lazy))
         assert a.keys() == b.keys()
         for key in a:
             x, y = (v if isinstance(v, list) else [v] for v in (a[key], b[key]))

@@ -267,6 +267,9 @@ class PixelLLM(nn.Module):
         (B, T, 2, 2) in [0, 1]; located (B, T) bool; optional mask_boxes (B, 4), mask_targets (B, S, S),
         mask_valid (B,); optional object_boxes (list of B (N_i, 4) in [0, 1]) and objects_valid (B,) for the
         proposal head.
+
+        Losses: token cross-entropy; L1 of the located tokens' corners (in input pixels); the confidence's BCE
+        against `located`, over the texts that locate at least one token; mask and proposal losses where given.
         """
         lc = self.cfg.loss
         features = self.encode_images(batch["images"])
@@ -288,15 +291,21 @@ class PixelLLM(nn.Module):
             ignore_index=IGNORE_INDEX,
             label_smoothing=lc.label_smoothing,
         )
-        corners, confidence = self.point_head(hidden)
-        located = batch["located"] & (labels != IGNORE_INDEX)
+        with torch.autocast(hidden.device.type, enabled=False):  # bf16 corners would be off by up to 2**-9 of S
+            corners, confidence = self.point_head(hidden.to(self.point_head.mlp[-1].weight.dtype))
+        valid = labels != IGNORE_INDEX
+        located = batch["located"] & valid
         target = batch["target_corners"].to(corners.dtype)
         if located.any():
             point_l1 = (corners[located] - target[located]).abs().float().mean() * self.cfg.image_size
         else:
             point_l1 = corners.sum() * 0.0
-        valid = labels != IGNORE_INDEX
-        conf_bce = F.binary_cross_entropy_with_logits(confidence[valid].float(), located[valid].float())
+        # a text with no location at all (a plain caption, without traces) says nothing of where its words are
+        annotated = valid & located.any(dim=1, keepdim=True)
+        if annotated.any():
+            conf_bce = F.binary_cross_entropy_with_logits(confidence[annotated].float(), located[annotated].float())
+        else:
+            conf_bce = confidence.sum() * 0.0
         loss = ce + lc.point_weight * point_l1 + lc.point_weight * conf_bce
         out = {"ce": ce, "point_l1": point_l1, "confidence_bce": conf_bce}
         mask_valid = batch.get("mask_valid")
