@@ -156,6 +156,9 @@ class LossConfig:
     proposal_weight: float = 1.0
 
 
+IMAGE_PADDINGS = ("black", "mean")
+
+
 @dataclass
 class PixelLLMConfig:
     name: str = "pixelllm"
@@ -173,10 +176,15 @@ class PixelLLMConfig:
     caption_prompt: str = "A long image caption: "
     region_prompt: str = "an object of "
     localize_prompt: str = "where is "
+    # what fills the square around a non-square image: "mean" (SAM's pixel mean, 0 once normalized, as SAM and the
+    # paper pad) or "black" (0 before normalizing; what the shipped default model was trained with)
+    image_padding: str = "black"
     # word classes (e.g. "color": ["red", ...]) that `Predictor.caption` checks against region captions
     attribute_words: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.image_padding not in IMAGE_PADDINGS:
+            raise ValueError(f"image_padding is {self.image_padding!r}: it must be one of {', '.join(IMAGE_PADDINGS)}")
         if self.extractor.object_tokens and self.proposal_head is None:
             raise ValueError("extractor.object_tokens needs a proposal_head: the object tokens are its proposals")
 

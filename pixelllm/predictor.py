@@ -108,7 +108,9 @@ class Predictor:
         holds memory of its own (`nbytes`), so keeping one does not keep the rest of its batch."""
         if not images:
             return []
-        tensors, transforms = zip(*(preprocess(im, self.model.cfg.image_size) for im in images))
+        tensors, transforms = zip(
+            *(preprocess(im, self.model.cfg.image_size, self.model.cfg.image_padding) for im in images)
+        )
         features = self.model.encode_images(torch.stack(tensors).to(self.model.device), keep=True)
         if len(transforms) == 1:
             return [ImageEmbedding(features, transforms[0])]

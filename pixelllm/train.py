@@ -126,13 +126,13 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
-def synthetic_scene(seed: int, index: int, image_size: int, tokenizer: Tokenizer) -> PreparedScene:
-    return prepare_scene(generate_scene(scene_seed(seed, index)), image_size, tokenizer)
+def synthetic_scene(seed: int, index: int, image_size: int, tokenizer: Tokenizer, padding: str) -> PreparedScene:
+    return prepare_scene(generate_scene(scene_seed(seed, index)), image_size, tokenizer, padding)
 
 
-def _prepare_synthetic(args: tuple[int, int, int, str]) -> PreparedScene:
-    seed, index, image_size, tokenizer_json = args  # a worker process reads the tokenizer from its file
-    return synthetic_scene(seed, index, image_size, Tokenizer.from_file(tokenizer_json))
+def _prepare_synthetic(args: tuple[int, int, int, str, str]) -> PreparedScene:
+    seed, index, image_size, padding, tokenizer_json = args  # a worker process reads the tokenizer from its file
+    return synthetic_scene(seed, index, image_size, Tokenizer.from_file(tokenizer_json), padding)
 
 
 class SceneSource:
@@ -140,7 +140,7 @@ class SceneSource:
     parallel by `prepare`; narratives are read from disk at each access (a `NarrativesIndex`), and one whose image
     cannot be read (a truncated file) is skipped with a warning: the next record stands in, so a run goes on (and
     resumes the same). `progress`: show a bar while the narratives files are read at start; `index_cache`: where
-    their index is saved and read back from (`NarrativesIndex`'s `cache`)."""
+    their index is saved and read back from (`NarrativesIndex`'s `cache`); `padding`: the model's `image_padding`."""
 
     def __init__(
         self,
@@ -150,8 +150,10 @@ class SceneSource:
         tokenizer_file: Path,
         progress: bool = False,
         index_cache: Path | None = None,
+        padding: str = "black",
     ):
         self.cfg, self.image_size, self.tokenizer, self.tokenizer_file = cfg, image_size, tokenizer, tokenizer_file
+        self.padding = padding
         if cfg.kind == "synthetic":
             if cfg.num_scenes < 1:
                 raise ValueError(f"a synthetic source's num_scenes is {cfg.num_scenes}: give it at least 1")
@@ -199,9 +201,9 @@ class SceneSource:
         todo = sorted(indices - self.scenes.keys())
         if len(todo) <= 64:  # not worth starting worker processes
             for i in todo:
-                self.scenes[i] = synthetic_scene(self.cfg.seed, i, self.image_size, self.tokenizer)
+                self.scenes[i] = synthetic_scene(self.cfg.seed, i, self.image_size, self.tokenizer, self.padding)
             return
-        jobs = [(self.cfg.seed, i, self.image_size, str(self.tokenizer_file)) for i in todo]
+        jobs = [(self.cfg.seed, i, self.image_size, self.padding, str(self.tokenizer_file)) for i in todo]
         # spawn, not fork: forking after torch has started its thread pools can deadlock
         with multiprocessing.get_context("spawn").Pool(min(2, os.cpu_count() or 1)) as pool:
             it = pool.imap(_prepare_synthetic, jobs, chunksize=16)
@@ -228,7 +230,7 @@ class SceneSource:
                     e,
                 )
                 continue
-            return prepare_record(image, self.records[j], self.image_size, self.tokenizer)
+            return prepare_record(image, self.records[j], self.image_size, self.tokenizer, self.padding)
         raise ValueError(f"no image of {self.cfg.path} can be read (each was logged): check 'image_root'")
 
 
@@ -536,7 +538,15 @@ def train(cfg: TrainConfig) -> Path:
     if distributed:
         dist.barrier()
     sources = [
-        SceneSource(s, model.cfg.image_size, tokenizer, tokenizer_file, rank == 0, out / f"narratives-index-{i}.json")
+        SceneSource(
+            s,
+            model.cfg.image_size,
+            tokenizer,
+            tokenizer_file,
+            rank == 0,
+            out / f"narratives-index-{i}.json",
+            model.cfg.image_padding,
+        )
         for i, s in enumerate(cfg.sources)
     ]
     if rank == 0:

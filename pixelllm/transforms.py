@@ -1,7 +1,8 @@
 """Image preprocessing and coordinate mapping between input-image pixels and the model's square input.
 
 An image of H x W is resized so its longer side is S (the model's `image_size`), keeping the aspect
-ratio, and padded at the right/bottom to S x S (as SAM does). So a point (x, y) in image pixels is
+ratio, and padded at the right/bottom to S x S (as SAM does; with black or SAM's pixel mean, per the model's
+`image_padding`). So a point (x, y) in image pixels is
 (x * s, y * s) in model-input pixels with s = S / max(H, W), and a normalized model output u in [0, 1]
 is u * max(H, W) in image pixels.
 
@@ -20,6 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
+
+from .config import IMAGE_PADDINGS
+from .modeling.image_encoder import SAM_PIXEL_MEAN
+
+# the padding's colour, RGB in [0, 1], by `PixelLLMConfig.image_padding`
+PADDING_RGB = {"black": (0.0, 0.0, 0.0), "mean": SAM_PIXEL_MEAN}
 
 
 @dataclass(frozen=True)
@@ -139,9 +146,13 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return array
 
 
-def preprocess(image: Image.Image | np.ndarray | DecodedImage, image_size: int) -> tuple[torch.Tensor, ImageTransform]:
-    """Image -> model input (3, S, S) in [0, 1] (resized longest side, zero-padded) and its transform (of the
-    file's size, for a `DecodedImage`)."""
+def preprocess(
+    image: Image.Image | np.ndarray | DecodedImage, image_size: int, padding: str = "black"
+) -> tuple[torch.Tensor, ImageTransform]:
+    """Image -> model input (3, S, S) in [0, 1] (resized longest side, padded with `padding`, a name of
+    `PADDING_RGB`) and its transform (of the file's size, for a `DecodedImage`)."""
+    if padding not in IMAGE_PADDINGS:
+        raise ValueError(f"padding is {padding!r}: it must be one of {', '.join(IMAGE_PADDINGS)}")
     if isinstance(image, DecodedImage):
         array, (h, w) = to_rgb_array(image.image), (image.height, image.width)
     else:
@@ -150,6 +161,6 @@ def preprocess(image: Image.Image | np.ndarray | DecodedImage, image_size: int) 
     transform = ImageTransform(h, w, image_size)
     nh, nw = max(1, round(h * transform.scale)), max(1, round(w * transform.scale))
     resized = np.asarray(Image.fromarray(array).resize((nw, nh), Image.BILINEAR), dtype=np.float32) / 255.0
-    out = torch.zeros(3, image_size, image_size)
+    out = torch.tensor(PADDING_RGB[padding]).view(3, 1, 1).repeat(1, image_size, image_size)
     out[:, :nh, :nw] = torch.from_numpy(resized).permute(2, 0, 1)
     return out, transform

@@ -405,3 +405,20 @@ def test_caption_stream_asks_should_stop_before_every_decoder_step(tiny_model):
         with pytest.raises(GenerationCancelled):
             next(words)
     assert len(asked) == 4
+
+
+def test_the_image_is_padded_as_the_models_config_says(tiny_model, monkeypatch):
+    """`image_padding` "mean" (the paper presets): the square around a non-square image is SAM's pixel mean."""
+    from pixelllm.modeling.image_encoder import SAM_PIXEL_MEAN
+
+    seen = []
+    encode = tiny_model.encode_images
+    monkeypatch.setattr(tiny_model, "encode_images", lambda images, **kw: seen.append(images) or encode(images, **kw))
+    array = np.zeros((80, 160, 3), np.uint8)  # black, 2:1: the bottom half of the square is padding
+    for padding in ("mean", "black"):
+        monkeypatch.setattr(tiny_model.cfg, "image_padding", padding)
+        Predictor(tiny_model).set_image(array)
+    mean, black = seen
+    s = tiny_model.cfg.image_size
+    assert torch.equal(mean[0, :, s // 2 :], torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1).expand(3, s // 2, s))
+    assert not black[0].any() and not mean[0, :, : s // 2].any()

@@ -25,6 +25,7 @@ from pixelllm import PixelLLM, build_pixelllm
 from pixelllm.build import default_tokenizer
 from pixelllm.config import load_config
 from pixelllm.data.synthetic import write_dataset
+from pixelllm.modeling.image_encoder import SAM_PIXEL_MEAN
 from pixelllm.train import SourceConfig, TrainConfig, initial_model, lr_at, train
 
 
@@ -676,3 +677,23 @@ def test_the_readmes_fine_tuning_config_trains_from_the_shipped_model(tmp_path):
     for name in ("", "  ", 2024):
         with pytest.raises(ValueError, match="name must be a non-empty string"):
             TrainConfig(name=name)
+
+
+def test_training_pads_images_as_the_models_config_says(tmp_path, monkeypatch):
+    """A model whose `image_padding` is "mean" trains on images padded with SAM's pixel mean (as it will be served),
+    synthetic scenes and narratives alike."""
+    import pixelllm.train as training
+
+    model = dataclasses.replace(load_config("pixelllm-tiny"), image_padding="mean")
+    model.save(tmp_path / "tiny-mean.json")
+    seen = []
+    accumulate = training.accumulate_gradients
+    monkeypatch.setattr(
+        training, "accumulate_gradients", lambda net, batches, *a: seen.extend(batches) or accumulate(net, batches, *a)
+    )
+    sources = [SourceConfig(kind="synthetic", seed=3, num_scenes=6), narratives_source(tmp_path)]
+    with single_thread():
+        train(tiny_config(tmp_path / "run", steps=2, model=str(tmp_path / "tiny-mean.json"), sources=sources))
+    mean = (torch.tensor(SAM_PIXEL_MEAN) * 255).round() / 255
+    corners = torch.stack([batch["images"][:, :, -1, -1] for batch in seen]).flatten(0, 1)  # (N, 3)
+    assert len(corners) == 8 and (corners == mean).all(dim=1).sum() >= 6, corners

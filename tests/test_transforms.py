@@ -139,3 +139,25 @@ def test_an_orientation_given_only_in_xmp_turns_nothing() -> None:
     with Image.open(io.BytesIO(buf.getvalue())) as im:
         assert im.getexif().get(0x0112) == 6  # Pillow's reading
         assert orientation(im) == 1 and decode(im).image.size == (40, 20)
+
+
+def test_mean_padding_is_what_sam_pads_with() -> None:
+    """segment_anything normalizes, then pads with 0 (`Sam.preprocess`), as the paper's code does: "mean" padding
+    is 0 once normalized, where "black" is about -2 standard deviations."""
+    from conftest import peer_sam
+
+    from pixelllm.config import load_config
+    from pixelllm.modeling.image_encoder import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+    size = 64
+    image = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)  # 2:1, bottom half padded
+    theirs = peer_sam(load_config("pixelllm-tiny"), size).preprocess(
+        torch.from_numpy(image).permute(2, 0, 1)[None] * 1.0
+    )
+    mean, std = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1), torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    ours = {padding: (preprocess(image, size, padding)[0] - mean) / std for padding in ("mean", "black")}
+    torch.testing.assert_close(ours["mean"][:, 32:], theirs[0, :, 32:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours["mean"][:, :32], ours["black"][:, :32])  # the image itself is the same
+    assert (ours["black"][:, 32:] < -1.7).all()
+    with pytest.raises(ValueError, match="padding is 'grey': it must be one of black, mean"):
+        preprocess(image, size, "grey")

@@ -49,10 +49,13 @@ class PreparedScene:
     objects_labeled: bool = False  # every object is in `objects` (a proposal-head target); False for LN records
 
 
-def prepare_record(image: np.ndarray, record: dict, image_size: int, tokenizer: Tokenizer) -> PreparedScene:
-    """An image (H, W, 3) and its Localized-Narratives record -> the caption task's inputs and targets."""
+def prepare_record(
+    image: np.ndarray, record: dict, image_size: int, tokenizer: Tokenizer, padding: str = "black"
+) -> PreparedScene:
+    """An image (H, W, 3) and its Localized-Narratives record -> the caption task's inputs and targets; the image
+    padded with `padding` (the model's `image_padding`)."""
     h, w = image.shape[:2]
-    tensor, _ = preprocess(image, image_size)
+    tensor, _ = preprocess(image, image_size, padding)
     to_square = np.array([w, h, w, h], dtype=np.float32) / max(h, w)  # image-normalized -> square-normalized
     targets = token_targets(record["caption"], word_locations(record), tokenizer)
     return PreparedScene(
@@ -64,9 +67,9 @@ def prepare_record(image: np.ndarray, record: dict, image_size: int, tokenizer: 
     )
 
 
-def prepare_scene(scene: Scene, image_size: int, tokenizer: Tokenizer) -> PreparedScene:
+def prepare_scene(scene: Scene, image_size: int, tokenizer: Tokenizer, padding: str = "black") -> PreparedScene:
     """A synthetic scene: its narrative's caption targets plus every object's box, mask and texts."""
-    prepared = prepare_record(scene.image, scene.narrative, image_size, tokenizer)
+    prepared = prepare_record(scene.image, scene.narrative, image_size, tokenizer, padding)
     h, w = scene.image.shape[:2]
     transform = ImageTransform(h, w, image_size)
     nh, nw = round(h * transform.scale), round(w * transform.scale)
