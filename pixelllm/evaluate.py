@@ -54,7 +54,7 @@ from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
 from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
 from .predictor import ImageEmbedding, Localization, Predictor, Word, _group_words, centre
-from .transforms import to_rgb_array
+from .transforms import to_rgb, to_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
     keys = ("ref_iou", "ref_hit", "mask_iou", "ref_iou_regressed", "ref_hit_regressed", "mask_iou_regressed")
     keys += ("region_box", "region_point", "region_point_unverified")
     keys += ("word_point", "word_point_regressed", "word_point_unverified", "word_point_any_shape")
-    keys += ("word_point_teacher_forced", "texts_cut")
+    keys += ("word_point_teacher_forced", "texts_cut", "texts_empty")
     stats = {k: [] for k in keys}
     l1_sum, l1_count = 0.0, 0
     phrases_total, phrases_paired = 0, 0
@@ -304,7 +304,18 @@ def _score_referring(
 ) -> None:
     """Localize (text, true box, true HxW mask) targets on one image: box IoU, hit at 0.5 and mask IoU, with the
     refined box (`Predictor.localize`'s default) and, suffixed `_regressed`, with the point head's own box. A
-    text longer than the model reads is cut to what it reads, and counted in `texts_cut`."""
+    text longer than the model reads is cut to what it reads, and counted in `texts_cut`; an empty one (as datasets
+    have a few) is a miss, counted in `texts_empty`."""
+    empty = [not text.strip() for text, _, _ in targets]
+    stats["texts_empty"].extend(empty)
+    for _ in range(sum(empty)):
+        for suffix in ("", "_regressed"):
+            stats["ref_iou" + suffix].append(0.0)
+            stats["ref_hit" + suffix].append(False)
+            stats["mask_iou" + suffix].append(0.0)
+    targets = [target for target, is_empty in zip(targets, empty) if not is_empty]
+    if not targets:
+        return
     texts = [_readable(predictor, text) for text, _, _ in targets]
     stats["texts_cut"].extend(text != cut for (text, _, _), cut in zip(targets, texts))
     locs = predictor.localize_embeddings([emb] * len(targets), texts, mask=True)
@@ -334,6 +345,7 @@ def _readable(predictor: Predictor, text: str) -> str:
 def _referring_metrics(stats: dict[str, list]) -> dict[str, float]:
     return {
         "referring_texts_cut": int(sum(stats["texts_cut"])),
+        "referring_texts_empty": int(sum(stats["texts_empty"])),
         "referring_acc@0.5": float(np.mean(stats["ref_hit"])),
         "referring_mean_iou": float(np.mean(stats["ref_iou"])),
         "mask_iou": float(np.mean(stats["mask_iou"])),
@@ -346,21 +358,27 @@ def _referring_metrics(stats: dict[str, list]) -> dict[str, float]:
 def evaluate_refexp(predictor: Predictor, examples: list[RefExample], max_images: int | None = None) -> dict:
     """Referring localization and segmentation on RefCOCO-family examples (`pixelllm.data.refexp.load_refexp`).
 
-    Each image is embedded once and all its sentences localized together; `max_images` keeps the first ones.
-    Returns the referring metrics of `evaluate`, over sentences.
+    Each image is embedded once and all its sentences localized together; `max_images` keeps the first ones. An
+    image whose EXIF orientation turns it off the size the annotations give is read as stored (their frame), and
+    counted. Returns the referring metrics of `evaluate`, over sentences.
     """
     by_image: dict[Path, list[RefExample]] = {}
     for example in examples:
         by_image.setdefault(example.image_path, []).append(example)
     images = list(by_image.items())[:max_images]
     stats: dict[str, list] = defaultdict(list)
+    as_stored = 0  # images whose EXIF orientation turns them off the annotations' size: read as stored
     start = time.time()
     for path, group in tqdm(images, desc="eval refexp", unit="image"):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: pass the folder of the COCO images as image_dir")
+        size = (group[0].height, group[0].width)
         with Image.open(path) as im:
             image = to_rgb_array(im)
-        if image.shape[:2] != (group[0].height, group[0].width):
+            if image.shape[:2] != size and im.size[::-1] == size:  # turned by its EXIF orientation; boxes as stored
+                image = np.asarray(to_rgb(im))
+                as_stored += 1
+        if image.shape[:2] != size:
             raise ValueError(
                 f"{path} is {image.shape[1]}x{image.shape[0]} but instances.json says "
                 f"{group[0].width}x{group[0].height}: the images do not belong to these annotations"
@@ -372,6 +390,7 @@ def evaluate_refexp(predictor: Predictor, examples: list[RefExample], max_images
     return {
         "num_images": len(images),
         "num_sentences": len(stats["ref_hit"]),
+        "images_read_as_stored": as_stored,
         **_referring_metrics(stats),
         "seconds": round(time.time() - start, 1),
     }

@@ -1,6 +1,7 @@
 """Dynamic batching: concurrent requests are gathered into one call of a batched function.
 
-`submit(item)` takes a slot in a bounded queue (full -> `QueueFull` at once, no waiting); a single loop gathers queued
+`submit(item)` takes a slot in a bounded queue (full -> `QueueFull` at once, no waiting), or uses one the caller took
+with `hold` before it had the item (before decoding its image); a single loop gathers queued
 items until `max_batch_size` or until the oldest has waited `max_wait_s`, then runs `process(items)` once,
 in a worker thread. A caller that goes away (cancelled: timeout or client disconnect) frees its slot at once
 and its item is dropped if the batch has not started (`run_jobs` cuts short the work of one whose batch has).
@@ -51,7 +52,7 @@ def process_each(process: Callable[[list[T]], Sequence[R]], values: list[T]) -> 
 class Batcher(Protocol[T, R]):
     """What `Engine` needs of a batcher: `DynamicBatcher` here, `ServeBatcher` on a Ray Serve replica."""
 
-    async def submit(self, value: T) -> R: ...
+    async def submit(self, value: T, held: bool = False) -> R: ...
 
     async def close(self, timeout_s: float = 30.0) -> None: ...
 
@@ -101,16 +102,18 @@ class DynamicBatcher(Generic[T, R]):
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="pixelllm-batcher")
 
-    async def submit(self, value: T) -> R:
-        """The result for `value`, computed in some batch. Cancelling the caller frees the slot."""
-        if self._closed:
+    async def submit(self, value: T, held: bool = False) -> R:
+        """The result for `value`, computed in some batch. Cancelling the caller frees the slot. `held`: the caller
+        took the slot with `hold` (and frees it): `value` is taken even while closing, as it came in before."""
+        if not held and self._closed:
             raise BatcherClosed
-        if self._depth >= self.max_queue:
+        if not held and self._depth >= self.max_queue:
             raise QueueFull
         future = asyncio.get_running_loop().create_future()
-        self._depth += 1
-        self.on_depth(self._depth)
-        future.add_done_callback(self._release)
+        if not held:
+            self._depth += 1
+            self.on_depth(self._depth)
+            future.add_done_callback(self._release)
         item = _Item(value, future)
         self._queue.append(item)
         self._arrived.set()
@@ -122,7 +125,8 @@ class DynamicBatcher(Generic[T, R]):
             raise
 
     def hold(self) -> Callable[[], None]:
-        """Take one queue slot for work run outside the batches (a streamed caption); returns its release.
+        """Take one queue slot, for work run outside the batches (a streamed caption) or for a value `submit`ted later
+        with `held`; returns its release (once is enough: calling it again does nothing).
 
         Raises `QueueFull` or `BatcherClosed` as `submit` does; `close` waits for held slots too.
         """

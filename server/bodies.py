@@ -9,6 +9,7 @@ import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -17,6 +18,7 @@ from .errors import ApiError, from_validation, invalid
 P = TypeVar("P", bound=BaseModel)
 
 MAX_FIELD_BYTES = 64 << 10
+FILE_PART_HINT = "send the image as a file part (curl: -F image=@photo.jpg, with @)"
 LIST_FIELDS = {"text", "boxes", "points", "texts"}
 COORDS = {"box": 4, "boxes": 4, "point": 2, "points": 2}
 _DIGITS = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
@@ -41,14 +43,15 @@ async def read_body(
             raise invalid(name, f"unknown query parameter (this endpoint takes {takes}); parameters go in the body")
     kind = media_type(request)
     if kind == "application/json":
-        try:
-            body = json_model.model_validate_json(await request.body())
+        raw = await request.body()
+        try:  # parsing and base64 decoding of a body up to max_body_bytes: off the event loop
+            body = await run_in_threadpool(json_model.model_validate_json, raw)
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
             if errors[0]["type"] == "json_invalid":  # not JSON at all: as malformed as a broken multipart body
                 raise ApiError(422, "invalid_body", f"body: malformed JSON ({errors[0]['ctx']['error']})") from exc
             raise from_validation(exc) from exc
-        return decode_base64(body.image), body
+        return await run_in_threadpool(decode_base64, body.image), body
     if kind == "multipart/form-data":
         return await _read_form(request, params_model, max_fields)
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
@@ -68,7 +71,10 @@ async def _read_form(request: Request, params_model: type[P], max_fields: int) -
     try:
         form = await request.form(max_files=4, max_fields=max_fields, max_part_size=MAX_FIELD_BYTES)
     except Exception as exc:  # noqa: BLE001 - malformed multipart surfaces as several exception types
-        raise ApiError(422, "invalid_body", f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
+        detail = str(getattr(exc, "detail", exc))
+        if "exceeded maximum size" in detail:  # a text part: the image too, if sent with -F 'image=<file'
+            detail += f" (text fields are at most {MAX_FIELD_BYTES >> 10} KiB: {FILE_PART_HINT})"
+        raise ApiError(422, "invalid_body", f"malformed multipart body: {detail}") from exc
     fields: dict[str, Any] = {}
     image: bytes | None = None
     for name in dict.fromkeys(form.keys()):
@@ -76,7 +82,9 @@ async def _read_form(request: Request, params_model: type[P], max_fields: int) -
         if name == "image":
             if len(values) != 1:
                 raise invalid("image", "give exactly one image")
-            image = await values[0].read() if isinstance(values[0], UploadFile) else values[0].encode()
+            if not isinstance(values[0], UploadFile):  # its bytes were decoded as text: they cannot be had back
+                raise invalid("image", f"a text field, not a file: {FILE_PART_HINT}")
+            image = await values[0].read()
             continue
         if name not in params_model.model_fields:
             raise invalid(name, f"unknown field (fields: image, {', '.join(params_model.model_fields)})")

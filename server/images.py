@@ -14,6 +14,22 @@ from .errors import ApiError
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
+def signature_format(data: bytes) -> str | None:
+    """The allowed format whose signature `data` starts with, if any: Pillow's open refuses a file whose header is
+    damaged as it refuses one of another format, but the first is a corrupt image (422), the second a wrong type."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
 def image_key(data: bytes) -> str:
     """The cache key of an image: a hash of its bytes."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -55,6 +71,9 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float, image_size: in
     except ApiError:
         raise
     except UnidentifiedImageError as exc:
+        fmt = signature_format(data)
+        if fmt is not None:
+            raise _bad(f"corrupt {fmt} image: its header cannot be read") from exc
         raise ApiError(415, "unsupported_media_type", f"not a {'/'.join(ALLOWED_FORMATS)} image") from exc
     except Image.DecompressionBombError as exc:
         raise _too_large(str(exc)) from exc

@@ -27,7 +27,11 @@ class Metrics:
         self.batch_seconds = Histogram(
             "pixelllm_batch_seconds", "Time of one batched model call", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("pixelllm_queue_depth", "Requests waiting or running in the batcher", registry=r)
+        self.queue_depth = Gauge(
+            "pixelllm_queue_depth",
+            "Requests admitted and not yet answered: decoding their image, queued or running",
+            registry=r,
+        )
         self.cache_hits = Counter("pixelllm_cache_hits", "Image embedding cache hits", registry=r)
         self.cache_misses = Counter("pixelllm_cache_misses", "Image embedding cache misses", registry=r)
         self.cache_bytes = Gauge("pixelllm_cache_bytes", "Bytes held by the embedding cache", registry=r)

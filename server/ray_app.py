@@ -56,9 +56,9 @@ class ServeBatcher:
         self.on_batch(len(jobs), time.monotonic() - start)
         return results
 
-    async def submit(self, job: Job) -> JobResult:
+    async def submit(self, job: Job, held: bool = False) -> JobResult:
         """`job`'s result; a caller cancelled before its batch starts is left out of the batch. Raises
-        `BatcherClosed` after `close`."""
+        `BatcherClosed` after `close` (`held` changes nothing: Ray Serve bounds a replica's requests itself)."""
         if self._closed:
             raise BatcherClosed
         result = await self._batched(job)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -123,7 +124,7 @@ class Engine:
             raise ApiError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
 
     def hold_slot(self) -> Callable[[], None]:
-        """One queue slot for a streamed caption (429 if the queue is full); call the result to free it."""
+        """One queue slot (429 if the queue is full, 503 if not ready); call the result to free it."""
         self.require_ready()
         if not isinstance(self.batcher, DynamicBatcher):
             return lambda: None  # Ray Serve bounds a replica's requests itself (ray_max_ongoing_requests)
@@ -132,11 +133,22 @@ class Engine:
         except (QueueFull, BatcherClosed) as exc:
             raise busy_error(exc) from None
 
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """A queue slot for one request, from before its image is decoded until it is answered: a full queue is a
+        429 before any decoding, and the queue keeps at most `max_queue` decoded images."""
+        release = self.hold_slot()
+        try:
+            yield
+        finally:
+            release()
+
     async def run(self, request: Request, job: Job) -> JobResult:
-        """`job`'s result from the batcher: 429 if the queue is full, 504 on timeout, 499 if the client left."""
+        """`job`'s result from the batcher, in the slot the caller holds (`slot`): 504 on timeout, 499 if the client
+        left."""
         self.require_ready()
         assert self.batcher is not None
-        answer = asyncio.ensure_future(self.batcher.submit(job))
+        answer = asyncio.ensure_future(self.batcher.submit(job, held=True))
         gone = asyncio.ensure_future(disconnected(request))
         done: set[asyncio.Future] = set()
         try:
@@ -324,11 +336,12 @@ async def _answer(engine: Engine, request: Request, job: Job) -> tuple[JobResult
 
 async def caption(engine: Engine, request: Request, data: bytes, params: CaptionParams) -> CaptionResponse:
     start = time.perf_counter()
-    job, width, height, decode_ms = await open_image(engine, data)
-    box = check_box("box", params.box, width, height) if params.box else None
-    point = check_point("point", params.point, width, height) if params.point else None
-    job.prompts, job.max_new_tokens, job.num_beams = [(box, point)], params.max_new_tokens, params.num_beams
-    result, run_ms = await _answer(engine, request, job)
+    with engine.slot():
+        job, width, height, decode_ms = await open_image(engine, data)
+        box = check_box("box", params.box, width, height) if params.box else None
+        point = check_point("point", params.point, width, height) if params.point else None
+        job.prompts, job.max_new_tokens, job.num_beams = [(box, point)], params.max_new_tokens, params.num_beams
+        result, run_ms = await _answer(engine, request, job)
     body = caption_result(result.captions[0], params.box, params.point, width, height)
     return CaptionResponse(**body.model_dump(), **_common(engine, result, width, height, decode_ms, run_ms, start))
 
@@ -337,9 +350,10 @@ async def localize(engine: Engine, request: Request, data: bytes, params: Locali
     start = time.perf_counter()
     engine.require_ready()  # the texts' tokens are counted by the model's tokenizer
     texts = check_texts("text", params.texts(), engine)
-    job, width, height, decode_ms = await open_image(engine, data)
-    job.texts, job.mask = texts, params.mask
-    result, run_ms = await _answer(engine, request, job)
+    with engine.slot():
+        job, width, height, decode_ms = await open_image(engine, data)
+        job.texts, job.mask = texts, params.mask
+        result, run_ms = await _answer(engine, request, job)
     fmt = params.mask_format if params.mask else None
     results = await run_in_threadpool(lambda: [_localization(loc, fmt, width, height) for loc in result.localizations])
     return LocalizeResponse(results=results, **_common(engine, result, width, height, decode_ms, run_ms, start))
@@ -356,12 +370,14 @@ async def regions(engine: Engine, request: Request, data: bytes, params: Regions
         raise invalid(given, f"at most {s.max_regions} boxes, points and texts together, got {count}")
     engine.require_ready()  # the texts' tokens are counted by the model's tokenizer
     texts = check_texts("texts", params.texts, engine, indexed=True) if params.texts else []
-    job, width, height, decode_ms = await open_image(engine, data)
-    boxes = [check_box(f"boxes.{i}", b, width, height) for i, b in enumerate(params.boxes)]
-    points = [check_point(f"points.{i}", p, width, height) for i, p in enumerate(params.points)]
-    job.prompts = [(b, None) for b in boxes] + [(None, p) for p in points]
-    job.max_new_tokens, job.num_beams, job.texts, job.mask = params.max_new_tokens, params.num_beams, texts, params.mask
-    result, run_ms = await _answer(engine, request, job)
+    with engine.slot():
+        job, width, height, decode_ms = await open_image(engine, data)
+        boxes = [check_box(f"boxes.{i}", b, width, height) for i, b in enumerate(params.boxes)]
+        points = [check_point(f"points.{i}", p, width, height) for i, p in enumerate(params.points)]
+        job.prompts = [(b, None) for b in boxes] + [(None, p) for p in points]
+        job.max_new_tokens, job.num_beams, job.texts = params.max_new_tokens, params.num_beams, texts
+        job.mask = params.mask
+        result, run_ms = await _answer(engine, request, job)
     prompts = [(b, None) for b in params.boxes] + [(None, p) for p in params.points]
     captions = [caption_result(c, b, p, width, height) for c, (b, p) in zip(result.captions, prompts)]
     fmt = params.mask_format if params.mask else None
@@ -378,10 +394,11 @@ async def dense(engine: Engine, request: Request, data: bytes, params: DensePara
             501, "not_supported", f"model {engine.model_name} has no proposal head: serve a dense-captioning model"
         )
     max_regions = min(params.max_regions, engine.settings.max_regions)
-    job, width, height, decode_ms = await open_image(engine, data)
-    job.dense = (params.score_threshold, params.nms_iou, max_regions)
-    job.max_new_tokens, job.num_beams = params.max_new_tokens, params.num_beams
-    result, run_ms = await _answer(engine, request, job)
+    with engine.slot():
+        job, width, height, decode_ms = await open_image(engine, data)
+        job.dense = (params.score_threshold, params.nms_iou, max_regions)
+        job.max_new_tokens, job.num_beams = params.max_new_tokens, params.num_beams
+        result, run_ms = await _answer(engine, request, job)
     regions = []
     for r in result.regions:
         box, box_norm = _box(r.box, width, height)

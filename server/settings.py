@@ -42,7 +42,9 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_wait_ms: float = Field(5.0, ge=0)
-    max_queue: int = Field(64, ge=1, description="Requests waiting or running before 429")
+    max_queue: int = Field(
+        64, ge=1, description="Requests admitted at once (decoding their image, queued or running) before 429"
+    )
     cache_entries: int = Field(64, ge=0)
     cache_bytes: int = Field(1 << 30, ge=0)
 

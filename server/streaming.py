@@ -50,11 +50,7 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
     start = time.perf_counter()
     if params.num_beams != 1:
         raise invalid("num_beams", GREEDY_ONLY)
-    engine.require_ready()
-    job, width, height, decode_ms = await open_image(engine, data)
-    box = check_box("box", params.box, width, height) if params.box else None
-    point = check_point("point", params.point, width, height) if params.point else None
-    release = engine.hold_slot()
+    release = engine.hold_slot()  # before decoding the image, as `Engine.slot`
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     stop = threading.Event()
@@ -63,8 +59,11 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
     def emit(item: tuple[Any, ...]) -> None:
         loop.call_soon_threadsafe(items.put_nowait, item)
 
-    args = (engine, job, box, point, params.max_new_tokens, emit, stop, deadline)
-    try:  # a thread of its own (`server.threads`), holding a queue slot until it ends (so at most max_queue)
+    try:  # a thread of its own (`server.threads`), holding the queue slot until it ends (so at most max_queue)
+        job, width, height, decode_ms = await open_image(engine, data)
+        box = check_box("box", params.box, width, height) if params.box else None
+        point = check_point("point", params.point, width, height) if params.point else None
+        args = (engine, job, box, point, params.max_new_tokens, emit, stop, deadline)
         decoding = in_new_thread(_decode, *args, name="pixelllm-stream")
     except BaseException:
         release()

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from server_helpers import ROOT
 
 from pixelllm.data.independent import render_independent_scene
 from pixelllm.data.narratives import read_narratives, token_targets, word_locations
@@ -171,3 +172,23 @@ def test_write_dataset_round_trip(tmp_path, renderer):
 def test_unknown_renderer(tmp_path):
     with pytest.raises(ValueError, match="unknown renderer"):
         write_dataset(tmp_path, n=1, seed=0, renderer="nope")
+
+
+def test_a_prepared_scene_keeps_its_masks_at_one_bit_a_pixel_in_the_model_square() -> None:
+    """A run holds every prepared scene (10000 in the shipped recipe's stages): a mask is S*S/8 bytes, and reads
+    back as the object's (S, S) bool mask, the pixels of its box in the square."""
+    from pixelllm.config import load_config
+    from pixelllm.data.tasks import prepare_scene
+
+    tokenizer = Tokenizer.from_file(ROOT / "pixelllm" / "configs" / "tokenizers" / "pixelllm-tiny.json")
+    scene = generate_scene(11)
+    side = load_config("pixelllm-tiny").image_size
+    prepared = prepare_scene(scene, side, tokenizer)
+    scale = side / max(scene.image.shape[:2])
+    for obj, prepared_obj in zip(scene.objects, prepared.objects):
+        assert prepared_obj.packed_mask.nbytes == side * side // 8
+        mask = prepared_obj.mask
+        assert mask.shape == (side, side) and mask.dtype == bool
+        ys, xs = np.nonzero(mask)
+        found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        np.testing.assert_allclose(found, np.asarray(obj.box) * scale, atol=2)

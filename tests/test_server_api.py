@@ -345,6 +345,23 @@ def test_error_messages_say_what_is_wrong(service_client: httpx.Client) -> None:
     assert error["message"] == "Method Not Allowed: /v1/caption takes POST"
 
 
+def test_an_image_sent_as_a_text_field_says_to_send_a_file(service_client: httpx.Client) -> None:
+    """`curl -F 'image=<photo.png'` (for `@`) sends the bytes as text, which the form decodes: they cannot be had
+    back, so the answer says how to send a file, for a small image and for one over the text fields' 64 KiB."""
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+
+    def text_part(value: bytes) -> bytes:  # no filename: a text field, as curl sends `-F 'image=<file'`
+        return b'--xyz\r\nContent-Disposition: form-data; name="image"\r\n\r\n' + value + b"\r\n--xyz--\r\n"
+
+    small = service_client.post("/v1/caption", content=text_part(IMAGE), headers=headers)
+    error = assert_error(small, 422, "invalid_request", field="image")
+    assert error["message"] == (
+        "image: a text field, not a file: send the image as a file part (curl: -F image=@photo.jpg, with @)"
+    )
+    large = service_client.post("/v1/caption", content=text_part(b"x" * (65 << 10)), headers=headers)
+    assert "text fields are at most 64 KiB: send the image as a file part" in assert_error(large, 422)["message"]
+
+
 def test_malformed_multipart_is_422(service_client: httpx.Client) -> None:
     headers = {"content-type": "multipart/form-data; boundary=xyz"}
     assert_error(service_client.post("/v1/caption", content=b"--xyz\r\ngarbage", headers=headers), 422)

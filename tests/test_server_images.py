@@ -59,7 +59,9 @@ REFUSED = {
     "1x100000": (encode(Image.new("RGB", (1, 100000))), 422, "invalid_image"),
     "bomb-header": (png_header(100_000, 100_000), 413, "image_too_large"),
     "over-pixel-budget": (encode(Image.new("RGB", (2500, 2000))), 413, "image_too_large"),
-    "zero-width-header": (png_header(0, 10), 415, "unsupported_media_type"),  # Pillow will not identify it
+    "zero-width-header": (png_header(0, 10), 422, "invalid_image"),  # a PNG Pillow will not open: corrupt
+    "png-damaged-header": (PNG[:20] + bytes([PNG[20] ^ 0xFF]) + PNG[21:], 422, "invalid_image"),  # IHDR's CRC fails
+    "gif-cut-in-header": (GIF[:12], 422, "invalid_image"),
 }
 
 ACCEPTED = {
@@ -208,3 +210,12 @@ def test_a_large_jpeg_is_decoded_reduced_and_answered_in_its_own_pixels(trained_
     small_box = list(small_body["results"][0]["box"].values())
     assert box_iou(large_box, obj.box) > 0.7 and box_iou(small_box, obj.box) > 0.7
     assert large_box == pytest.approx(small_box, abs=3)
+
+
+def test_a_damaged_header_is_a_corrupt_image_of_its_format() -> None:
+    """Pillow refuses a PNG whose header is damaged as it refuses a file of another format: by its signature it is a
+    corrupt PNG (422 saying so), not an unsupported type (415)."""
+    damaged = PNG[:30] + bytes([PNG[30] ^ 0xFF]) + PNG[31:]
+    with pytest.raises(ApiError) as refused:
+        decode_image(damaged, 10**7, 100)
+    assert (refused.value.status, refused.value.message) == (422, "corrupt PNG image: its header cannot be read")

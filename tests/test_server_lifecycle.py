@@ -142,6 +142,28 @@ def test_queue_full_is_429_and_slow_is_504(slow_service) -> None:
             assert_error(r, 504, "timeout")
 
 
+def test_a_full_queue_refuses_before_decoding_the_image(slow_service) -> None:
+    """The queue holds at most max_queue decoded images, and shedding load costs no decoding: past a full queue, a
+    request is 429 before its image is read (here bytes that would be a 415 if they were decoded)."""
+
+    async def go() -> tuple[httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=slow_service.url, timeout=30) as client:
+            data = {"max_new_tokens": "2"}
+            filling = [
+                asyncio.ensure_future(client.post("/v1/caption", files={"image": IMAGE}, data=data)) for _ in range(3)
+            ]
+            deadline = time.monotonic() + 10
+            while metric((await client.get("/metrics")).text, "pixelllm_queue_depth") < 3:
+                assert time.monotonic() < deadline, "the queue never filled"
+                await asyncio.sleep(0.02)
+            late = await client.post("/v1/caption", files={"image": b"not an image at all"})
+            return late, await asyncio.gather(*filling)
+
+    late, filled = asyncio.run(go())
+    assert_error(late, 429, "queue_full")
+    assert {r.status_code for r in filled} <= {200, 504}
+
+
 def test_client_disconnect_frees_the_slot(slow_service) -> None:
     before = httpx.get(f"{slow_service.url}/metrics").text
     gone = asyncio.run(post_many(slow_service.url, 3, timeout=0.25))

@@ -145,3 +145,35 @@ def test_a_streamed_caption_decodes_in_a_thread_that_ends_and_batches_run_in_one
             thread.join(timeout=10)  # while the service runs: a pool's idle worker would stay
             assert not thread.is_alive()
         assert len(batch_threads) == 1 and next(iter(batch_threads)).is_alive()
+
+
+def test_a_json_body_is_parsed_and_its_base64_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20 MB JSON body takes a while to parse and decode: done on the event loop it stalls every other request
+    (a health probe, a streamed caption) meanwhile."""
+    from starlette.testclient import TestClient
+
+    from server import bodies, create_app
+    from server.schemas import CaptionJSON
+
+    on_loop: dict[str, bool] = {}
+    parse, decode = CaptionJSON.model_validate_json, bodies.decode_base64
+
+    def record(name: str, work):
+        def run(*args):
+            try:
+                asyncio.get_running_loop()
+                on_loop[name] = True
+            except RuntimeError:  # no event loop runs in this thread
+                on_loop[name] = False
+            return work(*args)
+
+        return run
+
+    monkeypatch.setattr(CaptionJSON, "model_validate_json", record("parse", parse))
+    monkeypatch.setattr(bodies, "decode_base64", record("decode", decode))
+    with TestClient(create_app(Settings(model=str(DEFAULT_MODEL_DIR)))) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=120)
+        body = {"image": base64.b64encode(SAMPLE.read_bytes()).decode(), "max_new_tokens": 2}
+        answer = client.post("/v1/caption", json=body)
+    assert answer.status_code == 200, answer.text
+    assert on_loop == {"parse": False, "decode": False}

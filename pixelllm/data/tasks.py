@@ -34,9 +34,15 @@ TASKS = ("caption", "region_box", "region_point", "referring")
 @dataclass
 class PreparedObject:
     box: np.ndarray  # (4,) normalized to the model square
-    mask: np.ndarray  # (S, S) bool, model square
+    packed_mask: np.ndarray  # (S, S) bool mask in the model square, 1 bit a pixel (np.packbits): see `mask`
+    side: int  # S
     region_caption: str
     referring: str
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(S, S) bool. Kept packed, as a training run holds thousands of prepared scenes."""
+        return np.unpackbits(self.packed_mask, count=self.side * self.side).view(bool).reshape(self.side, self.side)
 
 
 @dataclass
@@ -80,7 +86,8 @@ def prepare_scene(scene: Scene, image_size: int, tokenizer: Tokenizer, padding: 
         prepared.objects.append(
             PreparedObject(
                 box=np.asarray(obj.box, dtype=np.float32) / max(h, w),
-                mask=mask,
+                packed_mask=np.packbits(mask),
+                side=image_size,
                 region_caption=region_caption(obj),
                 referring=obj.referring,
             )
