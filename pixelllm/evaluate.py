@@ -54,7 +54,7 @@ from .data.rle import decode_segmentation
 from .data.synthetic import COLORS, SHAPES, Scene, SceneObject, region_caption, scene_seed
 from .dense_eval import DensePrediction, DenseTruth, box_iou_matrix, densecap_map, object_recall
 from .predictor import ImageEmbedding, Localization, Predictor, Word, _group_words, centre
-from .transforms import to_rgb, to_rgb_array
+from .transforms import orientation, to_rgb, to_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -358,26 +358,24 @@ def _referring_metrics(stats: dict[str, list]) -> dict[str, float]:
 def evaluate_refexp(predictor: Predictor, examples: list[RefExample], max_images: int | None = None) -> dict:
     """Referring localization and segmentation on RefCOCO-family examples (`pixelllm.data.refexp.load_refexp`).
 
-    Each image is embedded once and all its sentences localized together; `max_images` keeps the first ones. An
-    image whose EXIF orientation turns it off the size the annotations give is read as stored (their frame), and
-    counted. Returns the referring metrics of `evaluate`, over sentences.
+    Each image is embedded once and all its sentences localized together; `max_images` keeps the first ones. Images
+    are read as stored: COCO's annotations were drawn on the stored pixels, so an EXIF orientation (a few COCO
+    files have one) is not applied, and counted. Returns the referring metrics of `evaluate`, over sentences.
     """
     by_image: dict[Path, list[RefExample]] = {}
     for example in examples:
         by_image.setdefault(example.image_path, []).append(example)
     images = list(by_image.items())[:max_images]
     stats: dict[str, list] = defaultdict(list)
-    as_stored = 0  # images whose EXIF orientation turns them off the annotations' size: read as stored
+    exif_turned = 0  # images with an EXIF orientation, not applied
     start = time.time()
     for path, group in tqdm(images, desc="eval refexp", unit="image"):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: pass the folder of the COCO images as image_dir")
         size = (group[0].height, group[0].width)
-        with Image.open(path) as im:
-            image = to_rgb_array(im)
-            if image.shape[:2] != size and im.size[::-1] == size:  # turned by its EXIF orientation; boxes as stored
-                image = np.asarray(to_rgb(im))
-                as_stored += 1
+        with Image.open(path) as im:  # as stored, the frame COCO's boxes and masks were drawn in
+            image = np.asarray(to_rgb(im))
+            exif_turned += orientation(im) != 1
         if image.shape[:2] != size:
             raise ValueError(
                 f"{path} is {image.shape[1]}x{image.shape[0]} but instances.json says "
@@ -390,7 +388,7 @@ def evaluate_refexp(predictor: Predictor, examples: list[RefExample], max_images
     return {
         "num_images": len(images),
         "num_sentences": len(stats["ref_hit"]),
-        "images_read_as_stored": as_stored,
+        "images_exif_not_applied": exif_turned,
         **_referring_metrics(stats),
         "seconds": round(time.time() - start, 1),
     }

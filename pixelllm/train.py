@@ -305,7 +305,7 @@ def batches_for_step(
 ) -> list[dict]:
     """The samples of `step` that belong to `rank`, in `cfg.grad_accum_steps` micro-batches: a pure function of
     (cfg.seed, step). Micro-batch m takes every k-th sample from the m-th, as k processes share a batch, so k passes
-    on one process learn what k processes do in one pass each."""
+    on one process learn what k processes do in one pass each (exactly, when k divides the batch)."""
     samples = []
     for j, source, scene_index, task in step_draws(step, cfg, [len(s) for s in sources], rank, world):
         src = sources[source]

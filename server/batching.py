@@ -105,8 +105,8 @@ class DynamicBatcher(Generic[T, R]):
     async def submit(self, value: T, held: bool = False) -> R:
         """The result for `value`, computed in some batch. Cancelling the caller frees the slot. `held`: the caller
         took the slot with `hold` (and frees it): `value` is taken even while closing, as it came in before."""
-        if not held and self._closed:
-            raise BatcherClosed
+        if (not held and self._closed) or (self._task is not None and self._task.done()):
+            raise BatcherClosed  # closing takes no new work; once closed (the worker stopped) not even a held one
         if not held and self._depth >= self.max_queue:
             raise QueueFull
         future = asyncio.get_running_loop().create_future()

@@ -174,7 +174,7 @@ def test_eval_on_the_refer_layout_equals_the_scene_eval(tmp_path, capsys, one_th
     assert got["num_images"] == 3 and got["num_sentences"] == expected["num_objects"]
     keys = [k for k in got if k.startswith(("referring_", "mask_iou"))]
     assert len(keys) == 8  # acc@0.5, mean IoU and mask IoU, of the chosen and of the regressed box; texts cut, empty
-    assert got["referring_texts_cut"] == got["referring_texts_empty"] == got["images_read_as_stored"] == 0
+    assert got["referring_texts_cut"] == got["referring_texts_empty"] == got["images_exif_not_applied"] == 0
     for key in keys:
         assert got[key] == pytest.approx(expected[key], abs=1e-6), key
     assert got["referring_acc@0.5"] > 0.5  # the default model finds these objects
@@ -183,9 +183,10 @@ def test_eval_on_the_refer_layout_equals_the_scene_eval(tmp_path, capsys, one_th
     assert code == 2 and "split 'testA' not in" in capsys.readouterr().err
 
 
-def test_an_empty_sentence_is_a_miss_and_an_exif_turned_image_is_read_as_its_annotations_are(tmp_path, one_thread):
-    """A dataset's odd items do not stop its evaluation: an empty sentence counts as a miss; an image whose EXIF
-    orientation would turn it off the size the annotations give is read as stored, the frame of its boxes."""
+def test_an_empty_sentence_is_a_miss_and_exif_orientations_are_not_applied(tmp_path, one_thread):
+    """A dataset's odd items do not stop its evaluation: an empty sentence counts as a miss; an image with an EXIF
+    orientation is read as stored, the frame COCO's boxes were drawn in (turned by 90 degrees it would not even have
+    the annotated size; by 180, the boxes would be upside down)."""
     from PIL import Image
 
     from pixelllm import Predictor
@@ -201,14 +202,15 @@ def test_an_empty_sentence_is_a_miss_and_an_exif_turned_image_is_read_as_its_ann
     refs[0]["sentences"].append({"sent": " ", "raw": " ", "tokens": [], "sent_id": 999})
     refs[0]["sent_ids"].append(999)
     refs_path.write_bytes(pickle.dumps(refs, protocol=2))
-    image_path = next((tmp_path / "odd" / "images").rglob("*_000000000001.png"))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # turn 90 degrees to show: the scene is not square, so its shown size is not the annotated one
-    Image.open(image_path).save(image_path, exif=exif)
+    for i, turn in ((1, 6), (2, 3)):  # 90 and 180 degrees
+        image_path = next((tmp_path / "odd" / "images").rglob(f"*_{i:012d}.png"))
+        exif = Image.Exif()
+        exif[0x0112] = turn
+        Image.open(image_path).save(image_path, exif=exif)
 
     predictor = Predictor(load_model(str(DEFAULT_MODEL_DIR)))
     plain, odd = (evaluate_refexp(predictor, load_refexp(tmp_path / name, split="val")) for name in ("plain", "odd"))
     n = plain["num_sentences"]
-    assert odd["num_sentences"] == n + 1 and odd["referring_texts_empty"] == 1 and odd["images_read_as_stored"] == 1
+    assert odd["num_sentences"] == n + 1 and odd["referring_texts_empty"] == 1 and odd["images_exif_not_applied"] == 2
     for key in ("referring_acc@0.5", "referring_mean_iou", "mask_iou"):
         assert odd[key] == pytest.approx(plain[key] * n / (n + 1), abs=1e-9), key

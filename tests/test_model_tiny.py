@@ -111,8 +111,6 @@ def _row(batch: dict, row: int) -> Prompts:
     )
 
 
-@pytest.mark.filterwarnings("error::FutureWarning")  # e.g. a KV-cache keyword transformers deprecated
-@torch.no_grad()
 def select(batch: dict, rows: list[int]) -> dict:
     """The training batch of `rows` only."""
     return {k: [v[i] for i in rows] if isinstance(v, list) else v[rows] for k, v in batch.items()}
@@ -146,6 +144,8 @@ def test_corners_are_float32_under_bf16_autocast(tiny_model):
     assert dtypes == [torch.float32] and torch.isfinite(out["point_l1"])
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # e.g. a KV-cache keyword transformers deprecated
+@torch.no_grad()
 def test_generation_gives_one_point_pair_per_token(lively_model):
     model = lively_model
     batch = make_batch(model, seed=1)

@@ -7,7 +7,9 @@ import gc
 import threading
 import weakref
 
-from server.batching import DynamicBatcher
+import pytest
+
+from server.batching import BatcherClosed, DynamicBatcher
 
 
 class Payload:
@@ -103,3 +105,25 @@ def test_a_cancelled_caller_is_dropped_by_identity_not_by_comparing_values() -> 
     outcome, depth, kept_answered = asyncio.run(main())
     assert isinstance(outcome, asyncio.CancelledError), outcome
     assert depth == 2 and kept_answered
+
+
+def test_a_held_slot_is_answered_while_closing_and_refused_once_closed() -> None:
+    """A request takes its slot before decoding its image (`hold`), then submits with `held`: while the batcher
+    closes it is still answered (it came in before); once closed (the worker stopped), it is refused at once
+    instead of waiting in a queue nobody reads."""
+
+    async def main() -> tuple[int, BaseException]:
+        batcher = DynamicBatcher(lambda values: [v * 10 for v in values], max_batch_size=2, max_wait_s=0.0, max_queue=4)
+        batcher.start()
+        release = batcher.hold()
+        closing = asyncio.ensure_future(batcher.close(timeout_s=5))
+        await asyncio.sleep(0.05)
+        answered = await asyncio.wait_for(batcher.submit(4, held=True), 2)
+        release()
+        await closing
+        with pytest.raises(BatcherClosed) as refused:
+            await asyncio.wait_for(batcher.submit(5, held=True), 2)
+        return answered, refused.value
+
+    answered, refused = asyncio.run(main())
+    assert answered == 40 and isinstance(refused, BatcherClosed)
