@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
         app.add_middleware(
             FaultInjectionMiddleware, rate=settings.debug_fail_rate, statuses=settings.debug_fail_statuses
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     install_access_control(app, settings)  # outside the body limit: a refused request's body is never read
     app.state.paths = {route.path for route in router.routes} | {app.openapi_url}
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.state.paths)

@@ -1,7 +1,8 @@
-"""Pure ASGI middleware: request metrics, the request body limit (413), and test-only fault injection."""
+"""Pure ASGI middleware: request metrics, the request body's limits (413, 408), and test-only fault injection."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Collection, Sequence
@@ -42,13 +43,14 @@ class MetricsMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Reads the whole request body, answering 413 once it passes `max_bytes`, then replays it to the app.
+    """Reads the whole request body, answering 413 once it passes `max_bytes` and 408 if it has not all come within
+    `timeout_s` (a client sending a byte now and then holds no connection and buffer), then replays it to the app.
 
     After the body, `receive` is the server's again, so the app still sees `http.disconnect`.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,8 +61,14 @@ class BodyLimitMiddleware:
             await self._too_large(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                message = f"the request body did not arrive within {self.timeout_s:g} s"
+                await error_response(408, "request_timeout", message, {"Connection": "close"})(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":  # answered into the void, so metrics and logs say 499, not 500
                 await client_gone().response()(scope, receive, send)
                 return

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_texts: int = Field(16, ge=1)
     max_regions: int = Field(32, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="The whole request body must arrive within this many seconds (408), however slowly"
+    )
     keep_alive_s: int = Field(
         75,
         ge=1,

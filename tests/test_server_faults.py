@@ -34,7 +34,7 @@ pytest_plugins = ["server_fixtures"]
 IMAGES = [png(64, 48, seed=seed) for seed in range(40, 52)]
 FORM = {"max_new_tokens": "4"}
 FAIL_EVERY = 3
-DELAY_S, TIMEOUT_S = 1.0, 3.5
+DELAY_S, TIMEOUT_S, BODY_TIMEOUT_S = 1.0, 3.5, 2.0
 
 
 async def caption(client: httpx.AsyncClient, image: bytes, timeout: float = 60) -> httpx.Response | Exception:
@@ -68,13 +68,14 @@ def failing_service(tmp_path_factory, random_tiny_dir):
 
 @pytest.fixture(scope="module")
 def slow_service(tmp_path_factory, random_tiny_dir):
-    """Every batch takes 1 s more, batches of up to 2, and a 3.5 s request timeout."""
+    """Every batch takes 1 s more, batches of up to 2, a 3.5 s request timeout, bodies in 2 s."""
     proc = start_server(
         tmp_path_factory,
         random_tiny_dir,
         debug_batch_delay_ms=DELAY_S * 1000,
         request_timeout_s=TIMEOUT_S,
         max_batch_size=2,
+        body_timeout_s=BODY_TIMEOUT_S,
     )
     yield proc
     assert proc.stop() in GRACEFUL, proc.log()[-4000:]
@@ -173,6 +174,45 @@ def test_clients_that_leave_mid_request(slow_service, expected) -> None:
         )
     r = httpx.post(f"{slow_service.url}/v1/caption", files={"image": IMAGES[10]}, data=FORM, timeout=60)
     check(r, IMAGES[10], expected)
+
+
+def test_a_body_sent_a_byte_at_a_time_is_408_and_frees_its_connection(slow_service) -> None:
+    """A client trickling its body (slowloris) would hold a connection and its buffer for ever: the whole body must
+    arrive within PIXELLLM_BODY_TIMEOUT_S, else 408 and the connection closed; the server serves on."""
+    with socket.create_connection(("127.0.0.1", slow_service.port), timeout=30) as sock:
+        head = b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        sock.sendall(head)
+        start = time.monotonic()
+        answer = b""
+        for byte in b'{"image": "' + b"A" * 100:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # closed by the server after its answer
+                break
+            sock.settimeout(0.25)
+            try:
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        sock.settimeout(10)
+        while not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    elapsed = time.monotonic() - start
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), answer
+    error = json.loads(body)["error"]
+    assert error == {
+        "code": "request_timeout",
+        "message": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+    }
+    assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 5
+    r = httpx.post(f"{slow_service.url}/v1/caption", files={"image": IMAGES[9]}, data=FORM, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_a_client_that_leaves_mid_batch_cuts_its_work_short(tmp_path_factory, random_tiny_dir) -> None:
