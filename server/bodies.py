@@ -58,9 +58,12 @@ async def read_body(
 
 
 def decode_base64(text: str) -> bytes:
-    """Bytes from base64, with or without a `data:image/...;base64,` prefix and line breaks."""
+    """Bytes from base64, with or without a `data:image/...;base64,` prefix, spaces and line breaks."""
+    text = text.strip()
     if text.startswith("data:"):
-        text = text.partition(",")[2]
+        _, comma, text = text.partition(",")
+        if not comma:
+            raise invalid("image", "a data: URL has a comma before its base64 (data:image/png;base64,...)")
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:

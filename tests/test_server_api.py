@@ -373,3 +373,14 @@ def test_malformed_multipart_is_422(service_client: httpx.Client) -> None:
     assert error["message"] == "image: field required (the body has no complete part: cut short?)"
     complete = service_client.post("/v1/caption", content=part + b"\r\n--xyz--\r\n", headers=headers)
     assert complete.status_code == 200, complete.text
+
+
+def test_base64_images_with_spaces_around_or_a_data_url_without_its_comma() -> None:
+    from server.bodies import decode_base64
+    from server.errors import ApiError
+
+    encoded = base64.b64encode(IMAGE).decode()
+    assert decode_base64(f"\n  data:image/png;base64,{encoded}\n") == IMAGE == decode_base64(f" {encoded} ")
+    with pytest.raises(ApiError) as refused:
+        decode_base64("data:image/png;base64" + encoded)
+    assert refused.value.message == "image: a data: URL has a comma before its base64 (data:image/png;base64,...)"

@@ -50,6 +50,20 @@ def write_config(cfg: TrainConfig, path: Path) -> Path:
     return path
 
 
+def torchrun_train(config: Path, processes: int = 2) -> None:
+    """`pixelllm.train` on `config` under torchrun, `processes` CPU processes (gloo), one thread each."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    result = subprocess.run(
+        [*torchrun, "-m", "pixelllm.train", str(config)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_lr_schedule_warmup_then_cosine_to_zero():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=110)
     assert lr_at(0, cfg) == pytest.approx(0.1)
@@ -332,16 +346,7 @@ def test_grad_accum_steps_on_one_process_learn_what_more_processes_do(tmp_path):
     the last pass): the same micro-batches, the same gradient, the same step."""
     one = tiny_config(tmp_path / "one", steps=1, batch_size=8, grad_accum_steps=4)
     ddp = dataclasses.replace(one, out_dir=str(tmp_path / "ddp"), grad_accum_steps=2)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*torchrun, "-m", "pixelllm.train", str(write_config(ddp, tmp_path / "ddp.json"))],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train(write_config(ddp, tmp_path / "ddp.json"))
     with single_thread():
         train(one)
     (a,), (b,) = (
@@ -547,18 +552,7 @@ def test_resume_drops_the_log_lines_written_after_its_checkpoint(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")
 def test_ddp_two_processes_gloo(tmp_path):
-    config = write_config(tiny_config(tmp_path / "ddp", steps=2), tmp_path / "ddp.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*torchrun, "-m", "pixelllm.train", str(config)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train(write_config(tiny_config(tmp_path / "ddp", steps=2), tmp_path / "ddp.json"))
     records = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
@@ -576,16 +570,7 @@ def test_ddp_resume_with_dropout_is_exact(tmp_path):
 
     def run(out_dir: Path, steps: int) -> None:
         cfg = tiny_config(out_dir, steps=steps, model=str(tmp_path / "tiny-dropout.json"), batch_size=2)
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        result = subprocess.run(
-            [*torchrun, "-m", "pixelllm.train", str(write_config(cfg, tmp_path / f"{out_dir.name}{steps}.json"))],
-            cwd=ROOT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        torchrun_train(write_config(cfg, tmp_path / f"{out_dir.name}{steps}.json"))
 
     run(tmp_path / "straight", steps=3)
     run(tmp_path / "resumed", steps=2)
