@@ -320,13 +320,13 @@ def batches_for_step(
 
 def accumulate_gradients(
     net: nn.Module, batches: list[dict], device: torch.device, autocast_dtype: torch.dtype | None
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """Forward and backward each micro-batch, its loss weighted by its share of the samples: each loss is a mean
     over its own micro-batch, and the gradients add up as DDP averages its processes'. Under DDP the gradients are
     all-reduced once, after the last. Returns each loss averaged over the micro-batches that have it, weighted
-    alike."""
+    alike (detached tensors on `device`: read them only to log, as reading waits for the device)."""
     total = sum(len(batch["prompts"]) for batch in batches)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -337,7 +337,7 @@ def accumulate_gradients(
                 losses = net(batch)
             (losses["loss"] * share).backward()
         for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) * share
+            sums[key] = sums.get(key, 0.0) + value.detach() * share
             weights[key] = weights.get(key, 0.0) + share
     return {key: sums[key] / weights[key] for key in sums}
 
@@ -591,7 +591,7 @@ def train(cfg: TrainConfig) -> Path:
             done = step + 1
             if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
                 elapsed = time.time() - t_last
-                record = {k: round(v, 4) for k, v in losses.items()}
+                record = {k: round(float(v), 4) for k, v in losses.items()}
                 record.update(
                     step=done,
                     lr=lr_at(step, cfg),
