@@ -20,7 +20,7 @@ from pathlib import PurePath
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
 from .config import IMAGE_PADDINGS
 from .modeling.image_encoder import SAM_PIXEL_MEAN
@@ -97,21 +97,43 @@ def orientation(img: Image.Image) -> int:
     """The EXIF orientation `img` is shown in, 1 (as stored) to 8, by the browsers' rule: a JPEG's or PNG's tag is
     applied, a WebP's is not (Chromium draws a WebP as stored whatever its tag says; tests/test_server_browser.py
     checks both), so coordinates are those of the image a user sees on a web page. The tag is read from the EXIF
-    block only, as browsers read it (Pillow's `getexif` would also take one from XMP). A WebP converted
-    (`.convert`) before it gets here no longer says it is one: pass it as opened, or through `decode`."""
+    block only, as browsers read it (Pillow's `getexif` would also take one from XMP); an EXIF block that cannot
+    be read says 1, as browsers show such a file. A WebP converted (`.convert`) before it gets here no longer says
+    it is one: pass it as opened, or through `decode`."""
     data = img.info.get("exif")
     if img.format == "WEBP" or not isinstance(data, bytes):
         return 1
     exif = Image.Exif()
-    exif.load(data)
-    tag = exif.get(ExifTags.Base.Orientation)
+    try:
+        exif.load(data)
+        tag = exif.get(ExifTags.Base.Orientation)
+    except Exception:  # Pillow's TIFF reader raises SyntaxError, struct.error, ValueError... on damaged blocks
+        return 1
     return tag if isinstance(tag, int) and 1 <= tag <= 8 else 1
+
+
+# how to turn an image of each EXIF orientation upright (ImageOps.exif_transpose's table)
+UPRIGHT_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def upright(img: Image.Image, turn: int | None = None) -> Image.Image:
     """`img` turned as its EXIF `orientation` (`turn`, when already read) says; `img` itself, not a copy, when it
-    says nothing to turn."""
-    return img if (orientation(img) if turn is None else turn) == 1 else ImageOps.exif_transpose(img)
+    says nothing to turn. A turned image has no EXIF block, so nothing turns it again (`ImageOps.exif_transpose`
+    rewrites the block instead, and fails on one with a damaged tag)."""
+    turn = orientation(img) if turn is None else turn
+    if turn == 1:
+        return img
+    turned = img.transpose(UPRIGHT_TRANSPOSE[turn])
+    turned.info.pop("exif", None)
+    return turned
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
