@@ -13,10 +13,14 @@ from .errors import HTTP_CODES, client_gone, error_response
 from .metrics import Metrics
 from .requestlog import OUTCOME_STATUS
 
+# the methods counted by name; any other (h11 takes any token as a method) is counted as "other", so a client
+# cannot add a metrics series per made-up method
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
 
 class MetricsMiddleware:
     """Counts requests by route, method and status (a stream's outcome: `OUTCOME_STATUS`), and observes their
-    latency."""
+    latency. Unknown routes and methods are counted as "other"."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: Collection[str]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -38,7 +42,8 @@ class MetricsMiddleware:
         finally:
             route = scope["path"] if scope["path"] in self.routes else "other"
             status = scope.get("state", {}).get(OUTCOME_STATUS, status)
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 

@@ -39,6 +39,7 @@ def expect_object(data: Any, keys: str) -> Any:
 class BoxPrompt(Box):
     """A box prompt: finite, non-negative, x0 < x1 and y0 < y1."""
 
+    model_config = ConfigDict(extra="forbid")  # e.g. a "normalized" flag would do nothing: say so
     x0: float = Coord
     y0: float = Coord
     x1: float = Coord
@@ -62,6 +63,7 @@ class BoxPrompt(Box):
 class PointPrompt(Point):
     """A point prompt: finite and non-negative."""
 
+    model_config = ConfigDict(extra="forbid")
     x: float = Coord
     y: float = Coord
 
@@ -124,9 +126,15 @@ class RegionsParams(_Request):
 
 
 class DenseParams(_Request):
-    score_threshold: float = Field(PROPOSAL_SCORE_THRESHOLD, ge=0, le=1, description="Least objectness a region needs")
+    score_threshold: float = Field(
+        PROPOSAL_SCORE_THRESHOLD, ge=0, le=1, allow_inf_nan=False, description="Least objectness a region needs"
+    )
     nms_iou: float = Field(
-        PROPOSAL_NMS_IOU, gt=0, le=1, description="Regions overlapping a better one by more are dropped"
+        PROPOSAL_NMS_IOU,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Regions overlapping a better one by more are dropped",
     )
     max_regions: int = Field(
         MAX_PROPOSALS, ge=1, le=256, description="At most this many regions (and the server's max_regions)"

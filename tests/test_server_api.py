@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import generate_latest
 from pycocotools import mask as mask_utils
 from server_fixtures import MAIN_SETTINGS
 from server_helpers import assert_error, metric, png
@@ -218,6 +219,31 @@ def test_the_openapi_box_pattern_is_what_the_server_takes(service_client: httpx.
             assert re.match(r"box(\.x0|\.y0|\.x1|\.y1)?: ", assert_error(r, 422, "invalid_request")["message"])
 
 
+def test_made_up_methods_are_counted_as_one_series() -> None:
+    """h11 (uvicorn's parser without httptools, as in the Docker image) passes any token as a method: each must not
+    become a metrics series of its own, or a client grows the registry and /metrics without bound."""
+    import asyncio
+
+    from server.metrics import Metrics
+    from server.middleware import MetricsMiddleware
+
+    async def not_allowed(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 405, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ignore(message) -> None:
+        pass
+
+    metrics = Metrics()
+    counted = MetricsMiddleware(not_allowed, metrics, routes={"/v1/caption"})
+    for method in [f"X{i:05d}" for i in range(50)] + ["GET", "DELETE"]:
+        asyncio.run(counted({"type": "http", "method": method, "path": "/v1/caption"}, None, ignore))
+    series = [s.labels for s in metrics.requests.collect()[0].samples if s.name == "pixelllm_requests_total"]
+    assert sorted(s["method"] for s in series) == ["DELETE", "GET", "other"]
+    text = generate_latest(metrics.registry).decode()
+    assert metric(text, "pixelllm_requests_total", route="/v1/caption", method="other", status="405") == 50
+
+
 def test_not_found_and_method_not_allowed(service_client: httpx.Client) -> None:
     assert_error(service_client.get("/v2/caption"), 404, "not_found")
     assert_error(service_client.get("/v1/caption"), 405, "method_not_allowed")
@@ -268,6 +294,8 @@ BAD = [
     ("/v1/caption", form(box="1e999,0,5,5"), "box"),
     ("/v1/caption", js(box={"x0": 0, "y0": 0, "x1": 5}), "box.y1"),
     ("/v1/caption", js(box=[0, 0, 5, 5]), "box"),
+    ("/v1/caption", js(box={"x0": 0, "y0": 0, "x1": 0.5, "y1": 0.5, "normalized": True}), "box.normalized"),
+    ("/v1/regions", js(points=[{"x": 5, "y": 5, "label": 1}]), "points.0.label"),
     ("/v1/caption", form(point="500,5"), "point"),
     ("/v1/caption", form(point="5"), "point"),
     ("/v1/caption", form(point="inf,5"), "point"),
@@ -343,6 +371,10 @@ def test_error_messages_say_what_is_wrong(service_client: httpx.Client) -> None:
     assert assert_error(broken, 422, "invalid_body")["message"].startswith("body: malformed JSON (")
     error = assert_error(service_client.get("/v1/caption"), 405, "method_not_allowed")
     assert error["message"] == "Method Not Allowed: /v1/caption takes POST"
+    nan_json = {"content": b'{"image": "", "nms_iou": NaN}', "headers": {"content-type": "application/json"}}
+    for kwargs in form(score_threshold="nan"), nan_json:
+        error = assert_error(service_client.post("/v1/dense", **kwargs), 422)
+        assert error["message"].endswith(": Input should be a finite number"), error
 
 
 def test_an_image_sent_as_a_text_field_says_to_send_a_file(service_client: httpx.Client) -> None:
