@@ -79,11 +79,11 @@ def decode(img: Image.Image, image_size: int | None = None) -> DecodedImage:
     `img` is changed by the decode.
     """
     width, height = img.size
+    turn = orientation(img)  # before loading, which would also read a PNG's EXIF after the pixels: browsers do not
     if image_size is not None:
         scale = image_size / max(width, height)
         img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
     img.load()
-    turn = orientation(img)
     if turn in (5, 6, 7, 8):  # a quarter turn: the sides swap
         width, height = height, width
     shown = to_rgb(upright(img, turn))

@@ -148,6 +148,19 @@ def exif_turned(fmt: str) -> bytes:
     return encode(random_image(160, 80, seed=6), fmt, exif=exif.tobytes())
 
 
+def exif_after_pixels(png_data: bytes) -> bytes:
+    """The PNG `png_data` with its eXIf chunk moved after the pixel data (IDAT), where browsers do not read it."""
+    chunks, pos = [], 8
+    while pos < len(png_data):
+        length = int.from_bytes(png_data[pos : pos + 4], "big")
+        chunks.append(png_data[pos : pos + 12 + length])
+        pos += 12 + length
+    (exif,) = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c is not exif]
+    assert rest[-1][4:8] == b"IEND" and rest[-2][4:8] == b"IDAT"
+    return png_data[:8] + b"".join(rest[:-1]) + exif + rest[-1]
+
+
 def png(width: int = 128, height: int = 96, seed: int = 0) -> bytes:
     return encode(random_image(width, height, seed))
 

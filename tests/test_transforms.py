@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from server_helpers import exif_after_pixels, exif_turned
 
 from pixelllm.cli import _load_image
 from pixelllm.transforms import ImageTransform, decode, orientation, preprocess, to_rgb, to_rgb_array
@@ -208,3 +209,14 @@ def test_a_damaged_exif_block_is_read_as_browsers_read_it() -> None:
             assert to_rgb_array(im).shape[1::-1] == size
             assert decode(im).image.size == size
         assert decode_image(data, 10**6, 100, 160).image.size == size
+
+
+def test_a_png_exif_block_after_the_pixels_turns_nothing(tmp_path) -> None:
+    """Browsers read a PNG's EXIF only before the pixel data (tests/test_server_browser.py checks Chromium), so one
+    after it turns the image on no way in (loading first used to find it for the CLI and the service only)."""
+    late = tmp_path / "late.png"
+    late.write_bytes(exif_after_pixels(exif_turned("PNG")))
+    with Image.open(late) as im:
+        assert to_rgb_array(im).shape[1::-1] == (160, 80)
+    assert _load_image(str(late)).image.size == (160, 80)
+    assert decode_image(late.read_bytes(), 10**6, 100, 160).image.size == (160, 80)
