@@ -129,6 +129,9 @@ def test_ordinary_mistakes_exit_2_with_one_line_not_a_traceback(capsys, tmp_path
         (["localize", SAMPLE, "  ", "--model", model_dir], "text to localize is empty"),
         (["localize", SAMPLE, "circle " * 60, "--model", model_dir], "tokens; the model reads at most 47"),
         (["visualize", SAMPLE, "--text", "", "--model", model_dir, "-o", "x.png"], "text to localize is empty"),
+        (["visualize", SAMPLE, "--model", model_dir, "-o", str(tmp_path)], "it has no suffix; end it in .png"),
+        (["visualize", SAMPLE, "--model", model_dir, "-o", "x.xyz"], "its suffix '.xyz'; end it in .png"),
+        (["visualize", SAMPLE, "--model", model_dir, "-o", "x.psd"], "its suffix '.psd'"),  # Pillow reads, not writes
         (["visualize", SAMPLE, "--text", "circle " * 60, "--model", model_dir, "-o", "x.png"], "the model reads at"),
         (["data", "synth", "--out", str(a_file / "sub"), "--n", "1"], "Not a directory"),
         (["batch", SAMPLE, "-o", str(tmp_path / "o.jsonl"), "--server", "http://localhost:99999"], "not valid"),
