@@ -281,8 +281,12 @@ def official_prefixes(model: nn.Module, sources: dict[str, str]) -> list[str]:
 
 def _saved_state(model: nn.Module, sources: dict[str, str]) -> dict[str, torch.Tensor]:
     """The weights our file holds: all but those official files give (the LoRA adapters inside them are ours).
-    Chosen by config and sources alone, so what a user froze or unfroze by hand does not change the file."""
+    Chosen by config and sources alone, so what a user froze or unfroze by hand, or LoRA merged or not, does not
+    change the file."""
     skip = official_prefixes(model, sources)
+    merged = {
+        f"{name}.base_layer.weight": m for name, m in model.named_modules() if isinstance(m, LoraLayer) and m.merged
+    }
     seen, out = set(), {}
     for k, v in model.state_dict().items():
         if any(k.startswith(p) for p in skip) and ".lora_" not in k:
@@ -290,6 +294,8 @@ def _saved_state(model: nn.Module, sources: dict[str, str]) -> dict[str, torch.T
         if v.data_ptr() in seen:  # tied weights (T5's shared embeddings) are stored once
             continue
         seen.add(v.data_ptr())
+        if k in merged:  # LoRA folded in (`set_lora_merged`): store the base weight, as a loaded model adds LoRA
+            v = v - sum(merged[k].get_delta_weight(adapter) for adapter in merged[k].merged_adapters)
         out[k] = v.detach().contiguous().cpu()
     return out
 
@@ -301,6 +307,8 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     model.cfg.save(directory / CONFIG_FILE)
     if sources:
         (directory / SOURCES_FILE).write_text(json.dumps(sources, indent=2) + "\n")
+    else:  # a model saved here before may have left one: this model would then load that model's official files
+        (directory / SOURCES_FILE).unlink(missing_ok=True)
     weights = directory / WEIGHTS_FILE
     save_file(_saved_state(model, sources), str(weights), metadata={"format": "pt"})
     # safetensors writes the file owner-only (0600); give it the mode every other file here gets (the umask's),
@@ -308,6 +316,8 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     weights.chmod((directory / CONFIG_FILE).stat().st_mode & 0o777)
     if model.tokenizer is not None:
         model.tokenizer.save(directory)
+    else:
+        (directory / TOKENIZER_FILE).unlink(missing_ok=True)
     log.info("saved %s to %s", model.name, directory)
 
 

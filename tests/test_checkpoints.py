@@ -446,6 +446,27 @@ def test_save_and_load_random_tiny_model(tiny_model, tmp_path):
     assert_same_outputs(outputs(tiny_model), outputs(loaded))
 
 
+def test_a_model_saved_with_lora_merged_loads_back_the_same(tmp_path):
+    """`set_lora_merged(True)` folds LoRA into the base weights; the file must still hold the base weights alone,
+    or a loaded model (LoRA unmerged, added on every call) adds LoRA twice."""
+    cfg = load_config("pixelllm-tiny")
+    cfg.language_model.mode = "lora"
+    torch.manual_seed(0)
+    model = perturb_(build_pixelllm(cfg), seed=2, scale=0.05).eval()  # LoRA B nonzero: LoRA changes the outputs
+    model.save_pretrained(tmp_path / "unmerged")
+    expected = outputs(model)
+    model.set_lora_merged(True)
+    model.save_pretrained(tmp_path / "merged")
+    stored = [load_file(str(tmp_path / name / "model.safetensors")) for name in ("unmerged", "merged")]
+    assert stored[0].keys() == stored[1].keys()
+    for k in stored[0]:
+        torch.testing.assert_close(stored[1][k], stored[0][k], atol=1e-6, rtol=0, msg=k)
+    loaded = outputs(PixelLLM.from_pretrained(tmp_path / "merged"))
+    for k in ("ids0", "ids1", "ids2"):
+        assert torch.equal(loaded[k], expected[k]), k
+    torch.testing.assert_close(loaded["loss"], expected["loss"], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
 def test_saved_files_get_the_umasks_mode(tiny_model, tmp_path, umask, mode):
     """safetensors writes owner-only files: the weights must be as readable as the config (a server or container
@@ -491,6 +512,20 @@ def test_save_from_official_files_stores_only_non_official_weights(official_file
     model.save_pretrained(tmp_path / "frozen")
     assert load_file(str(tmp_path / "frozen" / "model.safetensors")).keys() == stored.keys()
     assert_same_outputs(outputs(model), outputs(PixelLLM.from_pretrained(tmp_path / "frozen")))
+
+
+def test_saving_over_another_model_leaves_none_of_its_files(official_files, tiny_model, tmp_path):
+    """A directory saved again holds only the new model: an official-file list or tokenizer left by the model saved
+    there before would be read with the new one (its files, wherever they went; a tokenizer it never had)."""
+    official = build_pixelllm(official_tiny_config(), sam_checkpoint=official_files["sam_resized"])
+    assert official.sources and official.tokenizer is None
+    directory = tmp_path / "m"
+    tiny_model.save_pretrained(directory)
+    official.save_pretrained(directory)
+    assert {p.name for p in directory.iterdir()} == {"config.json", "model.safetensors", "checkpoints.json"}
+    tiny_model.save_pretrained(directory)
+    assert {p.name for p in directory.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert_same_outputs(outputs(tiny_model), outputs(PixelLLM.from_pretrained(directory)))
 
 
 def test_resize_input_resamples_position_embeddings_and_keeps_the_rest(tiny_model, tmp_path):
