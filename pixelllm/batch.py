@@ -310,9 +310,19 @@ def _coords(value: Any, n: int, name: str) -> tuple[float, ...] | None:
     keys = "[x0, y0, x1, y1]" if n == 4 else "[x, y]"
     if not isinstance(value, list) or len(value) != n:
         raise ItemError("invalid_coordinates", f"{name}: expected {keys} in image pixels, got {value!r}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf") for v in value):
+    if not all(_finite(v) for v in value):
         raise ItemError("invalid_coordinates", f"{name}: expected {n} finite numbers {keys}, got {value!r}")
     return tuple(float(v) for v in value)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number that is a finite float (an integer of hundreds of digits is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _resolve(image: str, base: Path, root: Path, allow_outside_root: bool) -> Path:

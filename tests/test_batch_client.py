@@ -209,6 +209,7 @@ def test_bad_entries_become_error_records_naming_the_problem(service, tmp_path: 
         json.dumps({"id": 7, "image": "a.png", "point": [10, 12]}),
         json.dumps({"id": "inverted", "image": "a.png", "box": [30, 20, 10, 40]}),
         json.dumps({"id": "short", "image": "a.png", "box": [1, 2, 3]}),
+        json.dumps({"id": "huge", "image": "a.png", "box": [0, 0, 10**400, 5]}),  # an int no float holds
         json.dumps({"id": "missing", "image": "nope.png"}),
         json.dumps({"id": "garbage", "image": "garbage.png"}),
         json.dumps({"id": "task", "image": "a.png", "task": "segment"}),
@@ -220,7 +221,7 @@ def test_bad_entries_become_error_records_naming_the_problem(service, tmp_path: 
     out = tmp_path / "out.jsonl"
     code, stdout, _ = batch(capsys, str(manifest), "-o", str(out), "--server", service.url, "--json")
     assert code == 1
-    assert json.loads(stdout)["failed"] == 7
+    assert json.loads(stdout)["failed"] == 8
     results = {r["id"]: r for r in read_jsonl(out)}
     assert set(results) == {"where", "7"}
     assert [loc["text"] for loc in results["where"]["result"]["results"]] == ["the red circle", "a square"]
@@ -229,6 +230,7 @@ def test_bad_entries_become_error_records_naming_the_problem(service, tmp_path: 
     assert set(errors) == {
         ("inverted", "invalid_request"),
         ("short", "invalid_coordinates"),
+        ("huge", "invalid_coordinates"),
         ("missing", "image_not_found"),
         ("garbage", "unsupported_media_type"),
         ("task", "invalid_task"),
@@ -241,7 +243,7 @@ def test_bad_entries_become_error_records_naming_the_problem(service, tmp_path: 
     assert "line 4" in errors["short", "invalid_coordinates"]["error"]["message"]
     # a rerun skips the done ids, but the entry refused for repeating one is another image: still refused
     code, stdout, _ = batch(capsys, str(manifest), "-o", str(out), "--server", service.url, "--json")
-    assert code == 1 and json.loads(stdout)["failed"] == 7 and json.loads(stdout)["skipped"] == 2
+    assert code == 1 and json.loads(stdout)["failed"] == 8 and json.loads(stdout)["skipped"] == 2
     assert ("where", "duplicate_id") in {
         (e["id"], e["error"]["code"]) for e in read_jsonl(tmp_path / "out.errors.jsonl")
     }
