@@ -556,6 +556,8 @@ def train(cfg: TrainConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_checkpoint(ckpt, model, optimizer, device, rank, world, cfg.threads) if ckpt.is_file() else 0
+    for group in optimizer.param_groups:  # a checkpoint's groups bring its weight_decay back: the config's applies
+        group["weight_decay"] = cfg.weight_decay
     if start >= cfg.steps:
         log.info(
             "nothing to train: %s is at step %d of %d, its model in %s (raise steps to go on: the cosine schedule "

@@ -624,6 +624,17 @@ def test_a_run_resumed_under_another_config_warns_and_a_finished_one_says_so(tmp
     assert PixelLLM.from_pretrained(tmp_path / "final")  # a final model removed is written again
 
 
+def test_a_weight_decay_changed_on_resume_applies(tmp_path):
+    """The warning on resuming under another config says the new values apply: weight decay too, not the value the
+    checkpoint's optimizer groups were saved with."""
+    first = tiny_config(tmp_path, steps=2, weight_decay=0.0)
+    with single_thread():
+        train(first)
+        train(dataclasses.replace(first, steps=3, weight_decay=0.5))
+    groups = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5] * len(groups)
+
+
 def test_a_final_model_cut_off_while_saving_is_written_again(tmp_path, monkeypatch):
     """A save stopped midway (a full disk, Ctrl-C) leaves no half `final/` for the next run to take as done."""
     import pixelllm.checkpoints
