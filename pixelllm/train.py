@@ -62,11 +62,12 @@ class SourceConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+DEFAULT_PRESET = "pixelllm-tiny"  # what a config without `model` or `init_from` builds
 
 
 @dataclass
 class TrainConfig:
-    model: str = "pixelllm-tiny"
+    model: str | None = None  # a preset (or config file) to build (DEFAULT_PRESET); with init_from: `initial_model`
     name: str | None = None  # the saved model's name, which the service reports; default: the starting model's
     init_from: str | None = None  # a saved model directory to start from (a second stage), instead of `model`
     image_size: int | None = None  # train at this input size (position embeddings resampled); default: the model's
@@ -444,23 +445,25 @@ def load_checkpoint(
 
 # ----------------------------------------------------------------------------- the loop
 def initial_model(cfg: TrainConfig) -> PixelLLM:
-    """`cfg.model` built fresh, or the saved model `cfg.init_from`, at `cfg.image_size` when given; a proposal
-    head that `cfg.model` has and the saved model lacks starts fresh (fine-tuning a captioner for dense
-    captioning), and so do `cfg.object_tokens` object tokens and `cfg.object_readings`; a saved model that names
-    no `attribute_words` takes `cfg.model`'s."""
-    wanted = load_config(cfg.model)
+    """`cfg.model` (default `DEFAULT_PRESET`) built fresh, or the saved model `cfg.init_from`, at `cfg.image_size`
+    when given. With both, the preset `cfg.model` names what the saved model gains: its proposal head, started
+    fresh, where the saved model has none (fine-tuning a captioner for dense captioning), and its `attribute_words`
+    where the saved model names none; without `cfg.model` it gains nothing. `cfg.object_tokens` object tokens and
+    `cfg.object_readings` start fresh either way."""
     if not cfg.init_from:
+        wanted = load_config(cfg.model or DEFAULT_PRESET)
         fresh = wanted.at_image_size(cfg.image_size) if cfg.image_size else wanted
         model = build_pixelllm(fresh, cfg.sam_checkpoint, cfg.eva_checkpoint, cfg.t5_path)
     else:
         model = load_model(cfg.init_from)
         if cfg.image_size:
             model = resize_input(model, cfg.image_size)
-        if wanted.proposal_head is not None and model.proposal_head is None:
+        wanted = load_config(cfg.model) if cfg.model else None
+        if wanted and wanted.proposal_head is not None and model.proposal_head is None:
             log.info("%s has no proposal head: adding a fresh one (%s)", cfg.init_from, wanted.proposal_head)
             model.add_proposal_head(wanted.proposal_head)
             model.cfg.loss.proposal_weight = wanted.loss.proposal_weight
-        if wanted.attribute_words and not model.cfg.attribute_words:
+        if wanted and wanted.attribute_words and not model.cfg.attribute_words:
             log.info("%s names no attribute words: taking %s's", cfg.init_from, cfg.model)
             model.cfg.attribute_words = wanted.attribute_words
     if cfg.object_tokens and cfg.object_tokens != model.cfg.extractor.object_tokens:

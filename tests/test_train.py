@@ -107,6 +107,20 @@ def test_a_stage_from_a_model_without_attribute_words_takes_the_presets(tmp_path
     assert initial_model(tiny_config(tmp_path / "b", 1, init_from=str(tmp_path / "own"))).cfg.attribute_words == own
 
 
+def test_a_stage_from_a_saved_model_gains_only_what_its_config_names(tmp_path):
+    """Without `model`, a stage from a saved captioner keeps it as it is: no proposal head, no attribute words
+    (before, the default preset pixelllm-tiny lent it its synthetic-shape vocabulary and a fresh head); naming the
+    preset gives both."""
+    cfg = dataclasses.replace(load_config("pixelllm-tiny"), proposal_head=None, attribute_words={})
+    cfg.extractor.object_tokens = 0
+    build_pixelllm(cfg).save_pretrained(tmp_path / "captioner")
+    kept = initial_model(TrainConfig(init_from=str(tmp_path / "captioner")))
+    assert kept.proposal_head is None and kept.cfg.attribute_words == {}
+    assert kept.cfg.loss.proposal_weight == cfg.loss.proposal_weight
+    grown = initial_model(TrainConfig(init_from=str(tmp_path / "captioner"), model="pixelllm-tiny"))
+    assert grown.proposal_head is not None and grown.cfg.attribute_words == load_config("pixelllm-tiny").attribute_words
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_resume_after_sigkill_is_exact(tmp_path):
     """The config leaves `threads` unset; the killed run starts at 1 thread and the resumed one at 2, and the resumed
