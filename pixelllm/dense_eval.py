@@ -1,9 +1,12 @@
 """Dense-captioning metrics: the Visual Genome densecap mAP (Johnson et al., 2016) and object recall.
 
-mAP: for every IoU threshold (0.3 ... 0.7) and caption threshold (0, 0.05 ... 0.25), predictions of all images
-are ranked by score; a prediction is a true positive when its best-overlapping ground-truth region (by IoU) is
-still unmatched, overlaps it by >= the IoU threshold, and their captions score >= the caption threshold. AP is
-the area under that precision/recall curve; mAP averages the 30 APs.
+mAP, as densecap's `eval_utils.lua` computes it: per image, ground-truth regions overlapping by >= 0.7 are merged
+into one (their mean box, all their captions as references), and predictions, in order of score, each take their
+best-overlapping region; the first to take a region may count, any later one cannot (whatever its overlap or
+caption). For every IoU threshold (0.3 ... 0.7) and caption threshold (0, 0.05 ... 0.25), predictions of all
+images are ranked by score; one is a true positive when it was first to its region, overlaps it by >= the IoU
+threshold, and its caption scores > the caption threshold against the region's best reference. AP is the
+101-point interpolated precision; mAP averages the 30 APs. (Boxes are continuous here, so IoU has no +1 pixel.)
 
 The caption score is METEOR restricted to exact word matches (no stemming, synonyms or paraphrases, which
 need WordNet and METEOR's Java tables): F-mean of unigram precision and recall (alpha 0.9) times
@@ -21,6 +24,8 @@ import numpy as np
 
 IOU_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 CAPTION_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
+MERGE_IOU = 0.7  # ground-truth regions overlapping by this much are one region
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
 @dataclass
@@ -75,34 +80,55 @@ def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def average_precision(scores: np.ndarray, true_positive: np.ndarray, num_truth: int) -> float:
-    """Area under the interpolated precision/recall curve of predictions ranked by score."""
+    """101-point interpolated AP of predictions ranked by score: the mean over recall levels 0, 0.01 ... 1 of the
+    best precision at that recall or more (0 where it is never reached)."""
     if num_truth == 0:
         return 0.0
     order = np.argsort(-scores, kind="stable")
     tp = np.cumsum(true_positive[order])
-    fp = np.cumsum(~true_positive[order])
-    recall = np.concatenate([[0.0], tp / num_truth, [1.0]])
-    precision = np.concatenate([[1.0], tp / np.maximum(tp + fp, 1), [0.0]])
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    steps = np.nonzero(recall[1:] != recall[:-1])[0]
-    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+    precision = tp / np.arange(1, len(tp) + 1)
+    recall = tp / num_truth
+    best = [precision[recall >= r].max(initial=0.0) for r in RECALL_POINTS]
+    return float(np.mean(best))
+
+
+def merge_regions(truth: DenseTruth, threshold: float = MERGE_IOU) -> tuple[np.ndarray, list[list[str]]]:
+    """Regions overlapping by >= `threshold` as one, as densecap's `merge_boxes`: repeatedly the region with the
+    most such neighbours takes them all. -> boxes (R, 4) (each group's mean) and each group's captions."""
+    iou = box_iou_matrix(truth.boxes, truth.boxes)
+    np.fill_diagonal(iou, 1.0)
+    groups = []
+    while len(iou) and (good := iou >= threshold).any():
+        top = int(good.sum(0).argmax())
+        members = np.flatnonzero(good[top])
+        groups.append(members)
+        iou[members, :] = 0.0
+        iou[:, members] = 0.0
+    boxes = np.asarray(truth.boxes, np.float64).reshape(-1, 4)
+    merged = np.array([boxes[g].mean(0) for g in groups]).reshape(-1, 4)
+    return merged, [[truth.captions[i] for i in g] for g in groups]
 
 
 def densecap_map(predictions: Sequence[DensePrediction], truths: Sequence[DenseTruth]) -> dict[str, float]:
     """VG densecap mAP over images, plus AP at IoU 0.5 with any caption (pure detection)."""
-    scored = []  # per image: (scores, best gt index, best IoU, caption score)
+    scored = []  # per image: (scores, first to its region, IoU with it, caption score); IoU 0: no region overlaps
+    num_truth = 0
     for pred, truth in zip(predictions, truths):
+        boxes, references = merge_regions(truth)
+        num_truth += len(references)
         m = len(pred.scores)
-        if m == 0:
-            continue
-        if len(truth.captions) == 0:
-            scored.append((pred.scores, np.full(m, -1), np.zeros(m), np.zeros(m)))
-            continue
-        iou = box_iou_matrix(pred.boxes, truth.boxes)
-        best = iou.argmax(1)
-        caption = np.array([meteor_exact(c, truth.captions[g]) for c, g in zip(pred.captions, best)])
-        scored.append((pred.scores, best, iou[np.arange(m), best], caption))
-    num_truth = sum(len(t.captions) for t in truths)
+        first, overlap, caption = np.zeros(m, bool), np.zeros(m), np.zeros(m)
+        taken = np.zeros(len(references), bool)
+        iou = box_iou_matrix(pred.boxes, boxes)
+        for k in np.argsort(-np.asarray(pred.scores), kind="stable"):
+            if not len(references) or iou[k].max() <= 0:
+                continue
+            j = int(iou[k].argmax())
+            first[k], overlap[k] = not taken[j], iou[k, j]
+            taken[j] = True
+            caption[k] = max(meteor_exact(pred.captions[k], r) for r in references[j])
+        if m:
+            scored.append((np.asarray(pred.scores), first, overlap, caption))
     aps = {}
     for t_iou in IOU_THRESHOLDS:
         for t_cap in CAPTION_THRESHOLDS:
@@ -114,21 +140,16 @@ def densecap_map(predictions: Sequence[DensePrediction], truths: Sequence[DenseT
 
 
 def _ap_at(scored: list, num_truth: int, t_iou: float, t_cap: float | None) -> float:
-    all_scores, all_tp = [], []
-    for scores, best, iou, caption in scored:
-        order = np.argsort(-scores, kind="stable")
-        matched: set[int] = set()
-        tp = np.zeros(len(scores), bool)
-        for k in order:
-            ok = best[k] >= 0 and iou[k] >= t_iou and (t_cap is None or caption[k] >= t_cap)
-            if ok and int(best[k]) not in matched:
-                matched.add(int(best[k]))
-                tp[k] = True
-        all_scores.append(scores)
-        all_tp.append(tp)
-    if not all_scores:
+    if not scored:
         return 0.0
-    return average_precision(np.concatenate(all_scores), np.concatenate(all_tp), num_truth)
+    scores = np.concatenate([s for s, *_ in scored])
+    tp = np.concatenate(
+        [
+            first & (overlap > 0) & (overlap >= t_iou) & (t_cap is None or caption > t_cap)
+            for _, first, overlap, caption in scored
+        ]
+    )
+    return average_precision(scores, tp, num_truth)
 
 
 def object_recall(

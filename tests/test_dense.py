@@ -18,7 +18,9 @@ from pixelllm.dense_eval import (
     DensePrediction,
     DenseTruth,
     average_precision,
+    box_iou_matrix,
     densecap_map,
+    merge_regions,
     meteor_exact,
     object_recall,
 )
@@ -39,9 +41,10 @@ def test_meteor_exact_known_values():
 
 
 def test_average_precision_known_value():
+    """101-point interpolated: precision 1 up to recall 0.5 (51 points), then 2/3 up to recall 1 (50 points)."""
     ap = average_precision(np.array([0.9, 0.8, 0.7]), np.array([True, False, True]), num_truth=2)
-    assert ap == pytest.approx(0.5 * 1.0 + 0.5 * (2 / 3))
-    assert average_precision(np.array([0.5]), np.array([True]), num_truth=4) == pytest.approx(0.25)
+    assert ap == pytest.approx((51 * 1.0 + 50 * (2 / 3)) / 101)
+    assert average_precision(np.array([0.5]), np.array([True]), num_truth=4) == pytest.approx(26 / 101)
 
 
 def test_densecap_map_rewards_right_boxes_and_captions():
@@ -51,9 +54,9 @@ def test_densecap_map_rewards_right_boxes_and_captions():
     wrong_words = DensePrediction(truth.boxes.copy(), np.array([0.9, 0.8]), ["green star", "purple star"])
     scores = densecap_map([wrong_words], [truth])
     assert scores["dense_ap@0.5_iou_any_caption"] == pytest.approx(1.0)
-    assert scores["dense_map"] == pytest.approx(1 / 6)  # only the caption threshold 0 is passed
+    assert scores["dense_map"] == 0.0  # METEOR 0 passes no caption threshold: it must exceed it
     duplicate = DensePrediction(np.array([[0, 0, 10, 10]] * 2), np.array([0.9, 0.8]), ["a red circle"] * 2)
-    assert densecap_map([duplicate], [truth])["dense_map"] == pytest.approx(0.5)
+    assert densecap_map([duplicate], [truth])["dense_map"] == pytest.approx(51 / 101)  # recall 0.5 at precision 1
 
     def same(a: str, b: str) -> bool:
         return a == b
@@ -62,6 +65,26 @@ def test_densecap_map_rewards_right_boxes_and_captions():
     assert object_recall([duplicate], [truth], same) == 0.5
     shifted = DensePrediction(truth.boxes + 3, np.array([0.9, 0.8]), list(truth.captions))
     assert object_recall([shifted], [truth], same) == 0.5  # the big box still overlaps >= 0.5
+
+
+def test_densecap_map_follows_densecaps_own_matching():
+    """As densecap's eval_utils.lua: a region is taken by the best-scored prediction whose best match it is, even
+    one too loose to count, so a tight duplicate after it counts at no threshold; regions overlapping by >= 0.7 are
+    one, with every caption of theirs a reference."""
+    truth = DenseTruth(np.array([[0, 0, 10, 10]]), ["a red circle"])
+    loose_first = DensePrediction(np.array([[0, 0, 6, 6], [0, 0, 10, 10]]), np.array([0.9, 0.8]), ["a red circle"] * 2)
+    assert box_iou_matrix(loose_first.boxes[:1], truth.boxes)[0, 0] == pytest.approx(0.36)
+    assert densecap_map([loose_first], [truth])["dense_map"] == pytest.approx(1 / 5)  # only IoU 0.3 counts it
+    nowhere = DensePrediction(np.array([[50, 50, 60, 60]]), np.array([0.9]), ["a red circle"])
+    assert densecap_map([nowhere], [truth]) == {"dense_map": 0.0, "dense_ap@0.5_iou_any_caption": 0.0}
+    twice = DenseTruth(
+        np.array([[0, 0, 10, 10], [0, 0, 10, 11], [30, 30, 40, 40]]), ["a red circle", "a disc", "a cube"]
+    )
+    boxes, references = merge_regions(twice)
+    np.testing.assert_allclose(boxes, [[0, 0, 10, 10.5], [30, 30, 40, 40]])
+    assert references == [["a red circle", "a disc"], ["a cube"]]
+    one_each = DensePrediction(np.array([[0, 0, 10, 10], [30, 30, 40, 40]]), np.array([0.9, 0.8]), ["a disc", "a cube"])
+    assert densecap_map([one_each], [twice])["dense_map"] == pytest.approx(1.0)  # two regions, both found
 
 
 def test_proposal_head_learns_and_decodes_boxes():
