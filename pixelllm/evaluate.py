@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -405,8 +406,30 @@ def _above(p: DensePrediction, threshold: float) -> DensePrediction:
     return DensePrediction(p.boxes[keep], p.scores[keep], [c for c, k in zip(p.captions, keep) if k])
 
 
+def ptb_tokenized(texts: list[str]) -> list[str]:
+    """COCO caption evaluation's tokenization: Stanford's PTB tokenizer (the jar pycocoevalcap ships, run by Java),
+    lowercased, punctuation tokens dropped ("A circle, left." -> "a circle left"). Where Java does not run: words of
+    letters and digits, lowercased (PTB splits "it's" into "it 's"; this keeps "it's")."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    lines = [t.replace("\n", " ").replace("\r", " ") for t in texts]
+    jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    command = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
+    try:
+        done = subprocess.run(command, input="\n".join(lines), capture_output=True, text=True, timeout=600, check=True)
+        out = done.stdout.split("\n")[: len(lines)]
+        if len(out) != len(lines):
+            raise RuntimeError(f"{len(lines)} captions in, {len(out)} lines out")
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        log.warning("PTB tokenizer (Java) did not run (%s): captions tokenized by a regex instead", e)
+        return [" ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", t.lower())) for t in lines]
+    drop = set(ptbtokenizer.PUNCTUATIONS)
+    return [" ".join(w for w in line.split() if w not in drop) for line in out]
+
+
 def caption_scores(references: dict, candidates: dict) -> dict:
-    """BLEU-4, ROUGE-L, CIDEr (and METEOR where Java runs) from pycocoevalcap, when it is installed."""
+    """BLEU-4, ROUGE-L, CIDEr (and METEOR where Java runs) from pycocoevalcap, when it is installed, on captions
+    tokenized as COCO's evaluation tokenizes them (`ptb_tokenized`)."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -414,6 +437,11 @@ def caption_scores(references: dict, candidates: dict) -> dict:
     except ImportError:
         log.warning("pycocoevalcap is not installed: caption scores skipped (pip install 'pixelllm[eval]')")
         return {}
+    keys = list(references)
+    ends = np.cumsum([0, *(len(references[k]) for k in keys)])
+    flat = ptb_tokenized([c for k in keys for c in references[k]] + [candidates[k][0] for k in keys])
+    references = {k: flat[a:b] for k, a, b in zip(keys, ends[:-1], ends[1:])}
+    candidates = {k: [text] for k, text in zip(keys, flat[ends[-1] :])}
     scores = {
         "bleu4": Bleu(4).compute_score(references, candidates, verbose=0)[0][3],
         "rouge_l": Rouge().compute_score(references, candidates)[0],

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 
 from pixelllm.data.synthetic import SceneObject
-from pixelllm.evaluate import _color_shape, _phrases, _readable, _share_true, _word_point_hits, box_iou, mask_iou
+from pixelllm.evaluate import (
+    _color_shape,
+    _phrases,
+    _readable,
+    _share_true,
+    _word_point_hits,
+    box_iou,
+    caption_scores,
+    mask_iou,
+    ptb_tokenized,
+)
 from pixelllm.predictor import Predictor, Word
 
 
@@ -105,3 +115,24 @@ def test_a_referring_text_longer_than_the_model_reads_is_cut_to_what_it_reads(ti
         cut = _readable(predictor, many)
         assert many.startswith(cut) and 0 < len(tiny_model.tokenizer.encode(cut, add_eos=False)) <= limit
         predictor.check_text(cut)
+
+
+def test_captions_are_scored_as_coco_tokenizes_them(monkeypatch, caplog):
+    """Punctuation and case are not words: a caption with the reference's words scores as the reference itself
+    (untokenized, "left," and "left" were different words). Without Java, a regex gives the same words here."""
+    references = {
+        0: ["A large red circle on the left, a small blue square."],
+        1: ["a green star at the bottom, it's small."],
+    }
+    bare = {0: ["a large red circle on the left a small blue square"], 1: ["a green star at the bottom it's small"]}
+    assert ptb_tokenized(references[1]) == ["a green star at the bottom it 's small"]
+    same = caption_scores(references, {k: [v[0]] for k, v in references.items()})
+    assert caption_scores(references, bare) == same
+    assert same["bleu4"] == pytest.approx(1.0) and same["cider"] == pytest.approx(10.0)
+    monkeypatch.setenv("PATH", "")  # no java
+    with caplog.at_level("WARNING", logger="pixelllm.evaluate"):
+        assert ptb_tokenized(references[0] + ["It's  here!"]) == [
+            "a large red circle on the left a small blue square",
+            "it's here",
+        ]
+    assert "PTB tokenizer (Java) did not run" in caplog.text
