@@ -1,7 +1,7 @@
 """PixelLLM: pixel-aligned language models. Captions where every word has a location.
 
-The model classes are imported on first use, so the HTTP-only parts (`pixelllm.batch`, `pixelllm batch`,
-`pixelllm api-key`) start without loading torch.
+The model classes are imported on first use, so the HTTP-only parts (`pixelllm.batch`, `pixelllm batch`) start
+without loading torch.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# The trained default model of a source checkout (`make weights`), wherever the command runs from.
+# The trained default model of a source checkout (`make train-default` trains it), wherever the command runs from.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "pixelllm-tiny"
 
 

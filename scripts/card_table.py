@@ -80,7 +80,7 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
     ),
     ("point L1 vs trace points (teacher-forced, original px)", num("point_l1_px", digits=1), ""),
     (
-        "BLEU-4 / ROUGE-L / CIDEr / METEOR (vs the scene's caption)",
+        "BLEU-4 / ROUGE-L / CIDEr / METEOR (vs the scene's caption, PTB-tokenized)",
         lambda d: f"{d['bleu4']:.3f} / {d['rouge_l']:.3f} / {d['cider']:.2f} / {d['meteor']:.3f}",
         "",
     ),

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_helpers import ROOT, encode, exif_after_pixels, exif_turned, png
+from server_helpers import ROOT, ServerProcess, encode, exif_after_pixels, exif_turned, png, settings_env
 
 pytest_plugins = ["server_fixtures"]
 
@@ -443,6 +443,31 @@ def test_a_file_the_page_cannot_use_is_dropped_not_kept_beside_the_last(driver, 
         page_error(driver, message)
         assert_no_image(driver)
     assert "(choose another image)" in driver.find_element("id", "error").text
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_new_image_clears_the_error_about_the_last_while_the_model_loads(
+    driver, random_tiny_dir: Path, tmp_path: Path
+) -> None:
+    """An upload made while the model loads waits for it, and the error about the file before it goes at once
+    (it stayed under the new image until the model was ready)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = ServerProcess(settings_env(random_tiny_dir, debug_load_delay_ms=30000), tmp_path / "server.log")
+    try:
+        server.wait_ready(timeout_s=120, path="/healthz")  # live, the model held back
+        driver.get(f"{server.url}/")
+        (tmp_path / "notes.txt").write_bytes(b"not an image")
+        driver.find_element("id", "file").send_keys(str(tmp_path / "notes.txt"))
+        page_error(driver, "This browser cannot display that file")
+        (tmp_path / "upload.png").write_bytes(IMAGE)
+        driver.find_element("id", "file").send_keys(str(tmp_path / "upload.png"))
+        WebDriverWait(driver, WAIT_S).until(lambda d: "Waiting for the model" in d.find_element("id", "status").text)
+        assert not driver.find_element("id", "error").is_displayed()
+        assert httpx.get(f"{server.url}/readyz").status_code == 503  # all of it happened before the model was ready
+    finally:
+        server.stop()
 
 
 def model_requests(client: httpx.Client) -> float:

@@ -378,7 +378,8 @@ def test_formats_outside_the_allow_list_are_refused(client: httpx.Client, fmt: s
 @pytest.mark.browser
 @needs_chromium
 def test_web_page_asks_for_a_key(driver, secure, tmp_path: Path) -> None:  # noqa: F811 - the imported fixture
-    """The page loads without a key; its first API call gets 401, it asks for a key once, and captions."""
+    """The page loads without a key; its first API call gets 401, it asks for a key (again, for one no key could
+    be: pasted with a zero-width space, which the browser cannot send in a header), and captions."""
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -387,8 +388,12 @@ def test_web_page_asks_for_a_key(driver, secure, tmp_path: Path) -> None:  # noq
     driver.find_element("id", "file").send_keys(str(tmp_path / "upload.png"))
     prompt = WebDriverWait(driver, WAIT_S).until(expected_conditions.alert_is_present())
     assert "API key" in prompt.text
-    prompt.send_keys(OTHER_KEY)
+    prompt.send_keys(OTHER_KEY + "\u200b")
     prompt.accept()
+    again = WebDriverWait(driver, WAIT_S).until(expected_conditions.alert_is_present())
+    assert again.text.startswith("That is not an API key")
+    again.send_keys(OTHER_KEY)
+    again.accept()
     wait_for_answer(driver, previous="")
     assert driver.find_element("id", "caption").text
     assert driver.execute_script("return sessionStorage.getItem('pixelllm-api-key')") == OTHER_KEY

@@ -87,6 +87,7 @@ function setImage(file, image) {
   Object.assign(state, { localization: null, regions: [], activeRegion: -1 });
   state.size = image && { width: image.naturalWidth, height: image.naturalHeight };
   for (const pane of [els.caption, els.localization, els.regions, els.timings]) pane.replaceChildren();
+  showError(null); // an error about the image before is not about this one
   els.stage.hidden = !image;
 }
 
@@ -333,12 +334,22 @@ function keyHeaders() {
   return key ? { "X-API-Key": key } : {};
 }
 
+// What a header can carry, and every key is (pxl_ and URL-safe base64): a key pasted with a zero-width space or a
+// typographic quote would make every request fail in the browser, before it is sent, with no 401 to ask again on.
+const KEY_PATTERN = /^[\x21-\x7e]+$/;
+
 // Ask for an API key after a 401 (none sent) or 403 (refused); false if the user cancels.
 function askForKey(status) {
-  const key = window.prompt(status === 401 ? "This server needs an API key:" : "That API key was refused. API key:");
-  if (!key || !key.trim()) return false;
-  sessionStorage.setItem(KEY_ITEM, key.trim());
-  return true;
+  let question = status === 401 ? "This server needs an API key:" : "That API key was refused. API key:";
+  for (;;) {
+    const key = window.prompt(question)?.trim();
+    if (!key) return false;
+    if (KEY_PATTERN.test(key)) {
+      sessionStorage.setItem(KEY_ITEM, key);
+      return true;
+    }
+    question = "That is not an API key: it has a space or a character no key has (pasted from formatted text?). API key:";
+  }
 }
 
 // POST the image and `fields`. With `onWord` the answer is a stream of Server-Sent Events (read from the
