@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import platform
 import re
 
@@ -65,10 +66,15 @@ def test_caption_box_and_point_multipart_and_json(service_client: httpx.Client) 
     data_url = service_client.post(
         "/v1/caption", json={"image": "data:image/png;base64," + b64(IMAGE), "box": box, "max_new_tokens": 8}
     )
-    for r in (form, js, data_url):
+    with_bom = service_client.post(  # as PowerShell's Out-File writes a JSON file: a UTF-8 BOM first
+        "/v1/caption",
+        content=b"\xef\xbb\xbf" + json.dumps({"image": b64(IMAGE), "box": box, "max_new_tokens": 8}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    for r in (form, js, data_url, with_bom):
         assert r.status_code == 200, r.text
         assert r.json()["box"] == box
-    assert form.json()["caption"] == js.json()["caption"] == data_url.json()["caption"]
+    assert form.json()["caption"] == js.json()["caption"] == data_url.json()["caption"] == with_bom.json()["caption"]
     assert len(form.json()["words"]) >= 1
     check_words(form.json()["words"], form.json()["caption"])
     point = service_client.post(
