@@ -184,8 +184,8 @@ def cmd_dense(args) -> None:
         print(f"{i:>2}. {r.caption.text:<40} box=({box})  score={r.score:.2f}")
 
 
-def _image_format(path: str) -> str:
-    """The image format Pillow writes `path` in, by its suffix; a `CLIError` naming the usual ones if none."""
+def _require_image_suffix(path: str) -> None:
+    """A `CLIError` naming the usual suffixes unless Pillow can write an image to `path` by its suffix."""
     from PIL import Image
 
     suffix = Path(path).suffix.lower()
@@ -193,7 +193,6 @@ def _image_format(path: str) -> str:
     if fmt is None or fmt not in Image.SAVE:
         said = f"its suffix {suffix!r}" if suffix else "it has no suffix"
         raise CLIError(f"cannot write an image to {path}: {said}; end it in .png, .jpg or .webp")
-    return fmt
 
 
 def cmd_visualize(args) -> None:
@@ -201,7 +200,7 @@ def cmd_visualize(args) -> None:
 
     if sum((args.box is not None, args.text is not None, args.dense)) > 1:
         raise CLIError("give one of --box, --text and --dense")
-    _image_format(args.output)  # before the model runs
+    _require_image_suffix(args.output)  # before the model runs
     if args.text is not None and not args.text.strip():
         raise CLIError("the text to localize is empty: give the words of what to find, or no --text to caption")
     box = _floats(args.box, 4, "box") if args.box else None

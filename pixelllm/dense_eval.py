@@ -111,7 +111,7 @@ def merge_regions(truth: DenseTruth, threshold: float = MERGE_IOU) -> tuple[np.n
 
 def densecap_map(predictions: Sequence[DensePrediction], truths: Sequence[DenseTruth]) -> dict[str, float]:
     """VG densecap mAP over images, plus AP at IoU 0.5 with any caption (pure detection)."""
-    scored = []  # per image: (scores, first to its region, IoU with it, caption score); IoU 0: no region overlaps
+    scored = []  # per image: (scores, first to its region, IoU with it, caption score); False/0: no region overlaps
     num_truth = 0
     for pred, truth in zip(predictions, truths):
         boxes, references = merge_regions(truth)
@@ -144,10 +144,7 @@ def _ap_at(scored: list, num_truth: int, t_iou: float, t_cap: float | None) -> f
         return 0.0
     scores = np.concatenate([s for s, *_ in scored])
     tp = np.concatenate(
-        [
-            first & (overlap > 0) & (overlap >= t_iou) & (t_cap is None or caption > t_cap)
-            for _, first, overlap, caption in scored
-        ]
+        [first & (overlap >= t_iou) & (t_cap is None or caption > t_cap) for _, first, overlap, caption in scored]
     )
     return average_precision(scores, tp, num_truth)
 

@@ -43,9 +43,8 @@ async def read_body(
             raise invalid(name, f"unknown query parameter (this endpoint takes {takes}); parameters go in the body")
     kind = media_type(request)
     if kind == "application/json":
-        raw = (await request.body()).removeprefix(
-            b"\xef\xbb\xbf"
-        )  # a UTF-8 BOM (PowerShell writes one), as RFC 8259 allows
+        # a UTF-8 BOM first (PowerShell writes one) is ignored, as RFC 8259 allows
+        raw = (await request.body()).removeprefix(b"\xef\xbb\xbf")
         try:  # parsing and base64 decoding of a body up to max_body_bytes: off the event loop
             body = await run_in_threadpool(json_model.model_validate_json, raw)
         except ValidationError as exc:
