@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -223,16 +225,43 @@ class PixelLLMConfig:
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are an error."""
+    """Build dataclass `cls` from `data`, recursing into nested dataclasses; an unknown key, or a value not of its
+    field's type (`"steps": "500"`), is an error naming the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {cls.__name__} must be a JSON object of its keys, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         sub = _NESTED.get((cls.__name__, name))
         kwargs[name] = _from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+        if not _is_of_type(kwargs[name], hints[name]):
+            raise ValueError(f"{cls.__name__} key {name!r} is {value!r}: it must be {fields[name].type}")
     return cls(**kwargs)
+
+
+def _is_of_type(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON is of type `hint`: an int is a float, a bool is no number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_of_type(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint in (int, float):
+        allowed = (int,) if hint is int else (int, float)
+        return isinstance(value, allowed) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_is_of_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _is_of_type(k, args[0]) and _is_of_type(v, args[1]) for k, v in value.items()
+        )
+    return isinstance(value, origin or hint)
 
 
 _NESTED: dict[tuple[str, str], type] = {

@@ -89,6 +89,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32", or "bf16" autocast
     point_weight: float | None = None
     max_text_tokens: int | None = None  # train (and caption) up to this many tokens with EOS; default: the model's
+    caption_prompt: str | None = None  # the saved model's, and sources' without one (default: the model's)
     log_every: int = 10
     ckpt_every: int = 100
     seed: int = 0
@@ -113,6 +114,11 @@ class TrainConfig:
             raise ValueError(f"precision is {self.precision!r}: it must be one of {', '.join(PRECISIONS)}")
         if self.name is not None and not (isinstance(self.name, str) and self.name.strip()):
             raise ValueError(f"name must be a non-empty string (the saved model's name), got {self.name!r}")
+        if self.log_every < 1 or self.ckpt_every < 1:
+            raise ValueError(
+                f"log_every and ckpt_every are {self.log_every} and {self.ckpt_every}: give steps between log lines "
+                "and between checkpoints, at least 1 (the last step is always logged and saved)"
+            )
         if self.max_text_tokens is not None and self.max_text_tokens < 2:
             raise ValueError(f"max_text_tokens is {self.max_text_tokens}: a caption needs at least 2 (a token and EOS)")
 
@@ -122,6 +128,8 @@ class TrainConfig:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("sources", []), list):
+            raise ValueError(f"{path}: a training config is a JSON object whose 'sources' is a list of objects")
         data["sources"] = [_from_dict(SourceConfig, s) for s in data.get("sources", [{}])]
         return _from_dict(cls, data)
 
@@ -403,7 +411,13 @@ def load_checkpoint(
     CPU kernels may sum in another order on another thread count, so with `threads` unset the run resumes at the
     count that wrote the checkpoint."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # missing, unexpected or resized weights: another image_size, model, object tokens...
+        raise ValueError(
+            f"{path} holds a model of another shape than this config builds: give a new out_dir to start over, or "
+            f"the config the run started with ({path.parent / 'train_config.json'}) to resume. {e}"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     rng = state.get("rng") or [{"cpu": state["torch_rng"]}]  # "torch_rng": rank 0's, before every rank's was kept
     if len(rng) != world:
@@ -529,6 +543,16 @@ def train(cfg: TrainConfig) -> Path:
         model.cfg.loss.point_weight = cfg.point_weight
     if cfg.max_text_tokens is not None:
         model.cfg.language_model.max_text_tokens = cfg.max_text_tokens
+    if cfg.caption_prompt is not None:
+        model.cfg.caption_prompt = cfg.caption_prompt
+    prompts = sorted({model.cfg.caption_prompt if s.prompt is None else s.prompt for s in cfg.sources})
+    if rank == 0 and model.cfg.caption_prompt not in prompts:
+        log.warning(
+            "no source trains captions with %r, the prompt the saved model captions with (the sources': %s): set "
+            "`caption_prompt` to the one it should caption with",
+            model.cfg.caption_prompt,
+            ", ".join(map(repr, prompts)),
+        )
     model.train()
     tokenizer = model.tokenizer
     tokenizer_file = out / "tokenizer.json"
@@ -537,7 +561,6 @@ def train(cfg: TrainConfig) -> Path:
         if ckpt.is_file():
             _warn_of_changes(out / "train_config.json", cfg)
         tokenizer.save(out)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     if distributed:
         dist.barrier()
     sources = [
@@ -561,6 +584,8 @@ def train(cfg: TrainConfig) -> Path:
     start = load_checkpoint(ckpt, model, optimizer, device, rank, world, cfg.threads) if ckpt.is_file() else 0
     for group in optimizer.param_groups:  # a checkpoint's groups bring its weight_decay back: the config's applies
         group["weight_decay"] = cfg.weight_decay
+    if rank == 0:  # once the checkpoint loads: a config it does not fit leaves the run's own on record
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     if start >= cfg.steps:
         log.info(
             "nothing to train: %s is at step %d of %d, its model in %s (raise steps to go on: the cosine schedule "
@@ -577,7 +602,7 @@ def train(cfg: TrainConfig) -> Path:
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 
     log_path = out / "log.jsonl"
-    if rank == 0 and start and log_path.is_file():  # steps logged after the checkpoint run again: drop them
+    if rank == 0 and log_path.is_file():  # steps logged after the checkpoint (or before any) run again: drop them
         kept = [line for line in log_path.read_text().splitlines(keepends=True) if 0 < _logged_step(line) <= start]
         log_path.write_text("".join(kept))
     log_file = log_path.open("a") if rank == 0 else None

@@ -23,7 +23,7 @@ from server_helpers import ROOT
 
 from pixelllm import PixelLLM, build_pixelllm
 from pixelllm.build import default_tokenizer
-from pixelllm.config import load_config
+from pixelllm.config import PixelLLMConfig, load_config
 from pixelllm.data.synthetic import write_dataset
 from pixelllm.modeling.image_encoder import SAM_PIXEL_MEAN
 from pixelllm.train import SourceConfig, TrainConfig, initial_model, lr_at, train
@@ -308,6 +308,37 @@ def test_paper_recipe_runs_its_code_path_at_tiny_scale(tmp_path):
     )
     final = train(small)
     assert (final / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"steps": "500"}, "TrainConfig key 'steps' is '500': it must be int"),
+        ({"lr": True}, "TrainConfig key 'lr' is True: it must be float"),
+        ({"tasks": ["caption"]}, r"TrainConfig key 'tasks' is \['caption'\]: it must be dict\[str, float\]"),
+        ({"sources": [{"weight": "2"}]}, "SourceConfig key 'weight' is '2': it must be float"),
+        ({"sources": [{"prompt": 3}]}, "SourceConfig key 'prompt' is 3: it must be str | None"),
+        ({"sources": {"kind": "narratives"}}, "'sources' is a list of objects"),
+        ({"sources": ["synthetic"]}, "a SourceConfig must be a JSON object of its keys, got 'synthetic'"),
+        (["steps", 4], "a training config is a JSON object"),
+        ({"log_every": 0}, "log_every and ckpt_every are 0 and 100: give steps between log lines"),
+        ({"ckpt_every": 0}, "log_every and ckpt_every are 10 and 0"),
+    ],
+)
+def test_a_config_of_wrong_types_names_the_key_before_anything_loads(tmp_path, data, message):
+    """A string for a number, a list for an object, 0 steps between log lines: each used to pass, then fail in the
+    loop (a TypeError or ZeroDivisionError, after the model had loaded) with a traceback and no word of the key."""
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_json(path)
+
+
+def test_a_model_config_of_wrong_types_names_the_key():
+    data = load_config("pixelllm-tiny").to_dict()
+    data["language_model"]["max_text_tokens"] = 48.5
+    with pytest.raises(ValueError, match="LanguageModelConfig key 'max_text_tokens' is 48.5: it must be int"):
+        PixelLLMConfig.from_dict(data)
 
 
 def test_config_refuses_unknown_tasks_and_weights_that_cannot_draw():
@@ -614,6 +645,41 @@ def test_each_process_resumes_at_its_own_random_state(tmp_path, caplog):
     assert not caplog.records
     load_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, cpu, rank=0, world=3)
     assert "written by 2 processes and this run has 3" in caplog.text
+
+
+def test_a_restart_before_the_first_checkpoint_starts_the_log_over(tmp_path):
+    """Killed before its first checkpoint, a run starts again at step 0: the lines of the first try go."""
+    cfg = tiny_config(tmp_path, steps=2, ckpt_every=100)
+    train(cfg)
+    (tmp_path / "checkpoint.pt").unlink()  # as if killed at step 2, before a checkpoint at step 100
+    train(cfg)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_resuming_with_a_config_of_another_model_shape_says_to_start_over(tmp_path):
+    """A checkpoint of a 160 px model does not load into a 192 px one: an error that says what to do (it was a
+    RuntimeError from load_state_dict, which `pixelllm train` printed as a traceback), the run's config kept."""
+    first = tiny_config(tmp_path, steps=1)
+    with single_thread():
+        train(first)
+        recorded = (tmp_path / "train_config.json").read_text()
+        with pytest.raises(ValueError, match="holds a model of another shape than this config builds: give a new"):
+            train(dataclasses.replace(first, steps=2, image_size=192))
+    assert (tmp_path / "train_config.json").read_text() == recorded
+
+
+def test_the_saved_model_captions_with_the_configs_caption_prompt(tmp_path, caplog):
+    """Sources trained on another prompt than the model's caption prompt warn; `caption_prompt` sets the saved
+    model's (a source's `prompt` used to train captions the saved model never asked for)."""
+    source = SourceConfig(kind="synthetic", seed=3, num_scenes=6, prompt="LONG: ")
+    with single_thread(), caplog.at_level("WARNING", logger="pixelllm.train"):
+        train(tiny_config(tmp_path / "a", steps=1, sources=[source]))
+        assert "no source trains captions with 'a short image caption: ', the prompt the saved" in caplog.text
+        caplog.clear()
+        final = train(tiny_config(tmp_path / "b", steps=1, sources=[source], caption_prompt="LONG: "))
+        assert not [r for r in caplog.records if r.name == "pixelllm.train"]
+    assert load_config(final / "config.json").caption_prompt == "LONG: "
 
 
 def test_a_run_resumed_under_another_config_warns_and_a_finished_one_says_so(tmp_path, caplog):
