@@ -292,7 +292,7 @@ class PixelLLM(nn.Module):
             label_smoothing=lc.label_smoothing,
         )
         with torch.autocast(hidden.device.type, enabled=False):  # bf16 corners would be off by up to 2**-9 of S
-            corners, confidence = self.point_head(hidden.to(self.point_head.mlp[-1].weight.dtype))
+            corners, confidence = self.point_head(hidden)
         valid = labels != IGNORE_INDEX
         located = batch["located"] & valid
         target = batch["target_corners"].to(corners.dtype)
@@ -340,7 +340,7 @@ class PixelLLM(nn.Module):
     def _points(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder states (..., D) -> corners (..., 2, 2) in [0, 1] and confidence (...) in [0, 1], float32."""
         corners, confidence = self.point_head(hidden)
-        return corners.float().clamp(0, 1), torch.sigmoid(confidence.float())
+        return corners.clamp(0, 1), torch.sigmoid(confidence)
 
     @torch.no_grad()
     def generate(

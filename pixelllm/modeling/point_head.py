@@ -12,8 +12,19 @@ from torch import nn
 from ..config import PointHeadConfig
 
 
-class PointHead(nn.Module):
-    """Decoder states (B, T, D) -> corners (B, T, 2, 2) in [0, 1] and confidence logits (B, T)."""
+class Float32Module(nn.Module):
+    """A module that stays float32 when the model is cast (`.to(torch.bfloat16)`, `.half()`; moves still apply). The
+    heads that draw coordinates are: in bfloat16 a coordinate in [0.5, 1] of the input snaps to 1/512 of it (8 px of
+    a 4000 px photo)."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        return super()._apply(lambda t: t.float() if t.is_floating_point() else t, recurse)
+
+
+class PointHead(Float32Module):
+    """Decoder states (B, T, D), any float dtype -> corners (B, T, 2, 2) in [0, 1] and confidence logits (B, T),
+    float32."""
 
     def __init__(self, cfg: PointHeadConfig, in_dim: int):
         super().__init__()
@@ -26,6 +37,6 @@ class PointHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.mlp(hidden)
+        out = self.mlp(hidden.float())
         corners = ((out[..., :4] + 1) / 2).unflatten(-1, (2, 2))
         return corners, out[..., 4]

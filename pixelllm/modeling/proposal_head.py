@@ -15,11 +15,12 @@ import torchvision
 from torch import nn
 
 from ..config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD, ProposalHeadConfig
+from .point_head import Float32Module
 
 PRIOR = 0.01  # initial objectness, as in focal-loss detectors
 
 
-class ProposalHead(nn.Module):
+class ProposalHead(Float32Module):
     def __init__(self, cfg: ProposalHeadConfig, in_dim: int):
         super().__init__()
         self.cfg = cfg
@@ -34,11 +35,12 @@ class ProposalHead(nn.Module):
         nn.init.constant_(self.objectness.bias, -math.log((1 - PRIOR) / PRIOR))
 
     def forward(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused features (B, C, h, w) -> objectness logits (B, h, w) and edge distances (B, 4, h, w).
+        """Fused features (B, C, h, w), any float dtype -> objectness logits (B, h, w) and edge distances (B, 4, h, w),
+        float32.
 
         Distances (left, top, right, bottom) from each cell's center are fractions of the model input side.
         """
-        x = self.trunk(fused)
+        x = self.trunk(fused.float())
         return self.objectness(x)[:, 0], F.softplus(self.edges(x))
 
     def loss(self, fused: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
