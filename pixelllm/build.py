@@ -1,4 +1,4 @@
-"""One builder for every model: `build_pixelllm(preset name | config JSON | model dir | PixelLLMConfig, ...)`."""
+"""One builder for every model: `build_pixelllm(preset name | config JSON | PixelLLMConfig, ...)`."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ def build_pixelllm(
     """Build a PixelLLM, optionally from official checkpoint files.
 
     Args:
-        name_or_config: a preset (`pixelllm-t5xl`, `pixelllm-base`, `pixelllm-tiny`), a config JSON path,
-            a model directory, or a `PixelLLMConfig`.
+        name_or_config: a preset (`pixelllm-t5xl`, `pixelllm-base`, `pixelllm-tiny`), a config JSON path (a saved
+            model's `config.json`: its shape, with random weights), or a `PixelLLMConfig`. A saved model directory
+            is refused: load it with `PixelLLM.from_pretrained`.
         sam_checkpoint: SAM `.pth` (e.g. `sam_vit_h_4b8939.pth`) for the image encoder A, prompt encoder
             and mask decoder.
         eva_checkpoint: timm EVA02 weights (`.safetensors`, `.pth` or `.bin`).
@@ -47,6 +48,13 @@ def build_pixelllm(
         device: where to build. `"meta"` builds the full shape without allocating memory (no checkpoints).
         tokenizer: overrides the tokenizer (default: the T5 directory's, else the preset's own).
     """
+    from .checkpoints import WEIGHTS_FILE
+
+    if not isinstance(name_or_config, PixelLLMConfig) and (Path(name_or_config) / WEIGHTS_FILE).is_file():
+        raise ValueError(
+            f"{name_or_config} is a saved model: load it with PixelLLM.from_pretrained({str(name_or_config)!r}) "
+            "(build_pixelllm builds a model's shape with random weights)"
+        )
     cfg = load_config(name_or_config)
     if device is not None and torch.device(device).type == "meta":
         if sam_checkpoint or eva_checkpoint or t5_path:

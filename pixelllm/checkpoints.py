@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -301,23 +304,29 @@ def _saved_state(model: nn.Module, sources: dict[str, str]) -> dict[str, torch.T
 
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> None:
+    """Write `model` to `directory`: each file written whole beside it first, so that a save cut off (a full disk,
+    Ctrl-C) leaves a model saved there before as it was."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sources = getattr(model, "sources", {}) or {}
-    model.cfg.save(directory / CONFIG_FILE)
-    if sources:
-        (directory / SOURCES_FILE).write_text(json.dumps(sources, indent=2) + "\n")
-    else:  # a model saved here before may have left one: this model would then load that model's official files
-        (directory / SOURCES_FILE).unlink(missing_ok=True)
-    weights = directory / WEIGHTS_FILE
-    save_file(_saved_state(model, sources), str(weights), metadata={"format": "pt"})
-    # safetensors writes the file owner-only (0600); give it the mode every other file here gets (the umask's),
-    # so a server or container running as another user can read the weights it can read the config of
-    weights.chmod((directory / CONFIG_FILE).stat().st_mode & 0o777)
-    if model.tokenizer is not None:
-        model.tokenizer.save(directory)
-    else:
-        (directory / TOKENIZER_FILE).unlink(missing_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))  # the same file system: renames are atomic
+    try:
+        model.cfg.save(staging / CONFIG_FILE)
+        if sources:
+            (staging / SOURCES_FILE).write_text(json.dumps(sources, indent=2) + "\n")
+        save_file(_saved_state(model, sources), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        # safetensors writes the file owner-only (0600); give it the mode every other file here gets (the umask's),
+        # so a server or container running as another user can read the weights it can read the config of
+        (staging / WEIGHTS_FILE).chmod((staging / CONFIG_FILE).stat().st_mode & 0o777)
+        if model.tokenizer is not None:
+            model.tokenizer.save(staging)
+        for name in (WEIGHTS_FILE, SOURCES_FILE, TOKENIZER_FILE, CONFIG_FILE):
+            if (staging / name).is_file():
+                os.replace(staging / name, directory / name)
+            else:  # a model saved here before may have left one: this model would then load that model's files
+                (directory / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("saved %s to %s", model.name, directory)
 
 

@@ -481,6 +481,24 @@ def test_saved_files_get_the_umasks_mode(tiny_model, tmp_path, umask, mode):
     }
 
 
+def test_a_save_cut_off_leaves_the_model_saved_before(tiny_model, tmp_path, monkeypatch):
+    """A full disk while saving over a model wrote half its weights over the good ones; now those stay whole."""
+    import pixelllm.checkpoints
+
+    tiny_model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(state, path, **kwargs):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pixelllm.checkpoints, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tiny_model.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no staging folder left behind
+    assert PixelLLM.from_pretrained(tmp_path)
+
+
 def test_save_from_official_files_stores_only_non_official_weights(official_files, tmp_path):
     cfg = official_tiny_config()
     model = build_pixelllm(
@@ -612,6 +630,19 @@ def test_from_pretrained_errors(tiny_model, tmp_path):
     own = tiny_model.state_dict()
     first = first_shape_mismatch(other.state_dict(), own)
     assert str(wider / "model.safetensors") in str(e.value) and first in str(e.value)
+
+
+def test_build_refuses_a_saved_model_and_builds_its_configs_shape(tiny_model, tmp_path):
+    """`build_pixelllm(dir)` gave a saved model's shape with random weights, without a word (it captioned
+    'righrighrigh...'): it says to load it; `build_pixelllm(dir / "config.json")` still builds the shape."""
+    tiny_model.save_pretrained(tmp_path)
+    for given in (tmp_path, str(tmp_path)):
+        with pytest.raises(ValueError, match=r"is a saved model: load it with PixelLLM.from_pretrained\("):
+            build_pixelllm(given)
+    shape = build_pixelllm(tmp_path / "config.json")
+    assert {k: v.shape for k, v in shape.state_dict().items()} == {
+        k: v.shape for k, v in tiny_model.state_dict().items()
+    }
 
 
 def test_tokenizer_round_trip(tmp_path):
