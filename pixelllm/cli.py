@@ -285,7 +285,7 @@ def cmd_batch(args) -> int:
             args.timeout,
             args.retries,
             progress=not args.no_progress,
-            api_key=os.environ.get("PIXELLLM_API_KEY") or None,
+            api_key=os.environ.get("PIXELLLM_API_KEY", "").strip() or None,  # a key file's CRLF goes
         )
         items, refused = discover(args.input[0], args.root, args.allow_outside_root, args.text)
         summary = run_batch(items, refused, output, errors, options)

@@ -419,7 +419,8 @@ class Predictor:
     def check_text(self, text: str) -> None:
         """Raise ValueError if `text` is empty or longer than the model reads: its `max_text_tokens` less the
         end token (a longer text would be cut, and its box found from the words before the cut)."""
-        if not text or not text.strip():
+        text = collapse_whitespace(text)
+        if not text:
             raise ValueError("the text is empty")
         limit = self.model.text_tokens_read
         tokens = len(self.model._require_tokenizer().encode(text, add_eos=False))
@@ -430,7 +431,9 @@ class Predictor:
     def localize_embeddings(
         self, embeddings: Sequence[ImageEmbedding], texts: Sequence[str], mask: bool = False, refine: bool = True
     ) -> list[Localization]:
-        """Localize texts[i] in embeddings[i], all in one batched forward pass (see `localize`)."""
+        """Localize texts[i] in embeddings[i], all in one batched forward pass (see `localize`). A text is read with
+        its whitespace collapsed (a trailing space or a line break is a token of its own, which moves its box): that
+        is the result's `text`, which word offsets index."""
         if len(texts) != len(embeddings):
             raise ValueError(f"got {len(embeddings)} images but {len(texts)} texts")
         if not texts:
@@ -442,6 +445,7 @@ class Predictor:
                 self.check_text(text)
             except ValueError as e:
                 raise ValueError(f"texts[{i}]: {e}" if len(texts) > 1 else str(e)) from None
+        texts = [collapse_whitespace(t) for t in texts]
         cfg = self.model.cfg
         features, image_index = self._distinct(embeddings)
         prompts = Prompts(texts=[cfg.localize_prompt + t for t in texts], image_index=image_index)
@@ -737,6 +741,11 @@ def _rewrite(caption: Caption, words: list[Word]) -> Caption:
         rewriter.add(caption.text, old.start, old.end, new) for old, new in zip(caption.words, words, strict=True)
     ]
     return Caption(rewriter.finish(caption.text), placed, caption.score)
+
+
+def collapse_whitespace(text: str) -> str:
+    """`text` with every run of whitespace (spaces, tabs, line breaks) one space, none at either end."""
+    return " ".join(text.split())
 
 
 def _group_words(

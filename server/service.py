@@ -46,7 +46,7 @@ from .settings import Settings
 from .threads import in_new_thread
 
 logger = logging.getLogger(__name__)
-LINE_BREAKS = str.maketrans("\t\n\r", "   ")
+LINE_BREAKS = str.maketrans("\t\n\r\u2028\u2029", "     ")  # tabs and line breaks, Unicode's separators too
 NFC_MAX_SHRINK = 4  # NFC composes at most 4 code points into one (the longest canonical decomposition)
 
 
@@ -165,7 +165,8 @@ class Engine:
                 result = answer.result()
             except (QueueFull, BatcherClosed) as exc:
                 raise busy_error(exc) from None
-            except Exception as exc:  # the model raised on this job (the batcher logged it); others are unharmed
+            except Exception as exc:  # the model raised on this job; others are unharmed
+                logger.error("model call failed", exc_info=exc)  # here, the line carries the request's ID
                 raise model_error() from exc
             (self.metrics.cache_hits if result.cache_hit else self.metrics.cache_misses).inc()
             return result

@@ -121,7 +121,12 @@ def test_api_key_from_the_environment(
     code, _, err = batch(capsys, three, "-o", str(out), "--server", flaky_service.url, "--retries", "10")
     assert code == 2 and "check PIXELLLM_API_KEY" in err
     assert "not-the-key" not in err
-    monkeypatch.setenv("PIXELLLM_API_KEY", KEY)
+    for bad in ("caf\u00e9-key", "two words", "key\nkey"):  # a traceback, or httpx's error echoing the key
+        monkeypatch.setenv("PIXELLLM_API_KEY", bad)
+        code, _, err = batch(capsys, three, "-o", str(out), "--server", flaky_service.url)
+        assert code == 2 and "the API key (PIXELLLM_API_KEY) has a space, a line break" in err, err
+        assert bad not in err and "Traceback" not in err
+    monkeypatch.setenv("PIXELLLM_API_KEY", f"{KEY}\r\n")  # as `$(cat keys.txt)` leaves a Windows file's line
     code, _, _ = batch(capsys, three, "-o", str(out), "--server", flaky_service.url, "--retries", "10")
     assert code == 0
     assert sorted(r["id"] for r in read_jsonl(out)) == IDS[:3]
@@ -317,13 +322,13 @@ def test_a_rerun_asking_another_task_of_done_ids_is_refused(service, tmp_path: P
     assert code == 2 and "(localize 'the dog'; asked now: localize 'the cat')" in err, err
     assert batch(capsys, str(folder), "-o", str(there), "--server", service.url, "--text", "the dog")[0] == 0
     assert [r["text"] for r in read_jsonl(there)] == [["the dog"]] * 2
-    # texts the service cleans (a tab, a decomposed accent) are compared as asked: the same command resumes
+    # texts the service cleans (a tab, a decomposed accent, whitespace) are compared as asked: the same command resumes
     raw, raw_out = "cafe\u0301\tdog\n", tmp_path / "raw.jsonl"
     for _ in range(2):
         code, stdout, err = batch(capsys, str(folder), "-o", str(raw_out), "--server", service.url, "--text", raw)
         assert code == 0, err
     assert stdout.startswith("2 entries: 0 written, 2 already done"), stdout
-    assert [r["result"]["results"][0]["text"] for r in read_jsonl(raw_out)] == ["caf\u00e9 dog "] * 2
+    assert [r["result"]["results"][0]["text"] for r in read_jsonl(raw_out)] == ["caf\u00e9 dog"] * 2
 
 
 def test_a_service_gone_midway_stops_the_batch(tmp_path_factory, tmp_path: Path, images: Path, random_tiny_dir) -> None:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from server_helpers import DEFAULT_MODEL_DIR, ROOT
 
-from pixelllm import Predictor
+from pixelllm import PixelLLM, Predictor
 from pixelllm.tokenizer import EOS_ID
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -270,6 +271,20 @@ def test_image_inputs_and_state(tiny_model):
     p.reset_image()
     with pytest.raises(RuntimeError):
         p.localize("the red circle")
+
+
+def test_a_texts_whitespace_is_collapsed_before_it_is_read():
+    """A trailing space or a line break was a token of its own, read before the box at EOS: the shipped model then
+    found the large circle for "the green square " (what a service text ending in a line break became)."""
+    p = Predictor(PixelLLM.from_pretrained(str(DEFAULT_MODEL_DIR)))
+    p.set_image(Image.open(ROOT / "assets" / "sample.jpg"))
+    plain = p.localize("the green square")
+    for text in ("the green square ", " the  green\nsquare\t"):
+        got = p.localize(text)
+        assert got.text == "the green square" and got.box == plain.box
+        assert [(w.text, w.start, w.end) for w in got.words] == [(w.text, w.start, w.end) for w in plain.words]
+    with pytest.raises(ValueError, match="the text is empty"):
+        p.check_text(" \n\t")
 
 
 def test_failed_set_image_leaves_no_image_and_empty_batches_answer_nothing(tiny_model):

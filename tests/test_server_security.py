@@ -262,6 +262,35 @@ def test_open_paths_are_configurable() -> None:
     assert not Settings().auth_enabled and Settings().rate_limit_per_minute == 0  # off by default
 
 
+def test_with_keys_the_openapi_schema_says_which_operations_take_one() -> None:
+    """Swagger UI's Authorize button and generated clients need the schemes: without them every "Try it out" call
+    of /docs was a 401. Without keys there are none."""
+    secure = create_app(Settings(model="pixelllm-tiny", api_key_hashes=[hash_key(new_key())])).openapi()
+    assert {s["type"] for s in secure["components"]["securitySchemes"].values()} == {"http", "apiKey"}
+    security = {path: [op.get("security") for op in ops.values()] for path, ops in secure["paths"].items()}
+    keyed = [{"bearer": []}, {"apiKey": []}]
+    assert {p for p, s in security.items() if s == [keyed]} == {p for p in security if p.startswith("/v1/")} | {
+        "/metrics"
+    }
+    assert security["/healthz"] == security["/readyz"] == [None]
+    assert "securitySchemes" not in create_app(Settings(model="pixelllm-tiny")).openapi()["components"]
+
+
+def test_without_keys_the_rate_limit_spares_metrics() -> None:
+    """A scraper (behind a proxy: one address with every user) was refused as `rate_limited`; /v1 stays limited."""
+    settings = Settings(model="pixelllm-tiny", rate_limit_per_minute=6, rate_limit_burst=1)
+
+    async def go() -> tuple[list[int], int]:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            scrapes = [(await c.get("/metrics")).status_code for _ in range(3)]
+            calls = [(await c.post("/v1/caption", json={})).status_code for _ in range(2)]
+            return scrapes, calls
+
+    scrapes, calls = asyncio.run(go())
+    assert scrapes == [200, 200, 200] and calls[1] == 429
+
+
 def test_bad_keys_file_stops_the_start(tmp_path: Path) -> None:
     """A missing file, or a raw key where a hash belongs, is an error at start-up that never shows the key."""
     with pytest.raises(FileNotFoundError, match="pixelllm api-key"):
@@ -318,9 +347,11 @@ def test_control_and_invisible_characters_are_refused(client: httpx.Client, char
 
 
 def test_tabs_and_line_breaks_are_spaces_and_text_is_nfc(client: httpx.Client) -> None:
-    r = localize(client, ["a red\tcircle\r\nleft", "cafe\u0301"])
+    """The texts as read: whitespace collapsed (`Predictor.localize`), Unicode's own line separators too."""
+    r = localize(client, ["a red\tcircle\r\nleft ", "cafe\u0301", "a\u2028red\u2029circle"])
     assert r.status_code == 200, r.text
-    assert [loc["text"] for loc in r.json()["localizations"]] == ["a red circle  left", "caf\u00e9"]
+    texts = [loc["text"] for loc in r.json()["localizations"]]
+    assert texts == ["a red circle left", "caf\u00e9", "a red circle"]
     # 128 code points, 64 characters once composed: within max_text_chars=64, so refused for its 65 tokens (the
     # model reads 47), not its characters; and so the longest decomposition (4 code points a character)
     for limit in ("e\u0301" * 64, "\u0391\u0313\u0342\u0345" * 64):
