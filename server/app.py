@@ -18,7 +18,7 @@ from .openapi import install_openapi
 from .requestlog import RequestLogMiddleware, configure_logging
 from .routes import STATIC_DIR, router
 from .schemas import CaptionJSON, DenseJSON, LocalizeJSON, RegionsJSON
-from .security import install_access_control
+from .security import install_access_control, open_paths
 from .service import Engine
 from .settings import Settings
 
@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_error_handlers(app)
-    install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON, DenseJSON])
+    keyless = open_paths(settings, app.openapi_url) if settings.auth_enabled else None
+    install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON, DenseJSON], keyless)
     if settings.debug_fail_rate > 0:  # inside the body limit, so a refused request's body is read
         logger.warning(
             "PIXELLLM_DEBUG_FAIL_RATE=%g: that fraction of /v1 requests is answered %s on purpose (for tests of "

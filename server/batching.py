@@ -35,7 +35,7 @@ class BatcherClosed(Exception):
 
 def process_each(process: Callable[[list[T]], Sequence[R]], values: list[T]) -> list[R | BaseException]:
     """`process(values)`, one result per value; if the batch raises, each value is retried alone, so one bad
-    value fails alone (its result is the exception)."""
+    value fails alone (its result is the exception, which its caller logs: in its request's context)."""
     try:
         results = list(process(values))
         if len(results) != len(values):
@@ -43,7 +43,6 @@ def process_each(process: Callable[[list[T]], Sequence[R]], values: list[T]) -> 
         return results
     except Exception as exc:
         if len(values) == 1:
-            logger.exception("model call failed")
             return [exc]
         logger.warning("batch of %d failed (%s); retrying one by one", len(values), exc)
         return [result for value in values for result in process_each(process, [value])]

@@ -51,14 +51,28 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def install_openapi(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Serve an OpenAPI schema that also holds `models` (the JSON request bodies) in its components."""
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "An API key as `Authorization: Bearer <key>`"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "An API key"},
+}
+
+
+def install_openapi(app: FastAPI, models: list[type[BaseModel]], open_paths: frozenset[str] | None = None) -> None:
+    """Serve an OpenAPI schema that also holds `models` (the JSON request bodies) in its components. With API keys
+    on, `open_paths` are the paths that need none: every other operation takes a key in either header (what
+    Swagger UI's Authorize button sends)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+            if open_paths is not None:
+                components["securitySchemes"] = SECURITY_SCHEMES
+                for path, operations in schema["paths"].items():
+                    for operation in operations.values() if path not in open_paths else ():
+                        operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -115,12 +115,15 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+PATH_SETTINGS = ("model", "sam_checkpoint", "eva_checkpoint", "t5_path", "api_keys_file")
+
+
 def application(settings: Settings) -> Application:
-    """The Serve application: `settings` travel to the replicas (a model directory as an absolute path)."""
-    model = settings.resolved_model()
-    if Path(model).is_dir():
-        model = str(Path(model).resolve())
-    settings = settings.model_copy(update={"model": model})
+    """The Serve application: `settings` travel to the replicas, every path that exists here made absolute (a
+    replica runs in the directory its cluster started in)."""
+    given = {"model": settings.resolved_model(), **{k: getattr(settings, k) for k in PATH_SETTINGS[1:]}}
+    paths = {k: type(v)(Path(v).resolve()) for k, v in given.items() if v is not None and Path(v).exists()}
+    settings = settings.model_copy(update={"model": given["model"], **paths})
     return serve.deployment(PixelLLMDeployment, **deployment_options(settings)).bind(settings.model_dump())
 
 

@@ -28,6 +28,13 @@ class Point(BaseModel):
     y: float
 
 
+def needs_mask(mask_format: str, info: ValidationInfo) -> str:
+    """A `mask_format` given without `mask=true` would do nothing, unnoticed: say so."""
+    if not info.data.get("mask"):
+        raise ValueError("mask_format says how to send the mask: ask for one with mask=true")
+    return mask_format
+
+
 def expect_object(data: Any, keys: str) -> Any:
     """Say what to send where a prompt comes as a list or a multipart-style string instead of an object."""
     if isinstance(data, (list, tuple, str)):
@@ -101,7 +108,9 @@ class CaptionParams(_Request):
 class LocalizeParams(_Request):
     text: str | list[str] = Field(description="One text, or many (multipart: repeat the field)")
     mask: bool = Field(False, description="Also return a segmentation mask")
-    mask_format: MaskFormat = "rle"
+    mask_format: MaskFormat = Field("rle", description="How to send the mask (with mask=true)")
+
+    _needs_mask = field_validator("mask_format")(needs_mask)
 
     @field_validator("text", mode="before")
     @classmethod
@@ -120,9 +129,11 @@ class RegionsParams(_Request):
     points: list[PointPrompt] = Field(default_factory=list, description="Caption at each point (multipart: repeat)")
     texts: list[str] = Field(default_factory=list, description="Localize each text (multipart: repeat)")
     mask: bool = False
-    mask_format: MaskFormat = "rle"
+    mask_format: MaskFormat = Field("rle", description="How to send the masks (with mask=true)")
     max_new_tokens: int | None = MaxNewTokens
     num_beams: int = Field(1, ge=1, le=8)
+
+    _needs_mask = field_validator("mask_format")(needs_mask)
 
 
 class DenseParams(_Request):

@@ -193,6 +193,16 @@ class JSONErrorCORSMiddleware(CORSMiddleware):
         return error_response(400, "cors_refused", message)
 
 
+def open_paths(settings: Settings, openapi_url: str) -> frozenset[str]:
+    """The paths that need no key and are not rate-limited, besides the web page's files (`OPEN_PREFIX`)."""
+    paths = set(OPEN_PATHS)
+    if not settings.protect_metrics or not settings.auth_enabled:  # no key to scrape with: not rate-limited either
+        paths.add("/metrics")
+    if not settings.protect_docs:
+        paths |= {"/docs", openapi_url}
+    return frozenset(paths)
+
+
 def install_access_control(app: FastAPI, settings: Settings) -> None:
     """Add API keys and rate limits (when set) and CORS (origins in `cors_origins`) to `app`; call after its routes."""
     keys = KeyStore(settings.api_keys_file, settings.api_key_hashes) if settings.auth_enabled else None
@@ -200,12 +210,9 @@ def install_access_control(app: FastAPI, settings: Settings) -> None:
     if settings.rate_limit_per_minute > 0:
         limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     if keys is not None or limiter is not None:
-        open_paths = set(OPEN_PATHS)
-        if not settings.protect_metrics:
-            open_paths.add("/metrics")
-        if not settings.protect_docs:
-            open_paths |= {"/docs", app.openapi_url}
-        app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, open_paths=frozenset(open_paths))
+        app.add_middleware(
+            AccessMiddleware, keys=keys, limiter=limiter, open_paths=open_paths(settings, app.openapi_url)
+        )
     app.add_middleware(  # with no origins set, every preflight is refused as `cors_refused`, before any key check
         JSONErrorCORSMiddleware,
         allow_origins=settings.cors_origins,

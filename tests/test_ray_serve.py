@@ -115,6 +115,30 @@ def test_serve_config_builds_the_app() -> None:
     assert isinstance(build_app(app.args), Application)
 
 
+def test_the_replicas_get_every_local_path_absolute(tmp_path, monkeypatch) -> None:
+    """A replica runs in the directory its cluster started in: relative paths that exist here travel absolute (only
+    the model's did; a relative checkpoint or keys file was not found there). Preset names stay names."""
+    from server import Settings
+    from server.ray_app import application
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("sam.pth", "eva.safetensors", "keys.txt"):
+        (tmp_path / name).touch()
+    (tmp_path / "flan-t5").mkdir()
+    given = Settings(
+        model="pixelllm-tiny",
+        sam_checkpoint="sam.pth",
+        eva_checkpoint="eva.safetensors",
+        t5_path="flan-t5",
+        api_keys_file="keys.txt",
+    )
+    (sent,) = application(given)._bound_deployment.init_args
+    assert sent["model"] == "pixelllm-tiny"
+    assert sent["sam_checkpoint"] == str(tmp_path / "sam.pth") and sent["t5_path"] == str(tmp_path / "flan-t5")
+    assert sent["eva_checkpoint"] == str(tmp_path / "eva.safetensors")
+    assert sent["api_keys_file"] == tmp_path / "keys.txt"
+
+
 def test_replicas_or_autoscaling_from_settings() -> None:
     from server import Settings
     from server.ray_app import deployment_options

@@ -336,6 +336,8 @@ BAD = [
     ("/v1/localize", js(text=["a", 3]), "text"),
     ("/v1/localize", js(text="a", mask_format="jpeg"), "mask_format"),
     ("/v1/localize", form(text="a", mask="maybe"), "mask"),
+    ("/v1/localize", js(text="a", mask_format="png"), "mask_format"),  # without mask=true: it did nothing
+    ("/v1/regions", form(texts=["a"], mask="false", mask_format="both"), "mask_format"),
     ("/v1/regions", js(), "boxes"),
     ("/v1/regions", js(texts=["a"] * 7), "texts"),
     ("/v1/regions", js(boxes=[{"x0": 0, "y0": 0, "x1": 1, "y1": 1}] * 7), "boxes"),
@@ -377,6 +379,8 @@ def test_error_messages_say_what_is_wrong(service_client: httpx.Client) -> None:
     assert assert_error(broken, 422, "invalid_body")["message"].startswith("body: malformed JSON (")
     error = assert_error(service_client.get("/v1/caption"), 405, "method_not_allowed")
     assert error["message"] == "Method Not Allowed: /v1/caption takes POST"
+    error = assert_error(service_client.post("/v1/localize", **form(text="a", mask_format="png")), 422)
+    assert error["message"] == "mask_format: mask_format says how to send the mask: ask for one with mask=true"
     nan_json = {"content": b'{"image": "", "nms_iou": NaN}', "headers": {"content-type": "application/json"}}
     for kwargs in form(score_threshold="nan"), nan_json:
         error = assert_error(service_client.post("/v1/dense", **kwargs), 422)

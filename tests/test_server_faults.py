@@ -98,7 +98,10 @@ def test_model_error_fails_only_that_request(failing_service, expected) -> None:
     """Requests one at a time: model calls 3 and 6 raise; those requests get a JSON 500, the rest their answer."""
     images = [IMAGES[i % 2] for i in range(6)]
     with httpx.Client(base_url=failing_service.url, timeout=60) as client:
-        responses = [client.post("/v1/caption", files={"image": image}, data=FORM) for image in images]
+        responses = [
+            client.post("/v1/caption", files={"image": image}, data=FORM, headers={"X-Request-ID": f"req-{i}"})
+            for i, image in enumerate(images)
+        ]
         assert client.get("/readyz").status_code == 200
         text = client.get("/metrics").text
     for i, (image, r) in enumerate(zip(images, responses)):
@@ -109,6 +112,7 @@ def test_model_error_fails_only_that_request(failing_service, expected) -> None:
     assert metric(text, "pixelllm_requests_total", route="/v1/caption", method="POST", status="500") == 2
     log = failing_service.log()
     assert log.count("InjectedFault: injected model failure") == 2 and "unhandled error" not in log
+    assert "[req-2] model call failed" in log and "[req-5] model call failed" in log  # which 500 is which
 
 
 def test_model_error_in_a_batch_spares_the_others(failing_service, expected) -> None:
