@@ -303,13 +303,19 @@ def _saved_state(model: nn.Module, sources: dict[str, str]) -> dict[str, torch.T
     return out
 
 
+STAGING_PREFIX = ".saving-"
+
+
 def save_pretrained(model: nn.Module, directory: str | Path) -> None:
-    """Write `model` to `directory`: each file written whole beside it first, so that a save cut off (a full disk,
-    Ctrl-C) leaves a model saved there before as it was."""
+    """Write `model` to `directory`. Every file is written whole in a staging folder there, then renamed into place
+    (the config last), so that a save cut off while writing (a full disk, Ctrl-C) leaves a model saved there before
+    as it was; a staging folder a killed save left is removed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     sources = getattr(model, "sources", {}) or {}
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))  # the same file system: renames are atomic
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))  # one file system: renames are atomic
     try:
         model.cfg.save(staging / CONFIG_FILE)
         if sources:

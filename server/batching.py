@@ -171,7 +171,9 @@ class DynamicBatcher(Generic[T, R]):
             results = await loop.run_in_executor(self._executor, process_each, self.process, values)
             self.on_batch(len(batch), time.monotonic() - started)
             for item, result in zip(batch, results):
-                if item.future.done():
+                if item.future.done():  # its caller left or timed out: nobody reads the result, nor logs its error
+                    if isinstance(result, BaseException):
+                        logger.error("model call failed for a request no longer waiting", exc_info=result)
                     continue
                 if isinstance(result, BaseException):
                     item.future.set_exception(result)

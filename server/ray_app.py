@@ -122,7 +122,7 @@ def application(settings: Settings) -> Application:
     """The Serve application: `settings` travel to the replicas, every path that exists here made absolute (a
     replica runs in the directory its cluster started in)."""
     given = {"model": settings.resolved_model(), **{k: getattr(settings, k) for k in PATH_SETTINGS[1:]}}
-    paths = {k: type(v)(Path(v).resolve()) for k, v in given.items() if v is not None and Path(v).exists()}
+    paths = {k: type(v)(Path(v).resolve()) for k, v in given.items() if v and Path(v).exists()}  # "" is unset
     settings = settings.model_copy(update={"model": given["model"], **paths})
     return serve.deployment(PixelLLMDeployment, **deployment_options(settings)).bind(settings.model_dump())
 

@@ -126,6 +126,7 @@ def test_api_key_from_the_environment(
         code, _, err = batch(capsys, three, "-o", str(out), "--server", flaky_service.url)
         assert code == 2 and "the API key (PIXELLLM_API_KEY) has a space, a line break" in err, err
         assert bad not in err and "Traceback" not in err
+    assert Options(api_key="").api_key == ""  # no key, as unset (the library's callers pass the environment's)
     monkeypatch.setenv("PIXELLLM_API_KEY", f"{KEY}\r\n")  # as `$(cat keys.txt)` leaves a Windows file's line
     code, _, _ = batch(capsys, three, "-o", str(out), "--server", flaky_service.url, "--retries", "10")
     assert code == 0

@@ -485,8 +485,10 @@ def test_a_save_cut_off_leaves_the_model_saved_before(tiny_model, tmp_path, monk
     """A full disk while saving over a model wrote half its weights over the good ones; now those stay whole."""
     import pixelllm.checkpoints
 
+    (tmp_path / ".saving-killed").mkdir(parents=True)  # what a save killed outright (SIGKILL) leaves
+    (tmp_path / ".saving-killed" / "model.safetensors").write_bytes(b"half a file")
     tiny_model.save_pretrained(tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}  # the staging folder left is gone: a dir would raise
 
     def disk_full(state, path, **kwargs):
         Path(path).write_bytes(b"half a file")

@@ -58,14 +58,19 @@ def test_half_precision_draws_coordinates_in_float32(dtype: torch.dtype) -> None
     """The point and proposal heads stay float32 in a half-precision model: in bfloat16 every word corner came out
     on the bfloat16 grid, in [0.5, 1] a multiple of 1/512 of the image (7.8 px of a 4000 px photo)."""
     p = predictor(dtype)
-    heads = (p.model.point_head, p.model.proposal_head)
-    assert {t.dtype for head in heads for t in head.parameters()} == {torch.float32}
+    saved = PixelLLM.from_pretrained(DEFAULT_MODEL_DIR).state_dict()
+    heads = {"point_head": p.model.point_head, "proposal_head": p.model.proposal_head}
+    for name, head in heads.items():  # the saved float32 weights themselves, not rounded to `dtype` first
+        assert all(torch.equal(v, saved[f"{name}.{k}"]) for k, v in head.state_dict().items()), name
     hidden = torch.randn(64, p.model.language_model.dim, generator=torch.Generator().manual_seed(0))
     corners, confidence = p.model._points(hidden.to(dtype))
     assert corners.dtype == confidence.dtype == torch.float32
     assert (corners != corners.to(dtype).float()).any()  # not all on the half-precision grid
     logits, edges = p.model.proposal_head(p.embedding.features.fused)
     assert p.embedding.features.fused.dtype == dtype and edges.dtype == logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast changes nothing
+        assert torch.equal(p.model._points(hidden.to(dtype))[0], corners)
+        assert torch.equal(p.model.proposal_head(p.embedding.features.fused)[1], edges)
 
 
 def test_int8_language_model_answers_every_prompt_like_float32(answers_fp32: dict) -> None:

@@ -137,6 +137,8 @@ def test_the_replicas_get_every_local_path_absolute(tmp_path, monkeypatch) -> No
     assert sent["sam_checkpoint"] == str(tmp_path / "sam.pth") and sent["t5_path"] == str(tmp_path / "flan-t5")
     assert sent["eva_checkpoint"] == str(tmp_path / "eva.safetensors")
     assert sent["api_keys_file"] == tmp_path / "keys.txt"
+    (sent,) = application(Settings(model="pixelllm-tiny", t5_path=""))._bound_deployment.init_args
+    assert sent["t5_path"] == ""  # unset, as the single-process server takes it: not the working directory
 
 
 def test_replicas_or_autoscaling_from_settings() -> None:

@@ -86,6 +86,33 @@ def test_a_caller_that_gives_up_while_a_batch_runs_leaves_nothing_queued() -> No
     assert depth_while_running == 1 and depth_after == 0
 
 
+def test_a_failure_nobody_waits_for_any_more_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A caller that timed out (504) or left (499) while its batch ran gets no 500 to log its model error: the
+    batcher logs it, traceback and all."""
+    release = threading.Event()
+
+    def process(values: list[object]) -> list[object]:
+        release.wait(timeout=10)
+        raise RuntimeError("CUDA out of memory")
+
+    async def main() -> None:
+        batcher = DynamicBatcher(process, max_batch_size=1, max_wait_s=0.0, max_queue=4)
+        batcher.start()
+        task = asyncio.ensure_future(batcher.submit(Payload()))
+        await asyncio.sleep(0.05)  # the batch is running in the worker thread
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        release.set()
+        await asyncio.sleep(0.2)  # the batch ends (close does not wait for work whose callers are gone)
+        await batcher.close(timeout_s=1)
+
+    with caplog.at_level("ERROR", logger="server.batching"):
+        asyncio.run(main())
+    (record,) = [r for r in caplog.records if r.name == "server.batching"]
+    assert record.getMessage() == "model call failed for a request no longer waiting"
+    assert "CUDA out of memory" in str(record.exc_info[1])
+
+
 def test_a_cancelled_caller_is_dropped_by_identity_not_by_comparing_values() -> None:
     async def main() -> tuple[object, int, object]:
         batcher, running, release = await busy_batcher(max_batch_size=1)

@@ -18,8 +18,11 @@ class Float32Module(nn.Module):
     a 4000 px photo)."""
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        return super()._apply(lambda t: t.float() if t.is_floating_point() else t, recurse)
+        def move_only(t: torch.Tensor) -> torch.Tensor:  # the float32 weights as they are, not rounded to the cast
+            out = fn(t)
+            return t.to(out.device) if out.is_floating_point() and out.dtype != t.dtype else out
+
+        return super()._apply(move_only, recurse)
 
 
 class PointHead(Float32Module):
@@ -37,6 +40,7 @@ class PointHead(Float32Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.mlp(hidden.float())
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 under a caller's autocast too
+            out = self.mlp(hidden.float())
         corners = ((out[..., :4] + 1) / 2).unflatten(-1, (2, 2))
         return corners, out[..., 4]

@@ -40,8 +40,9 @@ class ProposalHead(Float32Module):
 
         Distances (left, top, right, bottom) from each cell's center are fractions of the model input side.
         """
-        x = self.trunk(fused.float())
-        return self.objectness(x)[:, 0], F.softplus(self.edges(x))
+        with torch.autocast(fused.device.type, enabled=False):  # float32 under a caller's autocast too
+            x = self.trunk(fused.float())
+            return self.objectness(x)[:, 0], F.softplus(self.edges(x))
 
     def loss(self, fused: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
         """Focal loss on Gaussian center heatmaps + L1 and GIoU on the boxes at object centers.
