@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-MODEL ?= weights/pixelllm-tiny
+MODEL ?= $(or $(PIXELLLM_MODEL),weights/pixelllm-tiny)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 

@@ -229,7 +229,7 @@ def cmd_serve(args) -> None:
         except ImportError as e:
             if not (e.name or "").startswith("ray"):
                 raise
-            raise CLIError("--ray needs Ray Serve: pip install 'pixelllm[ray]'") from None
+            raise CLIError("--ray needs Ray Serve: pip install -e '.[ray]' in the checkout (make setup does)") from None
     try:
         settings = Settings()
     except ValidationError as e:

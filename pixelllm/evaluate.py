@@ -435,7 +435,9 @@ def caption_scores(references: dict, candidates: dict) -> dict:
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
     except ImportError:
-        log.warning("pycocoevalcap is not installed: caption scores skipped (pip install 'pixelllm[eval]')")
+        log.warning(
+            "pycocoevalcap is not installed: caption scores skipped (pip install -e '.[eval]' in the checkout; make setup does)"
+        )
         return {}
     keys = list(references)
     ends = np.cumsum([0, *(len(references[k]) for k in keys)])

@@ -88,8 +88,8 @@ def serving_settings(settings: Settings | None = None) -> Settings:
 
     configure_logging()
     settings = settings or Settings()
-    settings = settings.model_copy(update={"model": settings.resolved_model()})
     try:
+        settings = settings.model_copy(update={"model": settings.resolved_model()})
         load_config(settings.model)
     except ValueError as exc:
         raise StartupError(f"{exc}; check PIXELLLM_MODEL") from None

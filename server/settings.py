@@ -10,8 +10,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pixelllm.config import DEFAULT_WEIGHTS
 
-FALLBACK_PRESET = "pixelllm-tiny"
-
 
 class Settings(BaseSettings):
     """Everything the service can be told; each field is `PIXELLLM_<NAME>` in the environment."""
@@ -19,7 +17,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIXELLLM_", protected_namespaces=())
 
     model: str | None = Field(
-        None, description="Model directory or preset name; default: weights/pixelllm-tiny, else random tiny"
+        None, description="Model directory or preset name; default: the checkout's weights/pixelllm-tiny"
     )
     sam_checkpoint: str | None = None
     eva_checkpoint: str | None = None
@@ -128,9 +126,14 @@ class Settings(BaseSettings):
         return self.api_keys_file is not None or bool(self.api_key_hashes)
 
     def resolved_model(self) -> str:
-        """The model to load: the setting, else the embedded default weights, else the random tiny preset."""
+        """The model to load: the setting, else the embedded default weights; ValueError without either (an install
+        from a wheel holds no weights: it served the random tiny preset, with only a warning in the log)."""
         if self.model:
             return self.model
         if DEFAULT_WEIGHTS.is_dir():
             return str(DEFAULT_WEIGHTS)
-        return FALLBACK_PRESET  # random weights: `load_model` warns
+        raise ValueError(
+            f"PIXELLLM_MODEL is unset and the default model is not at {DEFAULT_WEIGHTS} (a package installed from a "
+            "wheel holds no weights): set PIXELLLM_MODEL to a model directory, such as weights/pixelllm-tiny in a "
+            "checkout of the repository"
+        )

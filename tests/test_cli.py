@@ -305,6 +305,23 @@ def test_the_default_model_is_found_from_any_folder_and_a_preset_warns_of_random
             load_model(preset)
 
 
+def test_without_a_model_setting_or_the_default_weights_the_service_does_not_start(monkeypatch, tmp_path) -> None:
+    """A package installed from a wheel holds no weights/: the service served random weights, a warning in its log."""
+    import server.settings
+    from pixelllm.config import DEFAULT_WEIGHTS
+    from server import Settings, StartupError
+    from server.app import serving_settings
+
+    monkeypatch.delenv("PIXELLLM_MODEL", raising=False)
+    monkeypatch.setattr(server.settings, "DEFAULT_WEIGHTS", tmp_path / "weights" / "pixelllm-tiny")
+    with pytest.raises(
+        StartupError, match="PIXELLLM_MODEL is unset and the default model is not at .*set PIXELLLM_MODEL"
+    ):
+        serving_settings(Settings())
+    given = str(DEFAULT_WEIGHTS)  # the real one: the setting is taken as given
+    assert serving_settings(Settings(model=given)).model == given
+
+
 def test_a_negative_coordinate_after_a_space_says_to_use_equals(capsys) -> None:
     with pytest.raises(SystemExit) as exit:
         main(["caption", SAMPLE, "--point", "-5,-5"])

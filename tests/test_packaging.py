@@ -15,7 +15,7 @@ def test_the_wheel_carries_every_config_tokenizer_and_static_file(tmp_path: Path
     """Outside the checkout, a preset without its tokenizer could not caption (it was left out of the wheel)."""
     source = tmp_path / "src"  # a copy: the checkout's build/ may hold files of an earlier build
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     for package in ("pixelllm", "server"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -29,3 +29,4 @@ def test_the_wheel_carries_every_config_tokenizer_and_static_file(tmp_path: Path
     assert (ROOT / "server/static/docs/swagger-ui-bundle.js") in needed
     missing = [str(p.relative_to(ROOT)) for p in needed if str(p.relative_to(ROOT)) not in names]
     assert not missing, f"left out of the wheel: {missing}"
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)  # Apache-2.0 ships its text
