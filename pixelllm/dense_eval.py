@@ -8,24 +8,35 @@ images are ranked by score; one is a true positive when it was first to its regi
 threshold, and its caption scores > the caption threshold against the region's best reference. AP is the
 101-point interpolated precision; mAP averages the 30 APs. (Boxes are continuous here, so IoU has no +1 pixel.)
 
-The caption score is METEOR restricted to exact word matches (no stemming, synonyms or paraphrases, which
-need WordNet and METEOR's Java tables): F-mean of unigram precision and recall (alpha 0.9) times
-(1 - 0.5 * (chunks / matches) ** 3). On our synthetic vocabulary every word is a content word, so exact
-matching is what METEOR's other modules would reduce to.
+The caption score is METEOR 1.5 (`-l en -norm`, what densecap runs) with exact word matches only (no stemming,
+synonyms or paraphrases, which need METEOR's Java tables; none of them joins two words of our synthetic
+vocabulary): weighted unigram precision P and recall R (function words weigh 1 - delta, the others delta),
+F = P R / (alpha P + (1 - alpha) R), times 1 - gamma (chunks / matches) ** beta, with METEOR's English parameters
+and function words. tests/test_dense.py checks it against the jar.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 IOU_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 CAPTION_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 MERGE_IOU = 0.7  # ground-truth regions overlapping by this much are one region
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+METEOR_ALPHA, METEOR_BETA, METEOR_GAMMA, METEOR_DELTA = 0.85, 0.2, 0.6, 0.75  # METEOR 1.5, English (`-l en`)
+METEOR_FUNCTION_WORDS = frozenset(  # the jar's resources/function/english.words
+    "the , . to of and a in that for \" is on 's it with was as said at he by be from have has are his but an this "  # noqa: SIM905
+    "not i will \u2019 they ) -rrb- ( -lrb- who their had we which were been more or s its would about new one after "
+    "you : also up when there than $ all out her people she year two - can if last first \u201c over other \u201d "
+    "into some what so -- no time years could ? 't \u2014 '".split()
+)
 
 
 @dataclass
@@ -43,28 +54,49 @@ class DensePrediction:
     captions: list[str]
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+def _tokens(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks, as METEOR's `-norm` splits them."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def _fewest_chunks(cand: list[str], ref: list[str]) -> tuple[int, int]:
+    """(matches, chunks) of the alignment METEOR takes among exact matches: as many matches as there can be, in the
+    fewest chunks (runs of matches adjacent in both texts). Captions are short: every pairing of repeated words is
+    tried."""
+    groups = []
+    for word in set(cand) & set(ref):
+        at_c = [i for i, w in enumerate(cand) if w == word]
+        at_r = [j for j, w in enumerate(ref) if w == word]
+        k = min(len(at_c), len(at_r))
+        groups.append(
+            [list(zip(c, r)) for c in itertools.combinations(at_c, k) for r in itertools.permutations(at_r, k)]
+        )
+    if not groups:
+        return 0, 0
+    best = None
+    for choice in itertools.product(*groups):
+        pairs = sorted(p for group in choice for p in group)
+        chunks = 1 + sum(1 for (i0, j0), (i1, j1) in zip(pairs, pairs[1:]) if not (i1 == i0 + 1 and j1 == j0 + 1))
+        best = chunks if best is None else min(best, chunks)
+    return len(pairs), best
 
 
 def meteor_exact(candidate: str, reference: str) -> float:
-    """METEOR with exact unigram matching only (see the module docstring); 0 when nothing matches."""
-    cand, ref = _words(candidate), _words(reference)
-    used = [False] * len(ref)
-    alignment = []  # (candidate index, reference index), in candidate order
-    for i, word in enumerate(cand):
-        for j, r in enumerate(ref):
-            if not used[j] and r == word:
-                used[j] = True
-                alignment.append((i, j))
-                break
-    matches = len(alignment)
+    """METEOR 1.5 with exact unigram matching only (see the module docstring); 0 when nothing matches."""
+    cand, ref = _tokens(candidate), _tokens(reference)
+    matches, chunks = _fewest_chunks(cand, ref)
     if matches == 0:
         return 0.0
-    precision, recall = matches / len(cand), matches / len(ref)
-    fmean = precision * recall / (0.9 * precision + 0.1 * recall)
-    chunks = 1 + sum(1 for (i0, j0), (i1, j1) in zip(alignment, alignment[1:]) if not (i1 == i0 + 1 and j1 == j0 + 1))
-    return fmean * (1 - 0.5 * (chunks / matches) ** 3)
+
+    def weight(words: list[str]) -> float:
+        return sum(1 - METEOR_DELTA if w in METEOR_FUNCTION_WORDS else METEOR_DELTA for w in words)
+
+    matched = Counter(cand) & Counter(ref)  # each word's matches: min of its counts
+    matched_weight = weight(list(matched.elements()))
+    precision, recall = matched_weight / weight(cand), matched_weight / weight(ref)
+    fmean = precision * recall / (METEOR_ALPHA * precision + (1 - METEOR_ALPHA) * recall)
+    identical = matches == len(cand) == len(ref) and chunks == 1  # METEOR gives a whole match no penalty
+    return fmean * (1 - (0.0 if identical else METEOR_GAMMA * (chunks / matches) ** METEOR_BETA))
 
 
 def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -153,20 +185,19 @@ def object_recall(
     predictions: Sequence[DensePrediction], truths: Sequence[DenseTruth], correct, t_iou: float = 0.5
 ) -> float:
     """Share of ground-truth regions that some prediction overlaps by >= `t_iou` with `correct(pred, truth)`
-    captions (each prediction may serve one region)."""
+    captions, each prediction serving one region: the most regions any such one-to-one matching finds."""
     found, total = 0, 0
     for pred, truth in zip(predictions, truths):
         total += len(truth.captions)
         if len(pred.scores) == 0 or len(truth.captions) == 0:
             continue
         iou = box_iou_matrix(pred.boxes, truth.boxes)
-        used: set[int] = set()
-        for g, gt_caption in enumerate(truth.captions):
-            for k in np.argsort(-iou[:, g]):
-                if iou[k, g] < t_iou:
-                    break
-                if int(k) not in used and correct(pred.captions[k], gt_caption):
-                    used.add(int(k))
-                    found += 1
-                    break
+        can = np.array(
+            [
+                [iou[k, g] >= t_iou and correct(pred.captions[k], c) for g, c in enumerate(truth.captions)]
+                for k in range(len(iou))
+            ]
+        )
+        rows, cols = linear_sum_assignment(can, maximize=True)
+        found += int(can[rows, cols].sum())
     return found / max(total, 1)

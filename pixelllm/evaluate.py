@@ -22,8 +22,9 @@ Metrics (written as JSON):
   LN-style). The same
   with any shape word after the object's color (`caption_object_color_rate`, `_color_named`) separates a
   wrong shape word from an object left out;
-- point L1 (Localized-Narratives style): teacher-forcing the reference caption, mean L1 between each
-  located token's predicted point and its trace point, in pixels of the original image;
+- point error (Localized-Narratives style): teacher-forcing the reference caption, the mean absolute difference
+  per coordinate (|dx| and |dy| averaged, half the L1 distance: what the training loss's point L1 measures)
+  between each located token's predicted point and its trace point, in pixels of the original image;
 - caption scores (BLEU-4, ROUGE-L, CIDEr, and METEOR when Java runs) via pycocoevalcap, if installed;
 - dense captioning (models with a proposal head): VG densecap mAP (`pixelllm.dense_eval`) of all proposals
   scoring >= 0.05, and the recall of objects found at IoU >= 0.5 with a right color and shape among the

@@ -78,7 +78,11 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
         pct("caption_word_point_acc_teacher_forced"),
         "",
     ),
-    ("point L1 vs trace points (teacher-forced, original px)", num("point_l1_px", digits=1), ""),
+    (
+        "point error vs trace points, mean per coordinate (teacher-forced, original px)",
+        num("point_l1_px", digits=1),
+        "",
+    ),
     (
         "BLEU-4 / ROUGE-L / CIDEr / METEOR (vs the scene's caption, PTB-tokenized)",
         lambda d: f"{d['bleu4']:.3f} / {d['rouge_l']:.3f} / {d['cider']:.2f} / {d['meteor']:.3f}",
@@ -90,12 +94,9 @@ ROWS: list[tuple[str, Callable[[dict], str], str]] = [
         ">= 90% (issue 9)",
     ),
     ("dense: AP at IoU 0.5, any caption (proposals alone)", num("dense_ap@0.5_iou_any_caption"), ""),
-    ("dense: VG densecap mAP (exact-match METEOR, see below)", num("dense_map"), ""),
-    (
-        "dense: regions per image at threshold 0.3 (objects per image: 2.4)",
-        num("dense_regions_per_image", digits=1),
-        "",
-    ),
+    ("dense: VG densecap mAP (METEOR 1.5, exact matches, see below)", num("dense_map"), ""),
+    ("dense: regions per image at threshold 0.3", num("dense_regions_per_image", digits=1), ""),
+    ("objects per image", lambda d: f"{d['num_objects'] / d['num_scenes']:.1f}", ""),
 ]
 
 

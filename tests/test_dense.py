@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,7 +15,8 @@ from conftest import make_batch
 
 from pixelllm import Predictor, Region
 from pixelllm.config import ProposalHeadConfig, load_config
-from pixelllm.data.synthetic import generate_scene
+from pixelllm.data.synthetic import generate_scene, scene_seed
+from pixelllm.data.tasks import region_caption
 from pixelllm.dense_eval import (
     DensePrediction,
     DenseTruth,
@@ -32,12 +35,40 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_meteor_exact_known_values():
-    assert meteor_exact("a red circle", "a red circle") == pytest.approx(1 - 0.5 / 27)
+    """METEOR 1.5's English parameters: function words ("a", ".") weigh 0.25, content words 0.75."""
+    assert meteor_exact("a red circle.", "a red circle.") == 1.0  # a whole match has no fragmentation penalty
     assert meteor_exact("blue star", "a red circle") == 0.0
-    # 2 of 3 candidate words match 2 of 4 reference words in two chunks
-    p, r = 2 / 3, 2 / 4
-    expected = p * r / (0.9 * p + 0.1 * r) * (1 - 0.5 * (2 / 2) ** 3)
+    # "red" and "circle" (0.75 each) of "red big circle" (2.25) and of "a red small circle" (2.5), in two chunks
+    p, r = 1.5 / 2.25, 1.5 / 2.5
+    expected = p * r / (0.85 * p + 0.15 * r) * (1 - 0.6 * (2 / 2) ** 0.2)
     assert meteor_exact("red big circle", "a red small circle") == pytest.approx(expected)
+    # a repeated word is aligned where it makes the fewest chunks: "a small" is one chunk, not the first "a"
+    p, r = 1.0 / 2.0, 1.0 / 2.75
+    expected = p * r / (0.85 * p + 0.15 * r) * (1 - 0.6 * (1 / 2) ** 0.2)
+    assert meteor_exact("a green a small", "a small blue diamond.") == pytest.approx(expected)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR's jar needs Java")
+def test_meteor_exact_scores_as_the_meteor_jar_does():
+    """Against pycocoevalcap's METEOR 1.5 jar (`-l en -norm`, densecap's scorer): region captions of the synthetic
+    vocabulary and scrambled word strings (repeats, no full stop), both ways round. The exact-only formula of
+    METEOR 2005 that stood here scored 'a small blue star.' against 'a small red circle.' 0.469, the jar 0.203."""
+    meteor = pytest.importorskip("pycocoevalcap.meteor.meteor")
+    captions = sorted({region_caption(o) for i in range(40) for o in generate_scene(scene_seed(5, i)).objects})
+    words = sorted({w for c in captions for w in c.replace(".", " .").split()})
+    rng = random.Random(0)
+
+    def scrambled() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 7)))
+
+    pairs = [tuple(rng.sample(captions, 2)) for _ in range(100)] + [(c, c) for c in captions[:10]]
+    pairs += [(scrambled(), rng.choice(captions)) for _ in range(100)]
+    pairs += [(rng.choice(captions), scrambled()) for _ in range(50)]
+    gts = {i: [reference] for i, (_, reference) in enumerate(pairs)}
+    res = {i: [candidate] for i, (candidate, _) in enumerate(pairs)}
+    _, jar = meteor.Meteor().compute_score(gts, res)
+    ours = [meteor_exact(candidate, reference) for candidate, reference in pairs]
+    assert ours == pytest.approx(jar, abs=1e-9)
 
 
 def test_average_precision_known_value():
@@ -65,6 +96,11 @@ def test_densecap_map_rewards_right_boxes_and_captions():
     assert object_recall([duplicate], [truth], same) == 0.5
     shifted = DensePrediction(truth.boxes + 3, np.array([0.9, 0.8]), list(truth.captions))
     assert object_recall([shifted], [truth], same) == 0.5  # the big box still overlaps >= 0.5
+    # the best one-to-one matching: taking, for the first object, the prediction it overlaps most (0.82, shared
+    # with the second) left the second none, and the recall was 0.5
+    pair = DenseTruth(np.array([[0, 0, 10, 10], [2, 0, 12, 10]]), ["a red circle"] * 2)
+    between = DensePrediction(np.array([[1, 0, 11, 10], [-2, 0, 8, 10]]), np.array([0.9, 0.8]), ["a red circle"] * 2)
+    assert object_recall([between], [pair], same) == 1.0
 
 
 def test_densecap_map_follows_densecaps_own_matching():
