@@ -112,7 +112,7 @@ class Options:
             raise BatchError(f"the timeout must be a number of seconds, got {self.timeout_s}")
         if self.concurrency < 1 or self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
             raise BatchError("need concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0")
-        if self.api_key and not API_KEY.fullmatch(self.api_key):  # "" or None: no key  # the key itself is never shown
+        if self.api_key and not API_KEY.fullmatch(self.api_key):  # "" or None is no key; the message never shows it
             raise BatchError(
                 "the API key (PIXELLLM_API_KEY) has a space, a line break or a non-ASCII character, which no HTTP "
                 "header carries: set it to the key alone, as `pixelllm api-key` printed it"

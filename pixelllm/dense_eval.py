@@ -59,42 +59,40 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
 
-def _fewest_chunks(cand: list[str], ref: list[str]) -> tuple[int, int]:
-    """(matches, chunks) of the alignment METEOR takes among exact matches: as many matches as there can be, in the
-    fewest chunks (runs of matches adjacent in both texts). Captions are short: every pairing of repeated words is
-    tried."""
+def _fewest_chunks(cand: list[str], ref: list[str], matched: Counter) -> int:
+    """The chunks (runs of matches adjacent in both texts) of the alignment METEOR takes among exact matches: each
+    word of `matched` matched as often as it can be, in the fewest chunks. Captions are short: every pairing of
+    repeated words is tried."""
     groups = []
-    for word in set(cand) & set(ref):
+    for word, k in matched.items():
         at_c = [i for i, w in enumerate(cand) if w == word]
         at_r = [j for j, w in enumerate(ref) if w == word]
-        k = min(len(at_c), len(at_r))
         groups.append(
             [list(zip(c, r)) for c in itertools.combinations(at_c, k) for r in itertools.permutations(at_r, k)]
         )
-    if not groups:
-        return 0, 0
-    best = None
+    fewest = None
     for choice in itertools.product(*groups):
         pairs = sorted(p for group in choice for p in group)
         chunks = 1 + sum(1 for (i0, j0), (i1, j1) in zip(pairs, pairs[1:]) if not (i1 == i0 + 1 and j1 == j0 + 1))
-        best = chunks if best is None else min(best, chunks)
-    return len(pairs), best
+        fewest = chunks if fewest is None else min(fewest, chunks)
+    return fewest
 
 
 def meteor_exact(candidate: str, reference: str) -> float:
     """METEOR 1.5 with exact unigram matching only (see the module docstring); 0 when nothing matches."""
     cand, ref = _tokens(candidate), _tokens(reference)
-    matches, chunks = _fewest_chunks(cand, ref)
+    matched = Counter(cand) & Counter(ref)  # each word's matches: the least of its two counts
+    matches = sum(matched.values())
     if matches == 0:
         return 0.0
 
     def weight(words: list[str]) -> float:
         return sum(1 - METEOR_DELTA if w in METEOR_FUNCTION_WORDS else METEOR_DELTA for w in words)
 
-    matched = Counter(cand) & Counter(ref)  # each word's matches: min of its counts
     matched_weight = weight(list(matched.elements()))
     precision, recall = matched_weight / weight(cand), matched_weight / weight(ref)
     fmean = precision * recall / (METEOR_ALPHA * precision + (1 - METEOR_ALPHA) * recall)
+    chunks = _fewest_chunks(cand, ref, matched)
     identical = matches == len(cand) == len(ref) and chunks == 1  # METEOR gives a whole match no penalty
     return fmean * (1 - (0.0 if identical else METEOR_GAMMA * (chunks / matches) ** METEOR_BETA))
 

@@ -291,8 +291,7 @@ class PixelLLM(nn.Module):
             ignore_index=IGNORE_INDEX,
             label_smoothing=lc.label_smoothing,
         )
-        with torch.autocast(hidden.device.type, enabled=False):  # bf16 corners would be off by up to 2**-9 of S
-            corners, confidence = self.point_head(hidden)
+        corners, confidence = self.point_head(hidden)  # float32, autocast or not: bf16 corners would be off by 2**-9
         valid = labels != IGNORE_INDEX
         located = batch["located"] & valid
         target = batch["target_corners"].to(corners.dtype)
