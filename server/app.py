@@ -9,14 +9,13 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, FaultInjectionMiddleware, MetricsMiddleware
 from .openapi import install_openapi
 from .requestlog import RequestLogMiddleware, configure_logging
-from .routes import STATIC_DIR, router
+from .routes import STATIC_DIR, PageFiles, router
 from .schemas import CaptionJSON, DenseJSON, LocalizeJSON, RegionsJSON
 from .security import install_access_control, open_paths
 from .service import Engine
@@ -56,7 +55,7 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
     )
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
     install_error_handlers(app)
     keyless = open_paths(settings, app.openapi_url) if settings.auth_enabled else None
     install_openapi(app, [CaptionJSON, LocalizeJSON, RegionsJSON, DenseJSON], keyless)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import service
@@ -35,6 +37,9 @@ from .streaming import caption_stream
 
 router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
+# The page and its files are revalidated (ETag) before each use: after an upgrade a browser never runs the new
+# page with the old script, or the old page with the new one.
+REVALIDATE = {"Cache-Control": "no-cache"}
 
 ERRORS = {
     401: {"model": ErrorResponse, "description": "API keys are on and none was sent; see WWW-Authenticate"},
@@ -154,18 +159,27 @@ async def metrics(request: Request) -> Response:
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     """The web page: upload an image, see its grounded caption, localize a text."""
-    return FileResponse(STATIC_DIR / "index.html")
+    return FileResponse(STATIC_DIR / "index.html", headers=REVALIDATE)
 
 
 @router.get("/docs", include_in_schema=False)
 async def docs(request: Request) -> HTMLResponse:
-    """Swagger UI on the OpenAPI schema, its script and style served from here (static/docs), not a CDN."""
-    root = request.scope.get("root_path", "").rstrip("/")
+    """Swagger UI on the OpenAPI schema, its script and style served from here (static/docs), not a CDN; relative
+    URLs, as the web page's, so both work behind a proxy that serves the service under a path prefix."""
     return get_swagger_ui_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
+        openapi_url=request.app.openapi_url.lstrip("/"),
         title=f"{request.app.title} API",
-        swagger_js_url=f"{root}/static/docs/swagger-ui-bundle.js",
-        swagger_css_url=f"{root}/static/docs/swagger-ui.css",
-        swagger_favicon_url=f"{root}/static/docs/favicon-32x32.png",
+        swagger_js_url="static/docs/swagger-ui-bundle.js",
+        swagger_css_url="static/docs/swagger-ui.css",
+        swagger_favicon_url="static/docs/favicon-32x32.png",
         oauth2_redirect_url=None,
     )
+
+
+class PageFiles(StaticFiles):
+    """The web page's files (`/static`), each revalidated before use (`REVALIDATE`)."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(REVALIDATE)
+        return response

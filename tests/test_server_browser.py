@@ -4,17 +4,31 @@ caption's words drawn on it, hover a word, drag a box, localize a text; a screen
 from __future__ import annotations
 
 import base64
+import http.client
+import http.server
 import io
 import os
 import shutil
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_helpers import ROOT, ServerProcess, encode, exif_after_pixels, exif_turned, png, settings_env
+from server_helpers import (
+    ROOT,
+    ServerProcess,
+    encode,
+    exif_after_pixels,
+    exif_turned,
+    png,
+    random_image,
+    settings_env,
+)
 
 pytest_plugins = ["server_fixtures"]
 
@@ -46,10 +60,14 @@ SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="30"><rect wid
 def test_page_and_static_files_are_served(service_client: httpx.Client) -> None:
     page = service_client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<canvas id="overlay"' in page.text and 'src="/static/app.js"' in page.text
+    assert '<canvas id="overlay"' in page.text and 'src="static/app.js"' in page.text
+    assert page.headers["cache-control"] == "no-cache"  # revalidated: an upgrade never mixes page and script
     for path, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
         response = service_client.get(path)
         assert response.status_code == 200 and kind in response.headers["content-type"]
+        assert response.headers["cache-control"] == "no-cache", path
+        again = service_client.get(path, headers={"If-None-Match": response.headers["etag"]})
+        assert again.status_code == 304 and again.headers["cache-control"] == "no-cache", path
     assert "/" not in service_client.get("/openapi.json").json()["paths"]
 
 
@@ -639,7 +657,7 @@ const realFetch = window.fetch;
 const event = (name, data) => `event: ${name}\\ndata: ${JSON.stringify(data)}\\n\\n`;
 window.fetch = async (url, init) => {
   const response = await realFetch(url, init);
-  if (!String(url).startsWith("/v1/caption") || !response.ok) return response;
+  if (!String(url).startsWith("v1/caption") || !response.ok) return response;
   const done = JSON.parse((await response.text()).split("event: done\\ndata: ")[1]);
   const body = Object.assign(done, {caption: "big box", words});
   const text = words.map((word) => event("word", word)).join("") + event("done", body);
@@ -699,3 +717,162 @@ def test_page_and_service_agree_on_exif_orientation(driver, service, service_cli
     answer = service_client.post("/v1/caption", files={"image": data}, data={"max_new_tokens": "1"})
     assert answer.status_code == 200, answer.text
     assert shown == [answer.json()["image"]["width"], answer.json()["image"]["height"]]
+
+
+PREFIX = "/pixelllm"
+
+
+@contextmanager
+def prefix_proxy(target: str) -> Iterator[tuple[str, list[str]]]:
+    """A reverse proxy serving `target` under `PREFIX` (stripped before forwarding), as nginx's
+    `location /pixelllm/ { proxy_pass http://service/; }`: its URL, and the paths asked outside the prefix."""
+    outside: list[str] = []
+    host, port = target.removeprefix("http://").split(":")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def forward(self) -> None:
+            if not self.path.startswith(f"{PREFIX}/"):
+                outside.append(self.path)
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+            connection = http.client.HTTPConnection(host, int(port), timeout=WAIT_S)
+            connection.request(self.command, self.path.removeprefix(PREFIX), body=body, headers=headers)
+            answer = connection.getresponse()
+            data = answer.read()
+            self.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = forward
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}{PREFIX}", outside
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_page_and_docs_work_behind_a_proxy_under_a_path_prefix(
+    driver, service, service_client: httpx.Client, tmp_path: Path
+) -> None:
+    """The page, its API calls and the docs use URLs relative to the page, so a proxy may serve the service
+    under a path of its own."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    expected = service_client.post("/v1/caption", files={"image": IMAGE}, data={"max_new_tokens": TOKENS}).json()
+    with prefix_proxy(service.url) as (url, outside):
+        open_page(driver, url)
+        upload(driver, tmp_path / "prefixed.png", IMAGE)
+        assert driver.find_element("id", "caption").text == expected["caption"]
+        driver.get(f"{url}/docs")
+        WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements("css selector", ".opblock-summary-path"))
+    assert outside == []
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_box_whose_drag_began_before_a_caption_started_is_not_taken(
+    driver, slow_stream_service, tmp_path: Path
+) -> None:
+    """A caption that starts during a drag (the model became ready, or a button was pressed) is not of the box
+    released after it: the box is dropped, not shown beside that caption."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    expected = start_sample_caption(driver, slow_stream_service.url, tmp_path)
+    wait_for_answer(driver, previous="")
+    answered = driver.find_element("id", "timings").text
+    overlay = driver.find_element("id", "overlay")
+    size = overlay.size
+    actions = ActionChains(driver).move_to_element_with_offset(overlay, -size["width"] // 4, -size["height"] // 4)
+    actions.click_and_hold().move_by_offset(size["width"] // 3, size["height"] // 3).perform()
+    driver.execute_script("document.getElementById('caption-btn').click()")
+    ActionChains(driver).release().perform()
+    assert not driver.find_element("id", "status").text.endswith("ms."), "the caption ended before the release"
+    assert driver.find_element("id", "region-box").get_attribute("value") == ""
+    wait_for_answer(driver, answered)
+    assert driver.find_element("id", "caption").text == expected["caption"]  # the whole image's
+    assert driver.find_element("id", "region-box").get_attribute("value") == ""
+    assert not driver.find_element("id", "clear-box").is_enabled()
+    assert not (overlay_pixels(driver)[..., 3] == 255).any()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_drag_of_a_few_screen_pixels_is_no_box(driver, service, tmp_path: Path) -> None:
+    """On a wide photo shown small, 1% of its short side is under a screen pixel: a shaky click is still no box,
+    while a drag of 20 CSS pixels is one."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    width, height = 4000, 400
+    open_page(driver, service.url)
+    upload(driver, tmp_path / "wide.jpg", encode(random_image(width, height, seed=3), "JPEG"))
+    overlay = driver.find_element("id", "overlay")
+    assert width / overlay.size["width"] > 3  # the image is shown at most a third of its size
+    answered = driver.find_element("id", "timings").text
+    for offset in (3, 20):
+        ActionChains(driver).move_to_element(overlay).click_and_hold().move_by_offset(
+            offset, offset
+        ).release().perform()
+        time.sleep(0.5)
+        taken = driver.find_element("id", "region-box").get_attribute("value") != ""
+        assert taken == (offset == 20), offset
+    wait_for_answer(driver, answered)
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_the_image_fits_its_column_when_the_column_narrows_without_a_window_resize(
+    driver, service, tmp_path: Path
+) -> None:
+    """A column that narrows with no resize event (a scrollbar appearing, a panel opening) still holds the image."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(driver, service.url)
+    upload(driver, tmp_path / "narrow.png", IMAGE)
+    column = "document.getElementById('stage').parentElement"
+    assert driver.execute_script(f"return {column}.clientWidth") > 300
+    driver.execute_script(f"{column}.style.width = '300px'")
+    WebDriverWait(driver, 5).until(lambda d: d.find_element("id", "overlay").size["width"] <= 300)
+    assert driver.find_element("id", "image-canvas").size == driver.find_element("id", "overlay").size
+
+
+# Answers caption requests with the image size given (arguments[0]), as a service that turns the image otherwise.
+SERVED_SIZE_JS = r"""
+const served = arguments[0];
+const realFetch = window.fetch;
+window.fetch = async (url, init) => {
+  const response = await realFetch(url, init);
+  if (!String(url).startsWith("v1/caption") || !response.ok) return response;
+  return new Response((await response.text()).replace(/"image":\{[^}]*\}/g, `"image":${JSON.stringify(served)}`), {
+    status: 200,
+    headers: {"content-type": "text/event-stream"},
+  });
+};
+"""
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_an_image_the_service_reads_in_another_frame_is_said(driver, service, tmp_path: Path) -> None:
+    """Boxes are drawn over the browser's decode in the service's pixels: sizes that differ (an EXIF rotation
+    applied by one only) are said, not drawn wrongly without a word."""
+    open_page(driver, service.url)
+    driver.execute_script(SERVED_SIZE_JS, {"width": H, "height": W})
+    (tmp_path / "turned.png").write_bytes(IMAGE)
+    driver.find_element("id", "file").send_keys(str(tmp_path / "turned.png"))
+    error = page_error(driver, f"reads this image as {H} x {W} pixels")
+    assert f"this browser shows it as {W} x {H}" in error

@@ -226,6 +226,7 @@ function imagePoint(event) {
 function setPromptBox(box) {
   state.promptBox = box;
   els.regionBox.value = box ? [box.x0, box.y0, box.x1, box.y1].map(fmt).join(", ") : "";
+  updateControls();
 }
 
 // A box typed as "x0, y0, x1, y1" (commas or spaces between) in pixels of the image, to 0.1 px as it is sent;
@@ -275,18 +276,22 @@ els.overlay.addEventListener("pointermove", (event) => {
   redraw();
 });
 
+// The least side of a dragged box, in image pixels: 1% of the image and 8 CSS pixels on screen, so a click or
+// a shaky tap is not taken for a box.
+function minDragSide() {
+  const screenPixel = state.size.width / els.overlay.getBoundingClientRect().width;
+  return Math.max(2, 0.01 * Math.min(state.size.width, state.size.height), 8 * screenPixel);
+}
+
 els.overlay.addEventListener("pointerup", (event) => {
   if (!dragStart || event.pointerId !== dragPointer) return;
+  if (state.busy) return cancelDrag(); // a request began during the drag (the model became ready): not of this box
   const box = dragBox(dragStart, imagePoint(event));
-  dragStart = null;
-  dragPointer = null;
-  state.drag = null;
-  const minSide = Math.max(2, 0.01 * Math.min(state.size.width, state.size.height));
+  cancelDrag();
+  const minSide = minDragSide();
   if (box.x1 - box.x0 >= minSide && box.y1 - box.y0 >= minSide) {
     setPromptBox(box);
     caption();
-  } else {
-    redraw();
   }
 });
 
@@ -437,6 +442,7 @@ async function request(label, work) {
     work.show(body, prepared);
     showTimings(label, body, roundTrip);
     setStatus(`${label}: done in ${Math.round(roundTrip)} ms.`);
+    checkFrame(body.image);
   } catch (error) {
     if (generation !== state.generation) return;
     if (IMAGE_REFUSED.has(error.code)) {
@@ -455,6 +461,18 @@ async function request(label, work) {
       redraw();
     }
   }
+}
+
+// The service answers in pixels of the image as it decoded it; drawn over the browser's own decode, a size that
+// differs (an EXIF rotation applied by one and not the other) would put every box in the wrong place.
+function checkFrame(served) {
+  const { naturalWidth: width, naturalHeight: height } = state.image;
+  if (served.width === width && served.height === height) return;
+  showError(
+    `The service reads this image as ${served.width} x ${served.height} pixels, this browser shows it as ` +
+      `${width} x ${height} (an EXIF rotation one of them does not apply?): the boxes drawn are not where they ` +
+      `belong. Save the image upright (rotated, without EXIF orientation) and upload it again.`,
+  );
 }
 
 // The caption so far: its words at their offsets (what lies between them is known once it is done).
@@ -483,7 +501,7 @@ function caption() {
       state.active = -1; // kept across the rebuilds of this caption's stream only
       const fields = maxTokens();
       if (box) fields.push(["box", [box.x0, box.y0, box.x1, box.y1].map((v) => v.toFixed(1)).join(",")]);
-      return ["/v1/caption?stream=true", fields];
+      return ["v1/caption?stream=true", fields];
     },
     onWord: (word) => {
       words.push(word);
@@ -510,7 +528,7 @@ function caption() {
 function dense() {
   return request("Dense captions", {
     request: () => [
-      "/v1/dense",
+      "v1/dense",
       [...maxTokens(), ["score_threshold", numberText(els.denseThreshold, "Least region score") || "0.3"]],
     ],
     show: (body) => showRegions(body.regions),
@@ -520,7 +538,7 @@ function dense() {
 function localize(text) {
   return request("Localize", {
     request: () => [
-      "/v1/localize",
+      "v1/localize",
       [
         ["text", text],
         ["mask", "true"],
@@ -697,11 +715,12 @@ els.localizeForm.addEventListener("submit", (event) => {
   if (text) localize(text);
   else showError("Type a text to find: it is only spaces.");
 });
-window.addEventListener("resize", layout);
+// Also when a scrollbar comes or goes; in the next frame, as a resize during the observer's call loops.
+new ResizeObserver(() => requestAnimationFrame(layout)).observe(els.stage.parentElement);
 
 async function pollReady() {
   try {
-    const response = await fetch("/readyz");
+    const response = await fetch("readyz");
     const body = await response.json();
     if (response.ok) {
       state.ready = true;
