@@ -45,6 +45,9 @@ TASKS = ("caption", "localize")
 MANIFEST_FIELDS = ("id", "image", "task", "box", "point", "text")
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRY_AFTER_S = 300.0
+# A 429 with Retry-After (the service's rate limit or full queue pacing the client) is waited out without using
+# up a retry, for at most this long per request: a rate limit slows a batch down, it does not fail its items.
+MAX_THROTTLED_S = 600.0
 
 
 class BatchError(Exception):
@@ -183,8 +186,7 @@ def discover(
         raise BatchError("the text is empty: give what to localize, or no text to caption")
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _is_image(p) and not _hidden(p.relative_to(path)))
-        found = _from_files(files, path, Path(root) if root else path, allow_outside_root, text)
+        found = _from_files(_folder_images(path), path, Path(root) if root else path, allow_outside_root, text)
     elif path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             raise BatchError(
@@ -208,13 +210,26 @@ def discover(
     return found
 
 
+def _folder_images(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively and through symlinked folders (as a `**` glob goes; a link
+    back to a folder it is in is not followed again), hidden files and folders left out; sorted."""
+    files = []
+    ancestors = {os.fspath(folder): frozenset[str]()}  # each folder to visit -> the real paths above it
+    for here, folders, names in os.walk(folder, followlinks=True):
+        above = ancestors.pop(here) | {os.path.realpath(here)}
+        kept = []
+        for name in sorted(folders):
+            child = os.path.join(here, name)
+            if not name.startswith(".") and os.path.realpath(child) not in above:
+                ancestors[child] = above
+                kept.append(name)
+        folders[:] = kept
+        files += [Path(here, name) for name in names if not name.startswith(".") and _is_image(Path(here, name))]
+    return sorted(files)
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-
-
-def _hidden(relative: Path) -> bool:
-    """A path under a hidden folder or a hidden file itself (macOS's `._x.jpg`, `.thumbnails/`)."""
-    return any(part.startswith(".") for part in relative.parts)
 
 
 def _from_files(
@@ -360,7 +375,9 @@ class JsonlWriter:
         self.fd = os.open(path, flags, 0o644)
 
     def write(self, record: dict[str, Any]) -> None:
-        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        # a file name that is not UTF-8 (os.fsdecode's lone surrogates) is written as JSON's \udcXX escapes,
+        # which json.loads reads back into the same name
+        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
@@ -517,24 +534,34 @@ class _Session:
         self.client, self.options, self.rng, self.retries = client, options, rng, 0
 
     async def request(self, method: str, url: str, **kwargs: Any) -> tuple[httpx.Response, int]:
-        """The response and the attempts made; the last response (or TransportError) when retries run out."""
-        for attempt in range(self.options.retries + 1):
+        """The response and the attempts made; the last response (or TransportError) when retries run out. A 429
+        with Retry-After uses up no retry (`MAX_THROTTLED_S`)."""
+        attempt, attempts, throttled_s = 0, 0, 0.0
+        while True:
             last = attempt == self.options.retries
+            attempts += 1
             try:
                 response = await self.client.request(method, url, **kwargs)
             except httpx.TransportError as e:
                 if last:
                     raise
-                wait = retry_delay(attempt, None, self.options, self.rng)
+                throttled, wait = False, retry_delay(attempt, None, self.options, self.rng)
                 logger.info("%s %s: %s; retrying in %.2f s", method, url, type(e).__name__, wait)
             else:
-                if response.status_code not in RETRY_STATUSES or last or _error(response)[0] == "load_failed":
-                    return response, attempt + 1  # a model that failed to load will not load on a retry
-                wait = retry_delay(attempt, retry_after_s(response.headers.get("retry-after")), self.options, self.rng)
+                retry_after = retry_after_s(response.headers.get("retry-after"))
+                throttled = response.status_code == 429 and retry_after is not None and throttled_s < MAX_THROTTLED_S
+                if response.status_code not in RETRY_STATUSES or (last and not throttled):
+                    return response, attempts
+                if _error(response)[0] == "load_failed":  # a model that failed to load will not load on a retry
+                    return response, attempts
+                wait = retry_delay(0 if throttled else attempt, retry_after, self.options, self.rng)
                 logger.info("%s %s: %d; retrying in %.2f s", method, url, response.status_code, wait)
+            if throttled:
+                throttled_s += wait
+            else:
+                attempt += 1
             self.retries += 1
             await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
 
     async def send(self, item: Item) -> tuple[bool, dict[str, Any]]:
         """(True, result record) or (False, error record) for one item."""
@@ -545,7 +572,7 @@ class _Session:
         mime = mimetypes.guess_type(item.path.name)[0] or "application/octet-stream"
         try:
             response, attempts = await self.request(
-                "POST", f"/v1/{item.task}", files={"image": (item.path.name, data, mime)}, data=item.fields()
+                "POST", f"/v1/{item.task}", files={"image": (_sendable(item.path.name), data, mime)}, data=item.fields()
             )
         except httpx.TransportError as e:
             attempts = self.options.retries + 1
@@ -563,16 +590,21 @@ class _Session:
                 pass
         return False, error_record(item.id, *_error(response), item.image, response.status_code, attempts)
 
-    async def answers(self) -> bool:
-        """Whether the service is there: one `GET /readyz` connects (a slow answer, or none in time, is a busy
-        service, not a gone one)."""
+    async def serving(self) -> bool:
+        """Whether the service is there: one `GET /readyz` connects and, if it answers, answers 200 (a slow
+        answer, or none in time, is a busy service, not a gone one; a proxy's 502 is a gone one)."""
         try:
-            await self.client.get("/readyz")
+            response = await self.client.get("/readyz")
         except (httpx.ConnectError, httpx.ConnectTimeout):
             return False
         except httpx.TransportError:
-            pass  # connected: busy
-        return True
+            return True  # connected: busy
+        return response.status_code == 200
+
+
+def _sendable(name: str) -> str:
+    """A file name a multipart header can carry: bytes that are not UTF-8 (os.fsdecode's surrogates) as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _error(response: httpx.Response) -> tuple[str, str]:
@@ -582,6 +614,12 @@ def _error(response: httpx.Response) -> tuple[str, str]:
         return str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
         return f"http_{response.status_code}", response.text[:500]
+
+
+def _maybe_gone(record: dict[str, Any]) -> bool:
+    """Whether an item's failure may mean the service is gone: no connection, or a 502/503/504 (from a proxy in
+    front of it, say) that its retries did not get past."""
+    return record["error"]["code"] == "connection_error" or record["status"] in (502, 503, 504)
 
 
 async def _check_ready(session: _Session) -> None:
@@ -646,8 +684,8 @@ async def _run(
                         succeeded, failed = succeeded + ok, failed + (not ok)
                         bar.update()
                         bar.set_postfix(failed=failed, retries=session.retries, refresh=False)
-                        if not ok and record["error"]["code"] == "connection_error" and not await session.answers():
-                            gone = gone or record["error"]["message"]
+                        if not ok and _maybe_gone(record) and not await session.serving():
+                            gone = gone or f"{record['error']['code']}: {record['error']['message'][:200]}"
                         if gone:  # every item left would spend its retries on a service that is not there
                             return
 

@@ -24,6 +24,17 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:
@@ -67,13 +78,24 @@ def _load_image(path: str, image_size: int | None = None):
         raise CLIError(f"cannot read image {path}: {e}") from None
 
 
+def _check_device(device: str | None) -> None:
+    """Raise `CLIError` unless torch can use `device` (cpu, cuda, cuda:1 ...) on this machine."""
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except RuntimeError as e:
+        raise CLIError(f"--device {device}: not a device torch can use here: {e}") from None
+
+
 def _predictor(args):
     from .build import load_model
     from .predictor import Predictor
 
+    _check_device(args.device)
     try:
         model = load_model(args.model, device=args.device, quantize=args.quantize)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: a device torch cannot use
+    except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from None
     return Predictor(model)
 
@@ -314,6 +336,7 @@ def cmd_eval(args) -> None:
 
     if args.refcoco and args.data:
         raise CLIError("--refcoco and --data are two different datasets: pass one")
+    _check_device(args.device)
     try:
         if args.refcoco:
             result = run_refexp_eval(
@@ -460,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the REST service (settings from PIXELLLM_* environment variables)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve: replicas from PIXELLLM_RAY_* settings")
     p.set_defaults(func=cmd_serve)
 

@@ -296,6 +296,97 @@ def test_folder_and_glob_ids_and_what_they_leave_out(tmp_path: Path) -> None:
         discover(str(folder / "*.txt"))
 
 
+def test_a_folder_is_walked_through_symlinked_folders_as_a_glob_is(tmp_path: Path) -> None:
+    """A linked subfolder is walked (a link out of the root refused unless widened); a link back up is not
+    walked again."""
+    folder, outside = tmp_path / "shots", tmp_path / "outside"
+    (folder / "real").mkdir(parents=True), outside.mkdir()
+    (folder / "real" / "a.png").write_bytes(png(24, 16, seed=1))
+    (outside / "b.png").write_bytes(png(24, 16, seed=2))
+    (folder / "inside").symlink_to(folder / "real")
+    (folder / "linked").symlink_to(outside)
+    (folder / "real" / "up").symlink_to(folder)
+
+    def ids(**kwargs: object) -> tuple[list[str], list[tuple[str, str]]]:
+        items, refused = discover(str(folder), **kwargs)
+        return [i.id for i in items], [(r["id"], r["error"]["code"]) for r in refused]
+
+    assert ids() == (["inside_a.png", "real_a.png"], [("linked_b.png", "outside_root")])
+    assert ids(allow_outside_root=True) == (["inside_a.png", "linked_b.png", "real_a.png"], [])
+    (folder / "real" / "up").unlink()  # a glob would go round it until the path is too long
+    globbed, _ = discover(str(folder / "**" / "*.png"), allow_outside_root=True)
+    assert {i.id for i in globbed} >= {"inside_a.png", "linked_b.png", "real_a.png"}
+
+
+def test_a_file_name_that_is_not_utf8_is_sent_and_written(service, tmp_path: Path) -> None:
+    """A name in another encoding (Latin-1 from an old archive) is sent and written as JSON escapes that read
+    back into the same name, not a crash that loses the batch."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    latin = folder / os.fsdecode(b"caf\xe9.png")
+    latin.write_bytes(png(32, 24, seed=5))
+    (folder / "plain.png").write_bytes(png(32, 24, seed=6))
+    items, refused = discover(str(folder))
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    summary = run_batch(items, refused, out, errors, Options(service.url, progress=False))
+    assert (summary.succeeded, summary.failed) == (2, 0), errors.read_text()
+    assert b"caf\\udce9.png" in out.read_bytes()
+    assert {r["image"] for r in read_jsonl(out)} == {str(latin), str(folder / "plain.png")}
+    assert recover(out).keys() == {"caf_.png", "plain.png"}
+
+
+def test_a_rate_limited_service_slows_the_batch_but_fails_no_item(tmp_path_factory, tmp_path: Path, images: Path):
+    """The service's own rate limit (2 requests at once, then 2 a second) answers most of 8 workers' requests 429
+    with Retry-After: waiting those out uses up no retry, so even with one retry every item arrives."""
+    server = start_server(
+        tmp_path_factory, ROOT / "weights" / "pixelllm-tiny", rate_limit_per_minute=120, rate_limit_burst=2
+    )
+    try:
+        items, refused = discover(str(images / "img_0*.png"))
+        out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+        summary = run_batch(items, refused, out, errors, Options(server.url, concurrency=8, retries=1, progress=False))
+        limited = requests_total(server.url, "/v1/caption", "429")
+    finally:
+        assert server.stop() in GRACEFUL
+    assert (summary.succeeded, summary.failed) == (10, 0), errors.read_text()
+    assert limited >= 8 and summary.retries == limited  # each 429 waited out, none counted as a failure
+
+
+def test_a_proxy_answering_502_for_a_gone_service_stops_the_batch(tmp_path: Path, images: Path) -> None:
+    """Behind a proxy a crashed service is a 502 page, not a refused connection: once an item's retries end on
+    one and /readyz is not 200, the run stops (exit 2, rerun later) instead of trying every item."""
+
+    class Proxy(BaseHTTPRequestHandler):
+        def answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            ready, self.server.ready_once = not self.server.ready_once, True
+            self.answer(200, b"{}") if ready else self.answer(502, b"<html>502 Bad Gateway</html>")
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(502, b"<html>502 Bad Gateway</html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    server.ready_once, server.daemon_threads = False, True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        items, refused = discover(str(images))
+        options = Options(f"http://127.0.0.1:{server.server_port}", concurrency=2, retries=1, backoff_s=0.01)
+        with pytest.raises(BatchError, match="stopped answering \\(http_502"):
+            run_batch(items, refused, tmp_path / "o.jsonl", tmp_path / "e.jsonl", replace(options, progress=False))
+    finally:
+        server.shutdown()
+    assert 1 <= len(read_jsonl(tmp_path / "e.jsonl")) <= 2  # the items in flight, not all 50
+
+
 def test_an_empty_text_is_refused(tmp_path: Path, images: Path, capsys) -> None:
     for text in ("", "  "):  # an unset $VAR would caption everything instead
         code, _, err = batch(capsys, str(images), "-o", str(tmp_path / "o.jsonl"), "--text", text)

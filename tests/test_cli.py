@@ -101,6 +101,13 @@ def test_counts_below_one_are_refused_by_argparse(capsys, argv):
     assert exited.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["65536", "-1", "http"])
+def test_a_port_that_is_none_is_refused_before_the_model_loads(capsys, port):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", port])
+    assert exited.value.code == 2 and "argument --port" in capsys.readouterr().err
+
+
 def broken_source_config(tmp_path: Path) -> Path:
     """A training config whose one source's first record is not JSON."""
     (tmp_path / "ln.jsonl").write_text('{"image_id": \n')
@@ -122,7 +129,8 @@ def test_ordinary_mistakes_exit_2_with_one_line_not_a_traceback(capsys, tmp_path
     a_file.write_text("")
     cases = [
         (["caption", str(huge), "--model", model_dir], "cannot read image"),
-        (["caption", SAMPLE, "--model", model_dir, "--device", "bogus"], "bogus"),
+        (["caption", SAMPLE, "--model", model_dir, "--device", "bogus"], "--device bogus: not a device torch can use"),
+        (["eval", "--model", model_dir, "--num-scenes", "1", "--device", "bogus"], "--device bogus: not a device"),
         (["visualize", SAMPLE, "--model", model_dir, "-o", str(tmp_path / "no" / "x.png")], "No such file"),
         (["api-key", "--keys-file", str(tmp_path / "no" / "keys")], "create it first"),
         (["caption", str(tmp_path), "--model", model_dir], "is a folder"),
