@@ -243,13 +243,51 @@ class SceneSource:
         raise ValueError(f"no image of {self.cfg.path} can be read (each was logged): check 'image_root'")
 
 
+def _trace_problems(records: list[dict]) -> tuple[float, float | None]:
+    """(the share of trace points outside the image by more than 0.1, the median over records of the traces'
+    time span / the utterances' time span; None without records that have both)."""
+    points = [(p["x"], p["y"]) for r in records for segment in r["traces"] for p in segment]
+    xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    outside = float(((xy < -0.1) | (xy > 1.1)).any(axis=1).mean()) if len(xy) else 0.0
+    ratios = []
+    for r in records:
+        times = [p["t"] for segment in r["traces"] for p in segment]
+        spoken = [t for u in r["timed_caption"] for t in (u["start_time"], u["end_time"])]
+        if len(times) > 1 and spoken and max(spoken) > min(spoken):
+            ratios.append((max(times) - min(times)) / (max(spoken) - min(spoken)))
+    return outside, float(np.median(ratios)) if ratios else None
+
+
 def _check_narratives(source: SceneSource, max_tokens: int, checked: int = 1000) -> None:
-    """Log how much of a narratives source's captions gets a location, and warn where it is little or where
-    captions are longer than `max_tokens` with EOS (training cuts them, and a cut caption teaches no end); up to
-    `checked` records, spread over the source, are read."""
+    """Log how much of a narratives source's captions gets a location, and warn where it is little, where the
+    trace and the utterances seem timed on other clocks, where captions are empty, or longer than `max_tokens`
+    with EOS (training cuts them, and a cut caption teaches no end); raise `ValueError` for traces that are not
+    in fractions of the image (pixels?). Up to `checked` records, spread over the source, are read."""
     if source.cfg.kind != "narratives":
         return
     records = [source.records[j] for j in range(0, len(source.records), math.ceil(len(source.records) / checked))]
+    outside, span_ratio = _trace_problems(records)
+    if outside > 0.05:
+        raise ValueError(
+            f"{source.cfg.path}: {100 * outside:.0f}% of the trace points checked lie outside the image: a trace's "
+            "x and y are fractions of the image's width and height (0 to 1); divide pixel coordinates by them"
+        )
+    if span_ratio is not None and not 0.1 <= span_ratio <= 10:
+        log.warning(
+            "%s: the traces last %.3gx as long as the utterances they go with (median over the records checked): "
+            "a trace's t and the utterances' start_time and end_time must be seconds on one clock, or words are "
+            "located where the pointer was at other moments",
+            source.cfg.path,
+            span_ratio,
+        )
+    empty = sum(not r["caption"].strip() for r in records)
+    if empty:
+        log.warning(
+            "%s: %d of %d captions checked are empty: each teaches the model to say nothing; remove those records",
+            source.cfg.path,
+            empty,
+            len(records),
+        )
     lengths = [len(source.tokenizer.encode(r["caption"])) for r in records]
     words = [word_locations(r) for r in records]
     utterances = sum(len(r["timed_caption"]) for r in records)
@@ -276,6 +314,15 @@ def _check_narratives(source: SceneSource, max_tokens: int, checked: int = 1000)
                 "%s: only %.0f%% of the utterances are found in their captions, in order: the others' words get "
                 "no location; check that each timed_caption holds its caption's words",
                 source.cfg.path,
+                100 * found,
+            )
+        elif located < 0.5 * found:
+            log.warning(
+                "%s: only %.0f%% of the utterances are located by the trace, though %.0f%% are found in their "
+                "captions: their times fall outside the traces'; a trace's t and the utterances' start_time and "
+                "end_time must be seconds on one clock",
+                source.cfg.path,
+                100 * located,
                 100 * found,
             )
     long = sum(n > max_tokens for n in lengths)
@@ -376,8 +423,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def rng_states(device: torch.device, distributed: bool) -> list[dict[str, torch.Tensor]]:
-    """Every process's random state, by rank: the CPU's, and on a GPU its own (dropout draws there). The processes
-    seed alike, but on a GPU each draws dropout masks the size of its own batch, so their states part. Collective."""
+    """Every process's random state, by rank: the CPU's, and on a GPU its own (dropout draws there); each process
+    seeds its own after the model is built (`cfg.seed + rank`). Collective."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -535,6 +582,8 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     model = initial_model(cfg).to(device)
+    if rank:  # every process starts from rank 0's weights (DDP sends them); each draws its own dropout masks
+        torch.manual_seed(cfg.seed + rank)
     if cfg.name:
         if default_tokenizer(model.cfg) is not None:  # a preset's tokenizer, found by its name: keep finding it
             model.cfg.tokenizer = model.cfg.tokenizer or model.cfg.name

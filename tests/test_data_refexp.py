@@ -100,6 +100,23 @@ def test_annotation_files_that_do_not_match_name_the_ref_and_file(refer_root, tm
     (copy / "refcoco" / "instances.json").write_text(json.dumps(instances))
     with pytest.raises(ValueError, match=r"ref 3 names annotation 21, which .*instances\.json does not have"):
         load_refexp(copy, split="val")
+    original = json.loads((root / "refcoco" / "instances.json").read_text())
+    for key, fault, message in (
+        ("segmentation", None, r"annotation 21 \(of ref 3\) has no 'segmentation': give it polygons or RLE"),
+        ("bbox", [1, 2, 3], r"annotation 21 \(of ref 3\): bbox is \[1, 2, 3\]; give it \[x, y, width, height\]"),
+        ("width", None, r"image \d+ has no 'width': give it pixels"),
+    ):
+        instances = json.loads(json.dumps(original))
+        for record in instances["annotations" if key != "width" else "images"]:
+            if key != "width" and record["id"] != 21:
+                continue
+            if fault is None:
+                del record[key]
+            else:
+                record[key] = fault
+        (copy / "refcoco" / "instances.json").write_text(json.dumps(instances))
+        with pytest.raises(ValueError, match=message):
+            load_refexp(copy, split="val")
     (copy / "refcoco" / "instances.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"instances\.json is not valid JSON"):
         load_refexp(copy, split="val")

@@ -510,6 +510,58 @@ def test_a_source_whose_utterances_are_not_its_captions_words_warns(tmp_path, ti
     assert "only 0% of the utterances are found in their captions, in order" in caplog.text
 
 
+def rewrite_records(source: SourceConfig, change) -> None:
+    """Apply `change(record)` to every record of the narratives file of `source`."""
+    records = [json.loads(line) for line in Path(source.path).read_text().splitlines()]
+    for record in records:
+        change(record)
+    Path(source.path).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def shift_trace_times(record: dict, scale: float = 1.0, offset: float = 0.0) -> None:
+    for segment in record["traces"]:
+        for point in segment:
+            point["t"] = point["t"] * scale + offset
+
+
+@pytest.mark.parametrize(
+    "change, warning",
+    [
+        (lambda r: shift_trace_times(r, scale=1000), "e+03x as long as the utterances they go with"),
+        (lambda r: shift_trace_times(r, offset=1.7e9), "only 0% of the utterances are located by the trace, though"),
+        (lambda r: r.update(caption=" "), "3 of 3 captions checked are empty: each teaches the model to say nothing"),
+    ],
+    ids=["trace in ms", "trace on another clock", "empty captions"],
+)
+def test_narratives_timed_on_other_clocks_or_with_empty_captions_warn(tmp_path, tiny_model, caplog, change, warning):
+    """Mistakes of a user's own export that load without an error but train wrongly are said at the start."""
+    from pixelllm.train import SceneSource, _check_narratives
+
+    source = narratives_source(tmp_path)
+    with caplog.at_level("WARNING", logger="pixelllm.train"):
+        _check_narratives(SceneSource(source, 160, tiny_model.tokenizer, Path()), 48)
+    assert not caplog.records  # the data as written: nothing to say
+    rewrite_records(source, change)
+    with caplog.at_level("WARNING", logger="pixelllm.train"):
+        _check_narratives(SceneSource(source, 160, tiny_model.tokenizer, Path()), 48)
+    assert warning in caplog.text
+
+
+def test_narratives_with_traces_in_pixels_are_refused(tmp_path, tiny_model):
+    """Pixels clipped to [0, 1] would put every word in the image's corner: the run does not start."""
+    from pixelllm.train import SceneSource, _check_narratives
+
+    def to_pixels(record: dict) -> None:
+        for segment in record["traces"]:
+            for point in segment:
+                point["x"], point["y"] = point["x"] * 640, point["y"] * 480
+
+    source = narratives_source(tmp_path)
+    rewrite_records(source, to_pixels)
+    with pytest.raises(ValueError, match="of the trace points checked lie outside the image: .* divide pixel"):
+        _check_narratives(SceneSource(source, 160, tiny_model.tokenizer, Path()), 48)
+
+
 def test_captions_longer_than_max_text_tokens_warn_and_the_config_can_raise_it(tmp_path, caplog):
     source = narratives_source(tmp_path)
     records = [json.loads(line) for line in Path(source.path).read_text().splitlines()]
@@ -605,9 +657,8 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")
 def test_ddp_resume_with_dropout_is_exact(tmp_path):
-    """With dropout every step draws; a resumed run gets each process's random state back (on a GPU the states
-    part, as each process draws masks the size of its own batch; on the CPU a mask draws one seed whatever its
-    size, so they stay alike here: `test_each_process_resumes_at_its_own_random_state` checks the choosing)."""
+    """With dropout every step draws, each process its own masks (the same masks on every process would be one
+    process's regularization); a resumed run gets each process's random state back."""
     model = load_config("pixelllm-tiny")
     t5 = {**model.language_model.t5, "dropout_rate": 0.1}
     model = dataclasses.replace(model, language_model=dataclasses.replace(model.language_model, t5=t5))
@@ -620,7 +671,7 @@ def test_ddp_resume_with_dropout_is_exact(tmp_path):
     run(tmp_path / "straight", steps=3)
     run(tmp_path / "resumed", steps=2)
     rng = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["rng"]
-    assert len(rng) == 2  # one per process
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])  # one per process, each its own
     run(tmp_path / "resumed", steps=3)
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,17 +108,24 @@ def load_refexp(
         if ann is None or image is None:
             what = f"annotation {ref['ann_id']}" if ann is None else f"image {ref['image_id']}"
             raise ValueError(f"{refs_path}: ref {ref['ref_id']} names {what}, which {instances_path} does not have")
-        x, y, w, h = ann["bbox"]
+        what = f"{instances_path}: annotation {ann.get('id')} (of ref {ref['ref_id']})"
+        x, y, w, h = _field(ann, "bbox", what, "[x, y, width, height] in pixels", _is_box)
+        segmentation = _field(ann, "segmentation", what, "polygons or RLE (the mask scores need it)", _is_mask)
+        what = f"{instances_path}: image {ref['image_id']}"
+        file_name = _field(image, "file_name", what, "a file name", lambda v: isinstance(v, str) and v)
+        width, height = (
+            _field(image, k, what, "pixels", lambda v: isinstance(v, int) and v > 0) for k in ("width", "height")
+        )
         for sent in ref["sentences"]:
             examples.append(
                 RefExample(
-                    image_path=image_dir / image["file_name"],
+                    image_path=image_dir / file_name,
                     image_id=ref["image_id"],
-                    width=image["width"],
-                    height=image["height"],
+                    width=width,
+                    height=height,
                     sentence=sent["sent"],
                     box=(float(x), float(y), float(x + w), float(y + h)),
-                    segmentation=ann["segmentation"],
+                    segmentation=segmentation,
                     ref_id=ref["ref_id"],
                     ann_id=ref["ann_id"],
                     sent_id=sent["sent_id"],
@@ -125,6 +134,23 @@ def load_refexp(
             )
     logger.info("%s (%s) %s: %d sentences, %d refs", dataset, split_by, split, len(examples), len(refs))
     return examples
+
+
+def _field(record: dict, key: str, what: str, expected: str, valid: Callable[[Any], Any]) -> Any:
+    """`record[key]`; ValueError naming `what` and the `expected` value when it is absent or not `valid`."""
+    if key not in record:
+        raise ValueError(f"{what} has no {key!r}: give it {expected}")
+    if not valid(record[key]):
+        raise ValueError(f"{what}: {key} is {record[key]!r}; give it {expected}")
+    return record[key]
+
+
+def _is_box(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)
+
+
+def _is_mask(value: Any) -> bool:
+    return isinstance(value, list) or (isinstance(value, dict) and "counts" in value)
 
 
 def ref_mask(example: RefExample) -> np.ndarray:
