@@ -73,6 +73,21 @@ def test_half_precision_draws_coordinates_in_float32(dtype: torch.dtype) -> None
         assert torch.equal(p.model.proposal_head(p.embedding.features.fused)[1], edges)
 
 
+def test_bfloat16_reads_prompt_coordinates_in_float32() -> None:
+    """A box a fraction of a pixel off is another prompt in bfloat16 too: the prompt encoder read corners in
+    [128, 256) model pixels rounded to whole pixels (in [256, 512), even ones: 10 px of a 4000 px photo at
+    384), for region captions and for the boxes masks are drawn in."""
+    from pixelllm.modeling.pixelllm import Prompts
+
+    p = predictor(torch.bfloat16)
+    features = p.embedding.features
+    boxes = torch.tensor([[10.0, 10.0, 150.2, 150.2], [10.0, 10.0, 150.4, 150.4]])
+    assert torch.equal(boxes.to(torch.bfloat16)[0], boxes.to(torch.bfloat16)[1])  # one prompt, had it been cast
+    tokens = p.model._extract(features, Prompts(texts=["", ""], boxes=boxes, image_index=torch.tensor([0, 0])))
+    assert not torch.equal(tokens[0], tokens[1])
+    assert not torch.equal(p.model.masks(features, boxes[:1]), p.model.masks(features, boxes[1:]))
+
+
 def test_int8_language_model_answers_every_prompt_like_float32(answers_fp32: dict) -> None:
     p = predictor(torch.float32, quantize=True)
     t5 = p.model.language_model.t5

@@ -216,9 +216,7 @@ class PixelLLM(nn.Module):
             anchors = self.prompt_encoder.anchor_boxes(
                 self.cfg.extractor.point_anchor_size, boxes=prompts.boxes, points=prompts.points, **masks
             )
-        tokens = self.prompt_encoder(
-            boxes=_opt(prompts.boxes, self.dtype), points=_opt(prompts.points, self.dtype), **masks
-        )
+        tokens = self.prompt_encoder(boxes=_float(prompts.boxes), points=_float(prompts.points), **masks)
         image: torch.Tensor | ImageReading = features.fused if features.reading is None else features.reading
         objects = {}
         if features.objects is not None and features.reading is None:  # a reading has its object tokens already
@@ -228,7 +226,7 @@ class PixelLLM(nn.Module):
     def _object_boxes(self, boxes: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """The extractor's object arguments for object boxes (U, K, 4) and valid (U, K): the boxes, their box
         tokens and which are objects."""
-        box_tokens = self.prompt_encoder(boxes=boxes.flatten(0, 1).to(self.dtype))
+        box_tokens = self.prompt_encoder(boxes=boxes.flatten(0, 1).float())
         tokens = box_tokens.unflatten(0, boxes.shape[:2])
         return dict(object_boxes=boxes, object_box_tokens=tokens, object_valid=valid)
 
@@ -309,7 +307,7 @@ class PixelLLM(nn.Module):
         out = {"ce": ce, "point_l1": point_l1, "confidence_bce": conf_bce}
         mask_valid = batch.get("mask_valid")
         if mask_valid is not None and bool(mask_valid.any()) and self.cfg.mask_decoder.trainable:
-            logits_m = self.predict_masks(features[mask_valid], batch["mask_boxes"][mask_valid].to(self.dtype))
+            logits_m = self.predict_masks(features[mask_valid], batch["mask_boxes"][mask_valid].float())
             out["mask"] = _mask_loss(logits_m.float(), batch["mask_targets"][mask_valid].float())
             loss = loss + lc.mask_weight * out["mask"]
         objects_valid = batch.get("objects_valid")
@@ -495,7 +493,7 @@ class PixelLLM(nn.Module):
     @torch.no_grad()
     def masks(self, features: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
         """Mask logits (B, S, S) of the model input for boxes (B, 4) in model-input pixels."""
-        return self.predict_masks(features, boxes.to(self.dtype))
+        return self.predict_masks(features, boxes.float())
 
     def predict_masks(self, features: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
         low = self.mask_head(features.sam, boxes, self.prompt_encoder)
@@ -571,8 +569,10 @@ def _located(prompts: Prompts, b: int, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _opt(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if x is None else x.to(dtype)
+def _float(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Prompt coordinates in float32 whatever the model's dtype: in bfloat16 a box corner in [256, 512) model
+    pixels would be rounded to an even pixel before the prompt encoder reads it."""
+    return None if x is None else x.float()
 
 
 def _pad(seqs: list[list[int]], value: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
