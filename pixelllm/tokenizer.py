@@ -6,16 +6,18 @@ tiny preset, trained here with `tokenizers`. Ids follow T5: pad 0 (also the deco
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
-WORD_PATTERN = re.compile(r"[\w'-]+")
+# letters, digits and their combining marks (a decomposed "é"), joined by inner apostrophes or hyphens ("don't",
+# "x-ray"); quotes and dashes around a word are not part of it
+WORD_PATTERN = regex.compile(r"[\w\p{M}]+(?:['\u2019-][\w\p{M}]+)*")
 
 
 class Tokenizer:
@@ -83,7 +85,8 @@ class Tokenizer:
 def words_with_tokens(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
     """Group tokens into words: (start, end, token indices) for each word in `text`.
 
-    A word is a run of letters, digits, apostrophes or hyphens; punctuation belongs to no word.
+    A word is a run of letters, digits and combining marks, with apostrophes or hyphens inside it (`WORD_PATTERN`);
+    punctuation, and quotes or dashes around a word, belong to no word.
     A token belongs to every word its span overlaps.
     """
     words = []

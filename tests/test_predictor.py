@@ -287,6 +287,23 @@ def test_a_texts_whitespace_is_collapsed_before_it_is_read():
         p.check_text(" \n\t")
 
 
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("the 'blue' diamond", ["the", "blue", "diamond"]),  # quotes around a word are not in it
+        ("the diamond - left -- now", ["the", "diamond", "left", "now"]),  # nor is a dash a word
+        ("don’t x-ray the dogs'", ["don’t", "x-ray", "the", "dogs"]),  # inner apostrophes and hyphens are
+        ("café ok", ["café", "ok"]),  # a decomposed accent belongs to its letter
+    ],
+)
+def test_words_are_letters_with_inner_apostrophes_and_hyphens(tiny_model, text: str, words: list[str]):
+    p = Predictor(tiny_model)
+    p.set_image(np.zeros((32, 48, 3), np.uint8))
+    got = p.localize(text)
+    assert [w.text for w in got.words] == words
+    assert all(got.text[w.start : w.end] == w.text for w in got.words)
+
+
 def test_failed_set_image_leaves_no_image_and_empty_batches_answer_nothing(tiny_model):
     p = Predictor(tiny_model)
     p.set_image(np.zeros((40, 60, 3), np.uint8))
