@@ -99,7 +99,8 @@ clean:
 .PHONY: browser-deps
 browser-deps:
 	@if (command -v chromium && command -v chromedriver) >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update && apt-get install -y chromium chromium-driver; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update && apt-get install -y chromium chromium-driver) || echo "installing chromium failed: the browser tests will be skipped (fail where CI is set)"; \
 	else echo "chromium/chromedriver missing (install them as root on Debian): the browser tests will be skipped (fail where CI is set)"; fi
 
 # Container images (README "Docker"): podman where installed (no daemon needed), else docker.

@@ -31,7 +31,8 @@ from pixelllm.build import load_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
-ENGINE = os.environ.get("DOCKER") or shutil.which("podman") or shutil.which("docker")
+# the engine's path: $DOCKER if it names one installed here (make passes "docker" when neither is), else podman
+ENGINE = shutil.which(os.environ.get("DOCKER") or "podman") or shutil.which("docker")
 IMAGE = os.environ.get("DOCKER_IMAGE", "pixelllm:cpu")
 UID = "10001"  # the image's user
 # what podman and docker print when the base image cannot be pulled (no registry access)
