@@ -104,6 +104,26 @@ def test_beam_search_wide_enough_finds_the_exhaustive_best_with_its_points():
     assert kinds == {True, False}  # both finished captions and captions cut at max length won somewhere
 
 
+def test_beam_search_goes_on_while_a_running_beam_can_beat_the_finished_ones():
+    """Two short captions end at step 2 while a longer, better one is still running: stopping at the first
+    `num_beams` finished hypotheses returned a worse caption than greedy's; the search goes on and finds it."""
+    lm = ScriptedLM(1, 2, seed=0)
+    probs = torch.full((MAX_LEN, VOCAB, VOCAB), 1 / 3)  # (position, previous, next): EOS and the words alike
+    probs[0, PAD_ID, [2, 3, EOS_ID]] = torch.tensor([0.85, 0.10, 0.05])
+    probs[1, 2, [EOS_ID, 2, 3]] = torch.tensor([0.5, 0.45, 0.05])  # "2 EOS" ends first, "2 2" runs on
+    probs[1, 3, [EOS_ID, 2, 3]] = torch.tensor([0.9, 0.05, 0.05])  # and "3 EOS" makes two finished
+    probs[2, 2, [2, EOS_ID, 3]] = torch.tensor([0.98, 0.01, 0.01])
+    probs[3, 2, [EOS_ID, 2, 3]] = torch.tensor([0.98, 0.01, 0.01])
+    probs[..., PAD_ID] = 0
+    lm.logp = probs.log()[None]
+    best = max(all_captions(), key=lambda s: lm.score(0, s))
+    assert best == (2, 2, 2, EOS_ID)
+    (got,) = beam_search(lm.step, lm.logits, lm.points, 1, 2, MAX_LEN, torch.device("cpu"))
+    assert tuple(got.ids.tolist()) == best and got.score == pytest.approx(lm.score(0, best), abs=1e-5)
+    (greedy_caption,) = greedy(lm.step, lm.logits, None, 1, MAX_LEN, torch.device("cpu"))
+    assert tuple(greedy_caption.ids.tolist()) == (2, EOS_ID) and greedy_caption.score < got.score
+
+
 def test_n_best_of_an_exhaustive_search_is_the_exhaustive_ranking():
     batch, beams = 2, 2**MAX_LEN
     for seed in range(6):

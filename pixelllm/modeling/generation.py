@@ -137,10 +137,12 @@ def beam_search_n_best(
     """Beam search over a batch whose decoder inputs are already repeated `num_beams` times (B*K rows); per batch
     item at most `num_return` (1 to `num_beams`, default `num_beams`) best hypotheses, best first.
 
-    Hypotheses are ranked by sum of log-probs / length**length_penalty; a batch item stops once it has
-    `num_beams` finished hypotheses. Each beam carries the decoder states of its own tokens, and the point
-    head runs on the returned hypotheses' states. Raises `GenerationCancelled` before a step if `should_stop()`
-    is True.
+    Hypotheses are ranked by sum of log-probs / length**length_penalty; a batch item keeps its `num_beams` best
+    finished hypotheses and stops once none of its running beams can beat the worst of them (Hugging Face's
+    `early_stopping=False` test: the best running beam's score as if it ended now); beams still running at
+    `max_new_tokens` compete with the finished ones. Each beam carries the decoder states of its own tokens,
+    and the point head runs on the returned hypotheses' states. Raises `GenerationCancelled` before a step if
+    `should_stop()` is True.
     """
     k = num_beams
     num_return = k if num_return is None else num_return
@@ -153,7 +155,8 @@ def beam_search_n_best(
     seqs = torch.zeros(batch_size * k, 0, dtype=torch.long, device=device)
     states = None  # (B*K, t, D): the decoder state that emitted each token of each beam
     eos = torch.tensor([EOS_ID], device=device)
-    finished: list[list[_Hypothesis]] = [[] for _ in range(batch_size)]
+    finished: list[list[_Hypothesis]] = [[] for _ in range(batch_size)]  # each item's best k, best first
+    done = [False] * batch_size
     for t in range(max_new_tokens):
         _check(should_stop)
         hidden, cache = step(last, cache)
@@ -167,11 +170,12 @@ def beam_search_n_best(
             chosen = 0
             for score, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
                 row, token = b * k + idx // vocab, idx % vocab
-                if len(finished[b]) >= k or score == float("-inf"):  # the rest extend dead beams or banned ids
+                if done[b] or score == float("-inf"):  # the rest extend dead beams or banned ids
                     break
                 if token == EOS_ID:
                     ids = torch.cat([seqs[row], eos])
                     finished[b].append(_Hypothesis(ids, states[row], score / (t + 1) ** length_penalty))
+                    finished[b] = sorted(finished[b], key=lambda h: h.score, reverse=True)[:k]
                     continue
                 src_rows.append(row)
                 new_tokens.append(token)
@@ -179,12 +183,16 @@ def beam_search_n_best(
                 chosen += 1
                 if chosen == k:
                     break
-            while chosen < k:  # batch item already done: keep shapes with dead beams
+            if chosen and len(finished[b]) == k:  # the best running beam (chosen first), were it to end now
+                done[b] = finished[b][-1].score >= new_scores[-chosen] / (t + 1) ** length_penalty
+            elif not chosen:
+                done[b] = True
+            while chosen < k:  # batch item done: keep shapes with dead beams
                 src_rows.append(b * k)
                 new_tokens.append(PAD_ID)
                 new_scores.append(float("-inf"))
                 chosen += 1
-        if all(len(f) >= k for f in finished):
+        if all(done):
             break
         index = torch.tensor(src_rows, device=device)
         tokens = torch.tensor(new_tokens, device=device)
@@ -196,7 +204,7 @@ def beam_search_n_best(
     results: list[list[Generated]] = []
     for b in range(batch_size):
         pool = list(finished[b])
-        if len(pool) < k:  # stopped by max_new_tokens: the running beams compete with the finished ones
+        if not done[b]:  # stopped by max_new_tokens: the running beams compete with the finished ones
             for j in range(k):
                 row = b * k + j
                 score = float(beam_scores[b, j])
