@@ -50,7 +50,10 @@ async def read_body(
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
             if errors[0]["type"] == "json_invalid":  # not JSON at all: as malformed as a broken multipart body
-                raise ApiError(422, "invalid_body", f"body: malformed JSON ({errors[0]['ctx']['error']})") from exc
+                error = errors[0]["ctx"]["error"]
+                if error.startswith("number out of range"):  # JSON, with a number no field takes
+                    raise ApiError(422, "invalid_request", f"body: a number is out of range ({error})") from exc
+                raise ApiError(422, "invalid_body", f"body: malformed JSON ({error})") from exc
             raise from_validation(exc) from exc
         return await run_in_threadpool(decode_base64, body.image), body
     if kind == "multipart/form-data":
@@ -59,14 +62,16 @@ async def read_body(
 
 
 def decode_base64(text: str) -> bytes:
-    """Bytes from base64, with or without a `data:image/...;base64,` prefix, spaces and line breaks."""
+    """Bytes from base64, with or without a `data:image/...;base64,` prefix (any case, as URL schemes are), spaces
+    and line breaks, and with or without its `=` padding (which many encoders leave out)."""
     text = text.strip()
-    if text.startswith("data:"):
+    if text[:5].lower() == "data:":
         _, comma, text = text.partition(",")
         if not comma:
             raise invalid("image", "a data: URL has a comma before its base64 (data:image/png;base64,...)")
+    text = "".join(text.split())
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise invalid("image", "not valid base64") from exc
 

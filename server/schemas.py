@@ -135,6 +135,22 @@ class RegionsParams(_Request):
 
     _needs_mask = field_validator("mask_format")(needs_mask)
 
+    @field_validator("mask")
+    @classmethod
+    def _masks_of_texts(cls, mask: bool, info: ValidationInfo) -> bool:
+        """Masks are the texts' objects': one asked for without texts would do nothing, unnoticed."""
+        if mask and "texts" in info.data and not info.data["texts"]:
+            raise ValueError("masks are of the texts' objects: give texts, or leave mask out")
+        return mask
+
+    @field_validator("max_new_tokens", "num_beams")
+    @classmethod
+    def _for_captions(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """How to caption, with nothing to caption, would do nothing, unnoticed."""
+        if "boxes" in info.data and "points" in info.data and not (info.data["boxes"] or info.data["points"]):
+            raise ValueError(f"{info.field_name} says how to caption boxes and points: give some, or leave it out")
+        return value
+
 
 class DenseParams(_Request):
     score_threshold: float = Field(

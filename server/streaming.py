@@ -69,7 +69,7 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
         release()
         raise
     decoding.add_done_callback(lambda _: release())
-    first = await _first_event(request, items, stop)
+    first = await _first_event(request, items, stop, deadline, engine.settings.request_timeout_s)
     outcome: dict[str, int] = {}
 
     async def events() -> AsyncIterator[str]:
@@ -109,21 +109,30 @@ async def caption_stream(engine: Engine, request: Request, data: bytes, params: 
     return StoppingStream(stop, outcome, events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _first_event(request: Request, items: asyncio.Queue[tuple[Any, ...]], stop: threading.Event) -> tuple:
-    """The decoding's first item, before the response starts: an error then is a plain JSON error (504 on timeout),
-    and a client gone meanwhile is 499 (the decoding stops)."""
+async def _first_event(
+    request: Request, items: asyncio.Queue[tuple[Any, ...]], stop: threading.Event, deadline: float, timeout_s: float
+) -> tuple:
+    """The decoding's first item, before the response starts: an error then is a plain JSON error, as is the
+    timeout (504 at `deadline`, however long the image's encoding or a decoder step takes), and a client gone
+    meanwhile is 499 (the decoding stops)."""
     first = asyncio.ensure_future(items.get())
     gone = asyncio.ensure_future(disconnected(request))
-    done: set[asyncio.Future] = set()
     try:
-        done, _ = await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+        wait_s = max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait({first, gone}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request was cancelled (a shutdown): stop the decoding
+        first.cancel()
+        stop.set()
+        raise
     finally:
         gone.cancel()
-        if first not in done:  # the client left, or this request was cancelled (shutdown): stop the decoding
-            first.cancel()
-            stop.set()
     if first not in done:
-        raise client_gone()
+        first.cancel()
+        if gone in done:  # the client left: stop the decoding
+            stop.set()
+            raise client_gone()
+        # past the deadline: the decoding stops at its next step by itself, as a timeout
+        raise ApiError(504, "timeout", f"no complete caption within {timeout_s:g} s")
     item = first.result()
     if item[0] == "error":
         raise _api_error(item[1])

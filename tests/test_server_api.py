@@ -185,8 +185,10 @@ def test_docs_and_openapi(service_client: httpx.Client) -> None:
     page = service_client.get("/docs").text
     assert "SwaggerUIBundle" in page
     assets = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert len(assets) == 3 and all(a.startswith("/static/docs/") for a in assets), assets  # no CDN: works offline
-    assert all(service_client.get(a).status_code == 200 for a in assets)
+    # no CDN (works offline); relative to /docs (works under a proxy's path prefix)
+    assert len(assets) == 3 and all(a.startswith("static/docs/") for a in assets), assets
+    assert all(service_client.get(f"/{a}").status_code == 200 for a in assets)
+    assert "url: 'openapi.json'" in page
     schema = service_client.get("/openapi.json").json()
     assert {"/v1/caption", "/v1/localize", "/v1/regions", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
     body = schema["paths"]["/v1/caption"]["post"]["requestBody"]["content"]
@@ -381,6 +383,18 @@ def test_error_messages_say_what_is_wrong(service_client: httpx.Client) -> None:
     assert error["message"] == "Method Not Allowed: /v1/caption takes POST"
     error = assert_error(service_client.post("/v1/localize", **form(text="a", mask_format="png")), 422)
     assert error["message"] == "mask_format: mask_format says how to send the mask: ask for one with mask=true"
+    error = assert_error(service_client.post("/v1/regions", **form(boxes="0,0,5,5", mask="true")), 422, field="mask")
+    assert error["message"] == "mask: masks are of the texts' objects: give texts, or leave mask out"
+    for name in ("num_beams", "max_new_tokens"):
+        error = assert_error(service_client.post("/v1/regions", **js(texts=["a"], **{name: 2})), 422, field=name)
+        assert error["message"] == f"{name}: {name} says how to caption boxes and points: give some, or leave it out"
+    huge = b'{"image": "", "max_new_tokens": ' + b"9" * 5000 + b"}"
+    error = assert_error(
+        service_client.post("/v1/caption", content=huge, headers={"content-type": "application/json"}),
+        422,
+        "invalid_request",
+    )
+    assert error["message"].startswith("body: a number is out of range (")  # JSON all the same, not malformed
     nan_json = {"content": b'{"image": "", "nms_iou": NaN}', "headers": {"content-type": "application/json"}}
     for kwargs in form(score_threshold="nan"), nan_json:
         error = assert_error(service_client.post("/v1/dense", **kwargs), 422)
@@ -417,12 +431,17 @@ def test_malformed_multipart_is_422(service_client: httpx.Client) -> None:
     assert complete.status_code == 200, complete.text
 
 
-def test_base64_images_with_spaces_around_or_a_data_url_without_its_comma() -> None:
+def test_base64_images_with_spaces_around_no_padding_or_a_data_url_without_its_comma() -> None:
     from server.bodies import decode_base64
     from server.errors import ApiError
 
     encoded = base64.b64encode(IMAGE).decode()
     assert decode_base64(f"\n  data:image/png;base64,{encoded}\n") == IMAGE == decode_base64(f" {encoded} ")
+    assert decode_base64(f"DATA:image/png;base64,{encoded}") == IMAGE  # a URL scheme in any case
+    cuts = [IMAGE[: len(IMAGE) - i] for i in range(3) if (len(IMAGE) - i) % 3]  # base64 of each ends in = or ==
+    for cut in cuts:  # the padding left out, as many encoders do
+        unpadded = base64.b64encode(cut).decode().rstrip("=")
+        assert unpadded != base64.b64encode(cut).decode() and decode_base64(unpadded) == cut
     with pytest.raises(ApiError) as refused:
         decode_base64("data:image/png;base64" + encoded)
     assert refused.value.message == "image: a data: URL has a comma before its base64 (data:image/png;base64,...)"

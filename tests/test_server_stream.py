@@ -248,10 +248,13 @@ def test_a_stream_past_the_timeout_ends_with_an_error_event(slow_stream_service)
 
 
 def test_a_timeout_before_the_first_word_is_a_json_504(tmp_path_factory) -> None:
-    """Each word 1.5 s late, a 1 s timeout: no word comes in time, so the answer is the plain JSON error."""
-    server = start_server(tmp_path_factory, DEFAULT_MODEL_DIR, debug_batch_delay_ms=1500, request_timeout_s=1)
+    """Each word 4 s late, a 1 s timeout: no word comes in time, so the answer is the plain JSON error, at the
+    timeout (it came once the late first word's step asked whether to stop, 4 s on)."""
+    server = start_server(tmp_path_factory, DEFAULT_MODEL_DIR, debug_batch_delay_ms=4000, request_timeout_s=1)
     try:
+        start = time.monotonic()
         r = httpx.post(f"{server.url}/v1/caption", params={"stream": "true"}, files={"image": SAMPLE}, timeout=30)
+        assert time.monotonic() - start < 3
         assert_error(r, 504, "timeout")
         assert r.json()["error"]["message"] == "no complete caption within 1 s"
         text = httpx.get(f"{server.url}/metrics").text
