@@ -29,7 +29,7 @@ DEFAULT_MODEL_DIR = ROOT / "weights" / "pixelllm-tiny"  # the shipped default mo
 GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a graceful shutdown
 SLOW_WORD_S = 0.25  # `slow_stream_service`: each streamed word (and each batch) this much later
 
-# Random weights, but a seed whose captions are not empty, so comparisons are not vacuous.
+# Random weights, but a seed whose captions have words (a run of "-" is none), so comparisons are not vacuous.
 MAKE_MODEL = textwrap.dedent(
     """
     import sys, numpy as np, torch
@@ -40,7 +40,8 @@ MAKE_MODEL = textwrap.dedent(
         model = build_pixelllm("pixelllm-tiny")
         predictor = Predictor(model)
         predictor.set_image(image)
-        if len(predictor.caption(box=(8, 8, 64, 80), max_new_tokens=8).words) >= 2:
+        box_words = predictor.caption(box=(8, 8, 64, 80), max_new_tokens=8).words
+        if len(box_words) >= 2 and predictor.caption(max_new_tokens=8).words:
             break
     model.save_pretrained(sys.argv[1])
     """
