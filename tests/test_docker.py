@@ -156,7 +156,7 @@ def test_image_serves_baked_model_read_only_as_non_root(image: str, expected: di
         served = served_caption(client, sample_png())
         assert served, "empty caption"
         assert_same_caption(served, expected[DEFAULT_MODEL_DIR])
-        assert '"/static/docs/swagger-ui-bundle.js"' in client.get("/docs").text  # the docs' files are in the image
+        assert '"static/docs/swagger-ui-bundle.js"' in client.get("/docs").text  # the docs' files are in the image
         assert client.get("/static/docs/swagger-ui-bundle.js").status_code == 200
 
         assert engine("exec", cid, "id", "-u").stdout.strip() == UID
