@@ -550,9 +550,11 @@ class _Session:
             else:
                 retry_after = retry_after_s(response.headers.get("retry-after"))
                 throttled = response.status_code == 429 and retry_after is not None and throttled_s < MAX_THROTTLED_S
-                if response.status_code not in RETRY_STATUSES or (last and not throttled):
-                    return response, attempts
-                if _error(response)[0] == "load_failed":  # a model that failed to load will not load on a retry
+                if (
+                    response.status_code not in RETRY_STATUSES
+                    or (last and not throttled)
+                    or _error(response)[0] == "load_failed"  # a model that failed to load will not load on a retry
+                ):
                     return response, attempts
                 wait = retry_delay(0 if throttled else attempt, retry_after, self.options, self.rng)
                 logger.info("%s %s: %d; retrying in %.2f s", method, url, response.status_code, wait)
