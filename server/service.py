@@ -143,18 +143,20 @@ class Engine:
         finally:
             release()
 
-    async def run(self, request: Request, job: Job) -> JobResult:
-        """`job`'s result from the batcher, in the slot the caller holds (`slot`): 504 on timeout, 499 if the client
+    async def run(self, request: Request, job: Job, started: float) -> JobResult:
+        """`job`'s result from the batcher, in the slot the caller holds (`slot`): 504 once `request_timeout_s` has
+        passed since `started` (the handler's `time.perf_counter()`: decoding the image counts), 499 if the client
         left."""
         self.require_ready()
         assert self.batcher is not None
+        left_s = self.settings.request_timeout_s - (time.perf_counter() - started)
+        if left_s <= 0:  # decoding the image took all the time: the model never sees it
+            raise self.timeout_error()
         answer = asyncio.ensure_future(self.batcher.submit(job, held=True))
         gone = asyncio.ensure_future(disconnected(request))
         done: set[asyncio.Future] = set()
         try:
-            done, _ = await asyncio.wait(
-                {answer, gone}, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({answer, gone}, timeout=left_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             answer.cancel()
@@ -172,7 +174,10 @@ class Engine:
             return result
         if gone in done:
             raise client_gone()
-        raise ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g} s")
+        raise self.timeout_error()
+
+    def timeout_error(self) -> ApiError:
+        return ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s:g} s")
 
 
 def busy_error(exc: QueueFull | BatcherClosed) -> ApiError:
@@ -198,6 +203,7 @@ def _open_image(engine: Engine, data: bytes) -> tuple[Job, int, int]:
     s = engine.settings
     image_size = engine.predictor.model.cfg.image_size if engine.predictor is not None else None
     image = decode_image(data, s.max_image_pixels, s.max_image_aspect, image_size)
+    time.sleep(s.debug_decode_delay_ms / 1000.0)
     return Job(key=key, image=image), image.width, image.height
 
 
@@ -329,9 +335,10 @@ def _common(
     )
 
 
-async def _answer(engine: Engine, request: Request, job: Job) -> tuple[JobResult, float]:
+async def _answer(engine: Engine, request: Request, job: Job, started: float) -> tuple[JobResult, float]:
+    """`Engine.run`'s result and the milliseconds it took; the request timeout counts from `started`."""
     start = time.perf_counter()
-    result = await engine.run(request, job)
+    result = await engine.run(request, job, started)
     return result, ms_since(start)
 
 
@@ -342,7 +349,7 @@ async def caption(engine: Engine, request: Request, data: bytes, params: Caption
         box = check_box("box", params.box, width, height) if params.box else None
         point = check_point("point", params.point, width, height) if params.point else None
         job.prompts, job.max_new_tokens, job.num_beams = [(box, point)], params.max_new_tokens, params.num_beams
-        result, run_ms = await _answer(engine, request, job)
+        result, run_ms = await _answer(engine, request, job, start)
     body = caption_result(result.captions[0], params.box, params.point, width, height)
     return CaptionResponse(**body.model_dump(), **_common(engine, result, width, height, decode_ms, run_ms, start))
 
@@ -354,7 +361,7 @@ async def localize(engine: Engine, request: Request, data: bytes, params: Locali
     with engine.slot():
         job, width, height, decode_ms = await open_image(engine, data)
         job.texts, job.mask = texts, params.mask
-        result, run_ms = await _answer(engine, request, job)
+        result, run_ms = await _answer(engine, request, job, start)
     fmt = params.mask_format if params.mask else None
     results = await run_in_threadpool(lambda: [_localization(loc, fmt, width, height) for loc in result.localizations])
     return LocalizeResponse(results=results, **_common(engine, result, width, height, decode_ms, run_ms, start))
@@ -378,7 +385,7 @@ async def regions(engine: Engine, request: Request, data: bytes, params: Regions
         job.prompts = [(b, None) for b in boxes] + [(None, p) for p in points]
         job.max_new_tokens, job.num_beams, job.texts = params.max_new_tokens, params.num_beams, texts
         job.mask = params.mask
-        result, run_ms = await _answer(engine, request, job)
+        result, run_ms = await _answer(engine, request, job, start)
     prompts = [(b, None) for b in params.boxes] + [(None, p) for p in params.points]
     captions = [caption_result(c, b, p, width, height) for c, (b, p) in zip(result.captions, prompts)]
     fmt = params.mask_format if params.mask else None
@@ -399,7 +406,7 @@ async def dense(engine: Engine, request: Request, data: bytes, params: DensePara
         job, width, height, decode_ms = await open_image(engine, data)
         job.dense = (params.score_threshold, params.nms_iou, max_regions)
         job.max_new_tokens, job.num_beams = params.max_new_tokens, params.num_beams
-        result, run_ms = await _answer(engine, request, job)
+        result, run_ms = await _answer(engine, request, job, start)
     regions = []
     for r in result.regions:
         box, box_norm = _box(r.box, width, height)

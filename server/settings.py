@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(256, ge=1)
     max_texts: int = Field(16, ge=1)
     max_regions: int = Field(32, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0, description="Seconds from the body's arrival to the answer, else 504")
     body_timeout_s: float = Field(
         120.0, gt=0, description="The whole request body must arrive within this many seconds (408), however slowly"
     )
@@ -81,6 +81,7 @@ class Settings(BaseSettings):
 
     debug_load_delay_ms: float = Field(0.0, ge=0, description="Test only: wait this long before loading the model")
     debug_batch_delay_ms: float = Field(0.0, ge=0, description="Test only: sleep this long in every batch")
+    debug_decode_delay_ms: float = Field(0.0, ge=0, description="Test only: sleep this long after decoding an image")
     debug_fail_model_every: int = Field(0, ge=0, description="Test only: every Nth model call raises; 0: never")
     debug_fail_rate: float = Field(
         0.0, ge=0, le=1, description="Test only: answer this random fraction of /v1 requests with a retryable error"

@@ -82,6 +82,17 @@ def slow_service(tmp_path_factory, random_tiny_dir):
     assert "Traceback" not in proc.log(), proc.log()[-4000:]
 
 
+@pytest.fixture(scope="module")
+def slow_decode_service(tmp_path_factory, random_tiny_dir):
+    """Decoding an image takes 2.5 s more, a 2 s request timeout, one request at a time."""
+    proc = start_server(
+        tmp_path_factory, random_tiny_dir, debug_decode_delay_ms=2500, request_timeout_s=2.0, max_batch_size=1
+    )
+    yield proc
+    assert proc.stop() in GRACEFUL, proc.log()[-4000:]
+    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+
+
 def check(response: httpx.Response, image: bytes, expected: dict[bytes, list[dict]]) -> None:
     assert response.status_code == 200, response.text
     assert_same(answers(response), expected[image])
@@ -152,6 +163,21 @@ def test_timeouts_leave_the_server_serving(slow_service, expected) -> None:
     r = httpx.post(f"{slow_service.url}/v1/caption", files={"image": IMAGES[11]}, data=FORM, timeout=60)
     check(r, IMAGES[11], expected)
     assert time.perf_counter() - start < TIMEOUT_S
+
+
+def test_the_timeout_counts_the_image_decoding(slow_decode_service) -> None:
+    """The request timeout starts when the handler does: an image that takes longer than it to decode is a 504,
+    and the model never runs on it."""
+    forms = {"/v1/caption": FORM, "/v1/localize": {"text": "a dog"}, "/v1/regions": {"boxes": "0,0,8,8"}}
+    with httpx.Client(base_url=slow_decode_service.url, timeout=60) as client:
+        for route, form in forms.items():
+            start = time.perf_counter()
+            r = client.post(route, files={"image": IMAGES[0]}, data=form)
+            assert "within 2 s" in assert_error(r, 504, "timeout")["message"], route
+            assert time.perf_counter() - start < 2.5 + 1.5, route
+        text = client.get("/metrics").text
+        assert metric(text, "pixelllm_cache_misses_total") == 0  # no job reached the model
+    assert metric(text, "pixelllm_batch_size_count") == 0
 
 
 def test_clients_that_leave_mid_request(slow_service, expected) -> None:
