@@ -3,6 +3,8 @@ shipped default model answers every kind of prompt, close to its float32 answers
 
 from __future__ import annotations
 
+import copy
+
 import httpx
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from PIL import Image
 from server_helpers import DEFAULT_MODEL_DIR, GRACEFUL, ROOT, start_server
 
-from pixelllm import PixelLLM, Predictor
+from pixelllm import PixelLLM, Predictor, build_pixelllm
 from pixelllm.evaluate import box_iou, mask_iou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,6 +73,30 @@ def test_half_precision_draws_coordinates_in_float32(dtype: torch.dtype) -> None
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast changes nothing
         assert torch.equal(p.model._points(hidden.to(dtype))[0], corners)
         assert torch.equal(p.model.proposal_head(p.embedding.features.fused)[1], edges)
+
+
+def test_float16_keeps_the_t5_feed_forward_outputs_in_float32() -> None:
+    """Flan-T5-XL's feed-forward outputs (`wo`) overflow float16, so transformers keeps them float32 in a float16
+    T5; a float16 PixelLLM does too. With outputs past float16's range the encoder still answers as in float32
+    (with them cast, T5 clamped the overflow: 2.0 off); bfloat16, with float32's range, casts them."""
+    torch.manual_seed(0)
+    language_model = build_pixelllm("pixelllm-tiny").eval().language_model
+    with torch.no_grad():
+        for name, param in language_model.t5.encoder.named_parameters():
+            if name.endswith("wo.weight"):
+                param.normal_(0, 1e6 / param.shape[1])
+    half = copy.deepcopy(language_model).to(dtype=torch.float16)
+    wo = {n: p for n, p in half.t5.named_parameters() if n.endswith("wo.weight")}
+    assert wo and all(p.dtype == torch.float32 for p in wo.values())
+    assert all(p.dtype == torch.float16 for n, p in half.t5.named_parameters() if n not in wo)
+    visual = torch.randn(2, 5, language_model.dim)
+    ids, mask = torch.randint(1, 50, (2, 4)), torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        full, _ = language_model.encode(visual, ids, mask)
+        states, _ = half.encode(visual.half(), ids, mask)
+    assert states.dtype == torch.float16
+    assert (states.float() - full).abs().max() < 0.05
+    assert all(p.dtype == torch.bfloat16 for p in half.to(dtype=torch.bfloat16).parameters())
 
 
 def test_bfloat16_reads_prompt_coordinates_in_float32() -> None:

@@ -47,6 +47,21 @@ class LanguageModel(nn.Module):
         elif cfg.mode != "full":
             raise ValueError(f"language_model.mode must be 'lora', 'full' or 'frozen', got {cfg.mode!r}")
 
+    def _apply(self, fn, recurse=True):
+        """Casts to float16 leave the modules T5 names in `_keep_in_fp32_modules` (its feed-forward outputs `wo`)
+        float32, as `T5ForConditionalGeneration.from_pretrained(dtype=torch.float16)` does: Flan-T5-XL's activations
+        there overflow float16. T5 casts their inputs up and the next layer norm back down."""
+        keep = tuple(getattr(self.t5, "_keep_in_fp32_modules", None) or ())
+        kept = {id(p) for name, p in self.t5.named_parameters() if any(k in name.split(".") for k in keep)}
+
+        def no_float16(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in kept and t.dtype == torch.float32 and out.dtype == torch.float16:
+                return t.to(out.device)
+            return out
+
+        return super()._apply(no_float16, recurse)
+
     @property
     def dim(self) -> int:
         return self.t5.config.d_model
