@@ -208,3 +208,15 @@ def test_should_stop_cancels_before_the_next_decoder_step(beams):
     with pytest.raises(GenerationCancelled):
         decode(should_stop)
     assert steps == [2 * beams] * 2 and asked == [0, 1, 2]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_no_tokens_to_decode_is_a_clear_error(beams):
+    """`max_new_tokens=0` said so before any decoder step (it had failed in `torch.stack` or divided by zero)."""
+    lm = ScriptedLM(2, beams, seed=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        if beams == 1:
+            greedy(lm.step, lm.logits, lm.points, 2, 0, torch.device("cpu"))
+        else:
+            beam_search_n_best(lm.step, lm.logits, lm.points, 2, beams, 0, torch.device("cpu"))
+    assert not lm.points_calls

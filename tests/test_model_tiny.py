@@ -231,3 +231,21 @@ def test_lora_merged_and_unmerged_give_the_same_outputs():
         m.lora_B["default"].weight.zero_()
     without = model(batch)
     assert not torch.allclose(without["ce"], unmerged_losses["ce"])
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
+    """A tokenizer with more ids than the language model has embeddings failed later, deep in T5 (IndexError)."""
+    from pixelllm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train([f"w{i} x{i * 7} y{i * 13} z{i}q{i % 7}" for i in range(400)], vocab_size=300)
+    vocab = load_config("pixelllm-tiny").language_model.t5["vocab_size"]
+    assert tokenizer.vocab_size > vocab
+    with pytest.raises(ValueError, match=f"the tokenizer has {tokenizer.vocab_size} tokens but .* only {vocab}"):
+        build_pixelllm("pixelllm-tiny", tokenizer=tokenizer)
+
+
+def test_images_are_moved_to_the_model_device():
+    """CPU images for a model elsewhere (here the meta device, as a GPU would be) are moved, not refused."""
+    model = build_pixelllm("pixelllm-tiny", device="meta")
+    size = model.cfg.image_size
+    assert model.encode_images(torch.rand(1, 3, size, size)).fused.device.type == "meta"

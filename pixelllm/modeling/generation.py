@@ -54,6 +54,11 @@ class _Hypothesis:
     score: float
 
 
+def check_length(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1 (or None for the model's default), got {max_new_tokens}")
+
+
 def new_cache() -> EncoderDecoderCache:
     return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
@@ -71,6 +76,7 @@ def iter_greedy(
     Sequences that already emitted EOS receive PAD. Stops when all are finished or at `max_new_tokens`;
     raises `GenerationCancelled` before a step if `should_stop()` is True.
     """
+    check_length(max_new_tokens)
     cache = new_cache()
     last = torch.full((batch_size, 1), PAD_ID, dtype=torch.long, device=device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -144,6 +150,7 @@ def beam_search_n_best(
     and the point head runs on the returned hypotheses' states. Raises `GenerationCancelled` before a step if
     `should_stop()` is True.
     """
+    check_length(max_new_tokens)
     k = num_beams
     num_return = k if num_return is None else num_return
     if not 1 <= num_return <= k:

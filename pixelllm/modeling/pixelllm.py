@@ -14,7 +14,7 @@ from ..config import MAX_PROPOSALS, PROPOSAL_NMS_IOU, PROPOSAL_SCORE_THRESHOLD, 
 from ..tokenizer import EOS_ID, PAD_ID, Tokenizer
 from .feature_extractor import ImageReading, PromptFeatureExtractor
 from .frozen_block import FrozenLMBlock
-from .generation import Generated, ShouldStop, beam_search_n_best, greedy, iter_greedy
+from .generation import Generated, ShouldStop, beam_search_n_best, check_length, greedy, iter_greedy
 from .image_encoder import ImageEncoder
 from .language_model import LanguageModel
 from .mask_head import MaskHead, upsample_masks
@@ -121,6 +121,11 @@ class PixelLLM(nn.Module):
         )
         self.prompt_encoder = LocationPromptEncoder(cfg.sam.out_chans, self.image_encoder.sam_grid, cfg.image_size)
         self.language_model = LanguageModel(cfg.language_model, t5)
+        if tokenizer is not None and tokenizer.vocab_size > self.language_model.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the language model only {self.language_model.vocab_size}"
+                " embeddings: give the tokenizer the model was trained with (Flan-T5's for T5 checkpoints)"
+            )
         lm_dim = self.language_model.dim
         self.extractor = PromptFeatureExtractor(cfg.extractor, fused_dim, cfg.sam.out_chans, lm_dim, cfg.image_size)
         self.point_head = PointHead(cfg.point_head, lm_dim)
@@ -151,7 +156,7 @@ class PixelLLM(nn.Module):
         again: find the object proposals (models with a proposal head) and the objects of the object tokens
         (models with them), and read the image for the extractor.
         """
-        fused, sam = self.image_encoder(images.to(self.dtype))
+        fused, sam = self.image_encoder(images.to(self.device, self.dtype))
         if self.frozen_block is not None:
             b, c, h, w = fused.shape
             tokens = self.frozen_block(fused.flatten(2).transpose(1, 2))
@@ -409,10 +414,7 @@ class PixelLLM(nn.Module):
         """The decoding length: `max_new_tokens`, or the model's `max_text_tokens` for None."""
         if max_new_tokens is None:
             return self.cfg.language_model.max_text_tokens
-        if max_new_tokens < 1:
-            raise ValueError(
-                f"max_new_tokens must be at least 1 (or None for the model's default), got {max_new_tokens}"
-            )
+        check_length(max_new_tokens)
         return max_new_tokens
 
     @torch.no_grad()
