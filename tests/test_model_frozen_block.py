@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_batch
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from pixelllm import PixelLLM, build_pixelllm
+from pixelllm.checkpoints import CheckpointError
 from pixelllm.config import FrozenBlockConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +72,7 @@ def test_block_is_the_saved_layer_frozen_and_the_model_runs(lm_dirs, kind, tmp_p
     # the frozen layer comes from the checkpoint, not from our weights file
     model.eval()
     model.save_pretrained(tmp_path / "m")
+    assert not [k for k in load_file(tmp_path / "m" / "model.safetensors") if k.startswith("frozen_block.layer.")]
     loaded = PixelLLM.from_pretrained(tmp_path / "m")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -102,3 +105,21 @@ def test_t5_layer_is_bidirectional(lm_dirs):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         tiny_with_block(tmp_path / "nowhere")
+
+
+def test_a_layer_the_checkpoint_lacks_is_refused(lm_dirs, tmp_path):
+    """transformers initializes missing weights at random, and frozen they would stay random: the chosen layer's
+    weights must all be in the file (another layer's need not), and its index in range."""
+    directory, _ = lm_dirs["t5"]
+    partial = tmp_path / "t5"
+    partial.mkdir()
+    (partial / "config.json").write_text((directory / "config.json").read_text())
+    state = load_file(directory / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("encoder.block.1.")}, partial / "model.safetensors")
+    assert tiny_with_block(partial, layer=0).frozen_block is not None
+    with pytest.raises(CheckpointError, match=r"layer encoder\.block\.1: .* missing keys"):
+        tiny_with_block(partial, layer=1)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        tiny_with_block(partial, layer=-1)
+    with pytest.raises(ValueError, match="frozen_block.layer is 2 but .* has 2 layers: give 0 to 1 or -1"):
+        tiny_with_block(directory, layer=2)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, BertConfig, BertModel, LlamaConfig, LlamaModel, T5Config, T5EncoderModel
 
+from ..checkpoints import CheckpointError, mismatch_report
 from ..config import FrozenBlockConfig
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,44 @@ def _build_layer(cfg: FrozenBlockConfig, load_weights: bool) -> tuple[nn.Module,
         )
     config = AutoConfig.from_pretrained(path)
     if isinstance(config, T5Config):
-        model = T5EncoderModel.from_pretrained(path) if load_weights else T5EncoderModel(config)
-        layers, kind, dim = model.encoder.block, "t5", config.d_model
+        kind, dim, count, cls, prefix = "t5", config.d_model, config.num_layers, T5EncoderModel, "encoder.block"
     elif isinstance(config, LlamaConfig):
-        model = LlamaModel.from_pretrained(path) if load_weights else LlamaModel(config)
-        layers, kind, dim = model.layers, "llama", config.hidden_size
-        for layer in layers:
-            layer.self_attn.is_causal = False
+        kind, dim, count, cls, prefix = "llama", config.hidden_size, config.num_hidden_layers, LlamaModel, "layers"
     elif isinstance(config, BertConfig):
-        model = BertModel.from_pretrained(path, add_pooling_layer=False) if load_weights else BertModel(config)
-        layers, kind, dim = model.encoder.layer, "bert", config.hidden_size
+        kind, dim, count, cls, prefix = "bert", config.hidden_size, config.num_hidden_layers, BertModel, "encoder.layer"
     else:
         raise ValueError(f"frozen_block supports T5, LLaMA and BERT checkpoints, got model_type {config.model_type!r}")
-    layer = layers[cfg.layer]
+    if not -count <= cfg.layer < count:
+        raise ValueError(
+            f"frozen_block.layer is {cfg.layer} but {path} has {count} layers: give 0 to {count - 1} or -1"
+        )
+    index = cfg.layer % count
+    kwargs = {"add_pooling_layer": False} if kind == "bert" else {}
+    model = _load_layer(cls, path, f"{prefix}.{index}.", **kwargs) if load_weights else cls(config, **kwargs)
+    layers = model.get_submodule(prefix)
+    if kind == "llama":
+        for layer in layers:
+            layer.self_attn.is_causal = False
+    layer = layers[index]
     if load_weights:
         log.info("frozen block: %s layer %d of %s (width %d)", kind, cfg.layer, path, dim)
     return layer, kind, dim
+
+
+def _load_layer(cls: type, path: Path, layer_prefix: str, **kwargs: object) -> nn.Module:
+    """`cls.from_pretrained(path)`, refused if a weight of the chosen layer (keys under `layer_prefix`) is missing or
+    mis-shaped: transformers would initialize it at random, and frozen it would stay random."""
+    model, info = cls.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    shapes = [
+        f"{k}: file {tuple(a)} vs model {tuple(b)}"
+        for k, a, b in sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+        if k.startswith(layer_prefix)
+    ]
+    missing = sorted(k for k in info.get("missing_keys") or [] if k.startswith(layer_prefix))
+    problems = mismatch_report(shapes, missing, [])
+    if problems:
+        raise CheckpointError(f"frozen_block.checkpoint {path} does not hold layer {layer_prefix[:-1]}: {problems}")
+    return model
 
 
 class FrozenLMBlock(nn.Module):
