@@ -111,16 +111,16 @@ OFFICIAL_PARTS = {"sam_checkpoint": "SAM", "eva_checkpoint": "EVA02", "t5_path":
 def load_model(
     name_or_path: str | Path, device: str | torch.device | None = None, quantize: str = "none", **checkpoints
 ) -> PixelLLM:
-    """A model to answer with: a saved model directory (`PixelLLM.from_pretrained`) or anything `build_pixelllm`
-    takes that has a tokenizer (its own, or `t5_path`'s); `quantize` "int8" gives it an int8 language model
-    (`PixelLLM.quantize_language_model`)."""
+    """A model to answer with: a saved model directory (`PixelLLM.from_pretrained`, `checkpoints` the new places of
+    official files it was built from) or anything `build_pixelllm` takes that has a tokenizer (its own, or
+    `t5_path`'s); `quantize` "int8" gives it an int8 language model (`PixelLLM.quantize_language_model`)."""
     from .checkpoints import from_pretrained
 
     if quantize not in ("none", "int8"):
         raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
     path = Path(name_or_path)
-    if path.is_dir():
-        model = from_pretrained(name_or_path, device=device)
+    if path.is_dir():  # the checkpoints given are where the official files it was built from are now
+        model = from_pretrained(name_or_path, device=device, **checkpoints)
     elif path.is_file() and (hint := model_path_hint(path)):  # e.g. a model directory's config: random weights
         raise ValueError(f"{path} is not a model to load{hint}")
     else:

@@ -43,6 +43,7 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, SOURCES_FILE = (
 )
 
 
+SOURCE_KEYS = ("sam_checkpoint", "eva_checkpoint", "t5_path")  # the official files a model can be built from
 UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # torch's weights-only refusal
 
 
@@ -303,6 +304,27 @@ def _saved_state(model: nn.Module, sources: dict[str, str]) -> dict[str, torch.T
     return out
 
 
+def _moved_sources(directory: Path, sources: dict[str, str], moved: dict[str, str]) -> dict[str, str]:
+    """`sources` (from `checkpoints.json`) with the `moved` paths in place of the recorded ones; an error for a
+    recorded file that is not there, and for a moved one the model was not built from."""
+    for key in moved:
+        if key not in SOURCE_KEYS:
+            raise TypeError(f"unknown checkpoint argument {key!r}: give {', '.join(SOURCE_KEYS)}")
+        if key not in sources:
+            raise CheckpointError(
+                f"the model in {directory} was not built from an official file given as {key} (its {WEIGHTS_FILE} "
+                f"holds those weights itself): leave {key} (PIXELLLM_{key.upper()}) unset"
+            )
+    sources = {**sources, **moved}
+    for key, path in sources.items():
+        if key not in moved and not Path(path).exists():
+            raise CheckpointError(
+                f"{directory / SOURCES_FILE} records {key} {path}, which does not exist: give its new place as "
+                f"from_pretrained(..., {key}=) (the service: PIXELLLM_{key.upper()})"
+            )
+    return sources
+
+
 STAGING_PREFIX = ".saving-"
 
 
@@ -336,7 +358,11 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     log.info("saved %s to %s", model.name, directory)
 
 
-def from_pretrained(directory: str | Path, device: str | torch.device | None = None) -> nn.Module:
+def from_pretrained(
+    directory: str | Path, device: str | torch.device | None = None, **moved: str | Path | None
+) -> nn.Module:
+    """The model saved in `directory`. A model built from official files loads them from where `checkpoints.json`
+    records; `moved` (`sam_checkpoint=`, `eva_checkpoint=`, `t5_path=`) gives the new place of any that moved."""
     from .build import build_pixelllm
 
     directory = Path(directory)
@@ -346,6 +372,7 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = N
                 f"{directory} is not a PixelLLM model directory: {name} is missing{model_path_hint(directory)}"
             )
     sources = json.loads((directory / SOURCES_FILE).read_text()) if (directory / SOURCES_FILE).is_file() else {}
+    sources = _moved_sources(directory, sources, {k: str(v) for k, v in moved.items() if v})
     tokenizer = Tokenizer.from_file(directory / TOKENIZER_FILE) if (directory / TOKENIZER_FILE).is_file() else None
     model = build_pixelllm(directory / CONFIG_FILE, tokenizer=tokenizer, **sources)
     state = read_state_dict(directory / WEIGHTS_FILE)

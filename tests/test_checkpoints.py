@@ -28,6 +28,7 @@ from segment_anything.modeling.image_encoder import get_rel_pos
 from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 
 from pixelllm import PixelLLM, Tokenizer, build_pixelllm
+from pixelllm.build import load_model
 from pixelllm.checkpoints import (
     CheckpointError,
     load_eva_checkpoint,
@@ -690,3 +691,32 @@ def test_a_model_built_from_official_parts_says_what_is_random(official_files, t
     random = warning.split("RANDOM weights for ", 1)[1].split(": ", 1)[0]
     assert random.startswith("EVA02, the prompt feature extractor, point head") and "SAM" not in random
     assert "until it is fine-tuned (pixelllm train)" in warning
+
+
+def test_a_model_whose_official_files_moved_loads_from_their_new_place(official_files, tmp_path):
+    """`checkpoints.json` records where the official files were; when they moved (another machine, a container),
+    loading says which file to give, and `sam_checkpoint=` etc. (`load_model`, the service's settings) give it."""
+    moved = tmp_path / "official"
+    shutil.copytree(official_files["t5"], moved / "t5")
+    shutil.copy(official_files["sam_resized"], moved / "sam.pth")
+    model = build_pixelllm(official_tiny_config(), sam_checkpoint=moved / "sam.pth", t5_path=moved / "t5")
+    perturb_(torch.nn.ParameterList([p for p in model.parameters() if p.requires_grad]), seed=6, scale=0.05)
+    model.save_pretrained(tmp_path / "m")
+    expected = outputs(model)
+    (moved / "sam.pth").rename(tmp_path / "sam-elsewhere.pth")
+    (moved / "t5").rename(tmp_path / "t5-elsewhere")
+    with pytest.raises(CheckpointError, match=r"checkpoints\.json records sam_checkpoint .* does not exist: .*"):
+        PixelLLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="records t5_path .*PIXELLLM_T5_PATH"):
+        PixelLLM.from_pretrained(tmp_path / "m", sam_checkpoint=tmp_path / "sam-elsewhere.pth")
+    loaded = load_model(
+        tmp_path / "m", sam_checkpoint=tmp_path / "sam-elsewhere.pth", t5_path=tmp_path / "t5-elsewhere"
+    )
+    assert loaded.sources["t5_path"] == str(tmp_path / "t5-elsewhere")
+    assert_same_outputs(outputs(loaded), expected)
+    with pytest.raises(
+        CheckpointError, match="not built from an official file given as eva_checkpoint .*leave eva_checkpoint"
+    ):
+        PixelLLM.from_pretrained(tmp_path / "m", eva_checkpoint=official_files["eva_pth"])
+    with pytest.raises(TypeError, match="unknown checkpoint argument 'sam_path'"):
+        PixelLLM.from_pretrained(tmp_path / "m", sam_path=tmp_path / "sam-elsewhere.pth")

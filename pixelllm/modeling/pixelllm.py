@@ -555,10 +555,12 @@ class PixelLLM(nn.Module):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, device: str | torch.device | None = None) -> PixelLLM:
+    def from_pretrained(cls, directory, device: str | torch.device | None = None, **moved) -> PixelLLM:
+        """The model saved in `directory`; `moved`: new places of the official files it was built from
+        (`sam_checkpoint=`, `eva_checkpoint=`, `t5_path=`), where they are no longer where `checkpoints.json` says."""
         from ..checkpoints import from_pretrained
 
-        return from_pretrained(directory, device=device)
+        return from_pretrained(directory, device=device, **moved)
 
 
 def _located(prompts: Prompts, b: int, device: torch.device) -> torch.Tensor:
