@@ -67,6 +67,12 @@ def refused_pickle(path: str | Path, error: Exception) -> CheckpointError | None
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a `.safetensors` file or a torch pickle read with `weights_only=True`."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".pth", ".bin", ".pt"))
+        raise CheckpointError(
+            f"{path} is a directory: give the weights file in it"
+            + (f" (it holds {', '.join(inside[:5])})" if inside else " (it holds no .safetensors/.pth/.bin file)")
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
@@ -117,6 +123,9 @@ def mismatch_report(shapes: list[str], missing: list[str], unexpected: list[str]
 
 
 # ------------------------------------------------------------------------- SAM
+SAM_SIZES = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}  # segment_anything's releases by image-encoder width
+
+
 def sam_checkpoint_filter(state: dict[str, torch.Tensor], image_encoder: nn.Module) -> dict[str, torch.Tensor]:
     """SAM image-encoder weights resampled to our input size.
 
@@ -161,7 +170,20 @@ def load_sam_checkpoint(model: nn.Module, path: str | Path) -> None:
     }
     unknown = sorted({k.split(".")[0] for k in state} - set(parts))
     if unknown:
-        raise CheckpointError(f"{path} is not a SAM checkpoint: unexpected top-level keys {unknown[:5]}")
+        hint = (
+            " (that is the transformers SamModel format: give segment_anything's own release, sam_vit_h_4b8939.pth)"
+            if "vision_encoder" in unknown
+            else ""
+        )
+        raise CheckpointError(f"{path} is not a SAM checkpoint: unexpected top-level keys {unknown[:5]}{hint}")
+    width = state.get("image_encoder.patch_embed.proj.weight")
+    own_width = model.image_encoder.sam.patch_embed.proj.weight.shape[0]
+    if width is not None and {width.shape[0], own_width} <= SAM_SIZES.keys() and width.shape[0] != own_width:
+        raise CheckpointError(
+            f"{path} is a SAM {SAM_SIZES[width.shape[0]]} checkpoint, but {model.name} has a SAM "
+            f"{SAM_SIZES[own_width]} image encoder: give the {SAM_SIZES[own_width]} release (the paper presets: "
+            "sam_vit_h_4b8939.pth)"
+        )
     for prefix, module in parts.items():
         sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         if prefix == "image_encoder":
@@ -226,6 +248,8 @@ def _flan_head_notice(record: logging.LogRecord) -> bool:
 def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
     """A Hugging Face Flan-T5 directory (`config.json`, weights, `tokenizer.json`) -> model and tokenizer."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"T5 directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a Hugging Face model directory: config.json is missing")
     if not (path / TOKENIZER_FILE).is_file():

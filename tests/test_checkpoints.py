@@ -720,3 +720,25 @@ def test_a_model_whose_official_files_moved_loads_from_their_new_place(official_
         PixelLLM.from_pretrained(tmp_path / "m", eva_checkpoint=official_files["eva_pth"])
     with pytest.raises(TypeError, match="unknown checkpoint argument 'sam_path'"):
         PixelLLM.from_pretrained(tmp_path / "m", sam_path=tmp_path / "sam-elsewhere.pth")
+
+
+def test_checkpoint_errors_say_which_file_to_give(official_files, tmp_path):
+    """A directory for a weights file, transformers' SAM format, another SAM size, a T5 directory that is not
+    there: each error says what to give instead."""
+    model = build_pixelllm(official_tiny_config())
+    snapshot = tmp_path / "eva-snapshot"
+    snapshot.mkdir()
+    shutil.copy(official_files["eva_safetensors"], snapshot / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"is a directory: give the weights file in it \(it holds model\.safe"):
+        load_eva_checkpoint(model, snapshot)
+    hf_sam = tmp_path / "hf-sam.safetensors"
+    save_file({"vision_encoder.patch_embed.projection.weight": torch.zeros(2, 3, 4, 4)}, hf_sam)
+    with pytest.raises(CheckpointError, match="transformers SamModel format: give segment_anything's own release"):
+        load_sam_checkpoint(model, hf_sam)
+    vit_b = tmp_path / "sam-vit-b.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}, vit_b)
+    paper = build_pixelllm("pixelllm-t5xl", device="meta")
+    with pytest.raises(CheckpointError, match="is a SAM vit_b checkpoint, but pixelllm-t5xl has a SAM vit_h image"):
+        load_sam_checkpoint(paper, vit_b)
+    with pytest.raises(CheckpointError, match="T5 directory .*nowhere does not exist"):
+        load_t5(tmp_path / "nowhere")
