@@ -10,12 +10,18 @@ PORT ?= 8000
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[dev,eval,ablation,ray]'
+	$(BIN)/pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -c constraints.txt -e '.[dev,eval,ablation,ray]'
 	touch $@
+
+# After upgrading packages in .venv (and passing the tests): pin what is installed for every fresh machine.
+.PHONY: constraints
+constraints:
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 serve: setup
 	PIXELLLM_MODEL=$(MODEL) $(BIN)/pixelllm serve --host $(HOST) --port $(PORT)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from server_helpers import ROOT
 
 
@@ -30,3 +34,23 @@ def test_the_wheel_carries_every_config_tokenizer_and_static_file(tmp_path: Path
     missing = [str(p.relative_to(ROOT)) for p in needed if str(p.relative_to(ROOT)) not in names]
     assert not missing, f"left out of the wheel: {missing}"
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)  # Apache-2.0 ships its text
+
+
+def test_every_dependency_is_pinned_to_the_installed_version() -> None:
+    """`make setup` and the Docker images install with `-c constraints.txt`: each dependency pyproject.toml names
+    (every extra too) must be pinned there, at the version these tests run with (`make constraints` rewrites it)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    for requirement in map(Requirement, wanted):
+        name = canonicalize_name(requirement.name)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        assert name in pins, f"{requirement.name} is not pinned in constraints.txt: run make constraints"
+        assert requirement.specifier.contains(pins[name]), f"constraints.txt pins {name}=={pins[name]}, {requirement}"
+        installed = importlib.metadata.version(requirement.name)
+        assert installed == pins[name], f"{name} {installed} installed, {pins[name]} pinned: run make constraints"
