@@ -3,7 +3,8 @@
 import argparse
 import sys
 
-from .app import StartupError, run
+from .app import run
+from .errors import StartupError
 
 parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
 parser.add_argument("--host", default="127.0.0.1")

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 
-from .errors import install_error_handlers
+from .errors import StartupError, install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, FaultInjectionMiddleware, MetricsMiddleware
 from .openapi import install_openapi
@@ -19,7 +19,7 @@ from .routes import STATIC_DIR, PageFiles, router
 from .schemas import CaptionJSON, DenseJSON, LocalizeJSON, RegionsJSON
 from .security import install_access_control, open_paths
 from .service import Engine
-from .settings import Settings
+from .settings import Settings, read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +77,12 @@ def create_app(settings: Settings | None = None, engine_type: type[Engine] = Eng
     return app
 
 
-class StartupError(Exception):
-    """The service cannot start or keep running: the model does not exist or did not load."""
-
-
 def serving_settings(settings: Settings | None = None) -> Settings:
     """Logging on, and `settings` with the model resolved; a model that does not exist fails now, not later."""
     from pixelllm.config import load_config
 
     configure_logging()
-    settings = settings or Settings()
+    settings = settings or read_settings()
     try:
         settings = settings.model_copy(update={"model": settings.resolved_model()})
         load_config(settings.model)

@@ -16,6 +16,11 @@ from .requestlog import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
+
+class StartupError(Exception):
+    """The service cannot start or keep running: bad settings, or the model does not exist or did not load."""
+
+
 HTTP_CODES = {
     400: "bad_request",
     404: "not_found",

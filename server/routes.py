@@ -10,6 +10,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import Receive, Scope, Send
 
 from . import service
 from .bodies import read_body
@@ -39,7 +40,8 @@ router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
 # The page and its files are revalidated (ETag) before each use: after an upgrade a browser never runs the new
 # page with the old script, or the old page with the new one.
-REVALIDATE = {"Cache-Control": "no-cache"}
+# the page's files: checked before each use (an upgrade never mixes old and new ones), sent whole (`whole`)
+PAGE_HEADERS = {"Cache-Control": "no-cache", "Accept-Ranges": "none"}
 
 ERRORS = {
     401: {"model": ErrorResponse, "description": "API keys are on and none was sent; see WWW-Authenticate"},
@@ -159,7 +161,7 @@ async def metrics(request: Request) -> Response:
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     """The web page: upload an image, see its grounded caption, localize a text."""
-    return FileResponse(STATIC_DIR / "index.html", headers=REVALIDATE)
+    return WholeFile(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
 
 @router.get("/docs", include_in_schema=False)
@@ -176,10 +178,26 @@ async def docs(request: Request) -> HTMLResponse:
     )
 
 
+def whole(scope: Scope) -> Scope:
+    """`scope` without a `Range` header: the page's files are small and sent whole (Starlette would answer a bad
+    range in plain text, not the service's JSON errors)."""
+    return {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
+
+
+class WholeFile(FileResponse):
+    """A file sent whole whatever `Range` the request asks for."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(whole(scope), receive, send)
+
+
 class PageFiles(StaticFiles):
-    """The web page's files (`/static`), each revalidated before use (`REVALIDATE`)."""
+    """The web page's files (`/static`), each revalidated before use and sent whole (`PAGE_HEADERS`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(whole(scope), receive, send)
 
     def file_response(self, *args: Any, **kwargs: Any) -> Response:
         response = super().file_response(*args, **kwargs)
-        response.headers.update(REVALIDATE)
+        response.headers.update(PAGE_HEADERS)
         return response

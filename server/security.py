@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import error_response
+from .errors import StartupError, error_response
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -110,29 +112,35 @@ class KeyStore:
 
 
 class RateLimiter:
-    """Token buckets: a client may make `burst` requests at once, then `per_minute` a minute."""
+    """Token buckets: a client may make `burst` requests at once, then `per_minute` a minute. At most `max_clients`
+    buckets are kept: past that, the least recently seen client's is dropped (it starts again with a full one)."""
 
-    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.clock = per_minute / 60.0, float(burst), clock
-        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+    def __init__(
+        self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic, max_clients: int = MAX_BUCKETS
+    ) -> None:
+        self.rate, self.burst, self.clock, self.max_clients = per_minute / 60.0, float(burst), clock, max_clients
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, when), oldest first
 
     def acquire(self, client: str) -> float:
         """0 if `client` may go now (taking a token), else the seconds until it may."""
         now = self.clock()
-        tokens, when = self.buckets.get(client, (self.burst, now))
+        tokens, when = self.buckets.pop(client, (self.burst, now))
         tokens = min(self.burst, tokens + (now - when) * self.rate)
-        if tokens >= 1.0:
-            self.buckets[client] = (tokens - 1.0, now)
-            self._forget_idle(now)
-            return 0.0
-        self.buckets[client] = (tokens, now)
-        return (1.0 - tokens) / self.rate
+        allowed = tokens >= 1.0
+        self.buckets[client] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self.buckets) > self.max_clients:
+            self.buckets.popitem(last=False)
+        return 0.0 if allowed else (1.0 - tokens) / self.rate
 
-    def _forget_idle(self, now: float) -> None:
-        """Drop full buckets (a new one starts full anyway) once there are many clients."""
-        if len(self.buckets) > MAX_BUCKETS:
-            refill = self.burst / self.rate
-            self.buckets = {c: (t, w) for c, (t, w) in self.buckets.items() if now - w < refill}
+
+def client_of(address: str) -> str:
+    """Whom the rate limit counts an address as: an IPv6 address by its /64 network (one host is given a whole /64
+    to pick addresses from), anything else as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 and not ip.ipv4_mapped else address
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -163,7 +171,7 @@ class AccessMiddleware:
         await (denied or self.app)(scope, receive, send)
 
     def _check(self, scope: Scope) -> Response | None:
-        client = scope["client"][0] if scope.get("client") else "-"
+        client = client_of(scope["client"][0]) if scope.get("client") else "-"
         if self.keys is not None:
             key = presented_key(Headers(scope=scope))
             if key is None:
@@ -205,7 +213,10 @@ def open_paths(settings: Settings, openapi_url: str) -> frozenset[str]:
 
 def install_access_control(app: FastAPI, settings: Settings) -> None:
     """Add API keys and rate limits (when set) and CORS (origins in `cors_origins`) to `app`; call after its routes."""
-    keys = KeyStore(settings.api_keys_file, settings.api_key_hashes) if settings.auth_enabled else None
+    try:
+        keys = KeyStore(settings.api_keys_file, settings.api_key_hashes) if settings.auth_enabled else None
+    except (OSError, ValueError) as exc:  # a keys file that is missing, unreadable or holds a bad line
+        raise StartupError(str(exc)) from None
     limiter = None
     if settings.rate_limit_per_minute > 0:
         limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from pixelllm.config import DEFAULT_WEIGHTS
+
+from .errors import StartupError
 
 
 class Settings(BaseSettings):
     """Everything the service can be told; each field is `PIXELLLM_<NAME>` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="PIXELLLM_", protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="PIXELLLM_", protected_namespaces=(), allow_inf_nan=False)
 
     model: str | None = Field(
         None, description="Model directory or preset name; default: the checkout's weights/pixelllm-tiny"
@@ -104,6 +107,20 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _sha256_hex(cls, hashes: list[str]) -> list[str]:
+        from .security import parse_hashes
+
+        return sorted(parse_hashes(hashes, "entry"))
+
+    @field_validator("debug_fail_statuses")
+    @classmethod
+    def _error_statuses(cls, statuses: list[int]) -> list[int]:
+        if not all(400 <= s <= 599 for s in statuses):
+            raise ValueError(f"give HTTP error statuses (400 to 599), got {statuses}")
+        return statuses
+
     @field_validator("api_keys_file", mode="before")
     @classmethod
     def _not_empty(cls, value: Any) -> Any:
@@ -119,6 +136,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "PIXELLLM_QUANTIZE=int8 is for float32 models on the CPU: set PIXELLLM_DTYPE=float32 and "
                 "PIXELLLM_DEVICE=cpu (on a GPU, use PIXELLLM_DTYPE=bfloat16 instead of int8)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Settings:
+        if self.ray_max_replicas is not None and self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError(
+                f"PIXELLLM_RAY_MIN_REPLICAS ({self.ray_min_replicas}) is above PIXELLLM_RAY_MAX_REPLICAS "
+                f"({self.ray_max_replicas})"
             )
         return self
 
@@ -138,3 +164,21 @@ class Settings(BaseSettings):
             "wheel holds no weights): set PIXELLLM_MODEL to a model directory, such as weights/pixelllm-tiny in a "
             "checkout of the repository"
         )
+
+
+def read_settings() -> Settings:
+    """`Settings()` from the environment; `StartupError` naming each bad `PIXELLLM_*` variable and why."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"PIXELLLM_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
+            if err["loc"]
+            else err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        )
+        raise StartupError(f"bad settings: {problems}") from None
+    except SettingsError as e:  # a list setting that is not JSON: 'error parsing value for field "name" ...'
+        field = re.search(r'field "(\w+)"', str(e))
+        name = f"PIXELLLM_{field.group(1).upper()}" if field else "a PIXELLLM_* list setting"
+        raise StartupError(f"bad settings: {name} is not a JSON list, e.g. [429, 503]") from None
