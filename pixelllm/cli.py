@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -240,10 +239,8 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
-    from server import Settings, StartupError, run
+    from server import StartupError, run
+    from server.settings import read_settings
 
     if args.ray:
         try:
@@ -253,19 +250,7 @@ def cmd_serve(args) -> None:
                 raise
             raise CLIError("--ray needs Ray Serve: pip install -e '.[ray]' in the checkout (make setup does)") from None
     try:
-        settings = Settings()
-    except ValidationError as e:
-        problems = "; ".join(
-            f"PIXELLLM_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        )
-        raise CLIError(f"bad settings: {problems}") from None
-    except SettingsError as e:  # a list setting that is not JSON: 'error parsing value for field "name" ...'
-        field = re.search(r'field "(\w+)"', str(e))
-        name = f"PIXELLLM_{field.group(1).upper()}" if field else "a PIXELLLM_* list setting"
-        raise CLIError(f"bad settings: {name} is not a JSON list, e.g. [429, 503]") from None
-    try:
-        run(args.host, args.port, settings)
+        run(args.host, args.port, read_settings())
     except StartupError as e:
         raise CLIError(str(e)) from None
 
@@ -318,6 +303,7 @@ def cmd_batch(args) -> int:
 
 
 def cmd_train(args) -> None:
+    from .train import TrainingDiverged
     from .train import main as train_main
 
     logging.getLogger("pixelllm.train").setLevel(logging.INFO)  # resumed at step N, nothing to train, ...
@@ -325,7 +311,7 @@ def cmd_train(args) -> None:
     argv += ["--out-dir", args.out_dir] if args.out_dir else []
     try:
         train_main(argv)
-    except (FileNotFoundError, ValueError) as e:  # a config, a record or a checkpoint path to fix: named in `e`
+    except (FileNotFoundError, ValueError, TrainingDiverged) as e:  # what to fix (a config, a path...) is in `e`
         if args.verbose:
             raise
         raise CLIError(f"{e} (pixelllm -v train ...: the traceback)") from None
@@ -356,7 +342,7 @@ def cmd_eval(args) -> None:
 def cmd_data_synth(args) -> None:
     from .data.synthetic import write_dataset
 
-    out = write_dataset(args.out, args.n, args.seed, renderer=args.renderer)
+    out = write_dataset(args.out, args.n, args.seed, renderer=args.renderer, overwrite=args.overwrite)
     print(f"wrote {args.n} scenes to {out}")
 
 
@@ -548,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("synth", help="write synthetic grounded narratives (LN JSONL + images + annotations)")
-    q.add_argument("--out", required=True, help="folder to write")
+    q.add_argument("--out", required=True, help="folder to write (new or empty, unless --overwrite)")
     q.add_argument("--n", type=positive_int, default=1000, help="scenes (default: %(default)s)")
+    q.add_argument("--overwrite", action="store_true", help="write into a folder that holds files, over them")
     q.add_argument("--seed", type=int, default=0, help="of the first scene (default: %(default)s)")
     renderer_arg(q, "synthetic")
     q.set_defaults(func=cmd_data_synth)

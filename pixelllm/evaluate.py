@@ -262,28 +262,28 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
                 )
             )
             dense_truths.append(DenseTruth(np.array([o.box for o in objs]), [region_caption(o) for o in objs]))
+    if not candidates:
+        raise ValueError("no scenes to evaluate")
     result = {
         "num_scenes": len(candidates),
         "num_objects": len(stats["ref_hit"]),
         **_referring_metrics(stats),
-        "region_caption_acc_box": float(np.mean(stats["region_box"])),
-        "region_caption_acc_point": float(np.mean(stats["region_point"])),
-        "region_caption_acc_point_unverified": float(np.mean(stats["region_point_unverified"])),
-        "caption_word_point_acc": float(np.mean([h is True for h in stats["word_point"]])),
-        "caption_object_mention_rate": float(np.mean([h is not None for h in stats["word_point"]])),
+        "region_caption_acc_box": _mean(stats["region_box"]),
+        "region_caption_acc_point": _mean(stats["region_point"]),
+        "region_caption_acc_point_unverified": _mean(stats["region_point_unverified"]),
+        "caption_word_point_acc": _mean([h is True for h in stats["word_point"]]),
+        "caption_object_mention_rate": _mean([h is not None for h in stats["word_point"]]),
         "caption_word_point_acc_mentioned": _share_true(stats["word_point"]),
-        "caption_word_point_acc_regressed": float(np.mean([h is True for h in stats["word_point_regressed"]])),
+        "caption_word_point_acc_regressed": _mean([h is True for h in stats["word_point_regressed"]]),
         "caption_word_point_acc_mentioned_regressed": _share_true(stats["word_point_regressed"]),
-        "caption_word_point_acc_unverified": float(np.mean([h is True for h in stats["word_point_unverified"]])),
-        "caption_object_mention_rate_unverified": float(
-            np.mean([h is not None for h in stats["word_point_unverified"]])
-        ),
+        "caption_word_point_acc_unverified": _mean([h is True for h in stats["word_point_unverified"]]),
+        "caption_object_mention_rate_unverified": _mean([h is not None for h in stats["word_point_unverified"]]),
         "caption_phrase_precision": phrases_paired / max(phrases_total, 1),
-        "caption_object_color_rate": float(np.mean([h is not None for h in stats["word_point_any_shape"]])),
+        "caption_object_color_rate": _mean([h is not None for h in stats["word_point_any_shape"]]),
         "caption_word_point_acc_color_named": _share_true(stats["word_point_any_shape"]),
         "caption_word_point_acc_teacher_forced": _share_true(stats["word_point_teacher_forced"]),
         "point_l1_px": l1_sum / max(l1_count, 1),
-        "caption_exact_match": float(np.mean([candidates[k][0] == references[k][0] for k in candidates])),
+        "caption_exact_match": _mean([candidates[k][0] == references[k][0] for k in candidates]),
         "num_beams": num_beams,
         "seconds": round(time.time() - start, 1),
     }
@@ -294,7 +294,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
         result["dense_recall@0.5"] = object_recall(
             default, dense_truths, lambda a, b: _color_shape(a) == _color_shape(b)
         )
-        result["dense_regions_per_image"] = float(np.mean([len(p.scores) for p in default]))
+        result["dense_regions_per_image"] = _mean([len(p.scores) for p in default])
     return result
 
 
@@ -344,16 +344,16 @@ def _readable(predictor: Predictor, text: str) -> str:
     return text[:end]
 
 
-def _referring_metrics(stats: dict[str, list]) -> dict[str, float]:
+def _referring_metrics(stats: dict[str, list]) -> dict[str, float | None]:
     return {
         "referring_texts_cut": int(sum(stats["texts_cut"])),
         "referring_texts_empty": int(sum(stats["texts_empty"])),
-        "referring_acc@0.5": float(np.mean(stats["ref_hit"])),
-        "referring_mean_iou": float(np.mean(stats["ref_iou"])),
-        "mask_iou": float(np.mean(stats["mask_iou"])),
-        "referring_acc@0.5_regressed": float(np.mean(stats["ref_hit_regressed"])),
-        "referring_mean_iou_regressed": float(np.mean(stats["ref_iou_regressed"])),
-        "mask_iou_regressed": float(np.mean(stats["mask_iou_regressed"])),
+        "referring_acc@0.5": _mean(stats["ref_hit"]),
+        "referring_mean_iou": _mean(stats["ref_iou"]),
+        "mask_iou": _mean(stats["mask_iou"]),
+        "referring_acc@0.5_regressed": _mean(stats["ref_hit_regressed"]),
+        "referring_mean_iou_regressed": _mean(stats["ref_iou_regressed"]),
+        "mask_iou_regressed": _mean(stats["mask_iou_regressed"]),
     }
 
 
@@ -394,6 +394,11 @@ def evaluate_refexp(predictor: Predictor, examples: list[RefExample], max_images
         **_referring_metrics(stats),
         "seconds": round(time.time() - start, 1),
     }
+
+
+def _mean(values: list) -> float | None:
+    """The mean of `values`, or None where there are none (not NaN, which JSON has no number for)."""
+    return float(np.mean(values)) if len(values) else None
 
 
 def _share_true(hits: list[bool | None]) -> float:
@@ -485,11 +490,11 @@ def run_eval(
             "scores words against the generator's objects; for your own data, caption it (`pixelllm caption`, "
             "`pixelllm batch`) or write a RefCOCO-layout set for --refcoco"
         )
-    predictor = Predictor(load_model(model_dir, device=device, quantize=quantize))
-    if annotations is not None:
-        scenes, total = load_scenes(data), len(annotations.read_text().splitlines())
+    if annotations is not None:  # counted before the model loads: a folder without scenes is refused at once
+        scenes, total = load_scenes(data), _count_scenes(annotations)
     else:
         scenes, total = generated_scenes(num_scenes, seed, renderer), num_scenes
+    predictor = Predictor(load_model(model_dir, device=device, quantize=quantize))
     with torch.no_grad():
         result = evaluate(predictor, scenes, total, num_beams)
     result.update(
@@ -497,6 +502,18 @@ def run_eval(
     )
     _write(result, out)
     return result
+
+
+def _count_scenes(annotations: Path) -> int:
+    """The scenes of a `pixelllm data synth` folder's annotations.jsonl; a `ValueError` naming it when it has none."""
+    with annotations.open() as f:
+        total = sum(1 for line in f if line.strip())
+    if not total:
+        raise ValueError(
+            f"{annotations} holds no scenes: write some with `pixelllm data synth --out {annotations.parent} --n N "
+            "--overwrite`, or give another --data folder"
+        )
+    return total
 
 
 def run_refexp_eval(

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .build import build_pixelllm, default_tokenizer, load_model
-from .checkpoints import resize_input
+from .checkpoints import _saved_state, resize_input, state_mismatches
 from .config import _from_dict, load_config
 from .data.narratives import NarrativesIndex, word_locations
 from .data.synthetic import generate_scene, scene_seed
@@ -86,6 +86,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float | None = 1.0  # the gradient's largest norm; 0 or None: not clipped
+    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a NaN or Inf loss or gradient
     precision: str = "fp32"  # "fp32", or "bf16" autocast
     point_weight: float | None = None
     max_text_tokens: int | None = None  # train (and caption) up to this many tokens with EOS; default: the model's
@@ -107,6 +108,17 @@ class TrainConfig:
         if not 1 <= self.grad_accum_steps <= self.batch_size:
             raise ValueError(
                 f"grad_accum_steps is {self.grad_accum_steps}: it must be between 1 and batch_size ({self.batch_size})"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr is {self.lr}: give the peak learning rate, a positive number (e.g. 1e-4)")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay is {self.weight_decay}: give 0 (none) or more")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps is {self.warmup_steps}: give 0 (no warmup) or more")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(
+                f"max_nonfinite_steps is {self.max_nonfinite_steps}: give how many steps in a row may have a NaN "
+                "or Inf loss or gradient (each skipped) before training stops, at least 1"
             )
         if self.grad_clip is not None and not self.grad_clip >= 0:
             raise ValueError(f"grad_clip is {self.grad_clip}: give the largest gradient norm, or 0 for no clipping")
@@ -170,8 +182,7 @@ class SceneSource:
         elif cfg.kind == "narratives":
             if not cfg.path or not cfg.image_root:
                 raise ValueError("a 'narratives' source needs 'path' (JSONL) and 'image_root' (image folder)")
-            paths = sorted(glob.glob(cfg.path)) if glob.has_magic(cfg.path) else [cfg.path]
-            paths = [p for p in paths if Path(p).is_file()]
+            paths = narratives_paths(cfg.path)
             if not paths:
                 raise ValueError(
                     f"no file matches the source path {cfg.path} (a 'narratives' source's 'path', read from "
@@ -241,6 +252,14 @@ class SceneSource:
                 continue
             return prepare_record(image, self.records[j], self.image_size, self.tokenizer, self.padding)
         raise ValueError(f"no image of {self.cfg.path} can be read (each was logged): check 'image_root'")
+
+
+def narratives_paths(path: str) -> list[str]:
+    """`path` itself when it is a file (its name may hold glob characters, as "ln [v2].jsonl" does), else the files
+    that `path` as a glob matches, sorted."""
+    if Path(path).is_file():
+        return [path]
+    return sorted(p for p in glob.glob(path) if Path(p).is_file())
 
 
 def _trace_problems(records: list[dict]) -> tuple[float, float | None]:
@@ -398,6 +417,50 @@ def accumulate_gradients(
     return {key: sums[key] / weights[key] for key in sums}
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row had a NaN or Inf loss or gradient: training stopped, its checkpoint left as it was."""
+
+
+def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss and the gradient norm are finite on every process (a collective under DDP, so that every
+    process steps or skips alike)."""
+    finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).to(torch.int32)
+    if distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def _loggable(value: float, digits: int) -> float | None:
+    """`value` rounded to `digits`, or None for NaN and Inf, which JSON has no number for."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def _warn_skipped(done: int, loss: torch.Tensor, grad_norm: torch.Tensor, in_a_row: int, limit: int) -> None:
+    """Warn that step `done` was skipped, the `in_a_row`-th in a row of the `limit` that stop the run."""
+    log.warning(
+        "step %d: the loss (%s) or the gradient norm (%s) is NaN or Inf: the step is skipped, the weights left as "
+        "they were, and no checkpoint is written until a step is finite (%d in a row; training stops at %d, "
+        "`max_nonfinite_steps`)",
+        done,
+        float(loss),
+        float(grad_norm),
+        in_a_row,
+        limit,
+    )
+
+
+def _diverged_message(cfg: TrainConfig, done: int, in_a_row: int, ckpt: Path) -> str:
+    """What `TrainingDiverged` says: where the run stopped, what was kept, and what to change."""
+    kept = f"{ckpt} is left as it was" if ckpt.is_file() else "no checkpoint was written"
+    return (
+        f"training stopped at step {done}: {in_a_row} steps in a row had a NaN or Inf loss or gradient (each skipped; "
+        f"`max_nonfinite_steps` is {cfg.max_nonfinite_steps}), and {kept}. Lower lr (now {cfg.lr}), clip the "
+        f"gradient (grad_clip, now {cfg.grad_clip}), train in fp32 if in bf16 (now {cfg.precision}), or check the "
+        "data those steps drew (a broken record or image); then run again: it resumes from the checkpoint (or give "
+        "a new out_dir to start over)"
+    )
+
+
 def prepare_synthetic_sources(cfg: TrainConfig, sources: list[SceneSource], start: int, rank=0, world=1) -> None:
     """Prepare ahead, in parallel, the synthetic scenes that steps `start` to `cfg.steps` will draw, and only those:
     a short run does not wait for all of a large source."""
@@ -436,11 +499,12 @@ def rng_states(device: torch.device, distributed: bool) -> list[dict[str, torch.
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, rng: list[dict[str, torch.Tensor]]) -> None:
-    """Model, optimizer, step and every process's random state (`rng_states`)."""
+    """The model's weights that `save_pretrained` stores (not the frozen ones its official files give), optimizer,
+    step and every process's random state (`rng_states`)."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
-            "model": model.state_dict(),
+            "model": _saved_state(model, _sources(model)),
             "optimizer": optimizer.state_dict(),
             "step": step,
             "rng": rng,
@@ -451,20 +515,36 @@ def save_checkpoint(path: Path, model, optimizer, step: int, rng: list[dict[str,
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
+def _sources(model) -> dict[str, str]:
+    """The official files `model` was built from (`build_pixelllm` records them)."""
+    return getattr(model, "sources", {}) or {}
+
+
+def _load_model_state(path: Path, model, saved: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's weights: those `save_pretrained` stores, the others (frozen, from official files) being in
+    `model` already; or, as checkpoints held before, the whole state. Anything else is an error that says what to do."""
+    own = _saved_state(model, _sources(model))
+    problems = state_mismatches(own, saved)
+    if not problems:
+        model.load_state_dict(saved, strict=False)
+        return
+    if not state_mismatches(model.state_dict(), saved):  # a checkpoint of the whole model, as older runs wrote
+        model.load_state_dict(saved)
+        return
+    raise ValueError(
+        f"{path} holds a model of another shape than this config builds: give a new out_dir to start over, or the "
+        f"config the run started with ({path.parent / 'train_config.json'}) to resume. {problems}"
+    )
+
+
 def load_checkpoint(
     path: Path, model, optimizer, device: torch.device, rank: int = 0, world: int = 1, threads: int | None = None
 ) -> int:
     """Restore `path` into `model` and `optimizer`, and this process's random state; returns the step to resume at.
     CPU kernels may sum in another order on another thread count, so with `threads` unset the run resumes at the
-    count that wrote the checkpoint."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:  # missing, unexpected or resized weights: another image_size, model, object tokens...
-        raise ValueError(
-            f"{path} holds a model of another shape than this config builds: give a new out_dir to start over, or "
-            f"the config the run started with ({path.parent / 'train_config.json'}) to resume. {e}"
-        ) from None
+    count that wrote the checkpoint (at most this machine's CPU count)."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    _load_model_state(path, model, state["model"])
     optimizer.load_state_dict(state["optimizer"])
     rng = state.get("rng") or [{"cpu": state["torch_rng"]}]  # "torch_rng": rank 0's, before every rank's was kept
     if len(rng) != world:
@@ -485,23 +565,38 @@ def load_checkpoint(
             "a GPU" if "cuda" in mine else "the CPU",
             device,
         )
-    saved_threads = state.get("threads")  # absent in checkpoints written before it was stored
-    if saved_threads and saved_threads != torch.get_num_threads():
-        if not threads:  # unset, as `train` reads it (0 sets nothing either)
-            torch.set_num_threads(saved_threads)
-            log.info(
-                "resuming at %d threads, the count the checkpoint was written at (set `threads` to choose)",
-                saved_threads,
-            )
-        else:
-            log.warning(
-                "%s was written at %d threads and this run uses %d (`threads`): the weights may differ in their last "
-                "bits from those of an uninterrupted run",
-                path,
-                saved_threads,
-                torch.get_num_threads(),
-            )
+    _restore_threads(path, state.get("threads"), threads)
     return int(state["step"])
+
+
+def _restore_threads(path: Path, saved: int | None, threads: int | None) -> None:
+    """With `threads` unset, go to the thread count `path` was written at (`saved`; None in checkpoints written before
+    it was stored), capped at this machine's CPU count; with `threads` set, warn that the last bits may differ."""
+    if not saved or saved == torch.get_num_threads():
+        return
+    if threads:
+        log.warning(
+            "%s was written at %d threads and this run uses %d (`threads`): the weights may differ in their last bits "
+            "from those of an uninterrupted run",
+            path,
+            saved,
+            torch.get_num_threads(),
+        )
+        return
+    cpus = os.cpu_count() or 1
+    if saved > cpus:
+        log.warning(
+            "%s was written at %d threads and this machine has %d CPUs: resuming at %d threads (the weights may differ "
+            "in their last bits from those of an uninterrupted run; set `threads` to choose)",
+            path,
+            saved,
+            cpus,
+            cpus,
+        )
+        saved = cpus
+    else:
+        log.info("resuming at %d threads, the count the checkpoint was written at (set `threads` to choose)", saved)
+    torch.set_num_threads(saved)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -657,6 +752,7 @@ def train(cfg: TrainConfig) -> Path:
     log_file = log_path.open("a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     t_last, samples_since = time.time(), 0
+    nonfinite, skipped_since = 0, 0  # steps skipped in a row for a NaN or Inf loss or gradient; since the last log
     with finish_step_on_ctrl_c(enabled=not distributed) as stop:
         for step in range(start, cfg.steps):
             batches = batches_for_step(step, cfg, sources, model.cfg, tokenizer, rank, world)
@@ -665,26 +761,40 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             losses = accumulate_gradients(net, batches, device, autocast_dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # inf: the norm, unclipped
-            optimizer.step()
+            finite = step_is_finite(losses["loss"], grad_norm, distributed)
+            if finite:
+                optimizer.step()
+                nonfinite = 0
+            else:  # skipped: the weights and the optimizer's moments stay as they were
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite, skipped_since = nonfinite + 1, skipped_since + 1
             samples_since += cfg.batch_size
             done = step + 1
             if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
                 elapsed = time.time() - t_last
-                record = {k: round(float(v), 4) for k, v in losses.items()}
+                record = {k: _loggable(float(v), 4) for k, v in losses.items()}
                 record.update(
                     step=done,
                     lr=lr_at(step, cfg),
-                    grad_norm=round(float(grad_norm), 3),
+                    grad_norm=_loggable(float(grad_norm), 3),
+                    skipped_steps=skipped_since,
                     samples_per_s=round(samples_since / elapsed, 2),
                     time=time.time(),
                 )
-                log_file.write(json.dumps(record) + "\n")
+                log_file.write(json.dumps(record, allow_nan=False) + "\n")
                 log_file.flush()
                 bar.set_postfix(loss=record["loss"], sps=record["samples_per_s"])
-                t_last, samples_since = time.time(), 0
+                t_last, samples_since, skipped_since = time.time(), 0, 0
             bar.update(1)
+            if not finite:
+                if nonfinite >= cfg.max_nonfinite_steps:
+                    bar.close()
+                    raise TrainingDiverged(_diverged_message(cfg, done, nonfinite, ckpt))
+                if rank == 0:
+                    _warn_skipped(done, losses["loss"], grad_norm, nonfinite, cfg.max_nonfinite_steps)
             stopping = stop.is_set() and done < cfg.steps  # read once; at the last step the run just ends
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
+            # while steps are skipped, the weights may be what makes them NaN: the periodic checkpoint waits
+            if done % cfg.ckpt_every == 0 and not nonfinite or done == cfg.steps or stopping:
                 rng = rng_states(device, distributed)
                 if rank == 0:
                     save_checkpoint(ckpt, model, optimizer, done, rng)
@@ -710,7 +820,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 # keys that do not change what a run learns: resuming with other values is no change to warn of
-BOOKKEEPING = {"out_dir", "threads", "log_every", "ckpt_every", "name"}
+BOOKKEEPING = {"out_dir", "threads", "log_every", "ckpt_every", "name", "max_nonfinite_steps"}
 
 
 def _warn_of_changes(saved: Path, cfg: TrainConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from server_helpers import ROOT
 
 from pixelllm.build import build_pixelllm
 from pixelllm.checkpoints import from_pretrained, save_pretrained
+from pixelllm.config import load_config
 
 
 def average(*args: Path | str) -> subprocess.CompletedProcess:
@@ -61,3 +63,38 @@ def test_refuses_models_with_other_tokenizers(dirs: list[Path], tmp_path: Path) 
     assert result.returncode != 0
     assert "tokenizers differ" in result.stderr
     assert not (tmp_path / "soup").exists()
+
+
+def test_configs_that_differ_only_outside_the_architecture_average_with_a_warning(
+    dirs: list[Path], tmp_path: Path
+) -> None:
+    """A stage renamed or given another caption prompt or caption length has the same weights: they average (the
+    script used to refuse any config difference), keeping the first's config, with a warning naming the fields."""
+    second = shutil.copytree(dirs[1], tmp_path / "renamed")
+    config = json.loads((second / "config.json").read_text())
+    config["name"] = "stage-2"
+    config["caption_prompt"] = "a long caption: "
+    config["language_model"]["max_text_tokens"] += 8
+    (second / "config.json").write_text(json.dumps(config))
+    result = average(dirs[0], second, "--out", tmp_path / "soup")
+    assert result.returncode == 0, result.stderr
+    assert "differ in ['caption_prompt', 'language_model.max_text_tokens', 'name']" in result.stderr
+    assert json.loads((tmp_path / "soup" / "config.json").read_text()) == json.loads(
+        (dirs[0] / "config.json").read_text()
+    )
+
+
+def test_refuses_models_of_another_architecture(dirs: list[Path], tmp_path: Path) -> None:
+    with single_thread():
+        save_pretrained(build_pixelllm(load_config("pixelllm-tiny").at_image_size(192)), tmp_path / "large")
+    result = average(dirs[0], tmp_path / "large", "--out", tmp_path / "soup")
+    assert result.returncode != 0
+    assert f"{tmp_path / 'large'} is of another architecture than {dirs[0]} (" in result.stderr
+    assert "shape mismatches" in result.stderr and not (tmp_path / "soup").exists()
+
+
+def test_a_missing_input_is_one_line(dirs: list[Path], tmp_path: Path) -> None:
+    result = average(dirs[0], tmp_path / "nowhere", "--out", tmp_path / "soup")
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"error: {tmp_path / 'nowhere'} is not a PixelLLM model directory")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -169,6 +169,45 @@ def test_write_dataset_round_trip(tmp_path, renderer):
     assert i == 1
 
 
+def test_a_folder_that_holds_files_is_refused_unless_overwrite(tmp_path, capsys):
+    """`pixelllm data synth --out DIR` used to truncate DIR's narratives.jsonl and annotations.jsonl without a word."""
+    from pixelllm.cli import main
+
+    out = write_dataset(tmp_path / "d", n=2, seed=7)
+    before = (out / "narratives.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="is not empty: give an empty or new folder, or pass --overwrite"):
+        write_dataset(out, n=1, seed=8)
+    assert main(["data", "synth", "--out", str(out), "--n", "1", "--seed", "8"]) == 2
+    assert f"pixelllm: error: {out} is not empty" in capsys.readouterr().err
+    assert (out / "narratives.jsonl").read_bytes() == before
+    assert main(["data", "synth", "--out", str(out), "--n", "1", "--seed", "8", "--overwrite"]) == 0
+    assert len((out / "annotations.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_write_cut_off_leaves_no_half_jsonl_under_its_name(tmp_path, monkeypatch):
+    import pixelllm.data.synthetic as synthetic
+
+    out = write_dataset(tmp_path / "d", n=2, seed=7)
+    before = {name: (out / name).read_bytes() for name in ("narratives.jsonl", "annotations.jsonl")}
+    drawn = []
+
+    def cut_off_at_the_second(seed: int):
+        drawn.append(seed)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        return generate_scene(seed)
+
+    monkeypatch.setattr(synthetic, "generate_scene", cut_off_at_the_second)
+    for folder, overwrite in ((tmp_path / "new", False), (out, True)):
+        drawn.clear()
+        with pytest.raises(KeyboardInterrupt):
+            write_dataset(folder, n=3, seed=8, overwrite=overwrite)
+        assert sorted(p.name for p in folder.iterdir()) == (
+            ["annotations.jsonl", "images", "narratives.jsonl"] if overwrite else ["images"]
+        )
+    assert {name: (out / name).read_bytes() for name in before} == before  # the finished dataset, whole
+
+
 def test_unknown_renderer(tmp_path):
     with pytest.raises(ValueError, match="unknown renderer"):
         write_dataset(tmp_path, n=1, seed=0, renderer="nope")

@@ -1,5 +1,9 @@
 """Evaluation metrics with known answers."""
 
+import json
+import warnings
+from collections import defaultdict
+
 import numpy as np
 import pytest
 
@@ -8,12 +12,15 @@ from pixelllm.evaluate import (
     _color_shape,
     _phrases,
     _readable,
+    _referring_metrics,
     _share_true,
     _word_point_hits,
     box_iou,
     caption_scores,
+    evaluate,
     mask_iou,
     ptb_tokenized,
+    run_eval,
 )
 from pixelllm.predictor import Predictor, Word
 
@@ -136,3 +143,24 @@ def test_captions_are_scored_as_coco_tokenizes_them(monkeypatch, caplog):
             "it's here",
         ]
     assert "PTB tokenizer (Java) did not run" in caplog.text
+
+
+def test_an_eval_folder_without_scenes_names_its_file(tmp_path, tiny_model):
+    """`pixelllm eval --data` on a folder with no scenes: one clear error, not numpy's "Mean of empty slice" and
+    CIDEr's `max() arg is an empty sequence`."""
+    (tmp_path / "annotations.jsonl").write_text("\n")
+    (tmp_path / "narratives.jsonl").write_text("")
+    tiny_model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'annotations.jsonl'} holds no scenes: write some with"):
+        run_eval(str(tmp_path / "model"), None, str(tmp_path), 1, 0, "synthetic")
+    with pytest.raises(ValueError, match="no scenes to evaluate"):
+        evaluate(Predictor(tiny_model), iter([]), 0)
+
+
+def test_a_metric_without_samples_is_null_not_nan():
+    """RefCOCO sentences all dropped, or scenes without objects: null in the JSON (NaN is not JSON), no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = _referring_metrics(defaultdict(list))
+    assert metrics["referring_acc@0.5"] is None and metrics["mask_iou_regressed"] is None
+    json.dumps(metrics, allow_nan=False)

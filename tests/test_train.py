@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import single_thread
+from conftest import official_tiny_config, single_thread
 from safetensors.torch import load_file
 from server_helpers import ROOT
 
@@ -155,6 +155,83 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def strict_json(line: str) -> dict:
+    """A JSON line as a strict parser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_nan_step_is_skipped_and_too_many_in_a_row_stop_without_saving(tmp_path):
+    """lr 1e4 unclipped: the loss is NaN from step 2 on. Each such step is skipped (the weights stay those of step
+    1), logged as null; `max_nonfinite_steps` of them in a row stop the run with an error that says what to do, the
+    last good checkpoint kept (it used to train on, write NaN weights over it and exit 0)."""
+    from pixelllm.train import TrainingDiverged
+
+    def run(name: str, steps: int, **overrides) -> Path:
+        cfg = tiny_config(tmp_path / name, steps=steps, lr=1e4, grad_clip=0, ckpt_every=1, **overrides)
+        with single_thread():
+            return train(cfg)
+
+    one = load_file(str(run("one", 1) / "model.safetensors"))
+    skipped = load_file(str(run("skip", 3, max_nonfinite_steps=5) / "model.safetensors"))
+    assert all(torch.equal(skipped[k], v) for k, v in one.items())  # steps 2 and 3 changed nothing
+    records = [strict_json(line) for line in (tmp_path / "skip" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"] is None, r["grad_norm"] is None, r["skipped_steps"]) for r in records] == [
+        (1, False, False, 0),
+        (2, True, True, 1),
+        (3, True, True, 1),
+    ]
+
+    with pytest.raises(TrainingDiverged, match="2 steps in a row had a NaN or Inf loss or gradient .* Lower lr"):
+        run("stop", 6, max_nonfinite_steps=2)
+    state = torch.load(tmp_path / "stop" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 1 and all(torch.equal(state["model"][k], v) for k, v in one.items())
+    assert not (tmp_path / "stop" / "final").exists()
+    for line in (tmp_path / "stop" / "log.jsonl").read_text().splitlines():
+        strict_json(line)
+
+
+def test_checkpoints_hold_what_save_pretrained_stores_and_resume_exactly(tmp_path, official_files, monkeypatch):
+    """A model built from official files: its checkpoint leaves out the frozen weights those files give (the paper
+    model's are most of its 16 GB), as `save_pretrained` does; a run resumed from it, or from a checkpoint of the
+    whole model as runs wrote before, ends with the weights of a run never stopped."""
+    import pixelllm.train as training
+
+    official_tiny_config().save(tmp_path / "official.json")
+    files = {
+        "sam_checkpoint": str(official_files["sam_resized"]),
+        "eva_checkpoint": str(official_files["eva_safetensors"]),
+        "t5_path": str(official_files["t5"]),
+    }
+
+    def run(name: str, steps: int) -> Path:
+        cfg = tiny_config(tmp_path / name, steps=steps, model=str(tmp_path / "official.json"), **files)
+        with single_thread():
+            return train(cfg)
+
+    straight = load_file(str(run("straight", 3) / "model.safetensors"))
+    run("resumed", 2)
+    saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    assert saved.keys() == straight.keys()  # what the final model holds: no frozen SAM, no T5 but its LoRA
+    assert not [k for k in saved if k.startswith("image_encoder.sam.") or k.startswith("language_model.t5.shared")]
+    with monkeypatch.context() as m:  # as checkpoints were written before: the whole state
+        m.setattr(training, "_saved_state", lambda model, sources: model.state_dict())
+        run("whole", 2)
+    for name in ("resumed", "whole"):
+        resumed = load_file(str(run(name, 3) / "model.safetensors"))
+        assert all(torch.equal(resumed[k], v) for k, v in straight.items()), name
+
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    lost = next(k for k in state["model"] if k.startswith("point_head."))
+    del state["model"][lost]
+    torch.save(state, tmp_path / "resumed" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=rf"another shape than this config builds.*1 missing keys.*{re.escape(lost)}"):
+        run("resumed", 4)
 
 
 def test_ctrl_c_ends_the_step_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
@@ -353,6 +430,21 @@ def test_config_refuses_unknown_tasks_and_weights_that_cannot_draw():
         TrainConfig(batch_size=0)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lr", 0.0, "lr is 0.0: give the peak learning rate, a positive number"),
+        ("lr", float("nan"), "lr is nan"),
+        ("weight_decay", -0.1, "weight_decay is -0.1: give 0"),
+        ("warmup_steps", -1, "warmup_steps is -1: give 0"),
+        ("max_nonfinite_steps", 0, "max_nonfinite_steps is 0: give how many steps in a row"),
+    ],
+)
+def test_config_refuses_an_optimizer_setting_it_cannot_train_with(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{key: value})
+
+
 def test_config_refuses_a_precision_clip_or_accumulation_it_cannot_honour():
     with pytest.raises(ValueError, match="precision is 'fp16': it must be one of fp32, bf16"):
         TrainConfig(precision="fp16")  # it used to train in fp32, at twice the memory, without a word
@@ -430,6 +522,21 @@ def test_narratives_sources_check_their_images_and_read_glob_shards(tmp_path, ti
     for absent in ("none-*.jsonl", "none.jsonl"):  # a glob or a file: the error names the key to fix
         with pytest.raises(ValueError, match="no file matches .*'narratives' source's 'path'"):
             SceneSource(dataclasses.replace(source, path=str(data / absent)), 160, tiny_model.tokenizer, Path())
+
+
+def test_a_narratives_file_whose_name_looks_like_a_glob_is_read_as_named(tmp_path, tiny_model):
+    """ "ln [v2]/narratives.jsonl" is a file: read it (glob took "[v2]" for a character class and found nothing)."""
+    from pixelllm.train import SceneSource
+
+    source = narratives_source(tmp_path)
+    data = Path(source.path).parent.rename(tmp_path / "ln [v2]")
+    named = SceneSource(
+        dataclasses.replace(source, path=str(data / "narratives.jsonl"), image_root=str(data / "images")),
+        160,
+        tiny_model.tokenizer,
+        Path(),
+    )
+    assert len(named) == 3
 
 
 def test_a_record_whose_image_cannot_be_read_is_skipped_for_the_next(tmp_path, tiny_model, caplog):
@@ -679,10 +786,10 @@ def test_ddp_resume_with_dropout_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
-def test_each_process_resumes_at_its_own_random_state(tmp_path, caplog):
+def test_each_process_resumes_at_its_own_random_state(tmp_path, tiny_model, caplog):
     from pixelllm.train import load_checkpoint, rng_states, save_checkpoint
 
-    model = torch.nn.Linear(2, 2)
+    model = tiny_model  # loaded back with its own weights: left as it was
     optimizer = torch.optim.AdamW(model.parameters())
     states = []
     for seed in (1, 2):
@@ -696,6 +803,22 @@ def test_each_process_resumes_at_its_own_random_state(tmp_path, caplog):
     assert not caplog.records
     load_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, cpu, rank=0, world=3)
     assert "written by 2 processes and this run has 3" in caplog.text
+
+
+def test_resume_on_a_machine_with_fewer_cpus_than_the_checkpoints_threads_caps_them(tmp_path, tiny_model, caplog):
+    """`threads` unset: the run goes back to the checkpoint's thread count, but not past this machine's CPUs."""
+    from pixelllm.train import load_checkpoint, rng_states, save_checkpoint
+
+    optimizer = torch.optim.AdamW(tiny_model.parameters())
+    save_checkpoint(tmp_path / "checkpoint.pt", tiny_model, optimizer, 1, rng_states(torch.device("cpu"), False))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["threads"] = 4096  # written on a larger machine
+    torch.save(state, tmp_path / "checkpoint.pt")
+    cpus = os.cpu_count()
+    with single_thread(), caplog.at_level("WARNING", logger="pixelllm.train"):
+        load_checkpoint(tmp_path / "checkpoint.pt", tiny_model, optimizer, torch.device("cpu"))
+        assert torch.get_num_threads() == cpus
+    assert f"written at 4096 threads and this machine has {cpus} CPUs: resuming at {cpus} threads" in caplog.text
 
 
 def test_a_restart_before_the_first_checkpoint_starts_the_log_over(tmp_path):

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -475,23 +476,35 @@ def _renderer(name: str) -> Callable[[int], Scene]:
     raise ValueError(f"unknown renderer {name!r}; expected 'synthetic' or 'independent'")
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, renderer: str = "synthetic") -> Path:
+def write_dataset(out_dir: str | Path, n: int, seed: int, renderer: str = "synthetic", overwrite: bool = False) -> Path:
     """Write `n` scenes to `out_dir`: images/<image_id>.jpg, narratives.jsonl, annotations.jsonl.
 
-    Scene i is rendered from `scene_seed(seed, i)` by `renderer` ("synthetic" or "independent").
+    Scene i is rendered from `scene_seed(seed, i)` by `renderer` ("synthetic" or "independent"). A folder that holds
+    anything is refused (`FileExistsError`) unless `overwrite`. The JSONL files are written under temporary names and
+    renamed when every scene is written, so a run cut off leaves none half written under their names.
     """
     render = _renderer(renderer)
     out = Path(out_dir)
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} is not empty: give an empty or new folder, or pass --overwrite (overwrite=True) to write the "
+            "scenes over what is there"
+        )
     (out / "images").mkdir(parents=True, exist_ok=True)
-    with (
-        (out / "narratives.jsonl").open("w") as narratives,
-        (out / "annotations.jsonl").open("w") as annotations,
-    ):
-        for i in tqdm(range(n), desc=f"{renderer} scenes", unit="scene"):
-            scene = render(scene_seed(seed, i))
-            file_name = f"images/{scene.image_id}.jpg"
-            Image.fromarray(scene.image).save(out / file_name, quality=95)
-            narratives.write(json.dumps(scene.narrative) + "\n")
-            annotations.write(json.dumps(scene_annotation(scene, file_name)) + "\n")
+    names = ("narratives.jsonl", "annotations.jsonl")
+    partial = {name: out / f".{name}.partial" for name in names}
+    try:
+        with partial[names[0]].open("w") as narratives, partial[names[1]].open("w") as annotations:
+            for i in tqdm(range(n), desc=f"{renderer} scenes", unit="scene"):
+                scene = render(scene_seed(seed, i))
+                file_name = f"images/{scene.image_id}.jpg"
+                Image.fromarray(scene.image).save(out / file_name, quality=95)
+                narratives.write(json.dumps(scene.narrative) + "\n")
+                annotations.write(json.dumps(scene_annotation(scene, file_name)) + "\n")
+        for name, path in partial.items():
+            os.replace(path, out / name)
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
     logger.info("wrote %d %s scenes to %s", n, renderer, out)
     return out
