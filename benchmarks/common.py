@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def machine(device: str, threads: int | None = None, note: str = "") -> dict[str
         "threads": threads if threads is not None else torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "git_commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "note": note,
     }
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         run = {
             "mode": "quick" if args.quick else "full",
             "device": device,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - start, 1),
             "scripts": scripts,
         }

@@ -198,6 +198,6 @@ class DynamicBatcher(Generic[T, R]):
                 break
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return batch

@@ -70,7 +70,7 @@ class BodyLimitMiddleware:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.monotonic())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 message = f"the request body did not arrive within {self.timeout_s:g} s"
                 await error_response(408, "request_timeout", message, {"Connection": "close"})(scope, receive, send)
                 return
