@@ -29,20 +29,30 @@ DEFAULT_MODEL_DIR = ROOT / "weights" / "pixelllm-tiny"  # the shipped default mo
 GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a graceful shutdown
 SLOW_WORD_S = 0.25  # `slow_stream_service`: each streamed word (and each batch) this much later
 
-# Random weights, but a seed whose captions have words (a run of "-" is none), so comparisons are not vacuous.
+# Random weights, but a seed whose captions (whole image and box (8, 8, 64, 80)) have at least 2 words (a run of
+# "-" is none) on the images the tests caption: test_server_browser's noise and `png(seed=1)`, rebuilt here as
+# `random_image` makes it. Comparisons of answers are then not vacuous.
 MAKE_MODEL = textwrap.dedent(
     """
     import sys, numpy as np, torch
+    from PIL import Image
     from pixelllm import Predictor, build_pixelllm
-    image = np.random.RandomState(0).randint(0, 255, (96, 128, 3), dtype=np.uint8)
-    for seed in range(20):
+    noise = np.random.RandomState(0).randint(0, 255, (96, 128, 3), dtype=np.uint8)
+    small = np.random.RandomState(1).randint(0, 256, (12, 16, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(small).resize((128, 96), Image.BILINEAR))
+    for seed in range(100):
         torch.manual_seed(seed)
         model = build_pixelllm("pixelllm-tiny")
         predictor = Predictor(model)
-        predictor.set_image(image)
-        box_words = predictor.caption(box=(8, 8, 64, 80), max_new_tokens=8).words
-        if len(box_words) >= 2 and predictor.caption(max_new_tokens=8).words:
+
+        def wordy(image):
+            predictor.set_image(image)
+            return all(len(predictor.caption(box=b, max_new_tokens=8).words) >= 2 for b in (None, (8, 8, 64, 80)))
+
+        if wordy(noise) and wordy(smooth):
             break
+    else:
+        raise SystemExit("no seed under 100 gives captions of 2 words or more")
     model.save_pretrained(sys.argv[1])
     """
 )
@@ -93,8 +103,10 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self) -> int:
-        """SIGTERM, then wait for a graceful exit (kill after 30 s); the exit code (uvicorn re-raises SIGTERM)."""
+    def stop(self, graceful: bool = True, tracebacks: bool = False) -> int:
+        """SIGTERM, then wait for the exit (kill after 30 s); the exit code (uvicorn re-raises SIGTERM). Asserts the
+        exit was graceful and the log holds no traceback, unless the test expects otherwise (`graceful=False`: not
+        checked; `tracebacks=True`: allowed)."""
         self.terminate()
         try:
             code = self.proc.wait(timeout=30)
@@ -102,6 +114,10 @@ class ServerProcess:
             self.proc.kill()
             code = self.proc.wait()
         self._log.close()
+        if graceful:
+            assert code in GRACEFUL, f"exit code {code}:\n{self.log()[-4000:]}"
+        if not tracebacks:
+            assert "Traceback" not in self.log(), self.log()[-4000:]
         return code
 
 
@@ -115,7 +131,7 @@ def start_server(tmp_path_factory: Any, model_dir: Path, **settings: object) -> 
     try:
         server.wait_ready()
     except Exception:
-        server.stop()
+        server.stop(graceful=False, tracebacks=True)
         raise
     return server
 
@@ -189,12 +205,21 @@ def wait_for(condition, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
+# The names of a metric family's samples, by its type (other types: the family's name). A labelled family has no
+# samples before its first labels are used: its name alone says the metric exists.
+SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+
+
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus text exposition (0 if absent)."""
+    """The value of one sample in a Prometheus text exposition: 0 if its family has no sample with these labels
+    yet; fails if no family's samples take that name (a renamed or missing metric)."""
+    known = False
     for family in text_string_to_metric_families(text):
+        known |= name in {family.name + suffix for suffix in SAMPLE_SUFFIXES.get(family.type, ("",))}
         for sample in family.samples:
             if sample.name == name and sample.labels == labels:
                 return sample.value
+    assert known, f"no metric {name} in the exposition"
     return 0.0
 
 

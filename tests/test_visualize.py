@@ -14,15 +14,15 @@ def test_words_are_drawn_in_their_colors_at_their_boxes(size):
     box = (w * 0.2, h * 0.3, w * 0.6, h * 0.7)
     words = [
         Word("red", 2, 5, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), box, 0.9),
-        Word("star", 6, 10, (w * 0.9, h * 0.9), (w * 0.85, h * 0.85, w * 0.95, h * 0.95), 0.8),
+        Word("star", 6, 10, (w * 0.9, h * 0.9), (w * 0.7, h * 0.75, w * 0.95, h * 0.95), 0.8),
     ]
     out = np.asarray(render_overlay(image, Caption("a red star.", words)))
     assert out.shape[1] == w and out.shape[0] > h  # the caption band is below the image
-    color = np.array(word_colors(2)[0])
-    x0, y0 = int(box[0]), int(box[1])
-    assert (out[y0, x0 + 1 : int(box[2]) - 1] == color).all(axis=1).mean() > 0.8  # top edge of the box
-    cx, cy = (int(v) for v in words[0].point)
-    assert (out[cy, cx] == color).all()  # the point marker
+    for word, color in zip(words, word_colors(2)):
+        x0, y0, x1, _ = (int(v) for v in word.box)
+        assert (out[y0, x0 + 1 : x1 - 1] == color).all(axis=1).mean() > 0.8, word.text  # top edge of its box
+        cx, cy = (int(v) for v in word.point)
+        assert (out[cy, cx] == color).all(), word.text  # its point marker
     assert (out[:h][out[:h].sum(axis=2) != 3 * 128]).size > 0
 
 
