@@ -263,7 +263,7 @@ def evaluate(predictor: Predictor, scenes: Iterator[Scene], total: int | None = 
             )
             dense_truths.append(DenseTruth(np.array([o.box for o in objs]), [region_caption(o) for o in objs]))
     if not candidates:
-        raise ValueError("no scenes to evaluate")
+        raise ValueError("no scenes to evaluate: give scenes (an annotations.jsonl with at least one line)")
     result = {
         "num_scenes": len(candidates),
         "num_objects": len(stats["ref_hit"]),

@@ -399,7 +399,7 @@ def accumulate_gradients(
     """Forward and backward each micro-batch, its loss weighted by its share of the samples: each loss is a mean
     over its own micro-batch, and the gradients add up as DDP averages its processes'. Under DDP the gradients are
     all-reduced once, after the last. Returns each loss averaged over the micro-batches that have it, weighted
-    alike (detached tensors on `device`: read them only to log, as reading waits for the device)."""
+    alike (detached tensors on `device`: reading one waits for the device)."""
     total = sum(len(batch["prompts"]) for batch in batches)
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
@@ -753,15 +753,18 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     t_last, samples_since = time.time(), 0
     nonfinite, skipped_since = 0, 0  # steps skipped in a row for a NaN or Inf loss or gradient; since the last log
+    ckpt_due = False  # a periodic checkpoint waits for a finite step: the weights may be what makes steps NaN
+    batches = batches_for_step(start, cfg, sources, model.cfg, tokenizer, rank, world) if start < cfg.steps else []
     with finish_step_on_ctrl_c(enabled=not distributed) as stop:
         for step in range(start, cfg.steps):
-            batches = batches_for_step(step, cfg, sources, model.cfg, tokenizer, rank, world)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             optimizer.zero_grad(set_to_none=True)
             losses = accumulate_gradients(net, batches, device, autocast_dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # inf: the norm, unclipped
-            finite = step_is_finite(losses["loss"], grad_norm, distributed)
+            if step + 1 < cfg.steps:  # the next step's samples (a pure function of the step), made while the device
+                batches = batches_for_step(step + 1, cfg, sources, model.cfg, tokenizer, rank, world)  # computes
+            finite = step_is_finite(losses["loss"], grad_norm, distributed)  # waits for the device
             if finite:
                 optimizer.step()
                 nonfinite = 0
@@ -793,8 +796,9 @@ def train(cfg: TrainConfig) -> Path:
                 if rank == 0:
                     _warn_skipped(done, losses["loss"], grad_norm, nonfinite, cfg.max_nonfinite_steps)
             stopping = stop.is_set() and done < cfg.steps  # read once; at the last step the run just ends
-            # while steps are skipped, the weights may be what makes them NaN: the periodic checkpoint waits
-            if done % cfg.ckpt_every == 0 and not nonfinite or done == cfg.steps or stopping:
+            ckpt_due = ckpt_due or done % cfg.ckpt_every == 0
+            if (ckpt_due and not nonfinite) or done == cfg.steps or stopping:
+                ckpt_due = False
                 rng = rng_states(device, distributed)
                 if rank == 0:
                     save_checkpoint(ckpt, model, optimizer, done, rng)

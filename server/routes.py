@@ -39,8 +39,7 @@ from .streaming import caption_stream
 router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
 # The page and its files are revalidated (ETag) before each use: after an upgrade a browser never runs the new
-# page with the old script, or the old page with the new one.
-# the page's files: checked before each use (an upgrade never mixes old and new ones), sent whole (`whole`)
+# page with the old script, or the old page with the new one. They are sent whole (`whole`).
 PAGE_HEADERS = {"Cache-Control": "no-cache", "Accept-Ranges": "none"}
 
 ERRORS = {
@@ -179,8 +178,8 @@ async def docs(request: Request) -> HTMLResponse:
 
 
 def whole(scope: Scope) -> Scope:
-    """`scope` without a `Range` header: the page's files are small and sent whole (Starlette would answer a bad
-    range in plain text, not the service's JSON errors)."""
+    """`scope` without a `Range` header: the page's files are sent whole (Starlette would answer a bad range in
+    plain text, not the service's JSON errors; no browser asks a range of a script or a page)."""
     return {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
 
 

@@ -135,12 +135,14 @@ class RateLimiter:
 
 def client_of(address: str) -> str:
     """Whom the rate limit counts an address as: an IPv6 address by its /64 network (one host is given a whole /64
-    to pick addresses from), anything else as it is."""
+    to pick addresses from), an IPv4-mapped one as its IPv4 address, anything else as it is."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
-    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 and not ip.ipv4_mapped else address
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else address
 
 
 def presented_key(headers: Headers) -> str | None:

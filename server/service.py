@@ -203,7 +203,8 @@ def _open_image(engine: Engine, data: bytes) -> tuple[Job, int, int]:
     s = engine.settings
     image_size = engine.predictor.model.cfg.image_size if engine.predictor is not None else None
     image = decode_image(data, s.max_image_pixels, s.max_image_aspect, image_size)
-    time.sleep(s.debug_decode_delay_ms / 1000.0)
+    if s.debug_decode_delay_ms:
+        time.sleep(s.debug_decode_delay_ms / 1000.0)
     return Job(key=key, image=image), image.width, image.height
 
 

@@ -171,14 +171,17 @@ def read_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as e:
-        problems = "; ".join(
-            f"PIXELLLM_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
-            if err["loc"]
-            else err["msg"].removeprefix("Value error, ")
-            for err in e.errors()
-        )
+        problems = "; ".join(_problem(err["loc"], err["msg"].removeprefix("Value error, ")) for err in e.errors())
         raise StartupError(f"bad settings: {problems}") from None
     except SettingsError as e:  # a list setting that is not JSON: 'error parsing value for field "name" ...'
         field = re.search(r'field "(\w+)"', str(e))
         name = f"PIXELLLM_{field.group(1).upper()}" if field else "a PIXELLLM_* list setting"
         raise StartupError(f"bad settings: {name} is not a JSON list, e.g. [429, 503]") from None
+
+
+def _problem(loc: tuple[str | int, ...], message: str) -> str:
+    """One validation error as the user set it: the variable (and the list item) and what is wrong."""
+    if not loc:
+        return message
+    item = f" (item {loc[1]})" if len(loc) > 1 else ""
+    return f"PIXELLLM_{str(loc[0]).upper()}{item}: {message}"

@@ -10,6 +10,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from server_helpers import ROOT
@@ -52,5 +53,8 @@ def test_every_dependency_is_pinned_to_the_installed_version() -> None:
             continue
         assert name in pins, f"{requirement.name} is not pinned in constraints.txt: run make constraints"
         assert requirement.specifier.contains(pins[name]), f"constraints.txt pins {name}=={pins[name]}, {requirement}"
-        installed = importlib.metadata.version(requirement.name)
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{requirement.name} is not installed: run make setup")
         assert installed == pins[name], f"{name} {installed} installed, {pins[name]} pinned: run make constraints"

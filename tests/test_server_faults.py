@@ -82,7 +82,7 @@ def slow_service(tmp_path_factory, random_tiny_dir):
 
 @pytest.fixture(scope="module")
 def slow_decode_service(tmp_path_factory, random_tiny_dir):
-    """Decoding an image takes 2.5 s more, a 2 s request timeout, one request at a time."""
+    """Decoding an image takes 2.5 s more, a 2 s request timeout, batches of one."""
     proc = start_server(
         tmp_path_factory, random_tiny_dir, debug_decode_delay_ms=2500, request_timeout_s=2.0, max_batch_size=1
     )
@@ -171,7 +171,7 @@ def test_the_timeout_counts_the_image_decoding(slow_decode_service) -> None:
             start = time.perf_counter()
             r = client.post(route, files={"image": IMAGES[0]}, data=form)
             assert "within 2 s" in assert_error(r, 504, "timeout")["message"], route
-            assert time.perf_counter() - start < 2.5 + 1.5, route
+            assert time.perf_counter() - start < 2.5 + 2.0, route  # answered after decoding, not a timeout later
         text = client.get("/metrics").text
         assert metric(text, "pixelllm_cache_misses_total") == 0  # no job reached the model
     assert metric(text, "pixelllm_batch_size_count") == 0

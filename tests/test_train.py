@@ -196,6 +196,22 @@ def test_a_nan_step_is_skipped_and_too_many_in_a_row_stop_without_saving(tmp_pat
         strict_json(line)
 
 
+def test_a_periodic_checkpoint_that_falls_on_a_skipped_step_is_written_at_the_next_finite_one(tmp_path, monkeypatch):
+    """Steps 2 and 3 of 5 not finite, a checkpoint every 3: the one due at 3 is written at 4 (it was dropped, the
+    next one coming only at the end: up to twice `ckpt_every` steps of work lost to a kill)."""
+    import pixelllm.train as training
+
+    finite_steps, saved_at = iter([True, False, False, True, True]), []
+    monkeypatch.setattr(training, "step_is_finite", lambda *args: next(finite_steps))
+    save = training.save_checkpoint
+    monkeypatch.setattr(
+        training, "save_checkpoint", lambda path, m, o, step, rng: (saved_at.append(step), save(path, m, o, step, rng))
+    )
+    with single_thread():
+        train(tiny_config(tmp_path / "run", steps=5, ckpt_every=3))
+    assert saved_at == [4, 5]
+
+
 def test_checkpoints_hold_what_save_pretrained_stores_and_resume_exactly(tmp_path, official_files, monkeypatch):
     """A model built from official files: its checkpoint leaves out the frozen weights those files give (the paper
     model's are most of its 16 GB), as `save_pretrained` does; a run resumed from it, or from a checkpoint of the

@@ -52,7 +52,8 @@ class LanguageModel(nn.Module):
         float32, as `T5ForConditionalGeneration.from_pretrained(dtype=torch.float16)` does: Flan-T5-XL's activations
         there overflow float16. T5 casts their inputs up and the next layer norm back down."""
         keep = tuple(getattr(self.t5, "_keep_in_fp32_modules", None) or ())
-        kept = {id(p) for name, p in self.t5.named_parameters() if any(k in name.split(".") for k in keep)}
+        kept_params = [p for name, p in self.t5.named_parameters() if any(k in name.split(".") for k in keep)]
+        kept = {id(p) for p in kept_params} | {id(p.grad) for p in kept_params if p.grad is not None}
 
         def no_float16(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)

@@ -123,8 +123,9 @@ class PixelLLM(nn.Module):
         self.language_model = LanguageModel(cfg.language_model, t5)
         if tokenizer is not None and tokenizer.vocab_size > self.language_model.vocab_size:
             raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but the language model only {self.language_model.vocab_size}"
-                " embeddings: give the tokenizer the model was trained with (Flan-T5's for T5 checkpoints)"
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the language model only "
+                f"{self.language_model.vocab_size} embeddings: give the tokenizer the model was trained with (Flan-T5's "
+                "for T5 checkpoints)"
             )
         lm_dim = self.language_model.dim
         self.extractor = PromptFeatureExtractor(cfg.extractor, fused_dim, cfg.sam.out_chans, lm_dim, cfg.image_size)
