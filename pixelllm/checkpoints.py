@@ -43,7 +43,6 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, SOURCES_FILE = (
 )
 
 
-SOURCE_KEYS = ("sam_checkpoint", "eva_checkpoint", "t5_path")  # the official files a model can be built from
 UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # torch's weights-only refusal
 
 
@@ -108,6 +107,18 @@ def state_mismatches(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     return mismatch_report(shapes, [k for k in own if k not in state], [k for k in state if k not in own])
+
+
+def loading_problems(info: dict[str, list], prefix: str = "") -> str:
+    """What transformers' `from_pretrained(..., output_loading_info=True)` filled in at random (missing keys) or
+    skipped (`ignore_mismatched_sizes`), among the keys that start with `prefix`, as one line; "" when nothing."""
+    shapes = [
+        f"{k}: file {tuple(a)} vs model {tuple(b)}"
+        for k, a, b in sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+        if k.startswith(prefix)
+    ]
+    missing = sorted(k for k in info.get("missing_keys") or [] if k.startswith(prefix))
+    return mismatch_report(shapes, missing, [])
 
 
 def mismatch_report(shapes: list[str], missing: list[str], unexpected: list[str]) -> str:
@@ -277,11 +288,7 @@ def load_t5(path: str | Path) -> tuple[T5ForConditionalGeneration, Tokenizer]:
         ) from None
     finally:
         loader_log.removeFilter(_flan_head_notice)
-    shapes = [
-        f"{k}: file {tuple(a)} vs model {tuple(b)}"
-        for k, a, b in sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
-    ]
-    problems = mismatch_report(shapes, sorted(info.get("missing_keys") or []), [])
+    problems = loading_problems(info)
     if problems:
         raise CheckpointError(f"T5 weights in {path} do not match its config.json: {problems}")
     log.info("loaded T5 from %s", path)
@@ -331,9 +338,11 @@ def _saved_state(model: nn.Module, sources: dict[str, str]) -> dict[str, torch.T
 def _moved_sources(directory: Path, sources: dict[str, str], moved: dict[str, str]) -> dict[str, str]:
     """`sources` (from `checkpoints.json`) with the `moved` paths in place of the recorded ones; an error for a
     recorded file that is not there, and for a moved one the model was not built from."""
+    from .build import OFFICIAL_PARTS
+
     for key in moved:
-        if key not in SOURCE_KEYS:
-            raise TypeError(f"unknown checkpoint argument {key!r}: give {', '.join(SOURCE_KEYS)}")
+        if key not in OFFICIAL_PARTS:
+            raise TypeError(f"unknown checkpoint argument {key!r}: give {', '.join(OFFICIAL_PARTS)}")
         if key not in sources:
             raise CheckpointError(
                 f"the model in {directory} was not built from an official file given as {key} (its {WEIGHTS_FILE} "

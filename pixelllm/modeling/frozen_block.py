@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, BertConfig, BertModel, LlamaConfig, LlamaModel, T5Config, T5EncoderModel
 
-from ..checkpoints import CheckpointError, mismatch_report
+from ..checkpoints import CheckpointError, loading_problems
 from ..config import FrozenBlockConfig
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,7 @@ def _load_layer(cls: type, path: Path, layer_prefix: str, **kwargs: object) -> n
     """`cls.from_pretrained(path)`, refused if a weight of the chosen layer (keys under `layer_prefix`) is missing or
     mis-shaped: transformers would initialize it at random, and frozen it would stay random."""
     model, info = cls.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-    shapes = [
-        f"{k}: file {tuple(a)} vs model {tuple(b)}"
-        for k, a, b in sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
-        if k.startswith(layer_prefix)
-    ]
-    missing = sorted(k for k in info.get("missing_keys") or [] if k.startswith(layer_prefix))
-    problems = mismatch_report(shapes, missing, [])
+    problems = loading_problems(info, layer_prefix)
     if problems:
         raise CheckpointError(f"frozen_block.checkpoint {path} does not hold layer {layer_prefix[:-1]}: {problems}")
     return model
